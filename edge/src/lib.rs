@@ -1,0 +1,31 @@
+//! The FedShield edge: on-device training (libtorch through `tch`), on-device inference
+//! (ONNX Runtime through `ort`) and the serial link to attached boards and test rigs.
+
+pub mod compute;
+pub mod inference;
+pub mod serial_link;
+
+/// Errors of the edge library.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// libtorch reported an error.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// ONNX Runtime reported an error.
+    #[error("ONNX Runtime: {0}")]
+    Onnx(String),
+    /// A model asset is missing.
+    #[error(transparent)]
+    Asset(#[from] fedshield_models::ModelError),
+    /// The serial port failed.
+    #[error("serial port {port}: {source}")]
+    Serial {
+        /// The port's path.
+        port: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The peer did not answer in time.
+    #[error("no answer from {0} within the timeout")]
+    Timeout(String),
+}

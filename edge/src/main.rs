@@ -1,0 +1,109 @@
+//! `fedshield-edge`: the edge box's single binary.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fedshield_edge::compute::ComputeTarget;
+use fedshield_edge::inference::OnnxModel;
+use fedshield_edge::serial_link::SerialLink;
+use fedshield_models::{Assets, fixtures};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "fedshield-edge",
+    version,
+    about = "FedShield edge trainer and fleet client"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check that this box can train and infer: libtorch, the compute device, ONNX Runtime
+    /// and the fetched model files.
+    Doctor,
+    /// Ping an attached board or test rig over a serial port.
+    RigPing {
+        /// Serial device, for example /dev/ttyTHS0.
+        #[arg(long)]
+        port: String,
+        /// Baud rate.
+        #[arg(long, default_value_t = 115_200)]
+        baud: u32,
+        /// Pings to send.
+        #[arg(long, default_value_t = 3)]
+        count: u32,
+        /// Seconds to wait for each answer.
+        #[arg(long, default_value_t = 2.0)]
+        timeout: f64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Doctor => doctor(),
+        Command::RigPing {
+            port,
+            baud,
+            count,
+            timeout,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut link = SerialLink::open(&port, baud)?;
+                for seq in 0..count {
+                    let rtt = link.ping(seq, Duration::from_secs_f64(timeout)).await?;
+                    println!(
+                        "pong {seq} from {port} in {:.2} ms",
+                        rtt.as_secs_f64() * 1e3
+                    );
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
+fn doctor() -> anyhow::Result<()> {
+    let assets = Assets::locate();
+    let target = ComputeTarget::detect();
+    println!("compute   : {}", target.describe());
+
+    // A real forward and backward pass on the chosen device.
+    let x = tch::Tensor::randn([4, 8], (tch::Kind::Float, target.device));
+    let w = tch::Tensor::randn([8, 2], (tch::Kind::Float, target.device)).set_requires_grad(true);
+    let loss = x.matmul(&w).pow_tensor_scalar(2).mean(tch::Kind::Float);
+    loss.backward();
+    let g = w.grad().abs().sum(tch::Kind::Float).double_value(&[]);
+    println!(
+        "libtorch  : forward/backward ok (loss {:.4}, |grad| {:.4})",
+        loss.double_value(&[]),
+        g
+    );
+
+    let mut mlp = OnnxModel::load(&assets, &fixtures::tiny_mlp_onnx())?;
+    let (shape, y) = mlp.run(&[1, 4], vec![1.0, 2.0, 3.0, 4.0])?;
+    println!(
+        "onnxrt    : {} -> shape {shape:?}, y {y:?}",
+        assets.onnxruntime_dylib()?.display()
+    );
+
+    let gguf = assets.smollm2_gguf().context("model")?;
+    let size = std::fs::metadata(&gguf)?.len();
+    println!(
+        "model     : {} ({:.1} MiB)",
+        gguf.display(),
+        size as f64 / (1 << 20) as f64
+    );
+    println!("data      : {}", assets.faq_alpaca()?.display());
+    Ok(())
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what it needs (scripts/setup.sh,
+# idempotent), then runs every test of every crate, whole-system tests included.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/setup.sh
+cargo test --workspace --locked "$@"
