@@ -48,12 +48,12 @@ fn thousand_clients_at_the_encoding_limits_decrypt_within_the_bound() {
     };
     let mut want = vec![0f64; len];
     let mut plain = vec![0u64; len];
-    for c in 0..n {
+    for (c, &s) in samples.iter().enumerate() {
         let key = ClientKey::generate(&mut rng);
-        for (k, s) in key_sum.iter_mut().zip(key.coefficients()) {
-            *k += s;
+        for (k, bit) in key_sum.iter_mut().zip(key.coefficients()) {
+            *k += bit;
         }
-        let w = samples[c] as f64 / total as f64;
+        let w = s as f64 / total as f64;
         let values: Vec<f32> = (0..len).map(|i| value(c, i)).collect();
         for (acc, v) in want.iter_mut().zip(&values) {
             *acc += w * (*v as f64).clamp(-0.5, 0.5);
