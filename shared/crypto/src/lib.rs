@@ -11,6 +11,7 @@
 //! randomness sources explicitly.
 
 pub mod encoding;
+pub mod negacyclic;
 pub mod packed;
 pub mod params;
 

@@ -1,29 +1,86 @@
 //! Packed GLWE encryption of encoded update vectors with a mask shared by the round.
 //!
-//! A client encrypts a vector of u64 plaintexts as ceil(len / N) GLWE ciphertexts under its
-//! own fresh binary key. The masks come from the round's public [`MaskSeed`], identical on
-//! every client, so the host only receives the bodies, and of each body only its top 32 bits
-//! ([`BODY_BITS`]); the dropped low bits add a public, bounded rounding error.
+//! A client encrypts a vector of u64 plaintexts as ceil(len / N) GLWE ciphertexts (k = 1)
+//! under its own fresh binary key: body = a * s + m + e in Z/2^64[X]/(X^N + 1). The masks `a`
+//! come from the round's public [`MaskSeed`] and are identical on every client, so only the
+//! bodies travel, and of each body only its top 32 bits ([`BODY_BITS`]); the dropped low bits
+//! add a public, bounded rounding error. Ciphertext `i`'s mask is ChaCha20 stream `i` of the
+//! seed ([`MaskStream`]), so any chunk of ciphertexts can be encrypted or decrypted on its own.
 //!
 //! Summing the bodies of several clients yields a GLWE ciphertext of the sum of their
 //! plaintexts under the sum of their keys: it decrypts with that key sum and with nothing
 //! less.
 
 use crate::CryptoError;
-use crate::params::{GLWE_DIMENSION, NOISE_TUNIFORM_LOG2, POLYNOMIAL_SIZE};
-use tfhe::core_crypto::commons::math::random::Seed;
-use tfhe::core_crypto::prelude::*;
+use crate::negacyclic::{BinarySpectrum, NegacyclicFft, Scratch, exact_add_mul};
+use crate::params::{NOISE_TUNIFORM_LOG2, POLYNOMIAL_SIZE};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use std::sync::OnceLock;
+use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, RandomGenerator, Seeder};
 
 /// Bits of each ciphertext body that travel: the top 32 of 64.
 pub const BODY_BITS: u32 = 32;
+
+/// Domain separation of the mask generator's key: ChaCha20 key = seed (16 bytes, LE) || tag.
+const MASK_KEY_TAG: [u8; 16] = *b"fedshield-mask-1";
+/// Domain separation of the noise generator's key: ChaCha20 key = OS seed || tag.
+const NOISE_KEY_TAG: [u8; 16] = *b"fedshield-noise1";
 
 /// The public per-round seed from which every client derives the same ciphertext masks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MaskSeed(pub u128);
 
+/// The public mask stream of a round: ChaCha20 (RFC 7539 block function, 64-bit counter and
+/// 64-bit stream id) keyed by the seed; ciphertext `i`'s mask is the first N little-endian u64
+/// of stream `i`. Any ciphertext's mask is computed on its own, and every implementation of
+/// ChaCha20 yields the same values (tested against RustCrypto's `chacha20`).
+pub struct MaskStream {
+    rng: ChaCha20Rng,
+    bytes: Vec<u8>,
+}
+
+impl MaskStream {
+    /// The mask stream of the round of `seed`.
+    pub fn new(seed: MaskSeed) -> Self {
+        Self {
+            rng: ChaCha20Rng::from_seed(chacha_key(seed.0, MASK_KEY_TAG)),
+            bytes: vec![0; POLYNOMIAL_SIZE * 8],
+        }
+    }
+
+    /// Writes ciphertext `index`'s mask (N coefficients) into `out`.
+    ///
+    /// # Panics
+    /// If `out` does not hold N coefficients.
+    pub fn mask(&mut self, index: usize, out: &mut [u64]) {
+        assert_eq!(out.len(), POLYNOMIAL_SIZE, "mask size");
+        self.rng.set_stream(index as u64);
+        self.rng.set_word_pos(0);
+        self.rng.fill_bytes(&mut self.bytes);
+        for (o, b) in out.iter_mut().zip(self.bytes.chunks_exact(8)) {
+            *o = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        }
+    }
+}
+
+fn chacha_key(seed: u128, tag: [u8; 16]) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(&seed.to_le_bytes());
+    key[16..].copy_from_slice(&tag);
+    key
+}
+
+fn fft() -> &'static NegacyclicFft {
+    static FFT: OnceLock<NegacyclicFft> = OnceLock::new();
+    FFT.get_or_init(|| NegacyclicFft::new(POLYNOMIAL_SIZE))
+}
+
 /// A client's secret GLWE key for one round: N binary coefficients (k = 1).
 #[derive(Clone)]
-pub struct ClientKey(GlweSecretKeyOwned<u64>);
+pub struct ClientKey {
+    coefficients: Vec<u64>,
+}
 
 impl std::fmt::Debug for ClientKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,20 +89,18 @@ impl std::fmt::Debug for ClientKey {
 }
 
 impl ClientKey {
-    /// Draws a fresh key from the CSPRNG seeded by `seeder` (the OS entropy source in
-    /// production: [`tfhe::core_crypto::seeders::new_seeder`]).
+    /// Draws a fresh uniform binary key from a CSPRNG seeded by `seeder` (the OS entropy
+    /// source in production: [`tfhe::core_crypto::seeders::new_seeder`]).
     pub fn generate(seeder: &mut dyn Seeder) -> Self {
-        let mut generator = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
-        Self(allocate_and_generate_new_binary_glwe_secret_key(
-            GlweDimension(GLWE_DIMENSION),
-            PolynomialSize(POLYNOMIAL_SIZE),
-            &mut generator,
-        ))
+        let mut generator = RandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+        let mut coefficients = vec![0u64; POLYNOMIAL_SIZE];
+        generator.fill_slice_with_random_uniform_binary(&mut coefficients);
+        Self { coefficients }
     }
 
     /// The key's coefficients (each 0 or 1), the vector the secure key aggregation sums.
     pub fn coefficients(&self) -> &[u64] {
-        self.0.as_ref()
+        &self.coefficients
     }
 }
 
@@ -60,8 +115,119 @@ pub fn ciphertext_count(len: usize) -> usize {
 pub struct EncryptedUpdate {
     /// Number of plaintext values encrypted.
     pub len: usize,
-    /// Truncated bodies, N per ciphertext.
+    /// Truncated bodies, N per ciphertext. Serialized as one byte string of little-endian
+    /// u32s (4 bytes per body, never a varint, which would cost 5 for most random values).
+    #[serde(with = "bodies_as_bytes")]
     pub bodies: Vec<u32>,
+}
+
+/// Serde adapter: a `Vec<u32>` as a byte string of little-endian u32s.
+pub mod bodies_as_bytes {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    /// Serializes `bodies` as one byte string.
+    pub fn serialize<S: Serializer>(bodies: &[u32], s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(bodies.len() * 4);
+        for b in bodies {
+            bytes.extend_from_slice(&b.to_le_bytes());
+        }
+        s.serialize_bytes(&bytes)
+    }
+
+    /// Deserializes a byte string whose length is a multiple of 4.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        struct BytesVisitor;
+        impl<'de> Visitor<'de> for BytesVisitor {
+            type Value = Vec<u32>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a byte string of little-endian u32s")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u32>, E> {
+                if !v.len().is_multiple_of(4) {
+                    return Err(E::custom(format!(
+                        "{} body bytes: not a multiple of 4",
+                        v.len()
+                    )));
+                }
+                Ok(v.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u32>, A::Error> {
+                // Self-describing formats (JSON) hand byte strings over as sequences.
+                let mut bytes = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    bytes.push(b);
+                }
+                self.visit_bytes(&bytes)
+            }
+        }
+        d.deserialize_bytes(BytesVisitor)
+    }
+}
+
+/// Encrypts under one key for one round; holds the key's spectrum, the noise generator and
+/// work buffers, so that encrypting chunk after chunk allocates nothing but the output.
+pub struct Encryptor {
+    masks: MaskStream,
+    spectrum: BinarySpectrum,
+    scratch: Scratch,
+    noise: ChaCha20Rng,
+    mask: Vec<u64>,
+    body: Vec<u64>,
+    noise_bytes: Vec<u8>,
+}
+
+impl Encryptor {
+    /// An encryptor for `key` in the round of `seed`; noise comes from a CSPRNG seeded by
+    /// `noise_seeder`.
+    pub fn new(key: &ClientKey, seed: MaskSeed, noise_seeder: &mut dyn Seeder) -> Self {
+        Self {
+            masks: MaskStream::new(seed),
+            spectrum: fft().binary_spectrum(&key.coefficients),
+            scratch: fft().scratch(),
+            noise: ChaCha20Rng::from_seed(chacha_key(noise_seeder.seed().0, NOISE_KEY_TAG)),
+            mask: vec![0; POLYNOMIAL_SIZE],
+            body: vec![0; POLYNOMIAL_SIZE],
+            noise_bytes: vec![0; POLYNOMIAL_SIZE * 4],
+        }
+    }
+
+    /// Encrypts the plaintexts of ciphertexts `first..`, `plaintexts.len().div_ceil(N)` of
+    /// them (the last one zero-padded), appending N bodies per ciphertext to `out`.
+    pub fn encrypt_chunk(&mut self, first: usize, plaintexts: &[u64], out: &mut Vec<u32>) {
+        out.reserve(ciphertext_count(plaintexts.len()) * POLYNOMIAL_SIZE);
+        for (i, chunk) in plaintexts.chunks(POLYNOMIAL_SIZE).enumerate() {
+            self.masks.mask(first + i, &mut self.mask);
+            // body = m + e ...
+            self.noise.fill_bytes(&mut self.noise_bytes);
+            let noise = self.noise_bytes.chunks_exact(4);
+            for ((j, b), r) in self.body.iter_mut().enumerate().zip(noise) {
+                let m = chunk.get(j).copied().unwrap_or(0);
+                let r = u32::from_le_bytes(r.try_into().expect("4 bytes"));
+                *b = m.wrapping_add(t_uniform(r) as u64);
+            }
+            // ... + a * s
+            fft().add_mul_binary(
+                &mut self.body,
+                &self.mask,
+                &self.spectrum,
+                &mut self.scratch,
+            );
+            out.extend(self.body.iter().map(|&b| truncate_body(b)));
+        }
+    }
+
+    /// Encrypts a whole update.
+    pub fn encrypt(&mut self, plaintexts: &[u64]) -> EncryptedUpdate {
+        let mut bodies = Vec::new();
+        self.encrypt_chunk(0, plaintexts, &mut bodies);
+        EncryptedUpdate {
+            len: plaintexts.len(),
+            bodies,
+        }
+    }
 }
 
 /// Encrypts `plaintexts` under `key` with masks from `seed`; noise comes from `noise_seeder`.
@@ -71,33 +237,15 @@ pub fn encrypt(
     plaintexts: &[u64],
     noise_seeder: &mut dyn Seeder,
 ) -> EncryptedUpdate {
-    let count = ciphertext_count(plaintexts.len());
-    let mut padded = plaintexts.to_vec();
-    padded.resize(count * POLYNOMIAL_SIZE, 0);
-    let mut list = SeededGlweCiphertextList::new(
-        0u64,
-        GlweSize(GLWE_DIMENSION + 1),
-        PolynomialSize(POLYNOMIAL_SIZE),
-        GlweCiphertextCount(count),
-        Seed(seed.0).into(),
-        CiphertextModulus::new_native(),
-    );
-    encrypt_seeded_glwe_ciphertext_list(
-        &key.0,
-        &mut list,
-        &PlaintextList::from_container(padded),
-        TUniform::<u64>::new(NOISE_TUNIFORM_LOG2),
-        noise_seeder,
-    );
-    let bodies = list
-        .into_container()
-        .into_iter()
-        .map(truncate_body)
-        .collect();
-    EncryptedUpdate {
-        len: plaintexts.len(),
-        bodies,
-    }
+    Encryptor::new(key, seed, noise_seeder).encrypt(plaintexts)
+}
+
+/// A TUniform(B) sample from B + 2 uniform bits: values in [-2^B, 2^B], each inner value
+/// with probability 2^-(B+1) and the two end points with half that, exactly as tfhe-rs's
+/// `TUniform` draws them.
+fn t_uniform(random: u32) -> i64 {
+    let bits = (random & ((1u32 << (NOISE_TUNIFORM_LOG2 + 2)) - 1)) as i64;
+    (bits >> 1) + (bits & 1) - (1i64 << NOISE_TUNIFORM_LOG2)
 }
 
 /// Keeps the top [`BODY_BITS`] of a body coefficient, rounded to nearest.
@@ -145,35 +293,31 @@ impl Aggregate {
         self.contributions
     }
 
-    /// Decrypts the sum with `key_sum`, the coefficient-wise sum of the keys of exactly the
-    /// clients whose updates were added. Returns `len` plaintext sums.
+    /// Decrypts the sum with `key_sum`, the coefficient-wise sum (mod 2^64) of the keys of
+    /// exactly the clients whose updates were added. Returns `len` plaintext sums.
     pub fn decrypt(&self, seed: MaskSeed, key_sum: &[u64]) -> Result<Vec<u64>, CryptoError> {
-        if key_sum.len() != GLWE_DIMENSION * POLYNOMIAL_SIZE {
+        if key_sum.len() != POLYNOMIAL_SIZE {
             return Err(CryptoError::LengthMismatch {
                 what: "key sum",
-                expected: GLWE_DIMENSION * POLYNOMIAL_SIZE,
+                expected: POLYNOMIAL_SIZE,
                 got: key_sum.len(),
             });
         }
-        let count = self.sum.len() / POLYNOMIAL_SIZE;
-        let bodies: Vec<u64> = self
-            .sum
-            .iter()
-            .map(|&s| (s as u64) << (64 - BODY_BITS))
-            .collect();
-        let seeded = SeededGlweCiphertextList::from_container(
-            bodies,
-            GlweSize(GLWE_DIMENSION + 1),
-            PolynomialSize(POLYNOMIAL_SIZE),
-            Seed(seed.0).into(),
-            CiphertextModulus::new_native(),
-        );
-        debug_assert_eq!(seeded.glwe_ciphertext_count().0, count);
-        let list = seeded.decompress_into_glwe_ciphertext_list();
-        let key = GlweSecretKey::from_container(key_sum.to_vec(), PolynomialSize(POLYNOMIAL_SIZE));
-        let mut out = PlaintextList::new(0u64, PlaintextCount(count * POLYNOMIAL_SIZE));
-        decrypt_glwe_ciphertext_list(&key, &list, &mut out);
-        let mut out = out.into_container();
+        let mut out = Vec::with_capacity(self.sum.len());
+        let mut mask = vec![0u64; POLYNOMIAL_SIZE];
+        let mut product = vec![0u64; POLYNOMIAL_SIZE];
+        let mut masks = MaskStream::new(seed);
+        for (i, bodies) in self.sum.chunks_exact(POLYNOMIAL_SIZE).enumerate() {
+            masks.mask(i, &mut mask);
+            product.fill(0);
+            exact_add_mul(&mut product, &mask, key_sum);
+            out.extend(
+                bodies
+                    .iter()
+                    .zip(&product)
+                    .map(|(&b, &p)| ((b as u64) << (64 - BODY_BITS)).wrapping_sub(p)),
+            );
+        }
         out.truncate(self.len);
         Ok(out)
     }
@@ -183,6 +327,8 @@ impl Aggregate {
 mod tests {
     use super::*;
     use tfhe::core_crypto::commons::generators::DeterministicSeeder;
+    use tfhe::core_crypto::commons::math::random::Seed;
+    use tfhe::core_crypto::prelude::*;
 
     fn seeder(seed: u128) -> DeterministicSeeder<DefaultRandomGenerator> {
         DeterministicSeeder::<DefaultRandomGenerator>::new(Seed(seed))
@@ -232,6 +378,35 @@ mod tests {
     }
 
     #[test]
+    fn wire_form_costs_four_bytes_per_body() {
+        let update = EncryptedUpdate {
+            len: 3,
+            bodies: (0..POLYNOMIAL_SIZE as u32)
+                .map(|i| i.wrapping_mul(0x9e37_79b9))
+                .collect(),
+        };
+        let bytes = postcard::to_stdvec(&update).unwrap();
+        assert!(
+            bytes.len() <= 4 * POLYNOMIAL_SIZE + 8,
+            "{} bytes",
+            bytes.len()
+        );
+        let back: EncryptedUpdate = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, update);
+        // A truncated byte string is an error, not a panic.
+        let mut bad = postcard::to_stdvec(&3usize).unwrap();
+        bad.extend(serde_bytes_like(&[1, 2, 3, 4, 5]));
+        assert!(postcard::from_bytes::<EncryptedUpdate>(&bad).is_err());
+    }
+
+    /// A postcard byte string (length varint + bytes).
+    fn serde_bytes_like(b: &[u8]) -> Vec<u8> {
+        let mut out = postcard::to_stdvec(&b.len()).unwrap();
+        out.extend_from_slice(b);
+        out
+    }
+
+    #[test]
     fn mismatched_lengths_are_errors() {
         let mut agg = Aggregate::new(10);
         let bad = EncryptedUpdate {
@@ -240,5 +415,106 @@ mod tests {
         };
         assert!(agg.add(&bad).is_err());
         assert!(agg.decrypt(MaskSeed(0), &[0; 3]).is_err());
+    }
+    #[test]
+    fn t_uniform_matches_the_distribution_exactly() {
+        // Every (B + 2)-bit input once: each inner value twice, each end point once.
+        let b = NOISE_TUNIFORM_LOG2;
+        let mut counts = std::collections::HashMap::<i64, u32>::new();
+        for r in 0..(1u32 << (b + 2)) {
+            *counts.entry(t_uniform(r | 0xfff8_0000)).or_default() += 1;
+        }
+        let bound = 1i64 << b;
+        assert_eq!(counts.len() as i64, 2 * bound + 1);
+        for (v, c) in counts {
+            let want = if v.abs() == bound { 1 } else { 2 };
+            assert_eq!(c, want, "value {v}");
+        }
+    }
+
+    #[test]
+    fn ciphertexts_are_standard_glwe_under_tfhe_decryption() {
+        // Rebuild the full-precision ciphertext (mask from the seed, untruncated body) and let
+        // tfhe-rs decrypt it: the error is the encryption noise only.
+        let mut s = seeder(3);
+        let key = ClientKey::generate(&mut s);
+        let round = MaskSeed(77);
+        let msg: Vec<u64> = (0..POLYNOMIAL_SIZE as u64).map(|i| i << 48).collect();
+        let mut enc = Encryptor::new(&key, round, &mut s);
+        let mut mask = vec![0u64; POLYNOMIAL_SIZE];
+        MaskStream::new(round).mask(0, &mut mask);
+        // The body as encrypt_chunk computes it, without the truncation.
+        let mut body: Vec<u64> = msg
+            .iter()
+            .map(|&m| m.wrapping_add(t_uniform(enc.noise.next_u32()) as u64))
+            .collect();
+        fft().add_mul_binary(&mut body, &mask, &enc.spectrum, &mut enc.scratch);
+        let mut container = mask.clone();
+        container.extend_from_slice(&body);
+        let ct = GlweCiphertext::from_container(
+            container,
+            PolynomialSize(POLYNOMIAL_SIZE),
+            CiphertextModulus::new_native(),
+        );
+        let tfhe_key = GlweSecretKey::from_container(
+            key.coefficients().to_vec(),
+            PolynomialSize(POLYNOMIAL_SIZE),
+        );
+        let mut out = PlaintextList::new(0u64, PlaintextCount(POLYNOMIAL_SIZE));
+        decrypt_glwe_ciphertext(&tfhe_key, &ct, &mut out);
+        for (got, want) in out.into_container().iter().zip(&msg) {
+            let err = got.wrapping_sub(*want) as i64;
+            assert!(err.abs() <= 1 << NOISE_TUNIFORM_LOG2, "error {err}");
+        }
+    }
+
+    #[test]
+    fn masks_match_an_independent_chacha20_and_are_random_access() {
+        use chacha20::cipher::{KeyIvInit, StreamCipher};
+        let seed = MaskSeed(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
+        let mut ours = MaskStream::new(seed);
+        let mut mask = vec![0u64; POLYNOMIAL_SIZE];
+        for index in [0usize, 1, 2, 1000] {
+            ours.mask(index, &mut mask);
+            // RustCrypto's ChaCha20 (DJB layout: 64-bit counter, 64-bit nonce = stream id).
+            let key = chacha_key(seed.0, MASK_KEY_TAG);
+            let nonce = (index as u64).to_le_bytes();
+            let mut cipher = chacha20::ChaCha20Legacy::new(&key.into(), &nonce.into());
+            let mut bytes = vec![0u8; POLYNOMIAL_SIZE * 8];
+            cipher.apply_keystream(&mut bytes);
+            let want: Vec<u64> = bytes
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            assert_eq!(mask, want, "ciphertext {index}");
+        }
+        // Out of order gives the same masks; another seed gives others.
+        let mut again = vec![0u64; POLYNOMIAL_SIZE];
+        MaskStream::new(seed).mask(1000, &mut again);
+        assert_eq!(again, mask);
+        MaskStream::new(MaskSeed(1)).mask(1000, &mut again);
+        assert_ne!(again, mask);
+    }
+
+    #[test]
+    fn chunked_encryption_aggregates_like_whole_updates() {
+        let mut s = seeder(4);
+        let round = MaskSeed(9);
+        let len = 2 * POLYNOMIAL_SIZE + 100;
+        let key = ClientKey::generate(&mut s);
+        let msg: Vec<u64> = (0..len as u64).map(|i| (i % 97) << 52).collect();
+        let mut enc = Encryptor::new(&key, round, &mut s);
+        let mut bodies = Vec::new();
+        // Out of order: the second chunk first, as a resumed upload may do.
+        let mut tail = Vec::new();
+        enc.encrypt_chunk(1, &msg[POLYNOMIAL_SIZE..], &mut tail);
+        enc.encrypt_chunk(0, &msg[..POLYNOMIAL_SIZE], &mut bodies);
+        bodies.extend(tail);
+        let mut agg = Aggregate::new(len);
+        agg.add(&EncryptedUpdate { len, bodies }).unwrap();
+        let got = agg.decrypt(round, key.coefficients()).unwrap();
+        for (g, w) in got.iter().zip(&msg) {
+            assert!((g.wrapping_sub(*w) as i64).unsigned_abs() < 1 << 32);
+        }
     }
 }
