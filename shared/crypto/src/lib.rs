@@ -11,9 +11,12 @@
 //! randomness sources explicitly.
 
 pub mod encoding;
+pub mod identity;
 pub mod negacyclic;
 pub mod packed;
 pub mod params;
+pub mod secagg;
+pub mod shamir;
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

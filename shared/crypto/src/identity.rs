@@ -1,0 +1,182 @@
+//! Device identities (ed25519), enrolment certificates and the host's registry.
+//!
+//! A fleet has an enrolment authority: an ed25519 key kept offline by the operator, whose
+//! public key every device and the host are configured with. Enrolling a device means the
+//! authority signs an [`Enrolment`] (device id + the device's public key). The host keeps the
+//! certificates (public data only) and a revocation list in a [`Registry`]; devices check
+//! their peers' certificates against the authority key, so a host cannot invent devices.
+
+use crate::secagg::SecAggError;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use rand::CryptoRng;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Domain separation of enrolment signatures.
+const ENROLMENT_DOMAIN: &[u8] = b"fedshield/enrolment/v1";
+
+/// A device's name in the fleet, unique per fleet (for example "edge-007").
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DeviceId(pub String);
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for DeviceId {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// An ed25519 signing key: a device's identity, or the fleet's enrolment authority.
+pub struct Identity {
+    signing: SigningKey,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity(public {:02x?})", &self.public_key()[..4])
+    }
+}
+
+impl Identity {
+    /// A fresh identity.
+    pub fn generate(rng: &mut impl CryptoRng) -> Self {
+        let mut secret = [0u8; 32];
+        rng.fill_bytes(&mut secret);
+        Self::from_secret(secret)
+    }
+
+    /// The identity with this 32-byte secret (as stored in the device's key file).
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Self {
+            signing: SigningKey::from_bytes(&secret),
+        }
+    }
+
+    /// The 32-byte secret, for the device's key file.
+    pub fn secret(&self) -> [u8; 32] {
+        self.signing.to_bytes()
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+
+    /// Signs `message`.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.signing.sign(message).to_bytes().to_vec()
+    }
+
+    /// As the enrolment authority: certifies that `device` holds `public_key`.
+    pub fn enrol(&self, device: DeviceId, public_key: [u8; 32]) -> Enrolment {
+        let signature = self.sign(&Enrolment::signed_bytes(&device, &public_key));
+        Enrolment {
+            device,
+            public_key,
+            signature,
+        }
+    }
+}
+
+/// Verifies an ed25519 `signature` of `message` by `public_key`.
+pub fn verify(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(public_key) else {
+        return false;
+    };
+    let Ok(sig) = Signature::from_slice(signature) else {
+        return false;
+    };
+    key.verify(message, &sig).is_ok()
+}
+
+/// The authority's certificate that `device` holds `public_key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    /// The device.
+    pub device: DeviceId,
+    /// Its ed25519 public key.
+    pub public_key: [u8; 32],
+    /// The authority's signature.
+    pub signature: Vec<u8>,
+}
+
+impl Enrolment {
+    fn signed_bytes(device: &DeviceId, public_key: &[u8; 32]) -> Vec<u8> {
+        let mut m = ENROLMENT_DOMAIN.to_vec();
+        m.extend(postcard::to_stdvec(&(device, public_key)).expect("encodable"));
+        m
+    }
+
+    /// Checks the authority's signature.
+    pub fn verify(&self, authority: &[u8; 32]) -> Result<(), SecAggError> {
+        if verify(
+            authority,
+            &Self::signed_bytes(&self.device, &self.public_key),
+            &self.signature,
+        ) {
+            Ok(())
+        } else {
+            Err(SecAggError::BadEnrolment(self.device.clone()))
+        }
+    }
+}
+
+/// The host's view of the fleet: enrolment certificates and revocations. Public data only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registry {
+    /// The enrolment authority's public key.
+    pub authority: [u8; 32],
+    enrolled: BTreeMap<DeviceId, Enrolment>,
+    revoked: BTreeSet<DeviceId>,
+}
+
+impl Registry {
+    /// An empty registry for the authority with this public key.
+    pub fn new(authority: [u8; 32]) -> Self {
+        Self {
+            authority,
+            ..Self::default()
+        }
+    }
+
+    /// Adds (or replaces, for a re-keyed device) a certificate, after checking it.
+    pub fn enrol(&mut self, enrolment: Enrolment) -> Result<(), SecAggError> {
+        enrolment.verify(&self.authority)?;
+        if self.revoked.contains(&enrolment.device) {
+            return Err(SecAggError::Revoked(enrolment.device));
+        }
+        self.enrolled.insert(enrolment.device.clone(), enrolment);
+        Ok(())
+    }
+
+    /// Revokes a device: its messages are rejected from now on.
+    pub fn revoke(&mut self, device: &DeviceId) {
+        self.revoked.insert(device.clone());
+        self.enrolled.remove(device);
+    }
+
+    /// The certificate of an enrolled, non-revoked device.
+    pub fn enrolment(&self, device: &DeviceId) -> Result<&Enrolment, SecAggError> {
+        if self.revoked.contains(device) {
+            return Err(SecAggError::Revoked(device.clone()));
+        }
+        self.enrolled
+            .get(device)
+            .ok_or_else(|| SecAggError::UnknownDevice(device.clone()))
+    }
+
+    /// Number of enrolled devices.
+    pub fn len(&self) -> usize {
+        self.enrolled.len()
+    }
+
+    /// Whether no device is enrolled.
+    pub fn is_empty(&self) -> bool {
+        self.enrolled.is_empty()
+    }
+}

@@ -1,0 +1,599 @@
+//! Deterministic tests of the secure-aggregation state machines: every stage, every
+//! rejection, and (property tests) the whole pipeline with the packed encryption.
+
+use super::*;
+use crate::encoding::FixedPoint;
+use crate::identity::Registry;
+use crate::packed::{Aggregate, ClientKey, EncryptedUpdate, Encryptor, MaskSeed};
+use crate::params::POLYNOMIAL_SIZE;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use std::collections::{BTreeMap, BTreeSet};
+use tfhe::core_crypto::commons::generators::DeterministicSeeder;
+use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, Seed};
+
+struct Fleet {
+    authority: Identity,
+    registry: Registry,
+    secrets: Vec<(DeviceId, [u8; 32])>,
+}
+
+fn fleet(n: usize, rng: &mut ChaCha20Rng) -> Fleet {
+    let authority = Identity::generate(rng);
+    let mut registry = Registry::new(authority.public_key());
+    let secrets = (0..n)
+        .map(|i| {
+            let id = DeviceId(format!("edge-{i:03}"));
+            let identity = Identity::generate(rng);
+            registry
+                .enrol(authority.enrol(id.clone(), identity.public_key()))
+                .unwrap();
+            (id, identity.secret())
+        })
+        .collect();
+    Fleet {
+        authority,
+        registry,
+        secrets,
+    }
+}
+
+impl Fleet {
+    fn client(
+        &self,
+        i: usize,
+        config: SecAggConfig,
+        rng: &mut ChaCha20Rng,
+    ) -> (Client, SignedMessage) {
+        let (id, secret) = &self.secrets[i];
+        Client::new(
+            Identity::from_secret(*secret),
+            id.clone(),
+            config,
+            self.authority.public_key(),
+            rng,
+        )
+    }
+}
+
+/// Which clients go silent before sending each stage's message.
+#[derive(Debug, Clone, Default)]
+struct Drops {
+    advertise: BTreeSet<usize>,
+    shares: BTreeSet<usize>,
+    input: BTreeSet<usize>,
+    consistency: BTreeSet<usize>,
+    unmask: BTreeSet<usize>,
+}
+
+/// Runs one aggregation of `inputs` to the end or to the first refusal.
+fn run(
+    fleet: &Fleet,
+    config: SecAggConfig,
+    inputs: &[Vec<u64>],
+    digests: &[[u8; 32]],
+    drops: &Drops,
+    rng: &mut ChaCha20Rng,
+) -> Result<KeyAggregate, SecAggError> {
+    let mut server = Server::new(config, fleet.registry.clone())?;
+    let mut clients = Vec::new();
+    for i in 0..inputs.len() {
+        let (client, advert) = fleet.client(i, config, rng);
+        if !drops.advertise.contains(&i) {
+            server.receive(advert)?;
+            clients.push((i, client));
+        }
+    }
+    let roster = server.close_advertise()?;
+    let mut alive = Vec::new();
+    for (i, mut c) in clients {
+        let msg = c.on_roster(&roster, rng)?;
+        if !drops.shares.contains(&i) {
+            server.receive(msg)?;
+            alive.push((i, c));
+        }
+    }
+    let deliveries = server.close_shares()?;
+    let mut next = Vec::new();
+    for (i, mut c) in alive {
+        let msg = c.on_shares(&deliveries[c.id()], &inputs[i], digests[i])?;
+        if !drops.input.contains(&i) {
+            server.receive(msg)?;
+            next.push((i, c));
+        }
+    }
+    let survivors = server.close_masked_inputs()?;
+    let mut alive = Vec::new();
+    for (i, mut c) in next {
+        let msg = c.on_survivors(&survivors)?;
+        if !drops.consistency.contains(&i) {
+            server.receive(msg)?;
+            alive.push((i, c));
+        }
+    }
+    let request = server.close_consistency()?;
+    for (i, mut c) in alive {
+        let msg = c.on_unmask(&request)?;
+        if !drops.unmask.contains(&i) {
+            server.receive(msg)?;
+        }
+    }
+    server.close_unmask()
+}
+
+fn config(round: u64, threshold: usize, vector_len: usize) -> SecAggConfig {
+    SecAggConfig {
+        round,
+        threshold,
+        vector_len,
+    }
+}
+
+fn random_inputs(n: usize, len: usize, rng: &mut ChaCha20Rng) -> Vec<Vec<u64>> {
+    (0..n)
+        .map(|_| (0..len).map(|_| rng.random()).collect())
+        .collect()
+}
+
+fn sum_of(inputs: &[Vec<u64>], members: impl Iterator<Item = usize>) -> Vec<u64> {
+    let mut sum = vec![0u64; inputs[0].len()];
+    for i in members {
+        for (s, x) in sum.iter_mut().zip(&inputs[i]) {
+            *s = s.wrapping_add(*x);
+        }
+    }
+    sum
+}
+
+#[test]
+fn key_sum_of_the_survivors_with_dropouts_at_every_stage() {
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let fleet = fleet(11, &mut rng);
+    let inputs = random_inputs(11, 64, &mut rng);
+    let digests: Vec<[u8; 32]> = (0..11u8).map(|i| [i; 32]).collect();
+    let drops = Drops {
+        advertise: [0].into(),
+        shares: [1].into(),
+        input: [2, 3].into(), // dropped after sharing: their pair masks are removed
+        consistency: [4].into(),
+        unmask: BTreeSet::new(),
+    };
+    // 10 in U1 -> threshold max(3, 6) = 6; U2 has 9, U3 = {4..=10} (7), 6 sign and unmask.
+    let out = run(
+        &fleet,
+        config(7, 3, 64),
+        &inputs,
+        &digests,
+        &drops,
+        &mut rng,
+    )
+    .unwrap();
+    let u3: Vec<usize> = (4..11).collect();
+    assert_eq!(out.key_sum, sum_of(&inputs, u3.iter().copied()));
+    assert_eq!(
+        out.contributors,
+        u3.iter()
+            .map(|&i| fleet.secrets[i].0.clone())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(out.update_digests[&fleet.secrets[5].0], [5; 32]);
+}
+
+#[test]
+fn the_host_refuses_below_the_threshold_so_a_lone_update_is_never_decryptable() {
+    let mut rng = ChaCha20Rng::seed_from_u64(2);
+    let fleet = fleet(3, &mut rng);
+    let inputs = random_inputs(3, 8, &mut rng);
+    let digests = vec![[0; 32]; 3];
+    // Two of three drop after sharing: one masked input left.
+    let drops = Drops {
+        input: [0, 1].into(),
+        ..Drops::default()
+    };
+    let err = run(&fleet, config(1, 2, 8), &inputs, &digests, &drops, &mut rng).unwrap_err();
+    assert_eq!(
+        err,
+        SecAggError::BelowThreshold {
+            stage: "masked inputs",
+            have: 1,
+            need: 2
+        }
+    );
+    // A threshold of 1 is raised to 2 (and to a majority): one client alone never aggregates.
+    assert_eq!(effective_threshold(1, 1), 2);
+    assert_eq!(effective_threshold(1, 10), 6);
+    let drops = Drops {
+        advertise: [0, 1].into(),
+        ..Drops::default()
+    };
+    let err = run(&fleet, config(1, 1, 8), &inputs, &digests, &drops, &mut rng).unwrap_err();
+    assert!(matches!(
+        err,
+        SecAggError::BelowThreshold {
+            stage: "advertise",
+            ..
+        }
+    ));
+}
+
+/// A server past stage 0 with `n` clients, and the clients.
+fn started(n: usize, rng: &mut ChaCha20Rng) -> (Fleet, Server, Vec<Client>, Vec<SignedMessage>) {
+    let fleet = fleet(n, rng);
+    let cfg = config(5, 2, 4);
+    let mut server = Server::new(cfg, fleet.registry.clone()).unwrap();
+    let mut clients = Vec::new();
+    let mut adverts = Vec::new();
+    for i in 0..n {
+        let (c, a) = fleet.client(i, cfg, rng);
+        server.receive(a.clone()).unwrap();
+        clients.push(c);
+        adverts.push(a);
+    }
+    (fleet, server, clients, adverts)
+}
+
+#[test]
+fn tampered_replayed_wrong_round_unsigned_and_unknown_messages_are_rejected() {
+    let mut rng = ChaCha20Rng::seed_from_u64(3);
+    let fleet = fleet(3, &mut rng);
+    let cfg = config(5, 2, 4);
+    let mut server = Server::new(cfg, fleet.registry.clone()).unwrap();
+    let (_, advert) = fleet.client(0, cfg, &mut rng);
+    server.receive(advert.clone()).unwrap();
+
+    // Replay within the round.
+    assert_eq!(
+        server.receive(advert.clone()),
+        Err(SecAggError::Duplicate {
+            sender: advert.sender.clone(),
+            kind: "advertise"
+        })
+    );
+    // Tampered body.
+    let (_, mut tampered) = fleet.client(1, cfg, &mut rng);
+    if let ClientBody::Advertise(a) = &mut tampered.body {
+        a.c_pk[0] ^= 1;
+    }
+    assert_eq!(
+        server.receive(tampered.clone()),
+        Err(SecAggError::BadSignature(tampered.sender.clone()))
+    );
+    // Signed by someone else: client 2's message claiming to be client 1.
+    let (_, mut forged) = fleet.client(2, cfg, &mut rng);
+    forged.sender = tampered.sender.clone();
+    assert!(matches!(
+        server.receive(forged),
+        Err(SecAggError::BadSignature(_))
+    ));
+    // Unsigned.
+    let (_, mut unsigned) = fleet.client(1, cfg, &mut rng);
+    unsigned.signature.clear();
+    assert!(matches!(
+        server.receive(unsigned),
+        Err(SecAggError::Unsigned(_))
+    ));
+    // Wrong round (a replay of last round's advert, validly signed).
+    let (_, old) = fleet.client(1, config(4, 2, 4), &mut rng);
+    assert_eq!(
+        server.receive(old),
+        Err(SecAggError::WrongRound {
+            expected: 5,
+            got: 4
+        })
+    );
+    // Unknown device, signed by a key the registry never saw.
+    let stranger = Identity::generate(&mut rng);
+    let (_, unknown) = Client::new(stranger, "edge-999".into(), cfg, [0; 32], &mut rng);
+    assert!(matches!(
+        server.receive(unknown),
+        Err(SecAggError::UnknownDevice(_))
+    ));
+    // Nothing of the above was recorded.
+    assert_eq!(server.collected(), 1);
+
+    // Revoked: the registry drops it; the server built from it rejects the device.
+    let mut registry = fleet.registry.clone();
+    registry.revoke(&fleet.secrets[1].0);
+    let mut server = Server::new(cfg, registry.clone()).unwrap();
+    let (_, revoked) = fleet.client(1, cfg, &mut rng);
+    assert!(matches!(
+        server.receive(revoked),
+        Err(SecAggError::Revoked(_))
+    ));
+    // A revoked device cannot be re-enrolled, and a certificate from another authority is
+    // refused.
+    let again = fleet.authority.enrol(fleet.secrets[1].0.clone(), [1; 32]);
+    assert!(matches!(
+        registry.enrol(again),
+        Err(SecAggError::Revoked(_))
+    ));
+    let rogue = Identity::generate(&mut rng).enrol("edge-500".into(), [2; 32]);
+    assert!(matches!(
+        registry.enrol(rogue),
+        Err(SecAggError::BadEnrolment(_))
+    ));
+}
+
+#[test]
+fn late_and_early_messages_are_wrong_stage() {
+    let mut rng = ChaCha20Rng::seed_from_u64(4);
+    let (_fleet, mut server, mut clients, adverts) = started(3, &mut rng);
+    let roster = server.close_advertise().unwrap();
+    // A late advert (replayed) while collecting shares.
+    assert_eq!(
+        server.receive(adverts[0].clone()),
+        Err(SecAggError::WrongStage {
+            expected: "shares",
+            got: "advertise"
+        })
+    );
+    let shares: Vec<SignedMessage> = clients
+        .iter_mut()
+        .map(|c| c.on_roster(&roster, &mut rng).unwrap())
+        .collect();
+    // Shares with a recipient missing are malformed, and change nothing.
+    let mut short = shares[0].clone();
+    if let ClientBody::Shares(s) = &mut short.body {
+        s.pop();
+    }
+    short = SignedMessage::sign(
+        &Identity::from_secret(_fleet.secrets[0].1),
+        short.sender.clone(),
+        short.round,
+        short.body.clone(),
+    );
+    assert!(matches!(
+        server.receive(short),
+        Err(SecAggError::Malformed(_))
+    ));
+    assert_eq!(server.collected(), 0);
+    for s in shares {
+        server.receive(s).unwrap();
+    }
+    // Closing a stage out of order is refused.
+    assert!(matches!(
+        server.close_consistency(),
+        Err(SecAggError::OutOfOrder(_))
+    ));
+}
+
+#[test]
+fn clients_refuse_a_lying_host() {
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let (fleet, mut server, mut clients, _) = started(4, &mut rng);
+    let roster = server.close_advertise().unwrap();
+
+    // A roster entry whose advert was altered by the host.
+    let mut forged = roster.clone();
+    if let ClientBody::Advertise(a) = &mut forged.entries[1].advert.body {
+        a.s_pk = [9; 32];
+    }
+    let (mut fresh, _) = fleet.client(0, config(5, 2, 4), &mut rng);
+    assert!(matches!(
+        fresh.on_roster(&forged, &mut rng),
+        Err(SecAggError::BadSignature(_)) | Err(SecAggError::Malformed(_))
+    ));
+    // A roster with an enrolment not signed by the authority (a host-invented device).
+    let mut invented = roster.clone();
+    invented.entries[1].enrolment.public_key = [3; 32];
+    assert!(matches!(
+        clients[0].on_roster(&invented, &mut rng),
+        Err(SecAggError::BadEnrolment(_))
+    ));
+
+    for c in clients.iter_mut() {
+        let msg = c.on_roster(&roster, &mut rng).unwrap();
+        server.receive(msg).unwrap();
+    }
+    let deliveries = server.close_shares().unwrap();
+    // A tampered share does not decrypt.
+    let id0 = clients[0].id().clone();
+    let mut bad = deliveries[&id0].clone();
+    bad.shares[0].ciphertext[0] ^= 1;
+    assert!(matches!(
+        clients[0].on_shares(&bad, &[0; 4], [0; 32]),
+        Err(SecAggError::ShareDecryption(_))
+    ));
+    for c in clients.iter_mut() {
+        let msg = c.on_shares(&deliveries[c.id()], &[1; 4], [0; 32]).unwrap();
+        server.receive(msg).unwrap();
+    }
+    let list = server.close_masked_inputs().unwrap();
+    let signed: Vec<SignedMessage> = clients
+        .iter_mut()
+        .map(|c| c.on_survivors(&list).unwrap())
+        .collect();
+    for s in signed {
+        server.receive(s).unwrap();
+    }
+    let request = server.close_consistency().unwrap();
+
+    // The host claims client 3 dropped (to learn its mask key) while it contributed.
+    let mut lie = request.clone();
+    lie.survivors.pop();
+    assert!(matches!(
+        clients[0].on_unmask(&lie),
+        Err(SecAggError::InconsistentRequest(_))
+    ));
+    // Too few signatures.
+    let mut thin = request.clone();
+    thin.signatures.truncate(1);
+    assert!(matches!(
+        clients[0].on_unmask(&thin),
+        Err(SecAggError::BelowThreshold { .. })
+    ));
+    // A forged signature.
+    let mut forged_sig = request.clone();
+    forged_sig.signatures[1].signature[0] ^= 1;
+    assert!(matches!(
+        clients[0].on_unmask(&forged_sig),
+        Err(SecAggError::InconsistentRequest(_))
+    ));
+    // The genuine request is answered, once.
+    clients[0].on_unmask(&request).unwrap();
+    assert!(matches!(
+        clients[0].on_unmask(&request),
+        Err(SecAggError::OutOfOrder(_))
+    ));
+}
+
+/// The pipeline of one round: encrypted updates, secure key aggregation with dropouts, and
+/// decryption of the survivors' weighted mean.
+fn pipeline(n: usize, t: usize, dim: usize, drops: Drops, seed: u64) -> Result<(), TestCaseError> {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut seeder = DeterministicSeeder::<DefaultRandomGenerator>::new(Seed(seed as u128));
+    let fleet = fleet(n, &mut rng);
+    let fp = FixedPoint::new(0.25).unwrap();
+    let mask_seed = MaskSeed(rng.random());
+    let samples: Vec<u64> = (0..n).map(|_| rng.random_range(1..1000)).collect();
+    let announced: u64 = samples.iter().sum();
+    // Values at and beyond the encoding limits, and in between.
+    let values: Vec<Vec<f32>> = (0..n)
+        .map(|_| {
+            (0..dim)
+                .map(|_| match rng.random_range(0..4) {
+                    0 => 0.25,
+                    1 => -0.25,
+                    2 => rng.random_range(-1.0..1.0),
+                    _ => rng.random_range(-0.25..0.25),
+                })
+                .collect()
+        })
+        .collect();
+    let keys: Vec<ClientKey> = (0..n).map(|_| ClientKey::generate(&mut seeder)).collect();
+    let updates: Vec<EncryptedUpdate> = (0..n)
+        .map(|i| {
+            let mut plain = vec![0u64; dim];
+            let w = samples[i] as f64 / announced as f64;
+            fp.encode_weighted(&values[i], w, &mut plain).unwrap();
+            Encryptor::new(&keys[i], mask_seed, &mut seeder).encrypt(&plain)
+        })
+        .collect();
+    let digests: Vec<[u8; 32]> = updates
+        .iter()
+        .map(|u| update_digest(&postcard::to_stdvec(u).unwrap()))
+        .collect();
+    let inputs: Vec<Vec<u64>> = keys.iter().map(|k| k.coefficients().to_vec()).collect();
+
+    let result = run(
+        &fleet,
+        config(3, t, POLYNOMIAL_SIZE),
+        &inputs,
+        &digests,
+        &drops,
+        &mut rng,
+    );
+
+    // Expected outcome: refusal as soon as a stage has fewer than the threshold.
+    let u1 = n - drops.advertise.len();
+    let need = effective_threshold(t, u1);
+    let mut left = u1;
+    let mut ok = left >= need;
+    for d in [
+        &drops.shares,
+        &drops.input,
+        &drops.consistency,
+        &drops.unmask,
+    ] {
+        left -= d.len();
+        ok &= left >= need;
+    }
+    let out = match result {
+        Ok(out) => {
+            prop_assert!(ok, "aggregated with fewer than {need} at some stage");
+            out
+        }
+        Err(SecAggError::BelowThreshold { .. }) => {
+            prop_assert!(!ok, "refused although every stage had {need}");
+            return Ok(());
+        }
+        Err(e) => return Err(TestCaseError::fail(format!("unexpected error {e}"))),
+    };
+    // The host adds exactly the contributors' updates, checking the digests they signed.
+    let index: BTreeMap<&DeviceId, usize> = fleet
+        .secrets
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (id, i))
+        .collect();
+    let mut agg = Aggregate::new(dim);
+    let mut weight = 0.0;
+    let mut want = vec![0f64; dim];
+    for id in &out.contributors {
+        let i = index[id];
+        prop_assert_eq!(out.update_digests[id], digests[i]);
+        agg.add(&updates[i]).unwrap();
+        let w = samples[i] as f64 / announced as f64;
+        weight += w;
+        for (acc, v) in want.iter_mut().zip(&values[i]) {
+            *acc += w * (*v as f64).clamp(-0.25, 0.25);
+        }
+    }
+    let got = fp.decode_sum(&agg.decrypt(mask_seed, &out.key_sum).unwrap(), weight);
+    // SECURITY.md bound for the contributors, divided by their total weight, plus f32.
+    let c = out.contributors.len() as f64;
+    let ulps = c * ((1u64 << crate::params::NOISE_TUNIFORM_LOG2) as f64 + 2f64.powi(31)) + c / 2.0;
+    let bound = ulps * fp.ulp() / weight + f32::EPSILON as f64 * 0.25;
+    for (g, w) in got.iter().zip(&want) {
+        let mean = w / weight;
+        prop_assert!(
+            (*g as f64 - mean).abs() <= bound,
+            "decrypted {g}, weighted mean {mean}, bound {bound}"
+        );
+    }
+    Ok(())
+}
+
+/// Random drops: each client drops with probability 1/4, at a uniformly chosen stage.
+fn drops_strategy(n: usize) -> impl Strategy<Value = Drops> {
+    proptest::collection::vec(0usize..20, n).prop_map(|stage_of| {
+        let mut d = Drops::default();
+        for (i, s) in stage_of.into_iter().enumerate() {
+            match s {
+                0 => d.advertise.insert(i),
+                1 => d.shares.insert(i),
+                2 => d.input.insert(i),
+                3 => d.consistency.insert(i),
+                4 => d.unmask.insert(i),
+                _ => true, // stays to the end
+            };
+        }
+        d
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn decrypted_aggregate_is_the_weighted_mean_of_the_contributors(
+        (n, t, drops) in (2usize..=64).prop_flat_map(|n| (Just(n), 2..=n, drops_strategy(n))),
+        dim in 1usize..(3 * POLYNOMIAL_SIZE),
+        seed in any::<u64>(),
+    ) {
+        pipeline(n, t, dim, drops, seed)?;
+    }
+
+    #[test]
+    fn dropouts_up_to_n_minus_t_always_complete(
+        (n, t, drops) in (2usize..=24).prop_flat_map(|n| (Just(n), 2..=n, drops_strategy(n))),
+        seed in any::<u64>(),
+    ) {
+        // Keep at most n - t' drops, where t' is the threshold in force: the round must
+        // complete (the property above also covers the refusals).
+        let mut drops = drops;
+        let all: Vec<usize> = drops.advertise.iter().chain(&drops.shares).chain(&drops.input)
+            .chain(&drops.consistency).chain(&drops.unmask).copied().collect();
+        let u1 = n - drops.advertise.len();
+        let allowed = u1.saturating_sub(effective_threshold(t, u1));
+        for i in all.into_iter().skip(allowed + drops.advertise.len()) {
+            drops.shares.remove(&i);
+            drops.input.remove(&i);
+            drops.consistency.remove(&i);
+            drops.unmask.remove(&i);
+        }
+        prop_assume!(u1 >= effective_threshold(t, u1));
+        pipeline(n, t, 100, drops, seed)?;
+    }
+}
