@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod gguf;
+pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
