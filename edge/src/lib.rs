@@ -3,6 +3,7 @@
 
 pub mod compute;
 pub mod inference;
+pub mod llama;
 pub mod serial_link;
 
 /// Errors of the edge library.

@@ -1,0 +1,341 @@
+//! A Llama-family decoder in tch over a quantized, frozen base: RMSNorm, rotate-half RoPE
+//! (llama.cpp's Q/K row permutation undone at load), grouped-query attention with a causal
+//! mask, SwiGLU MLP, tied or untied LM head. Base weights stay packed and are dequantized per
+//! linear, per call ([`weight::Weight`]).
+
+pub mod weight;
+
+use fedshield_models::config::LlamaConfig;
+use fedshield_models::gguf::{Gguf, GgufError};
+use tch::{Device, Kind, Tensor};
+use weight::Weight;
+
+/// One decoder layer's frozen weights.
+#[derive(Debug)]
+pub struct Block {
+    /// RMSNorm before attention.
+    pub attn_norm: Tensor,
+    /// Query projection [heads * head_dim, hidden].
+    pub q_proj: Weight,
+    /// Key projection [kv_heads * head_dim, hidden].
+    pub k_proj: Weight,
+    /// Value projection.
+    pub v_proj: Weight,
+    /// Output projection.
+    pub o_proj: Weight,
+    /// RMSNorm before the MLP.
+    pub ffn_norm: Tensor,
+    /// SwiGLU gate.
+    pub gate_proj: Weight,
+    /// SwiGLU up.
+    pub up_proj: Weight,
+    /// SwiGLU down.
+    pub down_proj: Weight,
+}
+
+/// The frozen base model.
+#[derive(Debug)]
+pub struct Llama {
+    /// Hyper-parameters.
+    pub config: LlamaConfig,
+    /// Token embedding [vocab, hidden].
+    pub embed: Weight,
+    /// Decoder layers.
+    pub blocks: Vec<Block>,
+    /// Final RMSNorm.
+    pub norm: Tensor,
+    /// LM head [vocab, hidden]; `None` when tied to the embedding.
+    pub lm_head: Option<Weight>,
+    /// Where the weights live.
+    pub device: Device,
+}
+
+/// Reads the Llama hyper-parameters from GGUF metadata.
+pub fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, GgufError> {
+    let arch = g.get_str("general.architecture")?;
+    if arch != "llama" {
+        return Err(GgufError::Corrupt(format!(
+            "architecture {arch:?}: only llama-family models are supported"
+        )));
+    }
+    let u = |k: &str| g.get_u64(&format!("llama.{k}")).map(|v| v as usize);
+    let heads = u("attention.head_count")?;
+    Ok(LlamaConfig {
+        vocab_size: g.get_strings("tokenizer.ggml.tokens")?.len(),
+        hidden_size: u("embedding_length")?,
+        intermediate_size: u("feed_forward_length")?,
+        num_hidden_layers: u("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: u("attention.head_count_kv").unwrap_or(heads),
+        rms_norm_eps: g.get_f64("llama.attention.layer_norm_rms_epsilon")?,
+        rope_theta: g.get_f64("llama.rope.freq_base").unwrap_or(10_000.0),
+        tie_word_embeddings: g.tensor("output.weight").is_err(),
+    })
+}
+
+impl Llama {
+    /// Loads a GGUF Llama onto `device`, weights packed as stored.
+    pub fn from_gguf(g: &Gguf, device: Device) -> Result<Self, GgufError> {
+        let config = config_from_gguf(g)?;
+        let (h, kv) = (
+            config.num_attention_heads as i64,
+            config.num_key_value_heads as i64,
+        );
+        let w = |name: &str| Weight::from_gguf(g, name, device);
+        let norm = |name: &str| -> Result<Tensor, GgufError> {
+            Ok(Tensor::from_slice(&g.dequantize(name)?).to_device(device))
+        };
+        let blocks = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = |s: &str| format!("blk.{i}.{s}.weight");
+                Ok(Block {
+                    attn_norm: norm(&p("attn_norm"))?,
+                    q_proj: w(&p("attn_q"))?.unpermute_rope_rows(h),
+                    k_proj: w(&p("attn_k"))?.unpermute_rope_rows(kv),
+                    v_proj: w(&p("attn_v"))?,
+                    o_proj: w(&p("attn_output"))?,
+                    ffn_norm: norm(&p("ffn_norm"))?,
+                    gate_proj: w(&p("ffn_gate"))?,
+                    up_proj: w(&p("ffn_up"))?,
+                    down_proj: w(&p("ffn_down"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, GgufError>>()?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(w("output.weight")?)
+        };
+        Ok(Self {
+            embed: w("token_embd.weight")?,
+            norm: norm("output_norm.weight")?,
+            blocks,
+            lm_head,
+            config,
+            device,
+        })
+    }
+
+    /// Bytes held by the base weights on the device.
+    pub fn weight_bytes(&self) -> usize {
+        let mut total = self.embed.bytes() + self.norm.numel() * 4;
+        total += self.lm_head.as_ref().map_or(0, Weight::bytes);
+        for b in &self.blocks {
+            total += [
+                &b.q_proj,
+                &b.k_proj,
+                &b.v_proj,
+                &b.o_proj,
+                &b.gate_proj,
+                &b.up_proj,
+                &b.down_proj,
+            ]
+            .iter()
+            .map(|w| w.bytes())
+            .sum::<usize>();
+            total += (b.attn_norm.numel() + b.ffn_norm.numel()) * 4;
+        }
+        total
+    }
+
+    /// cos and sin tables [t, head_dim] for positions 0..t (rotate-half layout).
+    pub fn rope_tables(&self, t: i64, kind: Kind) -> (Tensor, Tensor) {
+        let hd = self.config.head_dim() as i64;
+        let inv_freq = (Tensor::arange_start_step(0, hd, 2, (Kind::Float, self.device))
+            / hd as f64
+            * -(self.config.rope_theta.ln()))
+        .exp();
+        let pos = Tensor::arange(t, (Kind::Float, self.device));
+        let freqs = pos.outer(&inv_freq);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+
+    /// Logits [batch, t, vocab] for token ids [batch, t] (no adapters).
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        let hidden = self.hidden_states(ids, &NoAdapter);
+        self.logits(&hidden)
+    }
+
+    /// Final hidden states [batch, t, hidden] (after the final norm), with `adapter` adding
+    /// its terms to every projection.
+    pub fn hidden_states(&self, ids: &Tensor, adapter: &dyn Adapter) -> Tensor {
+        let kind = Kind::Float;
+        let t = ids.size()[1];
+        let (cos, sin) = self.rope_tables(t, kind);
+        let mut x = self.embed.rows(ids, kind);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(i, block, &x, &cos, &sin, adapter);
+        }
+        x.rms_norm(
+            [self.config.hidden_size as i64],
+            Some(&self.norm),
+            self.config.rms_norm_eps,
+        )
+    }
+
+    /// Logits of hidden states [.., hidden] -> [.., vocab].
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        hidden.matmul(&head.dequantize(hidden.kind()).tr())
+    }
+
+    /// One decoder layer.
+    pub fn block_forward(
+        &self,
+        index: usize,
+        b: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        adapter: &dyn Adapter,
+    ) -> Tensor {
+        let c = &self.config;
+        let (bsz, t) = (x.size()[0], x.size()[1]);
+        let (h, kv, hd) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim() as i64,
+        );
+        let eps = c.rms_norm_eps;
+        let hidden = c.hidden_size as i64;
+        let linear = |x: &Tensor, w: &Weight, module: Module| {
+            let y = x.matmul(&w.dequantize(x.kind()).tr());
+            match adapter.delta(index, module, x) {
+                Some(d) => y + d,
+                None => y,
+            }
+        };
+        let n = x.rms_norm([hidden], Some(&b.attn_norm), eps);
+        let q = linear(&n, &b.q_proj, Module::Q)
+            .view([bsz, t, h, hd])
+            .transpose(1, 2);
+        let k = linear(&n, &b.k_proj, Module::K)
+            .view([bsz, t, kv, hd])
+            .transpose(1, 2);
+        let v = linear(&n, &b.v_proj, Module::V)
+            .view([bsz, t, kv, hd])
+            .transpose(1, 2);
+        let q = apply_rope(&q, cos, sin);
+        let k = apply_rope(&k, cos, sin);
+        let (k, v) = if kv != h {
+            (
+                k.repeat_interleave_self_int(h / kv, 1, None),
+                v.repeat_interleave_self_int(h / kv, 1, None),
+            )
+        } else {
+            (k, v)
+        };
+        let attn = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, true, None, false,
+        );
+        let attn = attn.transpose(1, 2).reshape([bsz, t, h * hd]);
+        let x = x + linear(&attn, &b.o_proj, Module::O);
+        let n = x.rms_norm([hidden], Some(&b.ffn_norm), eps);
+        let gate = linear(&n, &b.gate_proj, Module::Gate).silu();
+        let up = linear(&n, &b.up_proj, Module::Up);
+        &x + linear(&(gate * up), &b.down_proj, Module::Down)
+    }
+
+    /// Greedy decoding of up to `max_new` tokens after `prompt`, stopping at `eos`.
+    pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, eos: u32) -> Vec<u32> {
+        let mut ids: Vec<i64> = prompt.iter().map(|&i| i as i64).collect();
+        let mut out = Vec::new();
+        tch::no_grad(|| {
+            for _ in 0..max_new {
+                let input = Tensor::from_slice(&ids).to_device(self.device).unsqueeze(0);
+                let hidden = self.hidden_states(&input, &NoAdapter);
+                let last = hidden.select(1, -1);
+                let next = self.logits(&last).argmax(-1, false).int64_value(&[0]);
+                if next as u32 == eos {
+                    break;
+                }
+                ids.push(next);
+                out.push(next as u32);
+            }
+        });
+        out
+    }
+}
+
+/// The seven projections LoRA can adapt, named as PEFT names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Module {
+    /// q_proj
+    Q,
+    /// k_proj
+    K,
+    /// v_proj
+    V,
+    /// o_proj
+    O,
+    /// gate_proj
+    Gate,
+    /// up_proj
+    Up,
+    /// down_proj
+    Down,
+}
+
+impl Module {
+    /// All seven, in PEFT's usual order.
+    pub const ALL: [Module; 7] = [
+        Module::Q,
+        Module::K,
+        Module::V,
+        Module::O,
+        Module::Gate,
+        Module::Up,
+        Module::Down,
+    ];
+
+    /// PEFT's module name.
+    pub fn peft_name(&self) -> &'static str {
+        match self {
+            Module::Q => "q_proj",
+            Module::K => "k_proj",
+            Module::V => "v_proj",
+            Module::O => "o_proj",
+            Module::Gate => "gate_proj",
+            Module::Up => "up_proj",
+            Module::Down => "down_proj",
+        }
+    }
+
+    /// Parses a PEFT module name.
+    pub fn from_peft_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.peft_name() == name)
+    }
+
+    /// Its parent in the HF module tree (`self_attn` or `mlp`).
+    pub fn parent(&self) -> &'static str {
+        match self {
+            Module::Q | Module::K | Module::V | Module::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+}
+
+/// Something that adds a term to a projection's output (LoRA).
+pub trait Adapter {
+    /// The term added to projection `module` of layer `layer` for input `x`, if any.
+    fn delta(&self, layer: usize, module: Module, x: &Tensor) -> Option<Tensor>;
+}
+
+/// No adapter: the base model alone.
+pub struct NoAdapter;
+
+impl Adapter for NoAdapter {
+    fn delta(&self, _: usize, _: Module, _: &Tensor) -> Option<Tensor> {
+        None
+    }
+}
+
+/// Rotate-half RoPE on x [b, heads, t, hd] with tables [t, hd].
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let hd = x.size()[3];
+    let x1 = x.narrow(3, 0, hd / 2);
+    let x2 = x.narrow(3, hd / 2, hd / 2);
+    let rotated = Tensor::cat(&[-x2, x1], 3);
+    x * cos + rotated * sin
+}
