@@ -4,7 +4,9 @@
 pub mod compute;
 pub mod inference;
 pub mod llama;
+pub mod lora;
 pub mod serial_link;
+pub mod train;
 
 /// Errors of the edge library.
 #[derive(Debug, thiserror::Error)]

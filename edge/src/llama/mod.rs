@@ -33,6 +33,21 @@ pub struct Block {
     pub down_proj: Weight,
 }
 
+impl Block {
+    /// The weight of one projection.
+    pub fn weight(&self, module: Module) -> &Weight {
+        match module {
+            Module::Q => &self.q_proj,
+            Module::K => &self.k_proj,
+            Module::V => &self.v_proj,
+            Module::O => &self.o_proj,
+            Module::Gate => &self.gate_proj,
+            Module::Up => &self.up_proj,
+            Module::Down => &self.down_proj,
+        }
+    }
+}
+
 /// The frozen base model.
 #[derive(Debug)]
 pub struct Llama {
@@ -116,6 +131,43 @@ impl Llama {
         })
     }
 
+    /// A model of `config` with random dense f32 weights (normal, std 0.02; norms at 1) from
+    /// libtorch's generator seeded with `seed`: for tests and the training benchmark.
+    pub fn random(config: LlamaConfig, device: Device, seed: i64) -> Self {
+        tch::manual_seed(seed);
+        let c = &config;
+        let hd = c.head_dim() as i64;
+        let (hidden, inter) = (c.hidden_size as i64, c.intermediate_size as i64);
+        let (h, kv) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
+        let dense = |rows: i64, cols: i64| {
+            Weight::Dense(Tensor::randn([rows, cols], (Kind::Float, device)) * 0.02)
+        };
+        let ones = || Tensor::ones([hidden], (Kind::Float, device));
+        let blocks = (0..c.num_hidden_layers)
+            .map(|_| Block {
+                attn_norm: ones(),
+                q_proj: dense(h * hd, hidden),
+                k_proj: dense(kv * hd, hidden),
+                v_proj: dense(kv * hd, hidden),
+                o_proj: dense(hidden, h * hd),
+                ffn_norm: ones(),
+                gate_proj: dense(inter, hidden),
+                up_proj: dense(inter, hidden),
+                down_proj: dense(hidden, inter),
+            })
+            .collect();
+        let vocab = c.vocab_size as i64;
+        let lm_head = (!c.tie_word_embeddings).then(|| dense(vocab, hidden));
+        Self {
+            embed: dense(vocab, hidden),
+            norm: ones(),
+            blocks,
+            lm_head,
+            config,
+            device,
+        }
+    }
+
     /// Bytes held by the base weights on the device.
     pub fn weight_bytes(&self) -> usize {
         let mut total = self.embed.bytes() + self.norm.numel() * 4;
@@ -167,6 +219,11 @@ impl Llama {
         for (i, block) in self.blocks.iter().enumerate() {
             x = self.block_forward(i, block, &x, &cos, &sin, adapter);
         }
+        self.final_norm(&x)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
         x.rms_norm(
             [self.config.hidden_size as i64],
             Some(&self.norm),
@@ -258,22 +315,31 @@ impl Llama {
     }
 }
 
-/// The seven projections LoRA can adapt, named as PEFT names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The seven projections LoRA can adapt, named (and serialized) as PEFT names them.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Module {
     /// q_proj
+    #[serde(rename = "q_proj")]
     Q,
     /// k_proj
+    #[serde(rename = "k_proj")]
     K,
     /// v_proj
+    #[serde(rename = "v_proj")]
     V,
     /// o_proj
+    #[serde(rename = "o_proj")]
     O,
     /// gate_proj
+    #[serde(rename = "gate_proj")]
     Gate,
     /// up_proj
+    #[serde(rename = "up_proj")]
     Up,
     /// down_proj
+    #[serde(rename = "down_proj")]
     Down,
 }
 

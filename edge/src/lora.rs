@@ -1,0 +1,254 @@
+//! LoRA adapters on the seven Llama projections, initialised, named and saved as PEFT does.
+//!
+//! Each adapted projection gets A [r, in] (Kaiming-uniform with a = sqrt(5), i.e. uniform in
+//! +-1/sqrt(in), PEFT's default) and B [out, r] (zeros); the projection's output gains
+//! `dropout(x) A^T B^T * alpha / r`. With `freeze_a` (FFA-LoRA) only B trains: the update
+//! is then linear in B, so averaging the clients' B is exactly the adapter of the averaged
+//! update.
+
+use crate::llama::{Adapter, Llama, Module};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor, nn};
+
+/// LoRA hyper-parameters, named as in PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Rank r.
+    pub r: i64,
+    /// lora_alpha: the update is scaled by alpha / r.
+    pub alpha: f64,
+    /// lora_dropout, applied to the adapter's input while training.
+    pub dropout: f64,
+    /// target_modules.
+    pub target_modules: Vec<Module>,
+    /// FFA-LoRA: A stays at its initial value, only B trains.
+    pub freeze_a: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            target_modules: Module::ALL.to_vec(),
+            freeze_a: false,
+        }
+    }
+}
+
+/// One adapted projection.
+#[derive(Debug)]
+pub struct LoraPair {
+    /// A [r, in].
+    pub a: Tensor,
+    /// B [out, r].
+    pub b: Tensor,
+}
+
+/// The adapters of a whole model.
+pub struct Lora {
+    /// Hyper-parameters.
+    pub config: LoraConfig,
+    /// The trainable tensors (B, and A unless frozen), for the optimizer.
+    pub vs: nn::VarStore,
+    /// Adapters by (layer, module).
+    pub pairs: BTreeMap<(usize, Module), LoraPair>,
+    training: std::cell::Cell<bool>,
+}
+
+impl std::fmt::Debug for Lora {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lora")
+            .field("config", &self.config)
+            .field("pairs", &self.pairs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// PEFT's tensor name of A or B of one projection.
+pub fn peft_tensor_name(layer: usize, module: Module, which: char) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.{}.lora_{which}.weight",
+        module.parent(),
+        module.peft_name()
+    )
+}
+
+impl Lora {
+    /// Fresh adapters for `model` with PEFT's initialisation, drawn from libtorch's
+    /// generator seeded with `seed`.
+    pub fn new(model: &Llama, config: LoraConfig, seed: i64) -> Self {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(model.device);
+        let mut pairs = BTreeMap::new();
+        let root = vs.root();
+        for (layer, block) in model.blocks.iter().enumerate() {
+            for &module in &config.target_modules {
+                let (out, inp) = block.weight(module).shape();
+                let path = &root / format!("layer{layer}") / module.peft_name();
+                let bound = 1.0 / (inp as f64).sqrt();
+                let init = nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                };
+                let a = if config.freeze_a {
+                    Tensor::empty([config.r, inp], (Kind::Float, model.device))
+                        .uniform_(-bound, bound)
+                } else {
+                    path.var("lora_A", &[config.r, inp], init)
+                };
+                let b = path.zeros("lora_B", &[out, config.r]);
+                pairs.insert((layer, module), LoraPair { a, b });
+            }
+        }
+        Self {
+            config,
+            vs,
+            pairs,
+            training: std::cell::Cell::new(false),
+        }
+    }
+
+    /// alpha / r.
+    pub fn scaling(&self) -> f64 {
+        self.config.alpha / self.config.r as f64
+    }
+
+    /// Turns dropout on (training) or off (evaluation, generation).
+    pub fn set_training(&self, on: bool) {
+        self.training.set(on);
+    }
+
+    /// Number of trainable values.
+    pub fn trainable_len(&self) -> usize {
+        self.vs
+            .trainable_variables()
+            .iter()
+            .map(Tensor::numel)
+            .sum()
+    }
+
+    /// All adapter tensors with their PEFT names, A and B of every projection.
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::with_capacity(self.pairs.len() * 2);
+        for (&(layer, module), p) in &self.pairs {
+            out.push((peft_tensor_name(layer, module, 'A'), &p.a));
+            out.push((peft_tensor_name(layer, module, 'B'), &p.b));
+        }
+        out
+    }
+
+    /// Saves `adapter_model.safetensors` (PEFT's tensor names) and `adapter_config.json` in
+    /// `dir`, recording `base_model` (the base model's name or path).
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tensors: Vec<(String, Tensor)> = self
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous()))
+            .collect();
+        Tensor::write_safetensors(&tensors, dir.join("adapter_model.safetensors"))?;
+        let targets: Vec<&str> = self
+            .config
+            .target_modules
+            .iter()
+            .map(|m| m.peft_name())
+            .collect();
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.config.r,
+            "lora_alpha": self.config.alpha,
+            "lora_dropout": self.config.dropout,
+            "target_modules": targets,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "use_rslora": false,
+            "use_dora": false,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null,
+            "fedshield_freeze_a": self.config.freeze_a,
+        });
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        Ok(())
+    }
+
+    /// Loads a PEFT adapter directory for `model`. Every expected tensor must be present with
+    /// its shape; extra tensors are an error (the adapter belongs to another model).
+    pub fn load_peft(dir: &Path, model: &Llama) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(dir.join("adapter_config.json"))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("adapter_config.json").display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)?;
+        let targets = json["target_modules"]
+            .as_array()
+            .ok_or_else(|| anyhow::anyhow!("adapter_config.json: target_modules missing"))?
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .and_then(Module::from_peft_name)
+                    .ok_or_else(|| anyhow::anyhow!("unknown target module {v}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let config = LoraConfig {
+            r: json["r"]
+                .as_i64()
+                .ok_or_else(|| anyhow::anyhow!("r missing"))?,
+            alpha: json["lora_alpha"]
+                .as_f64()
+                .ok_or_else(|| anyhow::anyhow!("lora_alpha missing"))?,
+            dropout: json["lora_dropout"].as_f64().unwrap_or(0.0),
+            target_modules: targets,
+            freeze_a: json["fedshield_freeze_a"].as_bool().unwrap_or(false),
+        };
+        let lora = Self::new(model, config, 0);
+        let mut stored: BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(dir.join("adapter_model.safetensors"))?
+                .into_iter()
+                .collect();
+        tch::no_grad(|| -> anyhow::Result<()> {
+            for (name, t) in lora.named_tensors() {
+                let src = stored
+                    .remove(&name)
+                    .ok_or_else(|| anyhow::anyhow!("adapter has no tensor {name}"))?;
+                if src.size() != t.size() {
+                    anyhow::bail!(
+                        "{name}: shape {:?}, the model needs {:?}",
+                        src.size(),
+                        t.size()
+                    );
+                }
+                let mut dst = t.shallow_clone();
+                dst.copy_(&src.to_kind(Kind::Float).to_device(t.device()));
+            }
+            Ok(())
+        })?;
+        if let Some(extra) = stored.keys().next() {
+            anyhow::bail!("adapter has a tensor this model does not: {extra}");
+        }
+        Ok(lora)
+    }
+}
+
+impl Adapter for Lora {
+    fn delta(&self, layer: usize, module: Module, x: &Tensor) -> Option<Tensor> {
+        let p = self.pairs.get(&(layer, module))?;
+        let x = if self.training.get() && self.config.dropout > 0.0 {
+            x.dropout(self.config.dropout, true)
+        } else {
+            x.shallow_clone()
+        };
+        Some(x.matmul(&p.a.tr()).matmul(&p.b.tr()) * self.scaling())
+    }
+}

@@ -1,0 +1,292 @@
+//! LoRA fine-tuning: next-token loss on response tokens only, AdamW with linear warm-up and
+//! cosine decay, gradient accumulation (token-weighted), gradient clipping, and layer-wise
+//! recomputation ("gradient checkpointing") so that the dequantized base weights of at most
+//! one layer exist at a time, in the backward pass as in the forward pass.
+
+use crate::llama::{Llama, NoAdapter};
+use crate::lora::Lora;
+use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
+
+/// Label of positions that carry no loss (prompt, padding), as in Hugging Face.
+pub const IGNORE: i64 = -100;
+
+/// One micro-batch: token ids and next-token labels, both [batch, t].
+#[derive(Debug)]
+pub struct Batch {
+    /// Input ids.
+    pub ids: Tensor,
+    /// `labels[b, i]` is the target of position i - 1, or [`IGNORE`].
+    pub labels: Tensor,
+}
+
+impl Batch {
+    /// Right-pads `sequences` (token ids, and whether each token is a loss target) to the
+    /// longest, with `pad` ids and no loss on padding.
+    pub fn from_sequences(sequences: &[(Vec<u32>, Vec<bool>)], pad: u32, device: Device) -> Self {
+        let t = sequences
+            .iter()
+            .map(|s| s.0.len())
+            .max()
+            .unwrap_or(1)
+            .max(2);
+        let mut ids = Vec::with_capacity(sequences.len() * t);
+        let mut labels = Vec::with_capacity(sequences.len() * t);
+        for (tokens, target) in sequences {
+            for i in 0..t {
+                let id = tokens.get(i).copied();
+                ids.push(id.unwrap_or(pad) as i64);
+                let is_target = id.is_some() && target.get(i).copied().unwrap_or(false);
+                labels.push(if is_target {
+                    id.unwrap_or(pad) as i64
+                } else {
+                    IGNORE
+                });
+            }
+        }
+        let shape = [sequences.len() as i64, t as i64];
+        Self {
+            ids: Tensor::from_slice(&ids).reshape(shape).to_device(device),
+            labels: Tensor::from_slice(&labels).reshape(shape).to_device(device),
+        }
+    }
+
+    /// Number of loss targets (labels other than [`IGNORE`] after the first position).
+    pub fn target_count(&self) -> i64 {
+        let t = self.labels.size()[1];
+        self.labels
+            .narrow(1, 1, t - 1)
+            .ne(IGNORE)
+            .sum(Kind::Int64)
+            .int64_value(&[])
+    }
+}
+
+/// Training hyper-parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Linear warm-up steps.
+    pub warmup_steps: usize,
+    /// Steps of the whole schedule (cosine decay to 0 at the end).
+    pub total_steps: usize,
+    /// Gradient L2-norm clip (0 disables).
+    pub max_grad_norm: f64,
+    /// Layer-wise recomputation: keeps only each layer's input between the forward and the
+    /// backward pass, so dequantized base weights never accumulate. Costs one more forward.
+    pub checkpointing: bool,
+    /// Seed of the dropout masks (step and layer are mixed in).
+    pub seed: i64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            lr: 2e-4,
+            weight_decay: 0.0,
+            warmup_steps: 10,
+            total_steps: 200,
+            max_grad_norm: 1.0,
+            checkpointing: true,
+            seed: 0,
+        }
+    }
+}
+
+/// Learning rate at optimizer step `step` (0-based): linear warm-up to `lr`, then cosine
+/// decay to 0 at `total_steps`.
+pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
+    if step < cfg.warmup_steps {
+        return cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64;
+    }
+    let span = cfg.total_steps.saturating_sub(cfg.warmup_steps).max(1);
+    let progress = ((step - cfg.warmup_steps) as f64 / span as f64).min(1.0);
+    cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Sum of the next-token cross-entropy over the targets of `labels`, from final-norm hidden
+/// states [b, t, hidden]. Logits are computed for target positions only.
+fn head_loss_sum(model: &Llama, normed: &Tensor, labels: &Tensor) -> Tensor {
+    let (t, hidden) = (normed.size()[1], normed.size()[2]);
+    let h = normed.narrow(1, 0, t - 1).reshape([-1, hidden]);
+    let y = labels.narrow(1, 1, t - 1).reshape([-1]);
+    let keep = y.ne(IGNORE).nonzero().squeeze_dim(1);
+    let logits = model.logits(&h.index_select(0, &keep));
+    logits.cross_entropy_loss::<Tensor>(
+        &y.index_select(0, &keep),
+        None,
+        tch::Reduction::Sum,
+        IGNORE,
+        0.0,
+    )
+}
+
+/// Mean loss per target token over `batch` (autograd graph kept, no recomputation).
+pub fn loss(model: &Llama, lora: &Lora, batch: &Batch) -> Tensor {
+    let normed = model.hidden_states(&batch.ids, lora);
+    head_loss_sum(model, &normed, &batch.labels) / batch.target_count().max(1) as f64
+}
+
+/// Mean evaluation loss per target token over `batches` (no dropout, no gradients).
+pub fn evaluate(model: &Llama, lora: Option<&Lora>, batches: &[Batch]) -> f64 {
+    if let Some(l) = lora {
+        l.set_training(false);
+    }
+    tch::no_grad(|| {
+        let (mut sum, mut n) = (0.0, 0i64);
+        for b in batches {
+            let normed = match lora {
+                Some(l) => model.hidden_states(&b.ids, l),
+                None => model.hidden_states(&b.ids, &NoAdapter),
+            };
+            sum += head_loss_sum(model, &normed, &b.labels).double_value(&[]);
+            n += b.target_count();
+        }
+        sum / n.max(1) as f64
+    })
+}
+
+/// Accumulates into the adapters' gradients d(scale * loss_sum(batch)) with layer-wise
+/// recomputation; returns the loss sum.
+fn backward_checkpointed(model: &Llama, lora: &Lora, batch: &Batch, scale: f64, seed: i64) -> f64 {
+    let t = batch.ids.size()[1];
+    let (cos, sin) = model.rope_tables(t, Kind::Float);
+    let layer_seed = |i: usize| seed.wrapping_mul(1_000_003).wrapping_add(i as i64);
+    let mut inputs = Vec::with_capacity(model.blocks.len() + 1);
+    tch::no_grad(|| {
+        let mut x = model.embed.rows(&batch.ids, Kind::Float);
+        for (i, block) in model.blocks.iter().enumerate() {
+            tch::manual_seed(layer_seed(i));
+            let y = model.block_forward(i, block, &x, &cos, &sin, lora);
+            inputs.push(x);
+            x = y;
+        }
+        inputs.push(x);
+    });
+    let top = inputs
+        .pop()
+        .expect("final hidden state")
+        .set_requires_grad(true);
+    let normed = model.final_norm(&top);
+    let loss_sum = head_loss_sum(model, &normed, &batch.labels);
+    let value = loss_sum.double_value(&[]);
+    (loss_sum * scale).backward();
+    let mut grad = top.grad();
+    for (i, block) in model.blocks.iter().enumerate().rev() {
+        let x = inputs.pop().expect("layer input");
+        let x = if i > 0 { x.set_requires_grad(true) } else { x };
+        tch::manual_seed(layer_seed(i));
+        let y = model.block_forward(i, block, &x, &cos, &sin, lora);
+        (y * &grad).sum(Kind::Float).backward();
+        if i > 0 {
+            grad = x.grad();
+        }
+    }
+    value
+}
+
+/// Statistics of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss per target token over the step's micro-batches.
+    pub loss: f64,
+    /// Target tokens in the step.
+    pub tokens: i64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// AdamW over a LoRA's trainable tensors with the schedule of a [`TrainConfig`].
+pub struct Trainer {
+    /// Hyper-parameters.
+    pub config: TrainConfig,
+    opt: nn::Optimizer,
+    step: usize,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("config", &self.config)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// An optimizer for `lora`'s trainable tensors.
+    pub fn new(lora: &Lora, config: TrainConfig) -> Result<Self, tch::TchError> {
+        let opt = nn::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            wd: config.weight_decay,
+            eps: 1e-8,
+            amsgrad: false,
+        }
+        .build(&lora.vs, config.lr)?;
+        Ok(Self {
+            config,
+            opt,
+            step: 0,
+        })
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    /// One optimizer step over `micro_batches` (gradient accumulation): the gradient is that
+    /// of the mean loss over all their target tokens.
+    pub fn step(&mut self, model: &Llama, lora: &Lora, micro_batches: &[Batch]) -> StepStats {
+        lora.set_training(true);
+        let tokens: i64 = micro_batches.iter().map(Batch::target_count).sum();
+        let scale = 1.0 / tokens.max(1) as f64;
+        self.opt.zero_grad();
+        let mut loss_sum = 0.0;
+        for (k, batch) in micro_batches.iter().enumerate() {
+            if self.config.checkpointing {
+                let seed = self.config.seed ^ ((self.step * 64 + k) as i64);
+                loss_sum += backward_checkpointed(model, lora, batch, scale, seed);
+            } else {
+                let normed = model.hidden_states(&batch.ids, lora);
+                let l = head_loss_sum(model, &normed, &batch.labels);
+                loss_sum += l.double_value(&[]);
+                (l * scale).backward();
+            }
+        }
+        let grad_norm = grad_norm(lora);
+        if self.config.max_grad_norm > 0.0 {
+            self.opt.clip_grad_norm(self.config.max_grad_norm);
+        }
+        let lr = lr_at(&self.config, self.step);
+        self.opt.set_lr(lr);
+        self.opt.step();
+        self.step += 1;
+        lora.set_training(false);
+        StepStats {
+            loss: loss_sum * scale,
+            tokens,
+            lr,
+            grad_norm,
+        }
+    }
+}
+
+/// L2 norm of all trainable gradients.
+pub fn grad_norm(lora: &Lora) -> f64 {
+    tch::no_grad(|| {
+        lora.vs
+            .trainable_variables()
+            .iter()
+            .map(|v| v.grad())
+            .filter(Tensor::defined)
+            .map(|g| g.pow_tensor_scalar(2).sum(Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt()
+    })
+}
