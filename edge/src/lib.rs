@@ -6,6 +6,7 @@ pub mod inference;
 pub mod llama;
 pub mod lora;
 pub mod serial_link;
+pub mod sft;
 pub mod train;
 
 /// Errors of the edge library.

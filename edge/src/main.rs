@@ -4,8 +4,16 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedshield_edge::compute::ComputeTarget;
 use fedshield_edge::inference::OnnxModel;
+use fedshield_edge::llama::{Llama, Module, Sampling};
+use fedshield_edge::lora::{Lora, LoraConfig};
 use fedshield_edge::serial_link::SerialLink;
+use fedshield_edge::sft::{self, LocalRun};
+use fedshield_edge::train::{TrainConfig, Trainer, evaluate};
+use fedshield_models::data::{read_instruction_jsonl, split_by_category};
+use fedshield_models::gguf::Gguf;
+use fedshield_models::tokenizer::{Message, Tokenizer};
 use fedshield_models::{Assets, fixtures};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -39,6 +47,140 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         timeout: f64,
     },
+    /// Fine-tune a LoRA adapter locally (no federation) and save it in PEFT format.
+    Train(TrainArgs),
+    /// Chat with the base model, optionally with an adapter.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// GGUF base model (default: the fetched SmolLM2-135M-Instruct Q4_1).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// libtorch CPU threads.
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
+}
+
+impl ModelArgs {
+    fn load(&self) -> anyhow::Result<(PathBuf, Gguf, Tokenizer, Llama)> {
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => Assets::locate().smollm2_gguf()?,
+        };
+        tch::set_num_threads(self.threads);
+        let target = ComputeTarget::detect();
+        let g = Gguf::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        let tok = Tokenizer::from_gguf(&g)?;
+        let model = Llama::from_gguf(&g, target.device)?;
+        eprintln!(
+            "model     : {} ({} layers, base {:.1} MiB packed) on {}",
+            path.display(),
+            model.config.num_hidden_layers,
+            model.weight_bytes() as f64 / (1 << 20) as f64,
+            target.describe()
+        );
+        Ok((path, g, tok, model))
+    }
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Instruction JSONL (alpaca instruction/input/output, or FAQ q/a/category); default: the
+    /// fetched FAQ with categories.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Train on client K's share of the category split (with --clients).
+    #[arg(long)]
+    client: Option<usize>,
+    /// Number of clients of the category split.
+    #[arg(long, default_value_t = 3)]
+    clients: usize,
+    /// Fraction of every category held out for evaluation.
+    #[arg(long, default_value_t = 0.1)]
+    eval_fraction: f64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Micro-batches per step.
+    #[arg(long, default_value_t = 1)]
+    accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Gradient-norm clip (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: i64,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f64,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f64,
+    /// Target modules, PEFT names, comma-separated.
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    targets: String,
+    /// FFA-LoRA: freeze A, train B only.
+    #[arg(long)]
+    freeze_a: bool,
+    /// Maximum tokens per example.
+    #[arg(long, default_value_t = 256)]
+    max_len: usize,
+    /// Evaluate every this many steps.
+    #[arg(long, default_value_t = 25)]
+    eval_every: usize,
+    /// Keep the whole autograd graph instead of recomputing layer by layer (faster, holds
+    /// every dequantized weight until the backward pass).
+    #[arg(long)]
+    no_checkpointing: bool,
+    /// Seed (adapter initialisation, shuffling, dropout).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory of the PEFT adapter.
+    #[arg(long, default_value = "runs/adapter")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// PEFT adapter directory.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The user's message.
+    #[arg(long)]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    max_new: usize,
+    /// Temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus mass for sampling.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +191,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Doctor => doctor(),
+        Command::Train(args) => train(args),
+        Command::Generate(args) => generate(args),
         Command::RigPing {
             port,
             baud,
@@ -105,5 +249,138 @@ fn doctor() -> anyhow::Result<()> {
         size as f64 / (1 << 20) as f64
     );
     println!("data      : {}", assets.faq_alpaca()?.display());
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let (model_path, _g, tok, model) = args.model.load()?;
+    let data_path = match &args.data {
+        Some(p) => p.clone(),
+        None => Assets::locate().faq_with_categories()?,
+    };
+    let examples = read_instruction_jsonl(&data_path)?;
+    let split = split_by_category(&examples, args.clients, args.eval_fraction, args.seed)?;
+    let train_examples = match args.client {
+        Some(k) if k < args.clients => split.clients[k].clone(),
+        Some(k) => anyhow::bail!("--client {k} is not below --clients {}", args.clients),
+        None => split.clients.concat(),
+    };
+    let train_seqs = sft::tokenize_all(&tok, &train_examples, args.max_len)?;
+    let eval_seqs = sft::tokenize_all(&tok, &split.eval, args.max_len)?;
+    let pad = tok.eos_id;
+    let eval = sft::batches(&eval_seqs, 8, pad, model.device);
+    let targets = args
+        .targets
+        .split(',')
+        .map(|t| {
+            Module::from_peft_name(t.trim()).with_context(|| {
+                format!("unknown target module {t:?} (PEFT names: q_proj .. down_proj)")
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let lora = Lora::new(
+        &model,
+        LoraConfig {
+            r: args.rank,
+            alpha: args.alpha,
+            dropout: args.dropout,
+            target_modules: targets,
+            freeze_a: args.freeze_a,
+        },
+        args.seed as i64,
+    );
+    let mut trainer = Trainer::new(
+        &lora,
+        TrainConfig {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            warmup_steps: args.warmup,
+            total_steps: args.steps,
+            max_grad_norm: args.max_grad_norm,
+            checkpointing: !args.no_checkpointing,
+            seed: args.seed as i64,
+        },
+    )?;
+    eprintln!(
+        "data      : {} ({} train examples{}, {} held out); LoRA r={} alpha={} on {}, {} trainable values",
+        data_path.display(),
+        train_seqs.len(),
+        args.client
+            .map(|k| format!(" of client {k}/{}", args.clients))
+            .unwrap_or_default(),
+        eval_seqs.len(),
+        args.rank,
+        args.alpha,
+        args.targets,
+        lora.trainable_len()
+    );
+    let before = evaluate(&model, Some(&lora), &eval);
+    eprintln!(
+        "eval      : held-out loss {before:.4} (perplexity {:.2}) before training",
+        before.exp()
+    );
+    let bar = indicatif::ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
+            .expect("valid template"),
+    );
+    let run = LocalRun {
+        steps: args.steps,
+        batch_size: args.batch,
+        grad_accum: args.accum,
+        eval_every: args.eval_every,
+        seed: args.seed,
+        pad,
+    };
+    let after = sft::train_local(&model, &lora, &mut trainer, &train_seqs, &eval, &run, |p| {
+        bar.set_position(p.step as u64);
+        bar.set_message(format!(
+            "loss {:.4} lr {:.1e} {:.0} tok/s",
+            p.stats.loss, p.stats.lr, p.tokens_per_s
+        ));
+        if let Some(e) = p.eval_loss {
+            bar.println(format!("step {:>5}: held-out loss {e:.4}", p.step));
+        }
+    });
+    bar.finish();
+    eprintln!(
+        "eval      : held-out loss {before:.4} -> {after:.4} (perplexity {:.2} -> {:.2})",
+        before.exp(),
+        after.exp()
+    );
+    lora.save_peft(&args.out, &model_path.display().to_string())?;
+    println!("{}", args.out.join("adapter_model.safetensors").display());
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let (_, _g, tok, model) = args.model.load()?;
+    let prompt = tok.chat_prompt(
+        &[Message {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }],
+        true,
+    );
+    let ids = tok.encode(&prompt)?;
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let out = match &args.adapter {
+        Some(dir) => {
+            let lora = Lora::load_peft(dir, &model)?;
+            model.generate(&lora, &ids, args.max_new, tok.eos_id, &sampling)
+        }
+        None => model.generate(
+            &fedshield_edge::llama::NoAdapter,
+            &ids,
+            args.max_new,
+            tok.eos_id,
+            &sampling,
+        ),
+    };
+    println!("{}", tok.decode(&out)?);
     Ok(())
 }

@@ -37,3 +37,43 @@ fn smollm2_answers_paris() {
     );
     assert!(answer.contains("Paris"), "answer {answer:?}");
 }
+
+#[test]
+fn chat_examples_carry_loss_on_the_response_only() {
+    use fedshield_edge::sft::example_tokens;
+    use fedshield_models::data::Example;
+    let g = Gguf::open(
+        &Assets::locate()
+            .smollm2_gguf()
+            .expect("run scripts/setup.sh"),
+    )
+    .unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let example = Example {
+        id: "x".into(),
+        instruction: "What is a bygglov?".into(),
+        input: String::new(),
+        output: "A building permit.".into(),
+        category: None,
+    };
+    let (ids, mask) = example_tokens(&tok, &example, 256).unwrap();
+    assert_eq!(ids.len(), mask.len());
+    let first_target = mask.iter().position(|&m| m).unwrap();
+    assert!(
+        mask[first_target..].iter().all(|&m| m),
+        "targets are one suffix"
+    );
+    let prompt = tok.decode(&ids[..first_target]).unwrap();
+    assert!(
+        prompt.ends_with("<|im_start|>user\nWhat is a bygglov?<|im_end|>\n<|im_start|>assistant\n"),
+        "{prompt:?}"
+    );
+    assert_eq!(
+        tok.decode(&ids[first_target..]).unwrap(),
+        "A building permit.<|im_end|>\n"
+    );
+    // Truncation keeps the budget and still ends in targets.
+    let (short, short_mask) = example_tokens(&tok, &example, 24).unwrap();
+    assert_eq!(short.len(), 24);
+    assert!(short_mask[23] && !short_mask[0]);
+}

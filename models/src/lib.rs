@@ -5,6 +5,7 @@
 //! says what to run when something is missing. This crate does no network I/O.
 
 pub mod config;
+pub mod data;
 pub mod gguf;
 pub mod tokenizer;
 

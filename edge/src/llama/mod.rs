@@ -296,14 +296,38 @@ impl Llama {
 
     /// Greedy decoding of up to `max_new` tokens after `prompt`, stopping at `eos`.
     pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, eos: u32) -> Vec<u32> {
+        self.generate(&NoAdapter, prompt, max_new, eos, &Sampling::greedy())
+    }
+
+    /// Decodes up to `max_new` tokens after `prompt` with `adapter`, stopping at `eos`:
+    /// greedy at temperature 0, else nucleus (top-p) sampling.
+    pub fn generate(
+        &self,
+        adapter: &dyn Adapter,
+        prompt: &[u32],
+        max_new: usize,
+        eos: u32,
+        sampling: &Sampling,
+    ) -> Vec<u32> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
         let mut ids: Vec<i64> = prompt.iter().map(|&i| i as i64).collect();
         let mut out = Vec::new();
         tch::no_grad(|| {
             for _ in 0..max_new {
                 let input = Tensor::from_slice(&ids).to_device(self.device).unsqueeze(0);
-                let hidden = self.hidden_states(&input, &NoAdapter);
-                let last = hidden.select(1, -1);
-                let next = self.logits(&last).argmax(-1, false).int64_value(&[0]);
+                let hidden = self.hidden_states(&input, adapter);
+                let logits = self.logits(&hidden.select(1, -1)).squeeze_dim(0);
+                let next = if sampling.temperature <= 0.0 {
+                    logits.argmax(-1, false).int64_value(&[])
+                } else {
+                    let probs: Vec<f32> = (logits / sampling.temperature)
+                        .softmax(-1, Kind::Float)
+                        .to_device(Device::Cpu)
+                        .try_into()
+                        .unwrap_or_default();
+                    top_p_sample(&probs, sampling.top_p, rng.random::<f64>()) as i64
+                };
                 if next as u32 == eos {
                     break;
                 }
@@ -313,6 +337,52 @@ impl Llama {
         });
         out
     }
+}
+
+/// Decoding settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Softmax temperature; 0 means greedy.
+    pub temperature: f64,
+    /// Nucleus mass: sample among the most likely tokens whose probabilities sum to top_p.
+    pub top_p: f64,
+    /// Seed of the sampler.
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// Greedy decoding.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Index drawn from the smallest set of most likely tokens whose mass reaches `top_p`, with
+/// `u` uniform in [0, 1).
+pub fn top_p_sample(probs: &[f32], top_p: f64, u: f64) -> usize {
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    let mut kept = Vec::new();
+    let mut mass = 0.0f64;
+    for &i in &order {
+        kept.push(i);
+        mass += probs[i] as f64;
+        if mass >= top_p {
+            break;
+        }
+    }
+    let mut target = u * mass;
+    for &i in &kept {
+        target -= probs[i] as f64;
+        if target < 0.0 {
+            return i;
+        }
+    }
+    *kept.last().unwrap_or(&0)
 }
 
 /// The seven projections LoRA can adapt, named (and serialized) as PEFT names them.
@@ -404,4 +474,23 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let x2 = x.narrow(3, hd / 2, hd / 2);
     let rotated = Tensor::cat(&[-x2, x1], 3);
     x * cos + rotated * sin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_p_sample;
+
+    #[test]
+    fn top_p_keeps_the_nucleus_only() {
+        let probs = [0.1f32, 0.5, 0.3, 0.1];
+        // Nucleus at 0.7: tokens 1 and 2 (mass 0.8).
+        for k in 0..100 {
+            let i = top_p_sample(&probs, 0.7, k as f64 / 100.0);
+            assert!(i == 1 || i == 2, "drew {i}");
+        }
+        assert_eq!(top_p_sample(&probs, 0.7, 0.0), 1);
+        assert_eq!(top_p_sample(&probs, 0.7, 0.99), 2);
+        // top_p = 1 can draw everything.
+        assert_eq!(top_p_sample(&probs, 1.0, 0.999), 3);
+    }
 }
