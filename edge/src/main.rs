@@ -319,7 +319,13 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         "eval      : held-out loss {before:.4} (perplexity {:.2}) before training",
         before.exp()
     );
-    let bar = indicatif::ProgressBar::new(args.steps as u64);
+    // A bar on a terminal; plain lines (every 10 steps) in logs.
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = if interactive {
+        indicatif::ProgressBar::new(args.steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
             .expect("valid template"),
@@ -338,8 +344,19 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             "loss {:.4} lr {:.1e} {:.0} tok/s",
             p.stats.loss, p.stats.lr, p.tokens_per_s
         ));
+        if !interactive && (p.step % 10 == 0 || p.step == 1) {
+            eprintln!(
+                "step {:>5}/{}: loss {:.4} lr {:.1e} {:.0} tok/s",
+                p.step, args.steps, p.stats.loss, p.stats.lr, p.tokens_per_s
+            );
+        }
         if let Some(e) = p.eval_loss {
-            bar.println(format!("step {:>5}: held-out loss {e:.4}", p.step));
+            let line = format!("step {:>5}: held-out loss {e:.4}", p.step);
+            if interactive {
+                bar.println(line)
+            } else {
+                eprintln!("{line}")
+            }
         }
     });
     bar.finish();
