@@ -5,7 +5,8 @@
 #
 #   scripts/setup.sh            everything (system packages, Python venv, model, data)
 #   scripts/setup.sh --check    only report what is missing; exit 1 if anything is
-#   scripts/setup.sh --bench    also the benchmarks' baselines (TenSEAL) in .deps/venv
+#   scripts/setup.sh --bench    also the benchmarks' baselines and reference tools (TenSEAL,
+#                               transformers, PEFT, gguf) in .deps/venv
 #
 # What it installs and why:
 #   apt   mosquitto, socat        a real MQTT broker and pty pairs for the tests
@@ -31,7 +32,7 @@ DATA_SPEC=zaragoza-construction-faq==1.2.1
 DATA_SHA256=716a1999dd5ad8494c6a4e47d3510f017aa767ea9e55d3b348b0ad70b0e8d3d7
 
 # The benchmarks' baselines, installed only with --bench.
-BENCH_REQS="tenseal==0.3.18"
+BENCH_REQS="tenseal==0.3.18 transformers==4.57.1 peft==0.17.1 gguf==0.19.0"
 
 CHECK_ONLY=0
 BENCH=0
