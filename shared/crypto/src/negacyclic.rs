@@ -239,13 +239,7 @@ impl NegacyclicFft {
             half /= 2;
         }
         // Last stage (half = 1): the twiddle is 1.
-        for (r, i) in re.chunks_exact_mut(2).zip(im.chunks_exact_mut(2)) {
-            let (ur, ui, vr, vi) = (r[0], i[0], r[1], i[1]);
-            r[0] = ur + vr;
-            i[0] = ui + vi;
-            r[1] = ur - vr;
-            i[1] = ui - vi;
-        }
+        unit_stage(re, im);
     }
 
     /// In-place inverse cyclic FFT of size N/2 (without the 1/(N/2) factor), bit-reversed
@@ -253,13 +247,7 @@ impl NegacyclicFft {
     fn inverse(&self, re: &mut [f64], im: &mut [f64]) {
         let m = re.len();
         // First stage (half = 1): the twiddle is 1.
-        for (r, i) in re.chunks_exact_mut(2).zip(im.chunks_exact_mut(2)) {
-            let (ur, ui, vr, vi) = (r[0], i[0], r[1], i[1]);
-            r[0] = ur + vr;
-            i[0] = ui + vi;
-            r[1] = ur - vr;
-            i[1] = ui - vi;
-        }
+        unit_stage(re, im);
         let mut half = 2;
         while half < m {
             let start = self.stage_offset(half);
@@ -297,6 +285,17 @@ impl NegacyclicFft {
         // Stages are stored for half = m/2, m/4, ..., 1: the stage `half` starts after all
         // larger ones, whose sizes sum to m - 2 * half.
         self.n / 2 - 2 * half
+    }
+}
+
+/// The radix-2 stage of half-size 1, whose twiddle is 1 (the same forward and inverse).
+fn unit_stage(re: &mut [f64], im: &mut [f64]) {
+    for (r, i) in re.chunks_exact_mut(2).zip(im.chunks_exact_mut(2)) {
+        let (ur, ui, vr, vi) = (r[0], i[0], r[1], i[1]);
+        r[0] = ur + vr;
+        i[0] = ui + vi;
+        r[1] = ur - vr;
+        i[1] = ui - vi;
     }
 }
 
