@@ -7,16 +7,20 @@ use fedshield_models::gguf::Gguf;
 use fedshield_models::tokenizer::{Message, Tokenizer};
 use tch::Device;
 
+/// The fetched SmolLM2 GGUF and its tokenizer.
+fn smollm2() -> (Gguf, Tokenizer) {
+    let path = Assets::locate()
+        .smollm2_gguf()
+        .expect("run scripts/setup.sh");
+    let g = Gguf::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    (g, tok)
+}
+
 #[test]
 fn smollm2_answers_paris() {
     tch::set_num_threads(2);
-    let g = Gguf::open(
-        &Assets::locate()
-            .smollm2_gguf()
-            .expect("run scripts/setup.sh"),
-    )
-    .unwrap();
-    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let (g, tok) = smollm2();
     let model = Llama::from_gguf(&g, Device::Cpu).unwrap();
     // The base stays packed: Q4_1 / Q8_0 blocks, well under the 540 MB of an f32 copy.
     let bytes = model.weight_bytes();
@@ -42,13 +46,7 @@ fn smollm2_answers_paris() {
 fn chat_examples_carry_loss_on_the_response_only() {
     use fedshield_edge::sft::example_tokens;
     use fedshield_models::data::Example;
-    let g = Gguf::open(
-        &Assets::locate()
-            .smollm2_gguf()
-            .expect("run scripts/setup.sh"),
-    )
-    .unwrap();
-    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let (g, tok) = smollm2();
     let example = Example {
         id: "x".into(),
         instruction: "What is a bygglov?".into(),
