@@ -46,7 +46,7 @@ fn smollm2_answers_paris() {
 fn chat_examples_carry_loss_on_the_response_only() {
     use fedshield_edge::sft::example_tokens;
     use fedshield_models::data::Example;
-    let (g, tok) = smollm2();
+    let (_, tok) = smollm2();
     let example = Example {
         id: "x".into(),
         instruction: "What is a bygglov?".into(),
