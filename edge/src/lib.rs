@@ -5,6 +5,7 @@ pub mod compute;
 pub mod inference;
 pub mod llama;
 pub mod lora;
+pub mod quality;
 pub mod serial_link;
 pub mod sft;
 pub mod train;
@@ -29,6 +30,9 @@ pub enum EdgeError {
         /// What failed.
         source: std::io::Error,
     },
+    /// Two shapes that must agree do not.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
     /// The peer did not answer in time.
     #[error("no answer from {0} within the timeout")]
     Timeout(String),

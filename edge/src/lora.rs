@@ -6,7 +6,9 @@
 //! is then linear in B, so averaging the clients' B is exactly the adapter of the averaged
 //! update.
 
+use crate::EdgeError;
 use crate::llama::{Adapter, Llama, Module};
+use fedshield_codec::{Layout, PairSpec};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor, nn};
@@ -138,6 +140,68 @@ impl Lora {
             out.push((peft_tensor_name(layer, module, 'B'), &p.b));
         }
         out
+    }
+
+    /// The flat layout of this adapter's update (the codec's order: pairs by layer and
+    /// module, A then B of each, A only when it trains).
+    pub fn layout(&self) -> Result<Layout, fedshield_codec::CodecError> {
+        Layout::new(
+            self.pairs
+                .iter()
+                .map(|(&(layer, module), p)| {
+                    let (r, inp) = (p.a.size()[0] as usize, p.a.size()[1] as usize);
+                    PairSpec {
+                        name: format!("layers.{layer}.{}.{}", module.parent(), module.peft_name()),
+                        layer,
+                        r,
+                        in_features: inp,
+                        out_features: p.b.size()[0] as usize,
+                        train_a: !self.config.freeze_a,
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// The tensors of the update, in layout order.
+    fn update_tensors(&self) -> impl Iterator<Item = &Tensor> {
+        let with_a = !self.config.freeze_a;
+        self.pairs
+            .values()
+            .flat_map(move |p| with_a.then_some(&p.a).into_iter().chain([&p.b]))
+    }
+
+    /// The adapter's trainable values as one vector in layout order.
+    pub fn flatten(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.trainable_len());
+        for t in self.update_tensors() {
+            let flat = t.detach().to_device(Device::Cpu).reshape([-1]);
+            out.extend(Vec::<f32>::try_from(&flat).expect("f32 adapter tensor"));
+        }
+        out
+    }
+
+    /// Sets the trainable values from a vector in layout order.
+    pub fn load_flat(&self, values: &[f32]) -> Result<(), EdgeError> {
+        let len = self.update_tensors().map(Tensor::numel).sum::<usize>();
+        if values.len() != len {
+            return Err(EdgeError::Shape(format!(
+                "adapter has {len} trainable values, got {}",
+                values.len()
+            )));
+        }
+        tch::no_grad(|| {
+            let mut at = 0;
+            for t in self.update_tensors() {
+                let n = t.numel();
+                let src = Tensor::from_slice(&values[at..at + n])
+                    .reshape(t.size())
+                    .to_device(t.device());
+                t.shallow_clone().copy_(&src);
+                at += n;
+            }
+        });
+        Ok(())
     }
 
     /// Saves `adapter_model.safetensors` (PEFT's tensor names) and `adapter_config.json` in

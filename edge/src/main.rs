@@ -51,7 +51,12 @@ enum Command {
     Train(TrainArgs),
     /// Chat with the base model, optionally with an adapter.
     Generate(GenerateArgs),
+    /// The update codec's quality experiment: local-only, dense FedAvg, encrypted pruned
+    /// FedAvg at several rho, centralised; writes quality.json and quality.svg.
+    Quality(quality_cmd::QualityArgs),
 }
+
+mod quality_cmd;
 
 #[derive(clap::Args)]
 struct ModelArgs {
@@ -183,6 +188,17 @@ struct GenerateArgs {
     seed: u64,
 }
 
+/// Comma-separated PEFT module names.
+fn parse_targets(list: &str) -> anyhow::Result<Vec<Module>> {
+    list.split(',')
+        .map(|t| {
+            Module::from_peft_name(t.trim()).with_context(|| {
+                format!("unknown target module {t:?} (PEFT names: q_proj .. down_proj)")
+            })
+        })
+        .collect()
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -192,6 +208,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Doctor => doctor(),
         Command::Train(args) => train(args),
+        Command::Quality(args) => quality_cmd::quality(args),
         Command::Generate(args) => generate(args),
         Command::RigPing {
             port,
@@ -269,15 +286,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let eval_seqs = sft::tokenize_all(&tok, &split.eval, args.max_len)?;
     let pad = tok.eos_id;
     let eval = sft::batches(&eval_seqs, 8, pad, model.device);
-    let targets = args
-        .targets
-        .split(',')
-        .map(|t| {
-            Module::from_peft_name(t.trim()).with_context(|| {
-                format!("unknown target module {t:?} (PEFT names: q_proj .. down_proj)")
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let targets = parse_targets(&args.targets)?;
     let lora = Lora::new(
         &model,
         LoraConfig {

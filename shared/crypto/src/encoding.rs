@@ -81,6 +81,12 @@ impl FixedPoint {
         Ok(())
     }
 
+    /// The unweighted value one client's plaintext `p`, encoded with `weight`, stands for
+    /// (what the client actually sent, after clipping and rounding).
+    pub fn value_of(&self, p: u64, weight: f64) -> f64 {
+        (p as i64) as f64 * self.ulp() / weight
+    }
+
     /// Decodes a sum of weighted encodings, dividing by the total weight that contributed.
     pub fn decode_sum(&self, sums: &[u64], total_weight: f64) -> Vec<f32> {
         let factor = self.ulp() / total_weight;

@@ -1,0 +1,354 @@
+//! The quality experiment: what pruning and encryption cost in model quality, on one data
+//! split and seed.
+//!
+//! Runs, all from the same initial adapter, with the same per-client data order and the same
+//! local steps per round:
+//! - `local-only`: each client trains alone; the mean of the clients' held-out losses.
+//! - `fedavg-dense-plain`: FedAvg of the clients' deltas through the codec at rho = 100%,
+//!   summed in plaintext (the baseline: same clipping and fixed point as the encrypted runs).
+//! - `fedavg-enc-rhoXX`: the same through the codec at each rho, encrypted with the packed
+//!   GLWE scheme, aggregated on ciphertexts and decrypted with the clients' key sum.
+//! - `centralised`: one adapter on the pooled data, as many steps per round as all clients
+//!   together.
+//!
+//! The key sum is computed here by adding the clients' keys; in a deployment the secure
+//! aggregation protocol delivers exactly that sum (shared/crypto, `secagg`).
+
+use crate::llama::Llama;
+use crate::lora::{Lora, LoraConfig};
+use crate::sft::{LocalRun, Sequence, train_local};
+use crate::train::{Batch, TrainConfig, Trainer, evaluate};
+use fedshield_codec::{
+    ErrorFeedback, History, Layout, PlainSum, PruneConfig, Schedule, Structure, apply,
+    decode_values, select,
+};
+use fedshield_crypto::encoding::FixedPoint;
+use fedshield_crypto::packed::{Aggregate, ClientKey, MaskSeed, encrypt};
+use fedshield_crypto::params::POLYNOMIAL_SIZE;
+use std::time::Instant;
+use tfhe::core_crypto::commons::generators::DeterministicSeeder;
+use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, Seed};
+
+/// Settings of the experiment.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct QualityConfig {
+    /// Federated rounds.
+    pub rounds: usize,
+    /// Optimizer steps per client per round.
+    pub local_steps: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Learning rate (constant; AdamW restarts every round, as FedAvg clients do).
+    pub lr: f64,
+    /// Pruning ratios of the encrypted runs.
+    pub rhos: Vec<f64>,
+    /// Mask structure.
+    pub structure: Structure,
+    /// Exploration share of the mask.
+    pub explore: f64,
+    /// Clip value of the fixed-point encoding.
+    pub clip: f32,
+    /// Seed of the initial adapter, the data order and the masks.
+    pub seed: u64,
+    /// Padding token id.
+    pub pad: u32,
+}
+
+/// One run's results.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RunReport {
+    /// Run name.
+    pub name: String,
+    /// Kept fraction (None for runs without a codec).
+    pub rho: Option<f64>,
+    /// Whether updates were encrypted.
+    pub encrypted: bool,
+    /// Held-out loss after each round.
+    pub eval_loss_per_round: Vec<f64>,
+    /// Bytes each client uploaded per round, divided by the adapter's trainable values.
+    pub upload_bytes_per_param_per_round: f64,
+    /// Bytes each client uploaded per round.
+    pub upload_bytes_per_client_per_round: f64,
+    /// Wall time of the run.
+    pub seconds: f64,
+    /// Encryption, aggregation and decryption time of the run.
+    pub crypto_seconds: f64,
+    /// Selected coordinates clipped, summed over clients and rounds.
+    pub clipped: usize,
+}
+
+/// Everything the runs share.
+pub struct Setup<'a> {
+    /// The base model.
+    pub model: &'a Llama,
+    /// Adapter hyper-parameters.
+    pub lora: LoraConfig,
+    /// Each client's tokenized training data.
+    pub clients: Vec<Vec<Sequence>>,
+    /// Held-out batches.
+    pub eval: Vec<Batch>,
+}
+
+/// How a federated run aggregates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Aggregation {
+    Plain,
+    Encrypted,
+}
+
+impl Setup<'_> {
+    fn fresh_lora(&self, cfg: &QualityConfig) -> Lora {
+        Lora::new(self.model, self.lora.clone(), cfg.seed as i64)
+    }
+
+    fn trainer(&self, lora: &Lora, cfg: &QualityConfig, stream: u64) -> Trainer {
+        Trainer::new(
+            lora,
+            TrainConfig {
+                lr: cfg.lr,
+                weight_decay: 0.0,
+                warmup_steps: 0,
+                // Constant rate: the cosine never leaves its start.
+                total_steps: usize::MAX / 2,
+                max_grad_norm: 1.0,
+                checkpointing: true,
+                seed: (cfg.seed ^ stream) as i64,
+            },
+        )
+        .expect("AdamW over the adapter")
+    }
+
+    /// `steps` local steps on `data`, with the data order of (client, round).
+    fn local(
+        &self,
+        lora: &Lora,
+        trainer: &mut Trainer,
+        data: &[Sequence],
+        steps: usize,
+        cfg: &QualityConfig,
+        stream: u64,
+    ) {
+        let run = LocalRun {
+            steps,
+            batch_size: cfg.batch_size,
+            grad_accum: 1,
+            eval_every: 0,
+            seed: cfg.seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            pad: cfg.pad,
+        };
+        train_local(self.model, lora, trainer, data, &[], &run, |_| {});
+    }
+
+    fn eval(&self, lora: &Lora) -> f64 {
+        evaluate(self.model, Some(lora), &self.eval)
+    }
+
+    /// Held-out loss of the initial adapter (B = 0: the base model's loss).
+    pub fn initial_loss(&self, cfg: &QualityConfig) -> f64 {
+        self.eval(&self.fresh_lora(cfg))
+    }
+
+    /// Each client trains alone; the mean held-out loss per round.
+    pub fn local_only(&self, cfg: &QualityConfig, mut log: impl FnMut(&str)) -> RunReport {
+        let start = Instant::now();
+        let lora = self.fresh_lora(cfg);
+        let mut params = vec![lora.flatten(); self.clients.len()];
+        let mut losses = Vec::new();
+        for round in 1..=cfg.rounds {
+            let mut sum = 0.0;
+            for (k, data) in self.clients.iter().enumerate() {
+                lora.load_flat(&params[k]).expect("same layout");
+                let stream = stream_id(k, round);
+                let mut trainer = self.trainer(&lora, cfg, stream);
+                self.local(&lora, &mut trainer, data, cfg.local_steps, cfg, stream);
+                params[k] = lora.flatten();
+                sum += self.eval(&lora);
+            }
+            losses.push(sum / self.clients.len() as f64);
+            log(&format!(
+                "local-only round {round}: mean held-out loss {:.4}",
+                losses[round - 1]
+            ));
+        }
+        RunReport {
+            name: "local-only".into(),
+            rho: None,
+            encrypted: false,
+            eval_loss_per_round: losses,
+            upload_bytes_per_param_per_round: 0.0,
+            upload_bytes_per_client_per_round: 0.0,
+            seconds: start.elapsed().as_secs_f64(),
+            crypto_seconds: 0.0,
+            clipped: 0,
+        }
+    }
+
+    /// One adapter on the pooled data.
+    pub fn centralised(&self, cfg: &QualityConfig, mut log: impl FnMut(&str)) -> RunReport {
+        let start = Instant::now();
+        let lora = self.fresh_lora(cfg);
+        let pooled: Vec<Sequence> = self.clients.concat();
+        let mut trainer = self.trainer(&lora, cfg, u64::MAX);
+        let mut losses = Vec::new();
+        for round in 1..=cfg.rounds {
+            let steps = cfg.local_steps * self.clients.len();
+            self.local(
+                &lora,
+                &mut trainer,
+                &pooled,
+                steps,
+                cfg,
+                stream_id(usize::MAX, round),
+            );
+            losses.push(self.eval(&lora));
+            log(&format!(
+                "centralised round {round}: held-out loss {:.4}",
+                losses[round - 1]
+            ));
+        }
+        RunReport {
+            name: "centralised".into(),
+            rho: None,
+            encrypted: false,
+            eval_loss_per_round: losses,
+            upload_bytes_per_param_per_round: 0.0,
+            upload_bytes_per_client_per_round: 0.0,
+            seconds: start.elapsed().as_secs_f64(),
+            crypto_seconds: 0.0,
+            clipped: 0,
+        }
+    }
+
+    /// FedAvg through the codec, plaintext or encrypted. Clients are weighted by their
+    /// sample counts.
+    fn fedavg(
+        &self,
+        cfg: &QualityConfig,
+        name: String,
+        rho: f64,
+        aggregation: Aggregation,
+        mut log: impl FnMut(&str),
+    ) -> RunReport {
+        let start = Instant::now();
+        let lora = self.fresh_lora(cfg);
+        let layout: Layout = lora.layout().expect("adapter layout");
+        let prune = PruneConfig {
+            schedule: Schedule::Uniform { rho },
+            structure: cfg.structure,
+            explore: cfg.explore,
+        };
+        let encoding = FixedPoint::new(cfg.clip).expect("positive clip");
+        let samples: Vec<usize> = self.clients.iter().map(Vec::len).collect();
+        let total: usize = samples.iter().sum();
+        let mut global = lora.flatten();
+        let mut feedback = vec![ErrorFeedback::new(layout.len()); self.clients.len()];
+        let mut history = History::new(layout.len());
+        let mut noise = DeterministicSeeder::<DefaultRandomGenerator>::new(Seed(cfg.seed as u128));
+        let (mut losses, mut uploaded, mut crypto, mut clipped) = (Vec::new(), 0usize, 0.0, 0);
+        for round in 1..=cfg.rounds {
+            let selection =
+                select(&layout, &prune, &history, round as u64, cfg.seed).expect("valid mask");
+            let mask_seed = MaskSeed(((cfg.seed as u128) << 64) | round as u128);
+            let mut plain = PlainSum::new(selection.len());
+            let mut encrypted = Aggregate::new(selection.len());
+            let mut key_sum = vec![0u64; POLYNOMIAL_SIZE];
+            let mut prepared = Vec::with_capacity(self.clients.len());
+            for (k, data) in self.clients.iter().enumerate() {
+                lora.load_flat(&global).expect("same layout");
+                let stream = stream_id(k, round);
+                let mut trainer = self.trainer(&lora, cfg, stream);
+                self.local(&lora, &mut trainer, data, cfg.local_steps, cfg, stream);
+                let delta: Vec<f32> = lora
+                    .flatten()
+                    .iter()
+                    .zip(&global)
+                    .map(|(l, g)| l - g)
+                    .collect();
+                let weight = samples[k] as f64 / total as f64;
+                let p = feedback[k]
+                    .prepare(&delta, &selection, &encoding, weight)
+                    .expect("delta in layout");
+                clipped += p.clipped;
+                match aggregation {
+                    Aggregation::Plain => {
+                        plain.add(&p.plaintexts).expect("selection length");
+                        uploaded += 4 * p.plaintexts.len();
+                    }
+                    Aggregation::Encrypted => {
+                        let t = Instant::now();
+                        let key = ClientKey::generate(&mut noise);
+                        let ct = encrypt(&key, mask_seed, &p.plaintexts, &mut noise);
+                        let bytes = postcard::to_stdvec(&ct).expect("serializable");
+                        encrypted.add(&ct).expect("selection length");
+                        crypto += t.elapsed().as_secs_f64();
+                        uploaded += bytes.len();
+                        for (s, b) in key_sum.iter_mut().zip(key.coefficients()) {
+                            *s = s.wrapping_add(*b);
+                        }
+                    }
+                }
+                prepared.push(p);
+            }
+            let sums = match aggregation {
+                Aggregation::Plain => plain.sums().to_vec(),
+                Aggregation::Encrypted => {
+                    let t = Instant::now();
+                    let sums = encrypted.decrypt(mask_seed, &key_sum).expect("key sum");
+                    crypto += t.elapsed().as_secs_f64();
+                    sums
+                }
+            };
+            let values = decode_values(&selection, &sums, &encoding, 1.0).expect("sums");
+            apply(&mut global, &selection, &values).expect("selection in layout");
+            history.observe(&selection, &values).expect("next round");
+            for (f, p) in feedback.iter_mut().zip(prepared) {
+                f.settle(p, true);
+            }
+            lora.load_flat(&global).expect("same layout");
+            losses.push(self.eval(&lora));
+            log(&format!(
+                "{name} round {round}: held-out loss {:.4}, {} of {} values sent",
+                losses[round - 1],
+                selection.len(),
+                layout.len()
+            ));
+        }
+        let per_client_round = uploaded as f64 / (cfg.rounds * self.clients.len()) as f64;
+        RunReport {
+            name,
+            rho: Some(rho),
+            encrypted: aggregation == Aggregation::Encrypted,
+            eval_loss_per_round: losses,
+            upload_bytes_per_param_per_round: per_client_round / layout.len() as f64,
+            upload_bytes_per_client_per_round: per_client_round,
+            seconds: start.elapsed().as_secs_f64(),
+            crypto_seconds: crypto,
+            clipped,
+        }
+    }
+
+    /// Every run of the experiment, in the order of the module documentation.
+    pub fn run_all(&self, cfg: &QualityConfig, mut log: impl FnMut(&str)) -> Vec<RunReport> {
+        let mut runs = vec![
+            self.local_only(cfg, &mut log),
+            self.fedavg(
+                cfg,
+                "fedavg-dense-plain".into(),
+                1.0,
+                Aggregation::Plain,
+                &mut log,
+            ),
+        ];
+        for &rho in &cfg.rhos {
+            let name = format!("fedavg-enc-rho{}", (rho * 100.0).round());
+            runs.push(self.fedavg(cfg, name, rho, Aggregation::Encrypted, &mut log));
+        }
+        runs.push(self.centralised(cfg, &mut log));
+        runs
+    }
+}
+
+/// The data-order and dropout stream of (client, round), the same in every run.
+fn stream_id(client: usize, round: usize) -> u64 {
+    ((client as u64) << 32) ^ round as u64
+}

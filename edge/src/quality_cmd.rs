@@ -1,0 +1,233 @@
+//! `fedshield-edge quality`: the driver of the quality experiment (library: `quality.rs`).
+//! Loads the model and the FAQ split, runs every configuration, writes `quality.json` and
+//! `quality.svg` and prints a summary with the issue's targets.
+
+use crate::{ModelArgs, parse_targets};
+use fedshield_codec::Structure;
+use fedshield_codec::plot::{LinePlot, Series};
+use fedshield_edge::lora::LoraConfig;
+use fedshield_edge::quality::{QualityConfig, RunReport, Setup};
+use fedshield_edge::sft;
+use fedshield_models::Assets;
+use fedshield_models::data::{read_instruction_jsonl, split_by_category};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct QualityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A small version for CI: 2 rounds of 1 step, batch 2, 64 tokens, rank 4, 6 held-out
+    /// examples (about a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Clients of the category split.
+    #[arg(long, default_value_t = 3)]
+    clients: usize,
+    /// Federated rounds.
+    #[arg(long, default_value_t = 6)]
+    rounds: usize,
+    /// Optimizer steps per client per round.
+    #[arg(long, default_value_t = 2)]
+    local_steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Learning rate (constant).
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    /// Keep fractions of the encrypted runs, comma-separated.
+    #[arg(long, default_value = "1,0.5,0.25,0.1")]
+    rhos: String,
+    /// Mask structure: element or rank.
+    #[arg(long, default_value = "element")]
+    structure: String,
+    /// Exploration share of each layer's quota.
+    #[arg(long, default_value_t = 0.1)]
+    explore: f64,
+    /// Clip value of the fixed-point encoding.
+    #[arg(long, default_value_t = 0.05)]
+    clip: f32,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: i64,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f64,
+    /// Target modules, PEFT names, comma-separated.
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    targets: String,
+    /// Maximum tokens per example.
+    #[arg(long, default_value_t = 192)]
+    max_len: usize,
+    /// Held-out examples evaluated after every round (0: all).
+    #[arg(long, default_value_t = 24)]
+    eval_examples: usize,
+    /// Seed of the split, the adapter, the data order and the masks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder of quality.json and quality.svg.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+pub fn quality(mut args: QualityArgs) -> anyhow::Result<()> {
+    if args.quick {
+        (args.rounds, args.local_steps, args.batch, args.max_len) = (2, 1, 2, 64);
+        (args.rank, args.alpha, args.eval_examples) = (4, 8.0, 6);
+    }
+    let start = Instant::now();
+    let (model_path, _g, tok, model) = args.model.load()?;
+    let examples = read_instruction_jsonl(&Assets::locate().faq_with_categories()?)?;
+    let split = split_by_category(&examples, args.clients, 0.1, args.seed)?;
+    let clients = split
+        .clients
+        .iter()
+        .map(|c| sft::tokenize_all(&tok, c, args.max_len))
+        .collect::<Result<Vec<_>, _>>()?;
+    let eval_n = match args.eval_examples {
+        0 => split.eval.len(),
+        n => n.min(split.eval.len()),
+    };
+    let eval_seqs = sft::tokenize_all(&tok, &split.eval[..eval_n], args.max_len)?;
+    let structure = match args.structure.as_str() {
+        "element" => Structure::Element,
+        "rank" => Structure::Rank,
+        s => anyhow::bail!("--structure {s:?}: element or rank"),
+    };
+    let rhos = args
+        .rhos
+        .split(',')
+        .map(|r| r.trim().parse::<f64>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--rhos: {e}"))?;
+    if let Some(bad) = rhos.iter().find(|r| !(**r > 0.0 && **r <= 1.0)) {
+        anyhow::bail!("--rhos: {bad} is not in (0, 1]");
+    }
+    let setup = Setup {
+        model: &model,
+        lora: LoraConfig {
+            r: args.rank,
+            alpha: args.alpha,
+            dropout: 0.05,
+            target_modules: parse_targets(&args.targets)?,
+            freeze_a: false,
+        },
+        clients,
+        eval: sft::batches(&eval_seqs, 8, tok.eos_id, model.device),
+    };
+    let cfg = QualityConfig {
+        rounds: args.rounds,
+        local_steps: args.local_steps,
+        batch_size: args.batch,
+        lr: args.lr,
+        rhos,
+        structure,
+        explore: args.explore,
+        clip: args.clip,
+        seed: args.seed,
+        pad: tok.eos_id,
+    };
+    eprintln!(
+        "quality   : {} clients ({} train examples), {} rounds x {} steps of {}, {} held-out examples",
+        setup.clients.len(),
+        setup.clients.iter().map(Vec::len).sum::<usize>(),
+        cfg.rounds,
+        cfg.local_steps,
+        cfg.batch_size,
+        eval_n
+    );
+    let initial = setup.initial_loss(&cfg);
+    eprintln!("quality   : initial held-out loss {initial:.4}");
+    let runs = setup.run_all(&cfg, |line| eprintln!("{line}"));
+    std::fs::create_dir_all(&args.out)?;
+    let json_path = args.out.join("quality.json");
+    let svg_path = args.out.join("quality.svg");
+    let summary = summary(&runs);
+    let report = serde_json::json!({
+        "model": model_path.display().to_string(),
+        "quick": args.quick,
+        "clients": setup.clients.len(),
+        "eval_examples": eval_n,
+        "lora": { "r": args.rank, "alpha": args.alpha, "targets": args.targets },
+        "config": cfg,
+        "initial_eval_loss": initial,
+        "runs": runs,
+        "summary": summary,
+        "seconds": start.elapsed().as_secs_f64(),
+    });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    let plot = LinePlot {
+        title: format!(
+            "SmolLM2-135M on the FAQ: {} clients, {} steps of {} per round",
+            setup.clients.len(),
+            cfg.local_steps,
+            cfg.batch_size
+        ),
+        x_label: "round".into(),
+        y_label: "held-out loss".into(),
+        series: runs
+            .iter()
+            .map(|r| Series {
+                name: r.name.clone(),
+                points: std::iter::once((0.0, initial))
+                    .chain(
+                        r.eval_loss_per_round
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &l)| ((i + 1) as f64, l)),
+                    )
+                    .collect(),
+            })
+            .collect(),
+    };
+    std::fs::write(&svg_path, plot.to_svg())?;
+    eprintln!(
+        "\n{:<22} {:>10} {:>12} {:>14} {:>9}",
+        "run", "final loss", "B/param/rnd", "B/client/rnd", "seconds"
+    );
+    for r in &runs {
+        eprintln!(
+            "{:<22} {:>10.4} {:>12.3} {:>14.0} {:>9.1}",
+            r.name,
+            r.eval_loss_per_round.last().copied().unwrap_or(f64::NAN),
+            r.upload_bytes_per_param_per_round,
+            r.upload_bytes_per_client_per_round,
+            r.seconds
+        );
+    }
+    eprintln!("{}", serde_json::to_string_pretty(&summary)?);
+    eprintln!("quality   : done in {:.0} s", start.elapsed().as_secs_f64());
+    println!("{}", json_path.display());
+    println!("{}", svg_path.display());
+    Ok(())
+}
+
+/// The issue's target figures: each encrypted run's final loss relative to dense plaintext
+/// FedAvg, and its bytes per parameter.
+fn summary(runs: &[RunReport]) -> serde_json::Value {
+    let last = |r: &RunReport| r.eval_loss_per_round.last().copied().unwrap_or(f64::NAN);
+    let dense = runs
+        .iter()
+        .find(|r| r.name == "fedavg-dense-plain")
+        .map(last)
+        .unwrap_or(f64::NAN);
+    let rows: Vec<_> = runs
+        .iter()
+        .filter(|r| r.encrypted)
+        .map(|r| {
+            serde_json::json!({
+                "name": r.name,
+                "rho": r.rho,
+                "final_eval_loss": last(r),
+                "relative_to_dense_plain": last(r) / dense - 1.0,
+                "upload_bytes_per_param_per_round": r.upload_bytes_per_param_per_round,
+                "crypto_share_of_run": r.crypto_seconds / r.seconds,
+            })
+        })
+        .collect();
+    serde_json::json!({ "dense_plain_final_eval_loss": dense, "encrypted": rows })
+}
