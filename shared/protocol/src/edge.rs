@@ -1,0 +1,286 @@
+//! The edge's round: a pure state machine. The driver feeds it the retained round state
+//! ([`EdgeSession::on_round`]), its share delivery ([`EdgeSession::on_delivery`]) and the
+//! result of local training ([`EdgeSession::on_trained`]); it returns what to send and when
+//! to train or settle the error-feedback residual. Training itself (minutes of libtorch)
+//! runs in the driver.
+
+use crate::ProtocolError;
+use crate::messages::{EdgeMessage, Manifest, Phase, RoundConfig, RoundState};
+use fedshield_crypto::identity::{DeviceId, Identity};
+use fedshield_crypto::params::POLYNOMIAL_SIZE;
+use fedshield_crypto::secagg::{Client, SecAggConfig, ShareDelivery};
+use rand::CryptoRng;
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EdgeAction {
+    /// Publish on this device's uplink.
+    Send(EdgeMessage),
+    /// Train locally for `config.local_steps`, encode with `weight`, encrypt under a fresh
+    /// key and call [`EdgeSession::on_trained`].
+    Train {
+        /// The round's configuration.
+        config: RoundConfig,
+        /// This device's FedAvg weight.
+        weight: f64,
+    },
+    /// The round is over for this device: settle the residual (`counted`: the update is in
+    /// the published aggregate).
+    Settle {
+        /// The round.
+        round: u64,
+        /// Whether this device's update counted.
+        counted: bool,
+    },
+}
+
+/// Who this device is.
+#[derive(Debug, Clone)]
+pub struct EdgeIdentity {
+    /// Device id (its uplink topic level).
+    pub id: DeviceId,
+    /// ed25519 secret of the enrolled identity.
+    pub secret: [u8; 32],
+    /// The fleet authority's public key (checks the roster's certificates).
+    pub authority: [u8; 32],
+}
+
+struct Member {
+    client: Client,
+    config: RoundConfig,
+    delivery: Option<ShareDelivery>,
+    trained: Option<(Vec<u8>, Vec<u64>)>,
+    uploaded: bool,
+    training: bool,
+    /// The last phase answered (1 survivors, 2 unmask): retained copies are not answered
+    /// twice.
+    answered: u8,
+}
+
+enum State {
+    Idle,
+    Joined(Box<(Client, RoundConfig)>),
+    Member(Box<Member>),
+}
+
+/// This device's view of the federation.
+pub struct EdgeSession {
+    me: EdgeIdentity,
+    layout_digest: [u8; 32],
+    state: State,
+    last_round: u64,
+}
+
+impl std::fmt::Debug for EdgeSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeSession")
+            .field("id", &self.me.id)
+            .field("last_round", &self.last_round)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EdgeSession {
+    /// A session for `me`, whose adapter has the layout of `layout_digest`.
+    pub fn new(me: EdgeIdentity, layout_digest: [u8; 32]) -> Self {
+        Self {
+            me,
+            layout_digest,
+            state: State::Idle,
+            last_round: 0,
+        }
+    }
+
+    /// The last round this device joined (0: none).
+    pub fn last_round(&self) -> u64 {
+        self.last_round
+    }
+
+    fn identity(&self) -> Identity {
+        Identity::from_secret(self.me.secret)
+    }
+
+    /// Handles the round state. `samples` and `eval_loss` are what the device reports when
+    /// it joins.
+    pub fn on_round(
+        &mut self,
+        state: RoundState,
+        samples: u64,
+        eval_loss: Option<f64>,
+        rng: &mut impl CryptoRng,
+    ) -> Result<Vec<EdgeAction>, ProtocolError> {
+        let round = state.config.round;
+        if let Phase::Announce { .. } = state.phase {
+            if round <= self.last_round {
+                return Ok(vec![]); // a retained copy of a round already joined
+            }
+            if state.config.layout_digest != self.layout_digest {
+                return Err(ProtocolError::Refused(format!(
+                    "round {round} is for another adapter layout"
+                )));
+            }
+            let mut actions = self.abandon();
+            let (client, advert) = Client::new(
+                self.identity(),
+                self.me.id.clone(),
+                SecAggConfig {
+                    round,
+                    threshold: state.config.threshold,
+                    vector_len: POLYNOMIAL_SIZE,
+                },
+                self.me.authority,
+                rng,
+            );
+            self.last_round = round;
+            self.state = State::Joined(Box::new((client, state.config)));
+            actions.push(EdgeAction::Send(EdgeMessage::Join {
+                advert,
+                samples,
+                eval_loss,
+            }));
+            return Ok(actions);
+        }
+        if round != self.last_round {
+            return Ok(vec![]); // a round this device is not part of
+        }
+        match (std::mem::replace(&mut self.state, State::Idle), state.phase) {
+            (State::Joined(joined), Phase::Roster { roster, weights }) => {
+                let (mut client, config) = *joined;
+                let Some(&(_, weight)) = weights.iter().find(|(d, _)| *d == self.me.id) else {
+                    return Ok(vec![]); // not admitted
+                };
+                let shares = client.on_roster(&roster, rng)?;
+                self.state = State::Member(Box::new(Member {
+                    client,
+                    config: config.clone(),
+                    delivery: None,
+                    trained: None,
+                    uploaded: false,
+                    training: true,
+                    answered: 0,
+                }));
+                Ok(vec![
+                    EdgeAction::Send(EdgeMessage::SecAgg(shares)),
+                    EdgeAction::Train { config, weight },
+                ])
+            }
+            (State::Member(mut m), Phase::Survivors(list))
+                if m.uploaded && list.survivors.contains(&self.me.id) =>
+            {
+                if m.answered >= 1 {
+                    self.state = State::Member(m);
+                    return Ok(vec![]);
+                }
+                let msg = m.client.on_survivors(&list);
+                m.answered = 1;
+                self.state = State::Member(m);
+                Ok(vec![EdgeAction::Send(EdgeMessage::SecAgg(msg?))])
+            }
+            (State::Member(mut m), Phase::Unmask(request))
+                if m.uploaded && request.survivors.contains(&self.me.id) =>
+            {
+                if m.answered >= 2 {
+                    self.state = State::Member(m);
+                    return Ok(vec![]);
+                }
+                let msg = m.client.on_unmask(&request);
+                m.answered = 2;
+                self.state = State::Member(m);
+                Ok(vec![EdgeAction::Send(EdgeMessage::SecAgg(msg?))])
+            }
+            (State::Member(m), Phase::Closed { contributors }) => Ok(vec![EdgeAction::Settle {
+                round,
+                counted: m.uploaded && contributors.contains(&self.me.id),
+            }]),
+            (State::Member(m), Phase::Failed { .. }) => {
+                self.state = State::Member(m);
+                Ok(self.abandon())
+            }
+            (State::Member(m), Phase::Survivors(_) | Phase::Unmask(_)) => {
+                // The round went on without this device's upload.
+                self.state = State::Member(m);
+                Ok(self.abandon())
+            }
+            (other, _) => {
+                // Retained duplicates and phases this device has nothing to do in.
+                self.state = other;
+                Ok(vec![])
+            }
+        }
+    }
+
+    /// Leaves the current round; a device that trained settles as not counted.
+    fn abandon(&mut self) -> Vec<EdgeAction> {
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Member(m) if m.training || m.trained.is_some() => vec![EdgeAction::Settle {
+                round: m.config.round,
+                counted: false,
+            }],
+            _ => vec![],
+        }
+    }
+
+    /// The host's delivery of the shares addressed to this device.
+    pub fn on_delivery(
+        &mut self,
+        delivery: ShareDelivery,
+    ) -> Result<Vec<EdgeAction>, ProtocolError> {
+        let State::Member(m) = &mut self.state else {
+            return Ok(vec![]);
+        };
+        if delivery.round != m.config.round || m.delivery.is_some() {
+            return Ok(vec![]); // stale or duplicate
+        }
+        m.delivery = Some(delivery);
+        self.try_upload()
+    }
+
+    /// Local training finished for `round`: the serialized encrypted update and the key it
+    /// was encrypted under.
+    pub fn on_trained(
+        &mut self,
+        round: u64,
+        update: Vec<u8>,
+        key: Vec<u64>,
+    ) -> Result<Vec<EdgeAction>, ProtocolError> {
+        let State::Member(m) = &mut self.state else {
+            return Ok(vec![]);
+        };
+        if m.config.round != round || m.trained.is_some() {
+            return Ok(vec![]);
+        }
+        m.training = false;
+        m.trained = Some((update, key));
+        self.try_upload()
+    }
+
+    /// Sends manifest, chunks and masked input once both the training result and the share
+    /// delivery are here.
+    fn try_upload(&mut self) -> Result<Vec<EdgeAction>, ProtocolError> {
+        let identity = self.identity();
+        let State::Member(m) = &mut self.state else {
+            return Ok(vec![]);
+        };
+        let (Some(delivery), Some((update, key)), false) = (&m.delivery, &m.trained, m.uploaded)
+        else {
+            return Ok(vec![]);
+        };
+        let (manifest, chunks) = Manifest::build(
+            &identity,
+            &self.me.id,
+            m.config.round,
+            update,
+            m.config.chunk_bytes,
+        );
+        let masked = m.client.on_shares(delivery, key, manifest.digest)?;
+        m.uploaded = true;
+        let mut actions = vec![EdgeAction::Send(EdgeMessage::Manifest(manifest))];
+        actions.extend(
+            chunks
+                .into_iter()
+                .map(|c| EdgeAction::Send(EdgeMessage::Chunk(c))),
+        );
+        actions.push(EdgeAction::Send(EdgeMessage::SecAgg(masked)));
+        Ok(actions)
+    }
+}

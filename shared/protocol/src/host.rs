@@ -1,0 +1,516 @@
+//! The host's round: a pure state machine. The driver feeds it the messages that arrive on
+//! the uplink topics ([`HostRound::on_message`]) and the clock ([`HostRound::on_tick`]), and
+//! carries out the [`HostAction`]s it returns. Nothing here sleeps, spawns or does I/O.
+//!
+//! Phases: announce (collect joins) -> roster (members train and exchange shares; the host
+//! collects shares, delivers them, then collects uploads and masked inputs) -> survivors ->
+//! unmask -> closed. Every phase ends when everyone expected has answered or at its deadline,
+//! and refuses to go on below the threshold (the round fails; the next one starts from the
+//! same global adapter).
+//!
+//! An upload is folded into the running encrypted sum only once it is complete, its bytes
+//! hash to the digest its owner signed in its masked input, and the secure aggregation has
+//! accepted that masked input: the folded set is then exactly the key aggregate's
+//! contributor set, so the sum decrypts. Memory: the sum (one u32 per value) plus the
+//! uploads still in flight.
+
+use crate::ProtocolError;
+use crate::messages::{Chunk, EdgeMessage, GlobalUpdate, Manifest, Phase, RoundConfig, RoundState};
+use fedshield_crypto::identity::{DeviceId, Registry};
+use fedshield_crypto::packed::{Aggregate, EncryptedUpdate, MaskSeed};
+use fedshield_crypto::params::POLYNOMIAL_SIZE;
+use fedshield_crypto::secagg::{
+    ClientBody, SecAggConfig, Server, ShareDelivery, SignedMessage, Stage, update_digest,
+};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// How long each phase may take, in ms of the driver's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Deadlines {
+    /// Joining.
+    pub join_ms: u64,
+    /// Share exchange.
+    pub shares_ms: u64,
+    /// Local training and upload (from the roster).
+    pub upload_ms: u64,
+    /// Consistency signatures and unmasking, each.
+    pub finish_ms: u64,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostAction {
+    /// Publish (retained) on `fedshield/{f}/round`.
+    Broadcast(RoundState),
+    /// Publish (retained) on `fedshield/{f}/down/{d}`.
+    Deliver(DeviceId, ShareDelivery),
+    /// The round is over: decoded sums of the contributors, to turn into the global update.
+    Finished(RoundResult),
+    /// The round failed; start the next.
+    Failed(String),
+}
+
+/// A finished round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundResult {
+    /// The round.
+    pub round: u64,
+    /// Contributors, sorted.
+    pub contributors: Vec<DeviceId>,
+    /// Sum of the contributors' weights (divide the sums by it).
+    pub total_weight: f64,
+    /// Decrypted plaintext sums, one per selected value.
+    pub sums: Vec<u64>,
+    /// Mean of the evaluation losses the members reported on joining.
+    pub eval_loss: Option<f64>,
+    /// Bytes of encrypted updates received per contributor.
+    pub upload_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostPhase {
+    Joining,
+    Sharing,
+    Uploading,
+    Consistency,
+    Unmasking,
+    Done,
+}
+
+#[derive(Debug, Default)]
+struct Upload {
+    manifest: Option<Manifest>,
+    chunks: BTreeMap<u32, Vec<u8>>,
+    masked_input: Option<SignedMessage>,
+}
+
+impl Upload {
+    fn complete(&self) -> Option<Vec<u8>> {
+        let m = self.manifest.as_ref()?;
+        if self.chunks.len() != m.chunk_hashes.len() {
+            return None;
+        }
+        Some(self.chunks.values().flatten().copied().collect())
+    }
+}
+
+/// One round on the host.
+#[derive(Debug)]
+pub struct HostRound {
+    config: RoundConfig,
+    deadlines: Deadlines,
+    phase: HostPhase,
+    deadline: u64,
+    server: Server,
+    registry: Registry,
+    samples: BTreeMap<DeviceId, u64>,
+    losses: BTreeMap<DeviceId, f64>,
+    weights: BTreeMap<DeviceId, f64>,
+    uploads: BTreeMap<DeviceId, Upload>,
+    aggregate: Aggregate,
+    folded: BTreeSet<DeviceId>,
+    upload_bytes: u64,
+}
+
+impl HostRound {
+    /// Opens round `config.round` for the devices of `registry`; returns the announcement.
+    pub fn start(
+        config: RoundConfig,
+        registry: Registry,
+        deadlines: Deadlines,
+        now: u64,
+    ) -> Result<(Self, Vec<HostAction>), ProtocolError> {
+        if config.selected == 0 || config.chunk_bytes == 0 {
+            return Err(ProtocolError::Config(
+                "selected values and chunk size must be positive".into(),
+            ));
+        }
+        let server = Server::new(
+            SecAggConfig {
+                round: config.round,
+                threshold: config.threshold,
+                vector_len: POLYNOMIAL_SIZE,
+            },
+            registry.clone(),
+        )?;
+        let deadline = now + deadlines.join_ms;
+        let round = Self {
+            aggregate: Aggregate::new(config.selected),
+            config,
+            deadlines,
+            phase: HostPhase::Joining,
+            deadline,
+            server,
+            registry,
+            samples: BTreeMap::new(),
+            losses: BTreeMap::new(),
+            weights: BTreeMap::new(),
+            uploads: BTreeMap::new(),
+            folded: BTreeSet::new(),
+            upload_bytes: 0,
+        };
+        let state = round.state(Phase::Announce {
+            deadline_ms: deadline,
+        });
+        Ok((round, vec![HostAction::Broadcast(state)]))
+    }
+
+    /// The round's configuration.
+    pub fn config(&self) -> &RoundConfig {
+        &self.config
+    }
+
+    /// Whether the round is over (finished or failed).
+    pub fn is_done(&self) -> bool {
+        self.phase == HostPhase::Done
+    }
+
+    fn state(&self, phase: Phase) -> RoundState {
+        RoundState {
+            config: self.config.clone(),
+            phase,
+        }
+    }
+
+    /// Handles one message from `from` (the device named by the uplink topic). An error
+    /// means the message was refused and nothing changed; the round goes on.
+    pub fn on_message(
+        &mut self,
+        from: &DeviceId,
+        message: EdgeMessage,
+        now: u64,
+    ) -> Result<Vec<HostAction>, ProtocolError> {
+        let sender = match &message {
+            EdgeMessage::Join { advert, .. } | EdgeMessage::SecAgg(advert) => Some(&advert.sender),
+            _ => None,
+        };
+        if sender.is_some_and(|s| s != from) {
+            return Err(ProtocolError::Refused(format!(
+                "message signed by {} on the uplink of {from}",
+                sender.expect("checked")
+            )));
+        }
+        match message {
+            EdgeMessage::Join {
+                advert,
+                samples,
+                eval_loss,
+            } => {
+                self.expect(HostPhase::Joining, "join")?;
+                if samples == 0 || samples > 1 << 40 {
+                    return Err(ProtocolError::Refused(format!("{from}: {samples} samples")));
+                }
+                self.server.receive(advert)?;
+                self.samples.insert(from.clone(), samples);
+                if let Some(l) = eval_loss.filter(|l| l.is_finite()) {
+                    self.losses.insert(from.clone(), l);
+                }
+            }
+            EdgeMessage::SecAgg(msg) => match msg.body {
+                ClientBody::MaskedInput { .. } => {
+                    self.expect(HostPhase::Uploading, "masked input")?;
+                    let upload = self.uploads.entry(from.clone()).or_default();
+                    if upload.masked_input.is_some() || self.folded.contains(from) {
+                        return Err(ProtocolError::Refused(format!(
+                            "duplicate masked input from {from}"
+                        )));
+                    }
+                    upload.masked_input = Some(msg);
+                    self.try_fold(from)?;
+                }
+                _ => self.server.receive(msg)?,
+            },
+            EdgeMessage::Manifest(m) => self.on_manifest(from, m)?,
+            EdgeMessage::Chunk(c) => self.on_chunk(from, c)?,
+        }
+        Ok(self.advance(now, false))
+    }
+
+    /// Advances on the clock: closes a phase whose deadline passed.
+    pub fn on_tick(&mut self, now: u64) -> Vec<HostAction> {
+        self.advance(now, true)
+    }
+
+    fn expect(&self, phase: HostPhase, what: &str) -> Result<(), ProtocolError> {
+        if self.phase == phase {
+            Ok(())
+        } else {
+            Err(ProtocolError::Refused(format!(
+                "{what} in phase {:?} of round {}",
+                self.phase, self.config.round
+            )))
+        }
+    }
+
+    fn on_manifest(&mut self, from: &DeviceId, m: Manifest) -> Result<(), ProtocolError> {
+        self.expect(HostPhase::Uploading, "manifest")?;
+        if !self.weights.contains_key(from) {
+            return Err(ProtocolError::Refused(format!(
+                "{from} is not in the roster"
+            )));
+        }
+        if m.round != self.config.round {
+            return Err(ProtocolError::Refused(format!(
+                "manifest for round {}",
+                m.round
+            )));
+        }
+        let key = self.registry.enrolment(from)?.public_key;
+        if !fedshield_crypto::identity::verify(&key, &m.signed_bytes(from), &m.signature) {
+            return Err(ProtocolError::Refused(format!(
+                "manifest from {from} is unsigned or its signature does not verify"
+            )));
+        }
+        // The only valid size: the postcard encoding of an update of `selected` values.
+        let expected = expected_update_bytes(self.config.selected);
+        let chunks = expected.div_ceil(self.config.chunk_bytes as u64);
+        if m.total_bytes != expected || m.chunk_hashes.len() as u64 != chunks {
+            return Err(ProtocolError::Refused(format!(
+                "{from}: manifest of {} bytes in {} chunks, this round takes {expected} in {chunks}",
+                m.total_bytes,
+                m.chunk_hashes.len()
+            )));
+        }
+        let upload = self.uploads.entry(from.clone()).or_default();
+        match &upload.manifest {
+            Some(old) if *old == m => Ok(()), // a QoS 1 duplicate
+            Some(_) => Err(ProtocolError::Refused(format!(
+                "{from} sent a second, different manifest"
+            ))),
+            None => {
+                upload.manifest = Some(m);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_chunk(&mut self, from: &DeviceId, c: Chunk) -> Result<(), ProtocolError> {
+        self.expect(HostPhase::Uploading, "chunk")?;
+        if c.round != self.config.round {
+            return Err(ProtocolError::Refused(format!(
+                "chunk for round {}",
+                c.round
+            )));
+        }
+        let chunk_bytes = self.config.chunk_bytes;
+        let upload = self
+            .uploads
+            .get_mut(from)
+            .filter(|u| u.manifest.is_some())
+            .ok_or_else(|| {
+                ProtocolError::Refused(format!("chunk from {from} before its manifest"))
+            })?;
+        let m = upload.manifest.as_ref().expect("filtered");
+        let hash = m.chunk_hashes.get(c.index as usize).ok_or_else(|| {
+            ProtocolError::Refused(format!("chunk index {} out of range", c.index))
+        })?;
+        let want_len = chunk_bytes.min(m.total_bytes as usize - c.index as usize * chunk_bytes);
+        if c.bytes.len() != want_len || <[u8; 32]>::from(Sha256::digest(&c.bytes)) != *hash {
+            return Err(ProtocolError::Refused(format!(
+                "chunk {} from {from} does not match its manifest",
+                c.index
+            )));
+        }
+        upload.chunks.insert(c.index, c.bytes);
+        self.try_fold(from)
+    }
+
+    /// Folds `from`'s upload when it is complete and its masked input is accepted.
+    fn try_fold(&mut self, from: &DeviceId) -> Result<(), ProtocolError> {
+        let Some(upload) = self.uploads.get_mut(from) else {
+            return Ok(());
+        };
+        let (Some(bytes), Some(masked)) = (upload.complete(), upload.masked_input.clone()) else {
+            return Ok(());
+        };
+        let digest = upload.manifest.as_ref().expect("complete").digest;
+        let body_digest = match &masked.body {
+            ClientBody::MaskedInput { update_digest, .. } => *update_digest,
+            _ => unreachable!("only masked inputs are stored"),
+        };
+        let problem = if update_digest(&bytes) != digest || digest != body_digest {
+            // Chunks that match their manifest, but a manifest whose digest lies: the whole
+            // upload is dropped.
+            upload.chunks.clear();
+            upload.manifest = None;
+            Some(format!("{from}: upload does not hash to its signed digest"))
+        } else {
+            None
+        };
+        let update = match problem {
+            Some(p) => Err(p),
+            None => postcard::from_bytes::<EncryptedUpdate>(&bytes)
+                .map_err(|e| format!("{from}: upload does not decode: {e}"))
+                .and_then(|u| {
+                    if u.len == self.config.selected {
+                        Ok(u)
+                    } else {
+                        Err(format!("{from}: update of {} values", u.len))
+                    }
+                }),
+        };
+        let update = match update {
+            Ok(u) => u,
+            Err(why) => {
+                upload.masked_input = None;
+                return Err(ProtocolError::Refused(why));
+            }
+        };
+        if let Err(e) = self.server.receive(masked) {
+            if let Some(u) = self.uploads.get_mut(from) {
+                u.masked_input = None;
+            }
+            return Err(e.into());
+        }
+        self.aggregate
+            .add(&update)
+            .expect("length checked against the round");
+        self.uploads.remove(from);
+        self.folded.insert(from.clone());
+        self.upload_bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Closes phases that are complete (or past their deadline when `clock`).
+    fn advance(&mut self, now: u64, clock: bool) -> Vec<HostAction> {
+        let mut actions = Vec::new();
+        loop {
+            let due = clock && now >= self.deadline;
+            let complete = match self.phase {
+                HostPhase::Done => return actions,
+                HostPhase::Uploading => {
+                    self.folded.len() == self.server.expected() && self.server.expected() > 0
+                }
+                _ => {
+                    self.server.collected() == self.server.expected() && self.server.expected() > 0
+                }
+            };
+            if !(due || complete) {
+                return actions;
+            }
+            match self.close_phase(now) {
+                Ok(mut a) => actions.append(&mut a),
+                Err(reason) => {
+                    self.phase = HostPhase::Done;
+                    actions.push(HostAction::Broadcast(self.state(Phase::Failed {
+                        reason: reason.clone(),
+                    })));
+                    actions.push(HostAction::Failed(reason));
+                    return actions;
+                }
+            }
+        }
+    }
+
+    fn close_phase(&mut self, now: u64) -> Result<Vec<HostAction>, String> {
+        let err = |e: fedshield_crypto::secagg::SecAggError| e.to_string();
+        match self.phase {
+            HostPhase::Joining => {
+                let roster = self.server.close_advertise().map_err(err)?;
+                let members: Vec<&DeviceId> =
+                    roster.entries.iter().map(|e| &e.advert.sender).collect();
+                let total: u64 = members.iter().map(|d| self.samples[*d]).sum();
+                self.weights = members
+                    .iter()
+                    .map(|d| ((*d).clone(), self.samples[*d] as f64 / total as f64))
+                    .collect();
+                self.phase = HostPhase::Sharing;
+                self.deadline = now + self.deadlines.shares_ms;
+                let weights = self.weights.iter().map(|(d, w)| (d.clone(), *w)).collect();
+                Ok(vec![HostAction::Broadcast(
+                    self.state(Phase::Roster { roster, weights }),
+                )])
+            }
+            HostPhase::Sharing => {
+                let deliveries = self.server.close_shares().map_err(err)?;
+                self.phase = HostPhase::Uploading;
+                self.deadline = now + self.deadlines.upload_ms;
+                Ok(deliveries
+                    .into_iter()
+                    .map(|(d, s)| HostAction::Deliver(d, s))
+                    .collect())
+            }
+            HostPhase::Uploading => {
+                self.uploads.clear();
+                let survivors = self.server.close_masked_inputs().map_err(err)?;
+                self.phase = HostPhase::Consistency;
+                self.deadline = now + self.deadlines.finish_ms;
+                Ok(vec![HostAction::Broadcast(
+                    self.state(Phase::Survivors(survivors)),
+                )])
+            }
+            HostPhase::Consistency => {
+                let request = self.server.close_consistency().map_err(err)?;
+                self.phase = HostPhase::Unmasking;
+                self.deadline = now + self.deadlines.finish_ms;
+                Ok(vec![HostAction::Broadcast(
+                    self.state(Phase::Unmask(request)),
+                )])
+            }
+            HostPhase::Unmasking => {
+                let keys = self.server.close_unmask().map_err(err)?;
+                let contributors: BTreeSet<DeviceId> = keys.contributors.iter().cloned().collect();
+                if contributors != self.folded {
+                    return Err(format!(
+                        "key aggregate of {:?} does not match the folded uploads {:?}",
+                        contributors, self.folded
+                    ));
+                }
+                let sums = self
+                    .aggregate
+                    .decrypt(MaskSeed(self.config.mask_seed), &keys.key_sum)
+                    .map_err(|e| e.to_string())?;
+                let total_weight = contributors.iter().map(|d| self.weights[d]).sum();
+                let losses: Vec<f64> = self
+                    .losses
+                    .iter()
+                    .filter(|(d, _)| self.weights.contains_key(*d))
+                    .map(|(_, l)| *l)
+                    .collect();
+                self.phase = HostPhase::Done;
+                let contributors: Vec<DeviceId> = contributors.into_iter().collect();
+                Ok(vec![
+                    HostAction::Broadcast(self.state(Phase::Closed {
+                        contributors: contributors.clone(),
+                    })),
+                    HostAction::Finished(RoundResult {
+                        round: self.config.round,
+                        total_weight,
+                        sums,
+                        eval_loss: (!losses.is_empty())
+                            .then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+                        upload_bytes: self.upload_bytes / contributors.len().max(1) as u64,
+                        contributors,
+                    }),
+                ])
+            }
+            HostPhase::Done => Ok(vec![]),
+        }
+    }
+
+    /// The secure aggregation's stage (for logs).
+    pub fn stage(&self) -> Stage {
+        self.server.stage()
+    }
+}
+
+/// Bytes of the postcard encoding of an encrypted update of `selected` values.
+pub fn expected_update_bytes(selected: usize) -> u64 {
+    let bodies = fedshield_crypto::packed::ciphertext_count(selected) * POLYNOMIAL_SIZE * 4;
+    (varint_len(selected as u64) + varint_len(bodies as u64) + bodies) as u64
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - v.max(1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// The global update message of a finished round.
+pub fn global_update(result: &RoundResult, values: Vec<f32>) -> GlobalUpdate {
+    GlobalUpdate {
+        round: result.round,
+        contributors: result.contributors.clone(),
+        values,
+        eval_loss: result.eval_loss,
+    }
+}

@@ -1,0 +1,284 @@
+//! Everything host and edges say to each other, and the MQTT topic tree that carries it.
+//! Every payload is a postcard encoding of one of these types.
+//!
+//! # Topic tree (fleet `f`, device `d`)
+//! | topic | direction | retained | payload |
+//! |---|---|---|---|
+//! | `fedshield/{f}/round` | host -> edges | yes | [`RoundState`]: the current round and its phase |
+//! | `fedshield/{f}/down/{d}` | host -> one edge | yes | `secagg::ShareDelivery` of the current round |
+//! | `fedshield/{f}/up/{d}` | edge -> host | no | [`EdgeMessage`] (one topic per device keeps its messages in order) |
+//! | `fedshield/{f}/global` | host -> edges | yes | [`GlobalUpdate`] of the last completed round |
+//! | `fedshield/{f}/status/{d}` | edge -> all | yes | `online` / `offline` (the last will) |
+//!
+//! QoS 1 everywhere: every handler is idempotent (duplicates are recognised and ignored).
+
+use fedshield_codec::PruneConfig;
+use fedshield_crypto::identity::DeviceId;
+use fedshield_crypto::secagg::{Roster, SignedMessage, SurvivorList, UnmaskRequest};
+
+/// Topic names of one fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    fleet: String,
+}
+
+/// What a topic of the tree is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `fedshield/{f}/round`.
+    Round,
+    /// `fedshield/{f}/down/{d}`.
+    Down(DeviceId),
+    /// `fedshield/{f}/up/{d}`.
+    Up(DeviceId),
+    /// `fedshield/{f}/global`.
+    Global,
+    /// `fedshield/{f}/status/{d}`.
+    Status(DeviceId),
+}
+
+impl Topics {
+    /// The tree of `fleet`, which must be a single topic level without wildcards.
+    pub fn new(fleet: &str) -> Result<Self, crate::ProtocolError> {
+        check_level(fleet)?;
+        Ok(Self {
+            fleet: fleet.to_string(),
+        })
+    }
+
+    /// `fedshield/{f}/round`.
+    pub fn round(&self) -> String {
+        format!("fedshield/{}/round", self.fleet)
+    }
+
+    /// `fedshield/{f}/global`.
+    pub fn global(&self) -> String {
+        format!("fedshield/{}/global", self.fleet)
+    }
+
+    /// `fedshield/{f}/down/{d}`.
+    pub fn down(&self, d: &DeviceId) -> String {
+        format!("fedshield/{}/down/{}", self.fleet, d.0)
+    }
+
+    /// `fedshield/{f}/up/{d}`.
+    pub fn up(&self, d: &DeviceId) -> String {
+        format!("fedshield/{}/up/{}", self.fleet, d.0)
+    }
+
+    /// `fedshield/{f}/status/{d}`.
+    pub fn status(&self, d: &DeviceId) -> String {
+        format!("fedshield/{}/status/{}", self.fleet, d.0)
+    }
+
+    /// The host's subscription: every device's uplink.
+    pub fn all_up(&self) -> String {
+        format!("fedshield/{}/up/+", self.fleet)
+    }
+
+    /// The topic's meaning, or `None` for topics outside this fleet's tree.
+    pub fn route(&self, topic: &str) -> Option<Route> {
+        let rest = topic
+            .strip_prefix("fedshield/")?
+            .strip_prefix(self.fleet.as_str())?
+            .strip_prefix('/')?;
+        let device = |d: &str| (!d.is_empty() && !d.contains('/')).then(|| DeviceId(d.into()));
+        match rest.split_once('/') {
+            None if rest == "round" => Some(Route::Round),
+            None if rest == "global" => Some(Route::Global),
+            Some(("down", d)) => device(d).map(Route::Down),
+            Some(("up", d)) => device(d).map(Route::Up),
+            Some(("status", d)) => device(d).map(Route::Status),
+            _ => None,
+        }
+    }
+}
+
+/// A fleet or device name must be one non-empty topic level: no `/`, `+`, `#` or NUL.
+pub fn check_level(name: &str) -> Result<(), crate::ProtocolError> {
+    if name.is_empty()
+        || name.len() > 128
+        || name.contains(['/', '+', '#', '\0'])
+        || name.chars().any(char::is_control)
+    {
+        return Err(crate::ProtocolError::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+/// The public configuration of one round, announced with it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoundConfig {
+    /// The round (1, 2, ...).
+    pub round: u64,
+    /// Seed of the ciphertexts' shared masks.
+    pub mask_seed: u128,
+    /// Seed of the pruning mask's tie-breaks and exploration.
+    pub select_seed: u64,
+    /// Pruning configuration.
+    pub prune: PruneConfig,
+    /// Clip value of the fixed-point encoding.
+    pub clip: f32,
+    /// Fixed-point scale.
+    pub scale_log2: u32,
+    /// SHA-256 of the adapter layout (see `fedshield_codec::Layout::digest`).
+    pub layout_digest: [u8; 32],
+    /// Values each client encrypts this round (the selection's length).
+    pub selected: usize,
+    /// Local optimizer steps per round.
+    pub local_steps: usize,
+    /// Minimum contributors.
+    pub threshold: usize,
+    /// Largest upload chunk, in bytes of encrypted update.
+    pub chunk_bytes: usize,
+}
+
+/// The round's phase, as broadcast (retained) on `fedshield/{f}/round`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Phase {
+    /// Open for joining until the deadline (host clock, ms).
+    Announce {
+        /// When joining closes.
+        deadline_ms: u64,
+    },
+    /// Who is in, with their weights (sample share); members train now.
+    Roster {
+        /// The secure-aggregation roster.
+        roster: Roster,
+        /// Weight of each member (its samples over all members' samples).
+        weights: Vec<(DeviceId, f64)>,
+    },
+    /// Sign the survivor list.
+    Survivors(SurvivorList),
+    /// Reveal the shares.
+    Unmask(UnmaskRequest),
+    /// Finished: the global update is published.
+    Closed {
+        /// Whose updates are in it.
+        contributors: Vec<DeviceId>,
+    },
+    /// Abandoned (below threshold); the next round starts from the same global adapter.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// `fedshield/{f}/round`'s payload.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoundState {
+    /// The round's configuration.
+    pub config: RoundConfig,
+    /// Where it stands.
+    pub phase: Phase,
+}
+
+/// An edge's message to the host, on its own uplink topic.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum EdgeMessage {
+    /// Join a round: the signed secure-aggregation advert and the local sample count.
+    Join {
+        /// The signed advert (its round is the round joined).
+        advert: SignedMessage,
+        /// Training examples on the device (the FedAvg weight).
+        samples: u64,
+        /// Held-out loss of the current global adapter on the device's evaluation data.
+        eval_loss: Option<f64>,
+    },
+    /// A secure-aggregation message (shares, masked input, consistency, unmask).
+    SecAgg(SignedMessage),
+    /// The upload's table of contents, before its chunks.
+    Manifest(Manifest),
+    /// One chunk of the encrypted update.
+    Chunk(Chunk),
+}
+
+/// The table of contents of an upload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// The round.
+    pub round: u64,
+    /// Bytes of the serialized encrypted update.
+    pub total_bytes: u64,
+    /// SHA-256 of each chunk.
+    pub chunk_hashes: Vec<[u8; 32]>,
+    /// `secagg::update_digest` of the whole update (what the masked input binds).
+    pub digest: [u8; 32],
+    /// The device's ed25519 signature of [`Manifest::signed_bytes`].
+    pub signature: Vec<u8>,
+}
+
+impl Manifest {
+    /// What the signature covers: a domain tag, the device, and every field above.
+    pub fn signed_bytes(&self, device: &DeviceId) -> Vec<u8> {
+        let mut m = b"fedshield/manifest/v1".to_vec();
+        m.extend(
+            postcard::to_stdvec(&(
+                device,
+                self.round,
+                self.total_bytes,
+                &self.chunk_hashes,
+                self.digest,
+            ))
+            .expect("encodable"),
+        );
+        m
+    }
+
+    /// Splits a serialized update into chunks of at most `chunk_bytes` and signs the
+    /// manifest as `device`.
+    pub fn build(
+        identity: &fedshield_crypto::identity::Identity,
+        device: &DeviceId,
+        round: u64,
+        update: &[u8],
+        chunk_bytes: usize,
+    ) -> (Self, Vec<Chunk>) {
+        let chunks: Vec<Chunk> = update
+            .chunks(chunk_bytes.max(1))
+            .enumerate()
+            .map(|(i, c)| Chunk {
+                round,
+                index: i as u32,
+                bytes: c.to_vec(),
+            })
+            .collect();
+        let mut manifest = Self {
+            round,
+            total_bytes: update.len() as u64,
+            chunk_hashes: chunks
+                .iter()
+                .map(|c| <[u8; 32]>::from(<sha2::Sha256 as sha2::Digest>::digest(&c.bytes)))
+                .collect(),
+            digest: fedshield_crypto::secagg::update_digest(update),
+            signature: Vec::new(),
+        };
+        manifest.signature = identity.sign(&manifest.signed_bytes(device));
+        (manifest, chunks)
+    }
+}
+
+/// One chunk of an upload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Chunk {
+    /// The round.
+    pub round: u64,
+    /// Position in the manifest.
+    pub index: u32,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// `fedshield/{f}/global`'s payload: the round's global update at the selected coordinates.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GlobalUpdate {
+    /// The round.
+    pub round: u64,
+    /// Whose updates it averages.
+    pub contributors: Vec<DeviceId>,
+    /// The update's value at each selected coordinate (the selection follows from the
+    /// round's public configuration and the history).
+    pub values: Vec<f32>,
+    /// Mean held-out loss the contributors reported, if any.
+    pub eval_loss: Option<f64>,
+}

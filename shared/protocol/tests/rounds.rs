@@ -1,0 +1,429 @@
+//! The round protocol end to end in memory: the host's and the edges' state machines wired
+//! through a simulated broker (a queue), real cryptography, a simulated clock. No threads,
+//! no sleeps: every path is deterministic.
+
+use fedshield_crypto::encoding::FixedPoint;
+use fedshield_crypto::identity::{DeviceId, Identity, Registry};
+use fedshield_crypto::packed::{ClientKey, MaskSeed, encrypt};
+use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
+use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
+use fedshield_protocol::messages::{EdgeMessage, Phase, RoundConfig, RoundState, Topics};
+use fedshield_protocol::{ProtocolError, decode};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tfhe::core_crypto::commons::generators::DeterministicSeeder;
+use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, Seed};
+
+const SELECTED: usize = 3000; // two ciphertexts
+const DEADLINES: Deadlines = Deadlines {
+    join_ms: 1000,
+    shares_ms: 1000,
+    upload_ms: 10_000,
+    finish_ms: 1000,
+};
+
+/// How an edge misbehaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    None,
+    /// Never sends anything after its shares (killed mid-round).
+    DiesAfterShares,
+    /// Sends its manifest and the first chunk, then dies (killed mid-upload).
+    DiesMidUpload,
+    /// Sends every upload message twice (QoS 1 redelivery).
+    Duplicates,
+}
+
+struct Edge {
+    session: EdgeSession,
+    samples: u64,
+    values: Vec<f32>,
+    fault: Fault,
+    settled: Option<bool>,
+}
+
+struct Fleet {
+    host: HostRound,
+    edges: Vec<Edge>,
+    rng: ChaCha20Rng,
+    noise: DeterministicSeeder<DefaultRandomGenerator>,
+    now: u64,
+    /// Edge messages in flight, by sender.
+    uplink: Vec<(DeviceId, EdgeMessage)>,
+    result: Option<RoundResult>,
+    failed: Option<String>,
+    refused: Vec<String>,
+    encoding: FixedPoint,
+}
+
+fn config(round: u64, threshold: usize) -> RoundConfig {
+    RoundConfig {
+        round,
+        mask_seed: 77,
+        select_seed: 5,
+        prune: fedshield_codec::PruneConfig::default(),
+        clip: 1.0,
+        scale_log2: 60,
+        layout_digest: [7; 32],
+        selected: SELECTED,
+        local_steps: 1,
+        threshold,
+        chunk_bytes: 5000,
+    }
+}
+
+fn fleet(faults: &[Fault], threshold: usize) -> Fleet {
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let authority = Identity::generate(&mut rng);
+    let mut registry = Registry::new(authority.public_key());
+    let mut edges = Vec::new();
+    for (i, &fault) in faults.iter().enumerate() {
+        let id = DeviceId(format!("edge-{i}"));
+        let identity = Identity::generate(&mut rng);
+        registry
+            .enrol(authority.enrol(id.clone(), identity.public_key()))
+            .unwrap();
+        edges.push(Edge {
+            session: EdgeSession::new(
+                EdgeIdentity {
+                    id,
+                    secret: identity.secret(),
+                    authority: authority.public_key(),
+                },
+                [7; 32],
+            ),
+            samples: 10 * (i as u64 + 1),
+            values: (0..SELECTED)
+                .map(|j| ((i * 31 + j) % 17) as f32 / 17.0 - 0.5)
+                .collect(),
+            fault,
+            settled: None,
+        });
+    }
+    let (host, actions) = HostRound::start(config(1, threshold), registry, DEADLINES, 0).unwrap();
+    let mut f = Fleet {
+        host,
+        edges,
+        rng,
+        noise: DeterministicSeeder::<DefaultRandomGenerator>::new(Seed(3)),
+        now: 0,
+        uplink: Vec::new(),
+        result: None,
+        failed: None,
+        refused: Vec::new(),
+        encoding: FixedPoint::new(1.0).unwrap(),
+    };
+    f.host_actions(actions);
+    f
+}
+
+impl Fleet {
+    fn host_actions(&mut self, actions: Vec<HostAction>) {
+        for a in actions {
+            match a {
+                HostAction::Broadcast(state) => self.broadcast(state),
+                HostAction::Deliver(d, delivery) => {
+                    let i = self.index(&d);
+                    let out = self.edges[i].session.on_delivery(delivery).unwrap();
+                    self.edge_actions(i, out);
+                }
+                HostAction::Finished(r) => self.result = Some(r),
+                HostAction::Failed(why) => self.failed = Some(why),
+            }
+        }
+    }
+
+    fn index(&self, d: &DeviceId) -> usize {
+        d.0.strip_prefix("edge-").unwrap().parse().unwrap()
+    }
+
+    fn broadcast(&mut self, state: RoundState) {
+        // Retained: every edge sees it, twice for good measure (reconnection re-delivery).
+        for i in 0..self.edges.len() {
+            for _ in 0..2 {
+                let samples = self.edges[i].samples;
+                let out = self.edges[i]
+                    .session
+                    .on_round(state.clone(), samples, Some(2.0 + i as f64), &mut self.rng)
+                    .unwrap();
+                self.edge_actions(i, out);
+            }
+        }
+    }
+
+    fn edge_actions(&mut self, i: usize, actions: Vec<EdgeAction>) {
+        let id = DeviceId(format!("edge-{i}"));
+        let fault = self.edges[i].fault;
+        for a in actions {
+            match a {
+                EdgeAction::Send(msg) => {
+                    let upload = matches!(msg, EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_))
+                        || matches!(&msg, EdgeMessage::SecAgg(m) if m.body.kind() == "masked-input");
+                    let late = !matches!(&msg, EdgeMessage::Join { .. })
+                        && !matches!(&msg, EdgeMessage::SecAgg(m) if m.body.kind() == "shares");
+                    match fault {
+                        Fault::DiesAfterShares if late => continue,
+                        Fault::DiesMidUpload if late => {
+                            let first_chunk = matches!(&msg, EdgeMessage::Chunk(c) if c.index == 0);
+                            if matches!(msg, EdgeMessage::Manifest(_)) || first_chunk {
+                                self.uplink.push((id.clone(), msg));
+                            }
+                            continue;
+                        }
+                        Fault::Duplicates if upload => self.uplink.push((id.clone(), msg.clone())),
+                        _ => {}
+                    }
+                    self.uplink.push((id.clone(), msg));
+                }
+                EdgeAction::Train { config, weight } => {
+                    let mut plain = vec![0u64; config.selected];
+                    self.encoding
+                        .encode_weighted(&self.edges[i].values, weight, &mut plain)
+                        .unwrap();
+                    let key = ClientKey::generate(&mut self.noise);
+                    let ct = encrypt(&key, MaskSeed(config.mask_seed), &plain, &mut self.noise);
+                    let bytes = postcard::to_stdvec(&ct).unwrap();
+                    let out = self.edges[i]
+                        .session
+                        .on_trained(config.round, bytes, key.coefficients().to_vec())
+                        .unwrap();
+                    self.edge_actions(i, out);
+                }
+                EdgeAction::Settle { counted, .. } => self.edges[i].settled = Some(counted),
+            }
+        }
+    }
+
+    /// Delivers queued uplink messages until the queue is empty, then advances the clock
+    /// past the current deadline; stops when the round is over.
+    fn run(&mut self) {
+        for _ in 0..20 {
+            while !self.uplink.is_empty() {
+                let (from, msg) = self.uplink.remove(0);
+                // Through the wire format, as the driver does.
+                let bytes = postcard::to_stdvec(&msg).unwrap();
+                let msg: EdgeMessage = decode(&bytes, 1 << 20).unwrap();
+                match self.host.on_message(&from, msg, self.now) {
+                    Ok(actions) => self.host_actions(actions),
+                    Err(e) => self.refused.push(e.to_string()),
+                }
+            }
+            if self.host.is_done() {
+                return;
+            }
+            self.now += 20_000;
+            let actions = self.host.on_tick(self.now);
+            self.host_actions(actions);
+        }
+        panic!("round did not finish");
+    }
+
+    fn weighted_mean(&self, who: &[usize]) -> Vec<f64> {
+        let total: u64 = self.edges.iter().map(|e| e.samples).sum();
+        (0..SELECTED)
+            .map(|j| {
+                let sum: f64 = who
+                    .iter()
+                    .map(|&i| {
+                        self.edges[i].values[j] as f64 * self.edges[i].samples as f64 / total as f64
+                    })
+                    .sum();
+                let w: f64 = who
+                    .iter()
+                    .map(|&i| self.edges[i].samples as f64 / total as f64)
+                    .sum();
+                sum / w
+            })
+            .collect()
+    }
+
+    fn check_mean(&self, who: &[usize]) {
+        let r = self.result.as_ref().expect("round finished");
+        let ids: Vec<DeviceId> = who.iter().map(|i| DeviceId(format!("edge-{i}"))).collect();
+        assert_eq!(r.contributors, ids);
+        let got = self.encoding.decode_sum(&r.sums, r.total_weight);
+        let want = self.weighted_mean(who);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (*g as f64 - w).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-6, "decrypted mean off by {worst}");
+    }
+}
+
+#[test]
+fn three_edges_complete_a_round_and_the_host_decrypts_only_the_weighted_mean() {
+    let mut f = fleet(&[Fault::None; 3], 2);
+    f.run();
+    assert!(f.failed.is_none(), "{:?}", f.failed);
+    f.check_mean(&[0, 1, 2]);
+    let r = f.result.as_ref().unwrap();
+    assert_eq!(
+        r.eval_loss,
+        Some(3.0),
+        "mean of the reported losses 2, 3, 4"
+    );
+    assert_eq!(
+        r.upload_bytes,
+        fedshield_protocol::host::expected_update_bytes(SELECTED)
+    );
+    assert!(f.edges.iter().all(|e| e.settled == Some(true)));
+    // Every phase finished because everyone answered: no deadline was needed.
+    assert_eq!(f.now, 0);
+    assert!(f.refused.is_empty(), "{:?}", f.refused);
+}
+
+#[test]
+fn an_edge_dying_mid_upload_is_dropped_and_the_round_completes_at_the_deadline() {
+    let mut f = fleet(&[Fault::None, Fault::DiesMidUpload, Fault::None], 2);
+    f.run();
+    f.check_mean(&[0, 2]);
+    assert_eq!(f.edges[1].settled, Some(false));
+    assert!(f.now > 0, "the upload deadline closed the phase");
+}
+
+#[test]
+fn an_edge_dying_after_its_shares_is_dropped() {
+    let mut f = fleet(&[Fault::DiesAfterShares, Fault::None, Fault::None], 2);
+    f.run();
+    f.check_mean(&[1, 2]);
+}
+
+#[test]
+fn duplicate_uploads_are_ignored_without_harm() {
+    let mut f = fleet(&[Fault::Duplicates, Fault::None, Fault::Duplicates], 2);
+    f.run();
+    f.check_mean(&[0, 1, 2]);
+    // Duplicate masked inputs and late chunks are refused with a reason; nothing counted twice.
+    assert!(
+        f.refused
+            .iter()
+            .any(|r| r.contains("duplicate masked input")),
+        "{:?}",
+        f.refused
+    );
+}
+
+#[test]
+fn below_threshold_the_round_fails_and_edges_keep_their_residual() {
+    let mut f = fleet(
+        &[Fault::None, Fault::DiesMidUpload, Fault::DiesMidUpload],
+        2,
+    );
+    f.run();
+    assert!(f.result.is_none());
+    assert!(
+        f.failed.as_ref().unwrap().contains("threshold"),
+        "{:?}",
+        f.failed
+    );
+    assert_eq!(f.edges[0].settled, Some(false));
+}
+
+#[test]
+fn forged_unsigned_replayed_and_malformed_messages_are_refused() {
+    let mut f = fleet(&[Fault::None; 3], 2);
+    // Run the joins and shares only: stop when the first upload is queued.
+    let mut queued = std::mem::take(&mut f.uplink);
+    let mut round_msgs = Vec::new();
+    while !queued.is_empty() {
+        let (from, msg) = queued.remove(0);
+        round_msgs.push((from.clone(), msg.clone()));
+        let actions = f.host.on_message(&from, msg, 0).unwrap();
+        f.host_actions(actions);
+        queued.append(&mut f.uplink);
+        if round_msgs
+            .iter()
+            .any(|(_, m)| matches!(m, EdgeMessage::Manifest(_)))
+        {
+            break;
+        }
+    }
+    let (from, manifest) = round_msgs
+        .iter()
+        .find(|(_, m)| matches!(m, EdgeMessage::Manifest(_)))
+        .cloned()
+        .unwrap();
+    let EdgeMessage::Manifest(m) = manifest else {
+        unreachable!()
+    };
+    // Unsigned manifest.
+    let mut unsigned = m.clone();
+    unsigned.signature.clear();
+    let other = DeviceId("edge-1".into());
+    let e = f
+        .host
+        .on_message(&other, EdgeMessage::Manifest(unsigned), 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("signature"), "{e}");
+    // Another device's manifest replayed on this uplink.
+    let e = f
+        .host
+        .on_message(&other, EdgeMessage::Manifest(m.clone()), 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("signature"), "{e}");
+    // A join signed by edge-0 on edge-1's uplink.
+    let (_, join) = round_msgs
+        .iter()
+        .find(|(d, m)| d.0 == "edge-0" && matches!(m, EdgeMessage::Join { .. }))
+        .cloned()
+        .unwrap();
+    let e = f.host.on_message(&other, join.clone(), 0).unwrap_err();
+    assert!(e.to_string().contains("uplink"), "{e}");
+    // The same join replayed on its own uplink, in the wrong phase.
+    let e = f
+        .host
+        .on_message(&DeviceId("edge-0".into()), join, 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("phase"), "{e}");
+    // A chunk that does not match its manifest.
+    let bad = EdgeMessage::Chunk(fedshield_protocol::messages::Chunk {
+        round: 1,
+        index: 0,
+        bytes: vec![0; 5000],
+    });
+    let e = f.host.on_message(&from, bad, 0).unwrap_err();
+    assert!(e.to_string().contains("does not match"), "{e}");
+    // Garbage and oversized payloads never reach the state machine.
+    assert!(matches!(
+        decode::<EdgeMessage>(&[0xff; 9], 1 << 20),
+        Err(ProtocolError::Malformed(_))
+    ));
+    assert!(matches!(
+        decode::<EdgeMessage>(&[0; 100], 10),
+        Err(ProtocolError::Malformed(_))
+    ));
+    // After all that, the round still completes with everyone.
+    f.uplink = queued;
+    f.run();
+    f.check_mean(&[0, 1, 2]);
+}
+
+#[test]
+fn edges_refuse_rounds_for_another_layout_and_the_topic_tree_routes() {
+    let mut rng = ChaCha20Rng::seed_from_u64(9);
+    let mut s = EdgeSession::new(
+        EdgeIdentity {
+            id: DeviceId("a".into()),
+            secret: [1; 32],
+            authority: [2; 32],
+        },
+        [0; 32],
+    );
+    let state = RoundState {
+        config: config(1, 2),
+        phase: Phase::Announce { deadline_ms: 5 },
+    };
+    assert!(s.on_round(state, 1, None, &mut rng).is_err());
+    let t = Topics::new("lab").unwrap();
+    use fedshield_protocol::messages::Route;
+    assert_eq!(t.route(&t.round()), Some(Route::Round));
+    assert_eq!(
+        t.route(&t.up(&DeviceId("x".into()))),
+        Some(Route::Up(DeviceId("x".into())))
+    );
+    assert_eq!(t.route("fedshield/lab/up/x/y"), None);
+    assert_eq!(t.route("fedshield/other/round"), None);
+    assert!(Topics::new("a/b").is_err() && Topics::new("#").is_err() && Topics::new("").is_err());
+}
