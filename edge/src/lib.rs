@@ -2,6 +2,7 @@
 //! (ONNX Runtime through `ort`) and the serial link to attached boards and test rigs.
 
 pub mod compute;
+pub mod fleet;
 pub mod inference;
 pub mod llama;
 pub mod lora;

@@ -54,9 +54,12 @@ enum Command {
     /// The update codec's quality experiment: local-only, dense FedAvg, encrypted pruned
     /// FedAvg at several rho, centralised; writes quality.json and quality.svg.
     Quality(quality_cmd::QualityArgs),
+    /// Join a fleet: train, encrypt and upload every round, apply the global adapter.
+    Run(Box<run_cmd::RunArgs>),
 }
 
 mod quality_cmd;
+mod run_cmd;
 
 #[derive(clap::Args)]
 struct ModelArgs {
@@ -209,6 +212,7 @@ fn main() -> anyhow::Result<()> {
         Command::Doctor => doctor(),
         Command::Train(args) => train(args),
         Command::Quality(args) => quality_cmd::quality(args),
+        Command::Run(args) => run_cmd::run(*args),
         Command::Generate(args) => generate(args),
         Command::RigPing {
             port,

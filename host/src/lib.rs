@@ -2,6 +2,8 @@
 //! for one-machine runs.
 
 pub mod broker;
+pub mod fleet;
+pub mod serve;
 
 /// Errors of the host library.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,20 @@
 //! Llama-family model configurations.
 
+use crate::gguf::{Gguf, GgufError};
+use fedshield_codec::{CodecError, Layout, PairSpec};
 use serde::{Deserialize, Serialize};
+
+/// The seven adaptable projections, in the order of a layer's adapters in an update:
+/// (PEFT name, parent module).
+pub const PROJECTIONS: [(&str, &str); 7] = [
+    ("q_proj", "self_attn"),
+    ("k_proj", "self_attn"),
+    ("v_proj", "self_attn"),
+    ("o_proj", "self_attn"),
+    ("gate_proj", "mlp"),
+    ("up_proj", "mlp"),
+    ("down_proj", "mlp"),
+];
 
 /// Hyper-parameters of a Llama-family decoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +68,74 @@ impl LlamaConfig {
             rope_theta: 10_000.0,
             tie_word_embeddings: false,
         }
+    }
+
+    /// Reads the hyper-parameters from GGUF metadata (llama architecture only).
+    pub fn from_gguf(g: &Gguf) -> Result<Self, GgufError> {
+        let arch = g.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(GgufError::Corrupt(format!(
+                "architecture {arch:?}: only llama-family models are supported"
+            )));
+        }
+        let u = |k: &str| g.get_u64(&format!("llama.{k}")).map(|v| v as usize);
+        let heads = u("attention.head_count")?;
+        Ok(Self {
+            vocab_size: g.get_strings("tokenizer.ggml.tokens")?.len(),
+            hidden_size: u("embedding_length")?,
+            intermediate_size: u("feed_forward_length")?,
+            num_hidden_layers: u("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: u("attention.head_count_kv").unwrap_or(heads),
+            rms_norm_eps: g.get_f64("llama.attention.layer_norm_rms_epsilon")?,
+            rope_theta: g.get_f64("llama.rope.freq_base").unwrap_or(10_000.0),
+            tie_word_embeddings: g.tensor("output.weight").is_err(),
+        })
+    }
+
+    /// (in, out) features of a projection.
+    pub fn projection_shape(&self, name: &str) -> Option<(usize, usize)> {
+        let (h, ff) = (self.hidden_size, self.intermediate_size);
+        let kv = self.num_key_value_heads * self.head_dim();
+        Some(match name {
+            "q_proj" | "o_proj" => (h, h),
+            "k_proj" | "v_proj" => (h, kv),
+            "gate_proj" | "up_proj" => (h, ff),
+            "down_proj" => (ff, h),
+            _ => return None,
+        })
+    }
+
+    /// The update layout of rank-`r` LoRA adapters on `targets` (PEFT names) of every
+    /// layer: what the host aggregates without a copy of the model's weights. Equal to the
+    /// edge trainer's `Lora::layout` (tested there).
+    pub fn lora_layout(
+        &self,
+        r: usize,
+        targets: &[&str],
+        train_a: bool,
+    ) -> Result<Layout, CodecError> {
+        if let Some(bad) = targets.iter().find(|t| self.projection_shape(t).is_none()) {
+            return Err(CodecError::Layout(format!("unknown target module {bad:?}")));
+        }
+        let mut pairs = Vec::new();
+        for layer in 0..self.num_hidden_layers {
+            for (name, parent) in PROJECTIONS {
+                if !targets.contains(&name) {
+                    continue;
+                }
+                let (inp, out) = self.projection_shape(name).expect("known");
+                pairs.push(PairSpec {
+                    name: format!("layers.{layer}.{parent}.{name}"),
+                    layer,
+                    r,
+                    in_features: inp,
+                    out_features: out,
+                    train_a,
+                });
+            }
+        }
+        Layout::new(pairs)
     }
 
     /// Dimension of one attention head.

@@ -65,33 +65,10 @@ pub struct Llama {
     pub device: Device,
 }
 
-/// Reads the Llama hyper-parameters from GGUF metadata.
-pub fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, GgufError> {
-    let arch = g.get_str("general.architecture")?;
-    if arch != "llama" {
-        return Err(GgufError::Corrupt(format!(
-            "architecture {arch:?}: only llama-family models are supported"
-        )));
-    }
-    let u = |k: &str| g.get_u64(&format!("llama.{k}")).map(|v| v as usize);
-    let heads = u("attention.head_count")?;
-    Ok(LlamaConfig {
-        vocab_size: g.get_strings("tokenizer.ggml.tokens")?.len(),
-        hidden_size: u("embedding_length")?,
-        intermediate_size: u("feed_forward_length")?,
-        num_hidden_layers: u("block_count")?,
-        num_attention_heads: heads,
-        num_key_value_heads: u("attention.head_count_kv").unwrap_or(heads),
-        rms_norm_eps: g.get_f64("llama.attention.layer_norm_rms_epsilon")?,
-        rope_theta: g.get_f64("llama.rope.freq_base").unwrap_or(10_000.0),
-        tie_word_embeddings: g.tensor("output.weight").is_err(),
-    })
-}
-
 impl Llama {
     /// Loads a GGUF Llama onto `device`, weights packed as stored.
     pub fn from_gguf(g: &Gguf, device: Device) -> Result<Self, GgufError> {
-        let config = config_from_gguf(g)?;
+        let config = LlamaConfig::from_gguf(g)?;
         let (h, kv) = (
             config.num_attention_heads as i64,
             config.num_key_value_heads as i64,

@@ -148,6 +148,69 @@ impl Layout {
     }
 }
 
+/// The fleet's initial adapter, computed identically by host and edges from a public seed
+/// (pure Rust, no libtorch): A uniform in +-1/sqrt(in) as PEFT initialises it (one ChaCha8
+/// stream per pair), B zero, so the initial adapter changes nothing.
+pub fn init_adapter(layout: &Layout, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut out = vec![0f32; layout.len()];
+    for (p, spec) in layout.pairs().iter().enumerate() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            seed ^ (p as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        let bound = 1.0 / (spec.in_features as f32).sqrt();
+        let base = layout.offset(p);
+        for v in &mut out[base..base + spec.a_len()] {
+            *v = rng.random_range(-bound..bound);
+        }
+    }
+    out
+}
+
+/// The adapter `values` (in layout order) as a safetensors file with PEFT's tensor names
+/// (`base_model.model.model.{pair name}.lora_{A,B}.weight`), little-endian f32. Frozen A
+/// matrices are not in the update and are not written.
+pub fn to_safetensors(layout: &Layout, values: &[f32]) -> Result<Vec<u8>, CodecError> {
+    if values.len() != layout.len() {
+        return Err(CodecError::Length {
+            what: "adapter values",
+            expected: layout.len(),
+            got: values.len(),
+        });
+    }
+    let mut header = String::from("{");
+    let mut at = 0usize;
+    let mut first = true;
+    for spec in layout.pairs() {
+        let mut entry = |which: char, rows: usize, cols: usize| {
+            let name = format!("base_model.model.model.{}.lora_{which}.weight", spec.name);
+            let end = at + rows * cols * 4;
+            header.push_str(&format!(
+                "{}\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{rows},{cols}],\"data_offsets\":[{at},{end}]}}",
+                if first { "" } else { "," }
+            ));
+            first = false;
+            at = end;
+        };
+        if spec.train_a {
+            entry('A', spec.r, spec.in_features);
+        }
+        entry('B', spec.out_features, spec.r);
+    }
+    header.push('}');
+    // The data starts 8-byte aligned, as the format recommends.
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + header.len() + values.len() * 4);
+    out.extend((header.len() as u64).to_le_bytes());
+    out.extend(header.as_bytes());
+    for v in values {
+        out.extend(v.to_le_bytes());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

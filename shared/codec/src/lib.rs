@@ -16,7 +16,7 @@ pub mod plot;
 pub mod select;
 
 pub use codec::{ErrorFeedback, PlainSum, Prepared, apply, decode_values};
-pub use layout::{Layout, PairSpec};
+pub use layout::{Layout, PairSpec, init_adapter, to_safetensors};
 pub use select::{History, PruneConfig, Schedule, Selection, Structure, select};
 
 /// Errors of the codec.

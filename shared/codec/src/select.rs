@@ -26,7 +26,7 @@ use crate::layout::Layout;
 
 /// Keep fraction rho per decoder layer.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Schedule {
     /// The same fraction in every layer.
     Uniform {

@@ -15,7 +15,7 @@
 //! uploads still in flight.
 
 use crate::ProtocolError;
-use crate::messages::{Chunk, EdgeMessage, GlobalUpdate, Manifest, Phase, RoundConfig, RoundState};
+use crate::messages::{Chunk, EdgeMessage, Manifest, Phase, RoundConfig, RoundState};
 use fedshield_crypto::identity::{DeviceId, Registry};
 use fedshield_crypto::packed::{Aggregate, EncryptedUpdate, MaskSeed};
 use fedshield_crypto::params::POLYNOMIAL_SIZE;
@@ -223,6 +223,11 @@ impl HostRound {
             },
             EdgeMessage::Manifest(m) => self.on_manifest(from, m)?,
             EdgeMessage::Chunk(c) => self.on_chunk(from, c)?,
+            EdgeMessage::Evaluated { .. } => {
+                return Err(ProtocolError::Refused(
+                    "evaluation reports are the driver's, not the round's".into(),
+                ));
+            }
         }
         Ok(self.advance(now, false))
     }
@@ -503,14 +508,4 @@ pub fn expected_update_bytes(selected: usize) -> u64 {
 
 fn varint_len(v: u64) -> usize {
     (64 - v.max(1).leading_zeros() as usize).div_ceil(7)
-}
-
-/// The global update message of a finished round.
-pub fn global_update(result: &RoundResult, values: Vec<f32>) -> GlobalUpdate {
-    GlobalUpdate {
-        round: result.round,
-        contributors: result.contributors.clone(),
-        values,
-        eval_loss: result.eval_loss,
-    }
 }

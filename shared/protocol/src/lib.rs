@@ -10,6 +10,7 @@
 
 pub mod edge;
 pub mod host;
+pub mod keyfile;
 pub mod messages;
 
 /// Why a message or step was refused. A refused message changes nothing; the driver logs

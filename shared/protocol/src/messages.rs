@@ -7,7 +7,7 @@
 //! | `fedshield/{f}/round` | host -> edges | yes | [`RoundState`]: the current round and its phase |
 //! | `fedshield/{f}/down/{d}` | host -> one edge | yes | `secagg::ShareDelivery` of the current round |
 //! | `fedshield/{f}/up/{d}` | edge -> host | no | [`EdgeMessage`] (one topic per device keeps its messages in order) |
-//! | `fedshield/{f}/global` | host -> edges | yes | [`GlobalUpdate`] of the last completed round |
+//! | `fedshield/{f}/global/{i}` | host -> edges | yes | [`GlobalPart`] `i` of the last completed round's update |
 //! | `fedshield/{f}/status/{d}` | edge -> all | yes | `online` / `offline` (the last will) |
 //!
 //! QoS 1 everywhere: every handler is idempotent (duplicates are recognised and ignored).
@@ -31,8 +31,8 @@ pub enum Route {
     Down(DeviceId),
     /// `fedshield/{f}/up/{d}`.
     Up(DeviceId),
-    /// `fedshield/{f}/global`.
-    Global,
+    /// `fedshield/{f}/global/{i}`.
+    Global(u32),
     /// `fedshield/{f}/status/{d}`.
     Status(DeviceId),
 }
@@ -51,9 +51,14 @@ impl Topics {
         format!("fedshield/{}/round", self.fleet)
     }
 
-    /// `fedshield/{f}/global`.
-    pub fn global(&self) -> String {
-        format!("fedshield/{}/global", self.fleet)
+    /// `fedshield/{f}/global/{i}`.
+    pub fn global(&self, i: u32) -> String {
+        format!("fedshield/{}/global/{i}", self.fleet)
+    }
+
+    /// The edges' subscription to the global update parts.
+    pub fn all_global(&self) -> String {
+        format!("fedshield/{}/global/+", self.fleet)
     }
 
     /// `fedshield/{f}/down/{d}`.
@@ -85,7 +90,7 @@ impl Topics {
         let device = |d: &str| (!d.is_empty() && !d.contains('/')).then(|| DeviceId(d.into()));
         match rest.split_once('/') {
             None if rest == "round" => Some(Route::Round),
-            None if rest == "global" => Some(Route::Global),
+            Some(("global", i)) => i.parse().ok().map(Route::Global),
             Some(("down", d)) => device(d).map(Route::Down),
             Some(("up", d)) => device(d).map(Route::Up),
             Some(("status", d)) => device(d).map(Route::Status),
@@ -125,6 +130,11 @@ pub struct RoundConfig {
     pub layout_digest: [u8; 32],
     /// Values each client encrypts this round (the selection's length).
     pub selected: usize,
+    /// The last round in the host's selection history: a device whose history differs
+    /// would compute another mask, so it sits the round out until it has caught up.
+    pub history_round: u64,
+    /// Seed of the fleet's initial adapter (`fedshield_codec::init_adapter`).
+    pub init_seed: u64,
     /// Local optimizer steps per round.
     pub local_steps: usize,
     /// Minimum contributors.
@@ -191,6 +201,16 @@ pub enum EdgeMessage {
     Manifest(Manifest),
     /// One chunk of the encrypted update.
     Chunk(Chunk),
+    /// After applying a round's global update: its held-out loss on this device's
+    /// evaluation data and the device's encryption time that round.
+    Evaluated {
+        /// The round whose global adapter was evaluated.
+        round: u64,
+        /// Mean held-out loss per target token.
+        eval_loss: f64,
+        /// Seconds this device spent encrypting its update in that round.
+        encrypt_seconds: f64,
+    },
 }
 
 /// The table of contents of an upload.
@@ -269,16 +289,87 @@ pub struct Chunk {
     pub bytes: Vec<u8>,
 }
 
-/// `fedshield/{f}/global`'s payload: the round's global update at the selected coordinates.
+/// `fedshield/{f}/global/{i}`'s payload: part `index` of `parts` of the round's global
+/// update, the values at the selected coordinates (the selection follows from the round's
+/// public configuration and the history). Parts stay under the chunk size.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct GlobalUpdate {
+pub struct GlobalPart {
     /// The round.
     pub round: u64,
     /// Whose updates it averages.
     pub contributors: Vec<DeviceId>,
-    /// The update's value at each selected coordinate (the selection follows from the
-    /// round's public configuration and the history).
+    /// This part's position.
+    pub index: u32,
+    /// Number of parts.
+    pub parts: u32,
+    /// Offset of `values` in the whole update.
+    pub offset: u64,
+    /// The values.
     pub values: Vec<f32>,
-    /// Mean held-out loss the contributors reported, if any.
-    pub eval_loss: Option<f64>,
+}
+
+impl GlobalPart {
+    /// Splits a round's global update into parts of at most `chunk_bytes` of values.
+    pub fn split(
+        round: u64,
+        contributors: &[DeviceId],
+        values: &[f32],
+        chunk_bytes: usize,
+    ) -> Vec<Self> {
+        let per = (chunk_bytes / 4).max(1);
+        let parts = values.len().div_ceil(per).max(1) as u32;
+        (0..parts)
+            .map(|i| {
+                let start = i as usize * per;
+                let end = (start + per).min(values.len());
+                Self {
+                    round,
+                    contributors: contributors.to_vec(),
+                    index: i,
+                    parts,
+                    offset: start as u64,
+                    values: values[start..end].to_vec(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Reassembles a round's global update from its parts, arriving in any order, with
+/// duplicates and parts of older rounds.
+#[derive(Debug, Default)]
+pub struct GlobalAssembler {
+    round: u64,
+    parts: std::collections::BTreeMap<u32, GlobalPart>,
+}
+
+impl GlobalAssembler {
+    /// Adds a part; returns the whole update (contributors, values) when complete. Parts of
+    /// rounds at or before `applied` are ignored.
+    pub fn add(
+        &mut self,
+        part: GlobalPart,
+        applied: u64,
+    ) -> Option<(u64, Vec<DeviceId>, Vec<f32>)> {
+        if part.round <= applied || part.index >= part.parts {
+            return None;
+        }
+        if part.round != self.round {
+            self.round = part.round;
+            self.parts.clear();
+        }
+        let parts = part.parts;
+        self.parts.insert(part.index, part);
+        if self.parts.len() as u32 != parts {
+            return None;
+        }
+        let parts = std::mem::take(&mut self.parts);
+        let contributors = parts
+            .values()
+            .next()
+            .map(|p| p.contributors.clone())
+            .unwrap_or_default();
+        let values = parts.into_values().flat_map(|p| p.values).collect();
+        Some((self.round, contributors, values))
+    }
 }

@@ -66,6 +66,8 @@ fn config(round: u64, threshold: usize) -> RoundConfig {
         scale_log2: 60,
         layout_digest: [7; 32],
         selected: SELECTED,
+        history_round: round - 1,
+        init_seed: 0,
         local_steps: 1,
         threshold,
         chunk_bytes: 5000,
@@ -426,4 +428,54 @@ fn edges_refuse_rounds_for_another_layout_and_the_topic_tree_routes() {
     assert_eq!(t.route("fedshield/lab/up/x/y"), None);
     assert_eq!(t.route("fedshield/other/round"), None);
     assert!(Topics::new("a/b").is_err() && Topics::new("#").is_err() && Topics::new("").is_err());
+}
+
+#[test]
+fn every_host_message_round_trips_through_postcard() {
+    // Schedules, phases and configurations are all postcard-encodable (no self-describing
+    // serde features such as internally tagged enums).
+    for schedule in [
+        fedshield_codec::Schedule::Uniform { rho: 0.1 },
+        fedshield_codec::Schedule::Ramp {
+            first: 0.8,
+            last: 0.5,
+        },
+    ] {
+        let mut c = config(3, 2);
+        c.prune.schedule = schedule;
+        for phase in [
+            Phase::Announce { deadline_ms: 9 },
+            Phase::Closed {
+                contributors: vec![DeviceId("a".into())],
+            },
+            Phase::Failed { reason: "x".into() },
+        ] {
+            let state = RoundState {
+                config: c.clone(),
+                phase,
+            };
+            let bytes = postcard::to_stdvec(&state).unwrap();
+            assert_eq!(decode::<RoundState>(&bytes, 1 << 20).unwrap(), state);
+        }
+    }
+    let parts = fedshield_protocol::messages::GlobalPart::split(
+        4,
+        &[DeviceId("a".into())],
+        &(0..10).map(|i| i as f32).collect::<Vec<_>>(),
+        12,
+    );
+    assert_eq!(parts.len(), 4);
+    let mut asm = fedshield_protocol::messages::GlobalAssembler::default();
+    // Out of order, with a duplicate and a stale part.
+    let mut stale = parts[0].clone();
+    stale.round = 3;
+    assert!(asm.add(stale, 3).is_none());
+    for i in [2, 0, 2, 3] {
+        let p: fedshield_protocol::messages::GlobalPart =
+            decode(&postcard::to_stdvec(&parts[i]).unwrap(), 1 << 20).unwrap();
+        assert!(asm.add(p, 3).is_none());
+    }
+    let (round, who, values) = asm.add(parts[1].clone(), 3).unwrap();
+    assert_eq!((round, who.len()), (4, 1));
+    assert_eq!(values, (0..10).map(|i| i as f32).collect::<Vec<_>>());
 }

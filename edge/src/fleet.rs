@@ -1,0 +1,370 @@
+//! `fedshield-edge run`'s engine: one device of a fleet. Around the protocol's
+//! [`EdgeSession`] it trains the local adapter each round (libtorch), encodes the delta with
+//! the round's public mask and error feedback, encrypts it under a fresh key, applies each
+//! published global update and reports its held-out loss. The MQTT link is the driver's.
+
+use crate::llama::Llama;
+use crate::lora::Lora;
+use crate::sft::{LocalRun, Sequence, train_local};
+use crate::train::{Batch, TrainConfig, Trainer, evaluate};
+use fedshield_codec::{ErrorFeedback, History, Layout, Prepared, apply, init_adapter, select};
+use fedshield_crypto::encoding::FixedPoint;
+use fedshield_crypto::packed::{ClientKey, MaskSeed, encrypt};
+use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
+use fedshield_protocol::messages::{
+    EdgeMessage, GlobalAssembler, GlobalPart, Phase, RoundConfig, RoundState,
+};
+use std::collections::BTreeMap;
+use std::time::Instant;
+use tfhe::core_crypto::seeders::new_seeder;
+
+/// What the device trains with.
+pub struct Device<'a> {
+    /// The base model.
+    pub model: &'a Llama,
+    /// The adapter (its values are the global adapter between rounds).
+    pub lora: Lora,
+    /// Local training data.
+    pub train: Vec<Sequence>,
+    /// Held-out batches.
+    pub eval: Vec<Batch>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Padding token.
+    pub pad: u32,
+    /// Seed of data order and dropout.
+    pub seed: u64,
+}
+
+/// One device's federation state.
+pub struct FleetClient<'a> {
+    device: Device<'a>,
+    layout: Layout,
+    session: EdgeSession,
+    global: Vec<f32>,
+    history: History,
+    feedback: ErrorFeedback,
+    prepared: Option<Prepared>,
+    configs: BTreeMap<u64, RoundConfig>,
+    assembler: GlobalAssembler,
+    waiting: Option<(RoundConfig, f64)>,
+    eval_loss: Option<f64>,
+    encrypt_seconds: BTreeMap<u64, f64>,
+    rng: rand::rngs::ThreadRng,
+    init_seed: Option<u64>,
+}
+
+/// A line for the device's log.
+pub type Log = Vec<String>;
+
+impl<'a> FleetClient<'a> {
+    /// A client for `device` with identity `me`.
+    pub fn new(device: Device<'a>, me: EdgeIdentity) -> Result<Self, crate::EdgeError> {
+        let layout = device
+            .lora
+            .layout()
+            .map_err(|e| crate::EdgeError::Shape(e.to_string()))?;
+        let len = layout.len();
+        Ok(Self {
+            session: EdgeSession::new(me, layout.digest()),
+            global: device.lora.flatten(),
+            history: History::new(len),
+            feedback: ErrorFeedback::new(len),
+            layout,
+            device,
+            prepared: None,
+            configs: BTreeMap::new(),
+            assembler: GlobalAssembler::default(),
+            waiting: None,
+            eval_loss: None,
+            encrypt_seconds: BTreeMap::new(),
+            rng: rand::rng(),
+            init_seed: None,
+        })
+    }
+
+    /// Samples on this device.
+    pub fn samples(&self) -> u64 {
+        self.device.train.len() as u64
+    }
+
+    /// The round state arrived; returns the messages to publish.
+    pub fn on_round(&mut self, state: RoundState, log: &mut Log) -> Vec<EdgeMessage> {
+        let round = state.config.round;
+        if self.init_seed.is_none() && self.history.round() == 0 {
+            // The fleet's initial adapter: identical on every device and on the host.
+            self.global = init_adapter(&self.layout, state.config.init_seed);
+            self.load_global();
+            self.init_seed = Some(state.config.init_seed);
+        }
+        self.configs.insert(round, state.config.clone());
+        if let Phase::Announce { .. } = state.phase
+            && self.eval_loss.is_none()
+        {
+            self.eval_loss = Some(evaluate(
+                self.device.model,
+                Some(&self.device.lora),
+                &self.device.eval,
+            ));
+        }
+        if let Phase::Closed { contributors } = &state.phase {
+            log.push(format!(
+                "round {round}: closed with {} contributors",
+                contributors.len()
+            ));
+        }
+        let samples = self.samples();
+        match self
+            .session
+            .on_round(state, samples, self.eval_loss, &mut self.rng)
+        {
+            Ok(actions) => self.execute(actions, log),
+            Err(e) => {
+                log.push(format!("round {round}: {e}"));
+                vec![]
+            }
+        }
+    }
+
+    /// The host delivered this device's shares.
+    pub fn on_delivery(
+        &mut self,
+        delivery: fedshield_crypto::secagg::ShareDelivery,
+        log: &mut Log,
+    ) -> Vec<EdgeMessage> {
+        match self.session.on_delivery(delivery) {
+            Ok(actions) => self.execute(actions, log),
+            Err(e) => {
+                log.push(format!("share delivery refused: {e}"));
+                vec![]
+            }
+        }
+    }
+
+    /// A part of a global update arrived.
+    pub fn on_global(&mut self, part: GlobalPart, log: &mut Log) -> Vec<EdgeMessage> {
+        let Some((round, contributors, values)) = self.assembler.add(part, self.history.round())
+        else {
+            return vec![];
+        };
+        let Some(config) = self.configs.get(&round).cloned() else {
+            log.push(format!(
+                "global update of round {round}: its configuration never arrived"
+            ));
+            return vec![];
+        };
+        if config.history_round != self.history.round() {
+            log.push(format!(
+                "global update of round {round}: this device has the history of round {}, the round was built on {} (out of sync)",
+                self.history.round(),
+                config.history_round
+            ));
+            return vec![];
+        }
+        let selection = match select(
+            &self.layout,
+            &config.prune,
+            &self.history,
+            round,
+            config.select_seed,
+        ) {
+            Ok(s) if s.len() == values.len() => s,
+            Ok(s) => {
+                log.push(format!(
+                    "global update of round {round}: {} values for a mask of {}",
+                    values.len(),
+                    s.len()
+                ));
+                return vec![];
+            }
+            Err(e) => {
+                log.push(format!("global update of round {round}: {e}"));
+                return vec![];
+            }
+        };
+        if apply(&mut self.global, &selection, &values).is_err()
+            || self.history.observe(&selection, &values).is_err()
+        {
+            log.push(format!("global update of round {round} does not fit"));
+            return vec![];
+        }
+        self.load_global();
+        let loss = evaluate(
+            self.device.model,
+            Some(&self.device.lora),
+            &self.device.eval,
+        );
+        self.eval_loss = Some(loss);
+        log.push(format!(
+            "round {round}: applied the global update of {} devices; held-out loss {loss:.4}",
+            contributors.len()
+        ));
+        let mut out = vec![EdgeMessage::Evaluated {
+            round,
+            eval_loss: loss,
+            encrypt_seconds: self.encrypt_seconds.get(&round).copied().unwrap_or(0.0),
+        }];
+        if let Some((config, weight)) = self.waiting.take() {
+            out.extend(self.train_round(config, weight, log));
+        }
+        out
+    }
+
+    fn load_global(&self) {
+        self.device
+            .lora
+            .load_flat(&self.global)
+            .expect("the global adapter has the adapter's layout");
+    }
+
+    fn execute(&mut self, actions: Vec<EdgeAction>, log: &mut Log) -> Vec<EdgeMessage> {
+        let mut out = Vec::new();
+        for a in actions {
+            match a {
+                EdgeAction::Send(m) => out.push(m),
+                EdgeAction::Train { config, weight } => {
+                    if config.history_round > self.history.round() {
+                        // The previous round's global update is still on its way.
+                        self.waiting = Some((config, weight));
+                    } else {
+                        out.extend(self.train_round(config, weight, log));
+                    }
+                }
+                EdgeAction::Settle { round, counted } => {
+                    if self.waiting.as_ref().is_some_and(|(c, _)| c.round == round) {
+                        self.waiting = None;
+                    }
+                    if let Some(p) = self.prepared.take_if(|p| p.round() == round) {
+                        self.feedback.settle(p, counted);
+                        log.push(format!(
+                            "round {round}: {}",
+                            if counted {
+                                "update counted; residual keeps what was not sent"
+                            } else {
+                                "update not counted; residual keeps all of it"
+                            }
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Trains, encodes, encrypts and hands the update to the session.
+    fn train_round(&mut self, config: RoundConfig, weight: f64, log: &mut Log) -> Vec<EdgeMessage> {
+        let round = config.round;
+        if config.history_round != self.history.round() {
+            log.push(format!(
+                "round {round}: out of sync with the fleet's history; sitting it out"
+            ));
+            return vec![];
+        }
+        let selection = match select(
+            &self.layout,
+            &config.prune,
+            &self.history,
+            round,
+            config.select_seed,
+        ) {
+            Ok(s) if s.len() == config.selected => s,
+            _ => {
+                log.push(format!(
+                    "round {round}: cannot reproduce the round's mask; sitting it out"
+                ));
+                return vec![];
+            }
+        };
+        let encoding = match FixedPoint::with_scale(config.clip, config.scale_log2) {
+            Ok(e) => e,
+            Err(e) => {
+                log.push(format!("round {round}: {e}"));
+                return vec![];
+            }
+        };
+        self.load_global();
+        let t = Instant::now();
+        let mut trainer = Trainer::new(
+            &self.device.lora,
+            TrainConfig {
+                lr: self.device.lr,
+                weight_decay: 0.0,
+                warmup_steps: 0,
+                total_steps: usize::MAX / 2,
+                max_grad_norm: 1.0,
+                checkpointing: true,
+                seed: (self.device.seed ^ round) as i64,
+            },
+        )
+        .expect("AdamW over the adapter");
+        let run = LocalRun {
+            steps: config.local_steps,
+            batch_size: self.device.batch_size,
+            grad_accum: 1,
+            eval_every: 0,
+            seed: self.device.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            pad: self.device.pad,
+        };
+        let mut last_loss = f64::NAN;
+        train_local(
+            self.device.model,
+            &self.device.lora,
+            &mut trainer,
+            &self.device.train,
+            &[],
+            &run,
+            |p| last_loss = p.stats.loss,
+        );
+        let delta: Vec<f32> = self
+            .device
+            .lora
+            .flatten()
+            .iter()
+            .zip(&self.global)
+            .map(|(l, g)| l - g)
+            .collect();
+        self.load_global();
+        let prepared = match self.feedback.prepare(&delta, &selection, &encoding, weight) {
+            Ok(p) => p,
+            Err(e) => {
+                log.push(format!("round {round}: {e}"));
+                return vec![];
+            }
+        };
+        let train_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut seeder = new_seeder();
+        let key = ClientKey::generate(seeder.as_mut());
+        let ct = encrypt(
+            &key,
+            MaskSeed(config.mask_seed),
+            &prepared.plaintexts,
+            seeder.as_mut(),
+        );
+        let bytes = postcard::to_stdvec(&ct).expect("serializable");
+        let enc_s = t.elapsed().as_secs_f64();
+        self.encrypt_seconds.insert(round, enc_s);
+        log.push(format!(
+            "round {round}: trained {} steps in {train_s:.1} s (last loss {last_loss:.4}); {} of {} values sent ({} clipped), {} bytes encrypted in {:.2} s",
+            config.local_steps,
+            prepared.plaintexts.len(),
+            self.layout.len(),
+            prepared.clipped,
+            bytes.len(),
+            enc_s
+        ));
+        self.prepared = Some(prepared);
+        match self
+            .session
+            .on_trained(round, bytes, key.coefficients().to_vec())
+        {
+            Ok(actions) => self.execute(actions, log),
+            Err(e) => {
+                log.push(format!("round {round}: {e}"));
+                vec![]
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! `fedshield-edge run`: the MQTT driver of one fleet device (engine: `fleet.rs`).
+
+use crate::{ModelArgs, parse_targets};
+use anyhow::Context;
+use fedshield_crypto::secagg::ShareDelivery;
+use fedshield_edge::fleet::{Device, FleetClient, Log};
+use fedshield_edge::lora::{Lora, LoraConfig};
+use fedshield_edge::sft;
+use fedshield_models::Assets;
+use fedshield_models::data::{read_instruction_jsonl, split_by_category};
+use fedshield_protocol::decode;
+use fedshield_protocol::edge::EdgeIdentity;
+use fedshield_protocol::keyfile::DeviceKey;
+use fedshield_protocol::messages::{GlobalPart, Phase, RoundState, Route, Topics};
+use fedshield_transport::{Incoming, Link, LinkConfig};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The device's key file (from `fedshield-host enrol`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Fleet name.
+    #[arg(long, default_value = "demo")]
+    fleet: String,
+    /// MQTT broker, host:port.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    broker: String,
+    /// Broker username (the password comes from FEDSHIELD_MQTT_PASSWORD).
+    #[arg(long)]
+    username: Option<String>,
+    /// Largest MQTT packet, bytes.
+    #[arg(long, default_value_t = 512 * 1024)]
+    max_packet_bytes: usize,
+    /// This device's share of the FAQ category split: client K ...
+    #[arg(long)]
+    client: usize,
+    /// ... of N.
+    #[arg(long, default_value_t = 3)]
+    clients: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// LoRA rank (must match the host's).
+    #[arg(long, default_value_t = 16)]
+    rank: i64,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f64,
+    /// Target modules (must match the host's).
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    targets: String,
+    /// Maximum tokens per example.
+    #[arg(long, default_value_t = 192)]
+    max_len: usize,
+    /// Held-out examples evaluated after each global update.
+    #[arg(long, default_value_t = 16)]
+    eval_examples: usize,
+    /// Seed of the data order and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Leave after this round's global update (0: run for ever).
+    #[arg(long, default_value_t = 0)]
+    rounds: u64,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let key = DeviceKey::parse(
+        &std::fs::read_to_string(&args.key)
+            .with_context(|| format!("reading {}", args.key.display()))?,
+    )?;
+    let (secret, authority) = key.keys()?;
+    let me = key.device.clone();
+    let (_path, _g, tok, model) = args.model.load()?;
+    let examples = read_instruction_jsonl(&Assets::locate().faq_with_categories()?)?;
+    let split = split_by_category(&examples, args.clients, 0.1, 0)?;
+    anyhow::ensure!(
+        args.client < args.clients,
+        "--client must be below --clients"
+    );
+    let train = sft::tokenize_all(&tok, &split.clients[args.client], args.max_len)?;
+    let eval_n = args.eval_examples.min(split.eval.len());
+    let eval = sft::tokenize_all(&tok, &split.eval[..eval_n], args.max_len)?;
+    let lora = Lora::new(
+        &model,
+        LoraConfig {
+            r: args.rank,
+            alpha: args.alpha,
+            dropout: 0.05,
+            target_modules: parse_targets(&args.targets)?,
+            freeze_a: false,
+        },
+        0,
+    );
+    let mut client = FleetClient::new(
+        Device {
+            model: &model,
+            lora,
+            train,
+            eval: sft::batches(&eval, 8, tok.eos_id, model.device),
+            lr: args.lr,
+            batch_size: args.batch,
+            pad: tok.eos_id,
+            seed: args.seed ^ (args.client as u64) << 32,
+        },
+        EdgeIdentity {
+            id: me.clone(),
+            secret,
+            authority,
+        },
+    )?;
+    let topics = Topics::new(&args.fleet)?;
+    let (host, port) = args
+        .broker
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .with_context(|| format!("--broker {:?}: expected host:port", args.broker))?;
+    let credentials = match &args.username {
+        Some(u) => Some((
+            u.clone(),
+            std::env::var("FEDSHIELD_MQTT_PASSWORD")
+                .context("--username needs FEDSHIELD_MQTT_PASSWORD")?,
+        )),
+        None => None,
+    };
+    let link = Link::start(LinkConfig {
+        host,
+        port,
+        client_id: format!("fedshield-edge-{}-{}", args.fleet, me.0),
+        credentials,
+        max_packet_bytes: args.max_packet_bytes,
+        subscriptions: vec![topics.round(), topics.down(&me), topics.all_global()],
+        last_will: Some((topics.status(&me), b"offline".to_vec())),
+        birth: Some((topics.status(&me), b"online".to_vec())),
+    })?;
+    eprintln!(
+        "{me}: {} training examples, {eval_n} held out; waiting for rounds on {}:{}",
+        client.samples(),
+        args.broker,
+        args.fleet
+    );
+    let mut done_round = 0u64;
+    loop {
+        let Some(incoming) = link.recv(Duration::from_millis(500))? else {
+            continue;
+        };
+        let mut log = Log::new();
+        let out = match incoming {
+            Incoming::Connected => {
+                eprintln!("{me}: connected to the broker");
+                vec![]
+            }
+            Incoming::Disconnected(e) => {
+                eprintln!("{me}: broker connection lost ({e}); reconnecting");
+                vec![]
+            }
+            Incoming::Message { topic, payload } => match topics.route(&topic) {
+                Some(Route::Round) => match decode::<RoundState>(&payload, args.max_packet_bytes) {
+                    Ok(state) => {
+                        if let Phase::Failed { reason } = &state.phase
+                            && state.config.round >= args.rounds
+                            && args.rounds > 0
+                        {
+                            done_round = state.config.round;
+                            eprintln!("{me}: round {} failed: {reason}", state.config.round);
+                        }
+                        client.on_round(state, &mut log)
+                    }
+                    Err(e) => {
+                        eprintln!("{me}: bad round state refused: {e}");
+                        vec![]
+                    }
+                },
+                Some(Route::Down(d)) if d == me => {
+                    match decode::<ShareDelivery>(&payload, args.max_packet_bytes) {
+                        Ok(delivery) => client.on_delivery(delivery, &mut log),
+                        Err(e) => {
+                            eprintln!("{me}: bad share delivery refused: {e}");
+                            vec![]
+                        }
+                    }
+                }
+                Some(Route::Global(_)) => {
+                    match decode::<GlobalPart>(&payload, args.max_packet_bytes) {
+                        Ok(part) => {
+                            let round = part.round;
+                            let out = client.on_global(part, &mut log);
+                            if !out.is_empty() {
+                                done_round = done_round.max(round);
+                            }
+                            out
+                        }
+                        Err(e) => {
+                            eprintln!("{me}: bad global update part refused: {e}");
+                            vec![]
+                        }
+                    }
+                }
+                _ => vec![],
+            },
+        };
+        for line in log {
+            eprintln!("{me}: {line}");
+        }
+        for msg in out {
+            link.publish(&topics.up(&me), postcard::to_stdvec(&msg)?, false)?;
+        }
+        if args.rounds > 0 && done_round >= args.rounds {
+            // Let the last messages leave before disconnecting.
+            std::thread::sleep(Duration::from_millis(500));
+            link.disconnect();
+            eprintln!("{me}: done after round {done_round}");
+            return Ok(());
+        }
+    }
+}

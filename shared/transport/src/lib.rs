@@ -1,0 +1,165 @@
+//! The MQTT link of the host and edge drivers: a rumqttc client whose event loop runs on its
+//! own thread, reconnects with back-off, re-subscribes after every connection, and hands
+//! incoming publishes to the driver over a channel. The driver stays a plain loop: receive
+//! with a timeout, feed the state machine, publish what it returns.
+
+use rumqttc::{Client, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::time::Duration;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Broker host name or address.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// MQTT client id (stable across restarts: the broker keeps the session).
+    pub client_id: String,
+    /// Username and password, if the broker requires them.
+    pub credentials: Option<(String, String)>,
+    /// Largest packet sent or received.
+    pub max_packet_bytes: usize,
+    /// Topic filters to (re)subscribe to after every connection.
+    pub subscriptions: Vec<String>,
+    /// Retained message published by the broker if this client vanishes: (topic, payload).
+    pub last_will: Option<(String, Vec<u8>)>,
+    /// Retained message published after every connection: (topic, payload).
+    pub birth: Option<(String, Vec<u8>)>,
+}
+
+/// What the link reports to the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A message on a subscribed topic.
+    Message {
+        /// The topic.
+        topic: String,
+        /// The payload.
+        payload: Vec<u8>,
+    },
+    /// (Re)connected: subscriptions are renewed.
+    Connected,
+    /// The connection dropped; the link is retrying.
+    Disconnected(String),
+}
+
+/// Errors of the link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The publish could not be queued (the event loop is gone).
+    #[error("MQTT client: {0}")]
+    Client(#[from] rumqttc::ClientError),
+    /// The link's thread stopped.
+    #[error("the MQTT link has stopped")]
+    Closed,
+}
+
+/// A running link.
+pub struct Link {
+    client: Client,
+    incoming: Receiver<Incoming>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Starts the link; connection happens in the background (see [`Incoming::Connected`]).
+    pub fn start(config: LinkConfig) -> Result<Self, LinkError> {
+        let mut opts = MqttOptions::new(&config.client_id, &config.host, config.port);
+        opts.set_keep_alive(Duration::from_secs(10));
+        opts.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
+        opts.set_clean_session(false);
+        if let Some((user, pass)) = &config.credentials {
+            opts.set_credentials(user, pass);
+        }
+        if let Some((topic, payload)) = &config.last_will {
+            opts.set_last_will(LastWill::new(
+                topic,
+                payload.clone(),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        }
+        let (client, mut connection) = Client::new(opts, 256);
+        let (tx, rx) = channel();
+        let subscriber = client.clone();
+        std::thread::Builder::new()
+            .name(format!("mqtt-{}", config.client_id))
+            .spawn(move || {
+                let mut backoff = Duration::from_millis(100);
+                for event in connection.iter() {
+                    if !forward(event, &tx, &subscriber, &config, &mut backoff) {
+                        return;
+                    }
+                }
+            })
+            .map_err(|_| LinkError::Closed)?;
+        Ok(Self {
+            client,
+            incoming: rx,
+        })
+    }
+
+    /// Publishes with QoS 1 (queued; the event loop sends it when connected).
+    pub fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), LinkError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .map_err(LinkError::from)
+    }
+
+    /// The next incoming event, waiting at most `timeout` (`None` on timeout).
+    pub fn recv(&self, timeout: Duration) -> Result<Option<Incoming>, LinkError> {
+        match self.incoming.recv_timeout(timeout) {
+            Ok(i) => Ok(Some(i)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(LinkError::Closed),
+        }
+    }
+
+    /// Disconnects cleanly (no last will).
+    pub fn disconnect(&self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+/// Handles one event-loop event; false stops the thread (the driver is gone).
+fn forward(
+    event: Result<Event, ConnectionError>,
+    tx: &Sender<Incoming>,
+    client: &Client,
+    config: &LinkConfig,
+    backoff: &mut Duration,
+) -> bool {
+    match event {
+        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            *backoff = Duration::from_millis(100);
+            for filter in &config.subscriptions {
+                if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                    tracing::warn!("subscribe {filter}: {e}");
+                }
+            }
+            if let Some((topic, payload)) = &config.birth {
+                let _ = client.try_publish(topic, QoS::AtLeastOnce, true, payload.clone());
+            }
+            tx.send(Incoming::Connected).is_ok()
+        }
+        Ok(Event::Incoming(Packet::Publish(p))) => tx
+            .send(Incoming::Message {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+            })
+            .is_ok(),
+        Ok(_) => true,
+        Err(e) => {
+            let alive = tx.send(Incoming::Disconnected(e.to_string())).is_ok();
+            std::thread::sleep(*backoff);
+            *backoff = (*backoff * 2).min(Duration::from_secs(5));
+            alive
+        }
+    }
+}
