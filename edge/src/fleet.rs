@@ -288,15 +288,7 @@ impl<'a> FleetClient<'a> {
         let t = Instant::now();
         let mut trainer = Trainer::new(
             &self.device.lora,
-            TrainConfig {
-                lr: self.device.lr,
-                weight_decay: 0.0,
-                warmup_steps: 0,
-                total_steps: usize::MAX / 2,
-                max_grad_norm: 1.0,
-                checkpointing: true,
-                seed: (self.device.seed ^ round) as i64,
-            },
+            TrainConfig::constant(self.device.lr, (self.device.seed ^ round) as i64),
         )
         .expect("AdamW over the adapter");
         let run = LocalRun {

@@ -104,16 +104,7 @@ impl Setup<'_> {
     fn trainer(&self, lora: &Lora, cfg: &QualityConfig, stream: u64) -> Trainer {
         Trainer::new(
             lora,
-            TrainConfig {
-                lr: cfg.lr,
-                weight_decay: 0.0,
-                warmup_steps: 0,
-                // Constant rate: the cosine never leaves its start.
-                total_steps: usize::MAX / 2,
-                max_grad_norm: 1.0,
-                checkpointing: true,
-                seed: (cfg.seed ^ stream) as i64,
-            },
+            TrainConfig::constant(cfg.lr, (cfg.seed ^ stream) as i64),
         )
         .expect("AdamW over the adapter")
     }

@@ -119,19 +119,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     )?;
     let topics = Topics::new(&args.fleet)?;
-    let (host, port) = args
-        .broker
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-        .with_context(|| format!("--broker {:?}: expected host:port", args.broker))?;
-    let credentials = match &args.username {
-        Some(u) => Some((
-            u.clone(),
-            std::env::var("FEDSHIELD_MQTT_PASSWORD")
-                .context("--username needs FEDSHIELD_MQTT_PASSWORD")?,
-        )),
-        None => None,
-    };
+    let (host, port) = fedshield_transport::parse_broker(&args.broker)?;
+    let credentials = fedshield_transport::credentials(args.username.as_deref())?;
     let link = Link::start(LinkConfig {
         host,
         port,

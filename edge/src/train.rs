@@ -95,6 +95,23 @@ impl Default for TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// A constant learning rate, no warm-up, clipping at 1, layer-wise recomputation: what
+    /// every federated round uses (AdamW restarts each round, as FedAvg clients do).
+    pub fn constant(lr: f64, seed: i64) -> Self {
+        Self {
+            lr,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            // The cosine never leaves its start.
+            total_steps: usize::MAX / 2,
+            max_grad_norm: 1.0,
+            checkpointing: true,
+            seed,
+        }
+    }
+}
+
 /// Learning rate at optimizer step `step` (0-based): linear warm-up to `lr`, then cosine
 /// decay to 0 at `total_steps`.
 pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {

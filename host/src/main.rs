@@ -175,11 +175,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         explore: args.explore,
     };
     prune.validate()?;
-    let (host, port) = args
-        .broker
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-        .with_context(|| format!("--broker {:?}: expected host:port", args.broker))?;
+    let (host, port) = fedshield_transport::parse_broker(&args.broker)?;
     let _broker = if args.embedded_broker {
         let addr: SocketAddr = args
             .broker
@@ -191,14 +187,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let credentials = match args.username {
-        Some(u) => Some((
-            u,
-            std::env::var("FEDSHIELD_MQTT_PASSWORD")
-                .context("--username needs FEDSHIELD_MQTT_PASSWORD")?,
-        )),
-        None => None,
-    };
+    let credentials = fedshield_transport::credentials(args.username.as_deref())?;
     let phase = args.phase_seconds * 1000;
     let (adapter, plot, metrics) = serve(ServeConfig {
         fleet: args.fleet,

@@ -28,6 +28,26 @@ pub struct LinkConfig {
     pub birth: Option<(String, Vec<u8>)>,
 }
 
+/// Parses `host:port`.
+pub fn parse_broker(address: &str) -> Result<(String, u16), LinkError> {
+    address
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .filter(|(h, _)| !h.is_empty())
+        .ok_or_else(|| LinkError::Config(format!("broker {address:?}: expected host:port")))
+}
+
+/// Credentials for `username`, with the password from `FEDSHIELD_MQTT_PASSWORD` (never a
+/// command-line argument, which other users could read).
+pub fn credentials(username: Option<&str>) -> Result<Option<(String, String)>, LinkError> {
+    let Some(user) = username else {
+        return Ok(None);
+    };
+    let pass = std::env::var("FEDSHIELD_MQTT_PASSWORD")
+        .map_err(|_| LinkError::Config("a broker username needs FEDSHIELD_MQTT_PASSWORD".into()))?;
+    Ok(Some((user.to_string(), pass)))
+}
+
 /// What the link reports to the driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
@@ -50,6 +70,9 @@ pub enum LinkError {
     /// The publish could not be queued (the event loop is gone).
     #[error("MQTT client: {0}")]
     Client(#[from] rumqttc::ClientError),
+    /// A bad broker address or credentials.
+    #[error("{0}")]
+    Config(String),
     /// The link's thread stopped.
     #[error("the MQTT link has stopped")]
     Closed,
@@ -161,5 +184,26 @@ fn forward(
             *backoff = (*backoff * 2).min(Duration::from_secs(5));
             alive
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_parse() {
+        assert_eq!(
+            parse_broker("127.0.0.1:1883").unwrap(),
+            ("127.0.0.1".into(), 1883)
+        );
+        assert_eq!(
+            parse_broker("broker.lan:8883").unwrap(),
+            ("broker.lan".into(), 8883)
+        );
+        for bad in ["nohost", ":1883", "h:99999", "h:x"] {
+            assert!(parse_broker(bad).is_err(), "{bad}");
+        }
+        assert_eq!(credentials(None).unwrap(), None);
     }
 }
