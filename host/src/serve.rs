@@ -87,11 +87,23 @@ pub struct RoundMetrics {
 /// What survives a host restart.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct HostState {
+    /// Rounds completed or failed (interrupted rounds do not count).
     round: u64,
+    /// The last round number announced. A host killed mid-round comes back with the next
+    /// number: devices never answer a round number twice, and the interrupted round's
+    /// devices settle their uploads as not counted (their residual keeps everything).
+    announced: u64,
     global: Vec<f32>,
     history: History,
     metrics: Vec<RoundMetrics>,
     layout_digest: [u8; 32],
+}
+
+impl HostState {
+    /// The number of the last round that finished or failed.
+    fn round_number(&self) -> u64 {
+        self.metrics.last().map_or(0, |m| m.round)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -137,6 +149,7 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
         }
         Err(_) => HostState {
             round: 0,
+            announced: 0,
             global: init_adapter(&cfg.layout, cfg.seed),
             history: History::new(cfg.layout.len()),
             metrics: Vec::new(),
@@ -272,7 +285,20 @@ impl Host {
     }
 
     fn run_round(&mut self) -> anyhow::Result<()> {
-        let round = self.state.round + 1;
+        let round = self.state.announced + 1;
+        if self.state.announced > self.state.round_number() {
+            tracing::warn!(
+                "round {} was interrupted by a host restart; starting round {round}",
+                self.state.announced
+            );
+            self.state.metrics.push(RoundMetrics {
+                round: self.state.announced,
+                failure: Some("interrupted by a host restart".into()),
+                ..RoundMetrics::default()
+            });
+        }
+        self.state.announced = round;
+        self.save_state()?;
         let start = Instant::now();
         let selection = select(
             &self.cfg.layout,
@@ -369,8 +395,15 @@ impl Host {
         metrics.crypto_seconds = metrics.host_crypto_seconds;
         metrics.round_seconds = start.elapsed().as_secs_f64();
         self.state.metrics.push(metrics);
-        self.state.round = round;
+        self.state.round += 1;
         self.write_outputs()?;
+        Ok(())
+    }
+
+    fn save_state(&self) -> anyhow::Result<()> {
+        let tmp = self.cfg.out.join("state.bin.tmp");
+        std::fs::write(&tmp, postcard::to_stdvec(&self.state)?)?;
+        std::fs::rename(&tmp, self.cfg.out.join("state.bin"))?;
         Ok(())
     }
 
@@ -450,9 +483,7 @@ impl Host {
             }],
         };
         std::fs::write(&plot_path, plot.to_svg())?;
-        let tmp = out.join("state.bin.tmp");
-        std::fs::write(&tmp, postcard::to_stdvec(&self.state)?)?;
-        std::fs::rename(&tmp, out.join("state.bin"))?;
+        self.save_state()?;
         Ok((adapter, plot_path, metrics_path))
     }
 }
