@@ -42,9 +42,9 @@ echo "[demo] finished in $(( $(date +%s) - start )) s"
 python3 - "$RUN/metrics.json" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
-print(f"{'round':>5} {'contributors':>12} {'eval loss':>10} {'upload B/client':>16} {'round s':>8} {'crypto s':>9} {'crypto %':>8}")
+print(f"{'round':>5} {'contributors':>12} {'eval loss':>10} {'upload B/client':>16} {'global B':>9} {'round s':>8} {'crypto s':>9} {'crypto %':>8}")
 for r in m["rounds"]:
     loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
     share = 100 * r["crypto_seconds"] / r["round_seconds"] if r["round_seconds"] else 0
-    print(f"{r['round']:>5} {r['contributors']:>12} {loss:>10} {r['upload_bytes_per_client']:>16} {r['round_seconds']:>8.1f} {r['crypto_seconds']:>9.2f} {share:>7.2f}%")
+    print(f"{r['round']:>5} {r['contributors']:>12} {loss:>10} {r['upload_bytes_per_client']:>16} {r['download_bytes_per_client']:>9} {r['round_seconds']:>8.1f} {r['crypto_seconds']:>9.2f} {share:>7.2f}%")
 PY

@@ -179,7 +179,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     }
                 }
                 Some(Route::Global(_)) => {
-                    match decode::<GlobalPart>(&payload, args.max_packet_bytes) {
+                    let part =
+                        decode::<fedshield_wire::Compressed>(&payload, args.max_packet_bytes)
+                            .and_then(|c| {
+                                c.into_bytes(args.max_packet_bytes).map_err(|e| {
+                                    fedshield_protocol::ProtocolError::Malformed(e.to_string())
+                                })
+                            })
+                            .and_then(|b| decode::<GlobalPart>(&b, args.max_packet_bytes));
+                    match part {
                         Ok(part) => {
                             let round = part.round;
                             let out = client.on_global(part, &mut log);

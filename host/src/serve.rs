@@ -13,6 +13,7 @@ use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
 use fedshield_protocol::messages::{EdgeMessage, GlobalPart, RoundConfig, Route, Topics};
 use fedshield_protocol::{ProtocolError, decode};
 use fedshield_transport::{Incoming, Link, LinkConfig};
+use fedshield_wire::compress_if_smaller;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -69,6 +70,8 @@ pub struct RoundMetrics {
     pub eval_loss: Option<f64>,
     /// Encrypted bytes uploaded per contributor.
     pub upload_bytes_per_client: u64,
+    /// Bytes of the published global update (each device downloads it once).
+    pub download_bytes_per_client: u64,
     /// Wall time of the round.
     pub round_seconds: f64,
     /// Encryption (mean over contributors), aggregation and decryption time.
@@ -359,15 +362,23 @@ impl Host {
                 apply(&mut self.state.global, &selection, &values)?;
                 self.state.history.observe(&selection, &values)?;
                 host_time += t.elapsed();
+                // zstd pays on f32 values (unlike on ciphertext bodies): each part travels
+                // in a `Compressed` envelope, raw when compression would not shrink it.
+                let (mut raw, mut wire) = (0usize, 0usize);
                 for part in
                     GlobalPart::split(round, &result.contributors, &values, self.cfg.chunk_bytes)
                 {
-                    self.link.publish(
-                        &self.topics.global(part.index),
-                        postcard::to_stdvec(&part)?,
-                        true,
-                    )?;
+                    let bytes = postcard::to_stdvec(&part)?;
+                    let payload = postcard::to_stdvec(&compress_if_smaller(&bytes))?;
+                    raw += bytes.len();
+                    wire += payload.len();
+                    self.link
+                        .publish(&self.topics.global(part.index), payload, true)?;
                 }
+                metrics.download_bytes_per_client = wire as u64;
+                tracing::info!(
+                    "round {round}: global update published, {wire} bytes ({raw} before zstd)"
+                );
                 metrics.contributors = result.contributors.len();
                 metrics.upload_bytes_per_client = result.upload_bytes;
                 tracing::info!(
