@@ -7,7 +7,9 @@ use crate::llama::Llama;
 use crate::lora::Lora;
 use crate::sft::{LocalRun, Sequence, train_local};
 use crate::train::{Batch, TrainConfig, Trainer, evaluate};
-use fedshield_codec::{ErrorFeedback, History, Layout, Prepared, apply, init_adapter, select};
+use fedshield_codec::{
+    ErrorFeedback, History, Layout, Prepared, Selection, apply, init_adapter, select,
+};
 use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::packed::{ClientKey, MaskSeed, encrypt};
 use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
@@ -155,21 +157,7 @@ impl<'a> FleetClient<'a> {
             ));
             return vec![];
         };
-        if config.history_round != self.history.round() {
-            log.push(format!(
-                "global update of round {round}: this device has the history of round {}, the round was built on {} (out of sync)",
-                self.history.round(),
-                config.history_round
-            ));
-            return vec![];
-        }
-        let selection = match select(
-            &self.layout,
-            &config.prune,
-            &self.history,
-            round,
-            config.select_seed,
-        ) {
+        let selection = match self.round_mask(&config) {
             Ok(s) if s.len() == values.len() => s,
             Ok(s) => {
                 log.push(format!(
@@ -179,8 +167,8 @@ impl<'a> FleetClient<'a> {
                 ));
                 return vec![];
             }
-            Err(e) => {
-                log.push(format!("global update of round {round}: {e}"));
+            Err(why) => {
+                log.push(format!("global update of round {round}: {why}"));
                 return vec![];
             }
         };
@@ -253,27 +241,42 @@ impl<'a> FleetClient<'a> {
         out
     }
 
-    /// Trains, encodes, encrypts and hands the update to the session.
-    fn train_round(&mut self, config: RoundConfig, weight: f64, log: &mut Log) -> Vec<EdgeMessage> {
-        let round = config.round;
+    /// The mask of the round `config` announced, as this device computes it: refused when
+    /// the device's history is not the one the round was built on, or when the mask does
+    /// not have the announced length.
+    fn round_mask(&self, config: &RoundConfig) -> Result<Selection, String> {
         if config.history_round != self.history.round() {
-            log.push(format!(
-                "round {round}: out of sync with the fleet's history; sitting it out"
+            return Err(format!(
+                "out of sync: this device has the history of round {}, the round was built on {}",
+                self.history.round(),
+                config.history_round
             ));
-            return vec![];
         }
-        let selection = match select(
+        let mask = select(
             &self.layout,
             &config.prune,
             &self.history,
-            round,
+            config.round,
             config.select_seed,
-        ) {
-            Ok(s) if s.len() == config.selected => s,
-            _ => {
-                log.push(format!(
-                    "round {round}: cannot reproduce the round's mask; sitting it out"
-                ));
+        )
+        .map_err(|e| e.to_string())?;
+        if mask.len() != config.selected {
+            return Err(format!(
+                "mask of {} values, the round announced {}",
+                mask.len(),
+                config.selected
+            ));
+        }
+        Ok(mask)
+    }
+
+    /// Trains, encodes, encrypts and hands the update to the session.
+    fn train_round(&mut self, config: RoundConfig, weight: f64, log: &mut Log) -> Vec<EdgeMessage> {
+        let round = config.round;
+        let selection = match self.round_mask(&config) {
+            Ok(s) => s,
+            Err(why) => {
+                log.push(format!("round {round}: {why}; sitting it out"));
                 return vec![];
             }
         };

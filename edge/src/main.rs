@@ -97,6 +97,8 @@ impl ModelArgs {
 struct TrainArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// Instruction JSONL (alpaca instruction/input/output, or FAQ q/a/category); default: the
     /// fetched FAQ with categories.
     #[arg(long)]
@@ -131,21 +133,6 @@ struct TrainArgs {
     /// Gradient-norm clip (0: off).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    rank: i64,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 32.0)]
-    alpha: f64,
-    /// LoRA dropout.
-    #[arg(long, default_value_t = 0.05)]
-    dropout: f64,
-    /// Target modules, PEFT names, comma-separated.
-    #[arg(
-        long,
-        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    )]
-    targets: String,
     /// FFA-LoRA: freeze A, train B only.
     #[arg(long)]
     freeze_a: bool,
@@ -189,6 +176,39 @@ struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+/// LoRA hyper-parameters shared by `train`, `quality` and `run` (a fleet's devices and host
+/// must agree on rank and targets).
+#[derive(clap::Args)]
+struct LoraArgs {
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: i64,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f64,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f64,
+    /// Target modules, PEFT names, comma-separated.
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    targets: String,
+}
+
+impl LoraArgs {
+    fn config(&self, freeze_a: bool) -> anyhow::Result<LoraConfig> {
+        Ok(LoraConfig {
+            r: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            target_modules: parse_targets(&self.targets)?,
+            freeze_a,
+        })
+    }
 }
 
 /// Comma-separated PEFT module names.
@@ -290,18 +310,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let eval_seqs = sft::tokenize_all(&tok, &split.eval, args.max_len)?;
     let pad = tok.eos_id;
     let eval = sft::batches(&eval_seqs, 8, pad, model.device);
-    let targets = parse_targets(&args.targets)?;
-    let lora = Lora::new(
-        &model,
-        LoraConfig {
-            r: args.rank,
-            alpha: args.alpha,
-            dropout: args.dropout,
-            target_modules: targets,
-            freeze_a: args.freeze_a,
-        },
-        args.seed as i64,
-    );
+    let lora = Lora::new(&model, args.lora.config(args.freeze_a)?, args.seed as i64);
     let mut trainer = Trainer::new(
         &lora,
         TrainConfig {
@@ -322,9 +331,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             .map(|k| format!(" of client {k}/{}", args.clients))
             .unwrap_or_default(),
         eval_seqs.len(),
-        args.rank,
-        args.alpha,
-        args.targets,
+        args.lora.rank,
+        args.lora.alpha,
+        args.lora.targets,
         lora.trainable_len()
     );
     let before = evaluate(&model, Some(&lora), &eval);

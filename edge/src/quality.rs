@@ -77,6 +77,23 @@ pub struct RunReport {
     pub clipped: usize,
 }
 
+impl RunReport {
+    /// A run in which nothing is uploaded (local-only, centralised).
+    fn without_uploads(name: &str, losses: Vec<f64>, start: Instant) -> Self {
+        Self {
+            name: name.into(),
+            rho: None,
+            encrypted: false,
+            eval_loss_per_round: losses,
+            upload_bytes_per_param_per_round: 0.0,
+            upload_bytes_per_client_per_round: 0.0,
+            seconds: start.elapsed().as_secs_f64(),
+            crypto_seconds: 0.0,
+            clipped: 0,
+        }
+    }
+}
+
 /// Everything the runs share.
 pub struct Setup<'a> {
     /// The base model.
@@ -161,17 +178,7 @@ impl Setup<'_> {
                 losses[round - 1]
             ));
         }
-        RunReport {
-            name: "local-only".into(),
-            rho: None,
-            encrypted: false,
-            eval_loss_per_round: losses,
-            upload_bytes_per_param_per_round: 0.0,
-            upload_bytes_per_client_per_round: 0.0,
-            seconds: start.elapsed().as_secs_f64(),
-            crypto_seconds: 0.0,
-            clipped: 0,
-        }
+        RunReport::without_uploads("local-only", losses, start)
     }
 
     /// One adapter on the pooled data.
@@ -197,17 +204,7 @@ impl Setup<'_> {
                 losses[round - 1]
             ));
         }
-        RunReport {
-            name: "centralised".into(),
-            rho: None,
-            encrypted: false,
-            eval_loss_per_round: losses,
-            upload_bytes_per_param_per_round: 0.0,
-            upload_bytes_per_client_per_round: 0.0,
-            seconds: start.elapsed().as_secs_f64(),
-            crypto_seconds: 0.0,
-            clipped: 0,
-        }
+        RunReport::without_uploads("centralised", losses, start)
     }
 
     /// FedAvg through the codec, plaintext or encrypted. Clients are weighted by their

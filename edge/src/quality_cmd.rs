@@ -2,10 +2,9 @@
 //! Loads the model and the FAQ split, runs every configuration, writes `quality.json` and
 //! `quality.svg` and prints a summary with the issue's targets.
 
-use crate::{ModelArgs, parse_targets};
+use crate::{LoraArgs, ModelArgs};
 use fedshield_codec::Structure;
 use fedshield_codec::plot::{LinePlot, Series};
-use fedshield_edge::lora::LoraConfig;
 use fedshield_edge::quality::{QualityConfig, RunReport, Setup};
 use fedshield_edge::sft;
 use fedshield_models::Assets;
@@ -17,6 +16,8 @@ use std::time::Instant;
 pub struct QualityArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// A small version for CI: 2 rounds of 1 step, batch 2, 64 tokens, rank 4, 6 held-out
     /// examples (about a minute).
     #[arg(long)]
@@ -48,18 +49,6 @@ pub struct QualityArgs {
     /// Clip value of the fixed-point encoding.
     #[arg(long, default_value_t = 0.05)]
     clip: f32,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    rank: i64,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 32.0)]
-    alpha: f64,
-    /// Target modules, PEFT names, comma-separated.
-    #[arg(
-        long,
-        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    )]
-    targets: String,
     /// Maximum tokens per example.
     #[arg(long, default_value_t = 192)]
     max_len: usize,
@@ -77,7 +66,7 @@ pub struct QualityArgs {
 pub fn quality(mut args: QualityArgs) -> anyhow::Result<()> {
     if args.quick {
         (args.rounds, args.local_steps, args.batch, args.max_len) = (2, 1, 2, 64);
-        (args.rank, args.alpha, args.eval_examples) = (4, 8.0, 6);
+        (args.lora.rank, args.lora.alpha, args.eval_examples) = (4, 8.0, 6);
     }
     let start = Instant::now();
     let (model_path, _g, tok, model) = args.model.load()?;
@@ -93,11 +82,7 @@ pub fn quality(mut args: QualityArgs) -> anyhow::Result<()> {
         n => n.min(split.eval.len()),
     };
     let eval_seqs = sft::tokenize_all(&tok, &split.eval[..eval_n], args.max_len)?;
-    let structure = match args.structure.as_str() {
-        "element" => Structure::Element,
-        "rank" => Structure::Rank,
-        s => anyhow::bail!("--structure {s:?}: element or rank"),
-    };
+    let structure = Structure::parse(&args.structure)?;
     let rhos = args
         .rhos
         .split(',')
@@ -109,13 +94,7 @@ pub fn quality(mut args: QualityArgs) -> anyhow::Result<()> {
     }
     let setup = Setup {
         model: &model,
-        lora: LoraConfig {
-            r: args.rank,
-            alpha: args.alpha,
-            dropout: 0.05,
-            target_modules: parse_targets(&args.targets)?,
-            freeze_a: false,
-        },
+        lora: args.lora.config(false)?,
         clients,
         eval: sft::batches(&eval_seqs, 8, tok.eos_id, model.device),
     };
@@ -152,7 +131,7 @@ pub fn quality(mut args: QualityArgs) -> anyhow::Result<()> {
         "quick": args.quick,
         "clients": setup.clients.len(),
         "eval_examples": eval_n,
-        "lora": { "r": args.rank, "alpha": args.alpha, "targets": args.targets },
+        "lora": { "r": args.lora.rank, "alpha": args.lora.alpha, "targets": args.lora.targets },
         "config": cfg,
         "initial_eval_loss": initial,
         "runs": runs,

@@ -1,10 +1,10 @@
 //! `fedshield-edge run`: the MQTT driver of one fleet device (engine: `fleet.rs`).
 
-use crate::{ModelArgs, parse_targets};
+use crate::{LoraArgs, ModelArgs};
 use anyhow::Context;
 use fedshield_crypto::secagg::ShareDelivery;
 use fedshield_edge::fleet::{Device, FleetClient, Log};
-use fedshield_edge::lora::{Lora, LoraConfig};
+use fedshield_edge::lora::Lora;
 use fedshield_edge::sft;
 use fedshield_models::Assets;
 use fedshield_models::data::{read_instruction_jsonl, split_by_category};
@@ -20,6 +20,9 @@ use std::time::Duration;
 pub struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
+    // Rank and targets must match the host's.
+    #[command(flatten)]
+    lora: LoraArgs,
     /// The device's key file (from `fedshield-host enrol`).
     #[arg(long)]
     key: PathBuf,
@@ -47,18 +50,6 @@ pub struct RunArgs {
     /// Sequences per step.
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// LoRA rank (must match the host's).
-    #[arg(long, default_value_t = 16)]
-    rank: i64,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 32.0)]
-    alpha: f64,
-    /// Target modules (must match the host's).
-    #[arg(
-        long,
-        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    )]
-    targets: String,
     /// Maximum tokens per example.
     #[arg(long, default_value_t = 192)]
     max_len: usize,
@@ -90,17 +81,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let train = sft::tokenize_all(&tok, &split.clients[args.client], args.max_len)?;
     let eval_n = args.eval_examples.min(split.eval.len());
     let eval = sft::tokenize_all(&tok, &split.eval[..eval_n], args.max_len)?;
-    let lora = Lora::new(
-        &model,
-        LoraConfig {
-            r: args.rank,
-            alpha: args.alpha,
-            dropout: 0.05,
-            target_modules: parse_targets(&args.targets)?,
-            freeze_a: false,
-        },
-        0,
-    );
+    let lora = Lora::new(&model, args.lora.config(false)?, 0);
     let mut client = FleetClient::new(
         Device {
             model: &model,

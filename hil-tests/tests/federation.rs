@@ -31,115 +31,6 @@ impl Drop for Killed {
     }
 }
 
-#[test]
-fn fleet_of_three_survives_a_dead_edge_and_publishes_a_peft_adapter() {
-    let broker = Mosquitto::start(1 << 20).unwrap();
-    let addr = broker.addr().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let fleet = dir.path().join("fleet");
-    let out = dir.path().join("out");
-    let host_bin = workspace_bin("fedshield-host");
-    let status = Command::new(&host_bin)
-        .args(["enrol", "--devices", "edge-0,edge-1,edge-2", "--fleet-dir"])
-        .arg(&fleet)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let common = ["--rank", "4", "--targets", "q_proj,v_proj"];
-    let host = Killed(
-        Command::new(&host_bin)
-            .args([
-                "serve", "--fleet", "hil", "--broker", &addr, "--rounds", "2",
-            ])
-            .args([
-                "--local-steps",
-                "1",
-                "--rho",
-                "0.25",
-                "--join-seconds",
-                "20",
-            ])
-            .args([
-                "--upload-seconds",
-                "120",
-                "--phase-seconds",
-                "20",
-                "--threshold",
-                "2",
-            ])
-            .args(["--alpha", "8", "--chunk-bytes", "16384"])
-            .args(common)
-            .arg("--fleet-dir")
-            .arg(&fleet)
-            .arg("--out")
-            .arg(&out)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, rx) = mpsc::channel();
-    let mut edges = Vec::new();
-    for i in 0..3 {
-        let mut child = Command::new(workspace_bin("fedshield-edge"))
-            .args(["run", "--threads", "1", "--fleet", "hil", "--broker", &addr])
-            .args(["--client", &i.to_string(), "--rounds", "2", "--batch", "2"])
-            .args(["--max-len", "64", "--eval-examples", "4", "--alpha", "8"])
-            .args(common)
-            .arg("--key")
-            .arg(fleet.join(format!("devices/edge-{i}.json")))
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("{line}");
-                let _ = tx.send((i, line));
-            }
-        });
-        edges.push(Killed(child));
-    }
-    // Kill edge-2 once it has applied round 1's global update.
-    let deadline = Instant::now() + Duration::from_secs(400);
-    loop {
-        let (i, line) = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("edge-2 never finished round 1");
-        if i == 2 && line.contains("round 1: applied the global update") {
-            break;
-        }
-    }
-    drop(edges.pop());
-    let mut host = host;
-    let output = BufReader::new(host.0.stdout.take().unwrap());
-    let mut lines = Vec::new();
-    for line in output.lines().map_while(Result::ok) {
-        eprintln!("[host] {line}");
-        lines.push(line);
-    }
-    assert!(host.0.wait().unwrap().success(), "host failed");
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    let rounds = metrics["rounds"].as_array().unwrap();
-    assert_eq!(rounds.len(), 2);
-    assert_eq!(rounds[0]["contributors"], 3);
-    assert_eq!(rounds[1]["contributors"], 2, "the dead edge is dropped");
-    for r in rounds {
-        let loss = r["eval_loss"].as_f64().expect("devices reported a loss");
-        assert!(loss.is_finite() && loss > 0.0);
-        assert!(r["upload_bytes_per_client"].as_u64().unwrap() > 0);
-        assert!(r["crypto_seconds"].as_f64().unwrap() > 0.0);
-    }
-    assert!(out.join("adapter/adapter_model.safetensors").exists());
-    assert!(out.join("loss.svg").exists());
-    assert!(
-        lines.iter().any(|l| l.contains("metrics")),
-        "host prints the output paths"
-    );
-}
-
 /// Forwards a child's output lines to a channel (and to the test's stderr).
 fn lines_of(child: &mut Child, tag: String, stdout: bool) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
@@ -169,35 +60,50 @@ fn wait_for(rx: &mpsc::Receiver<String>, what: &str, secs: u64) {
     }
 }
 
-#[test]
-fn a_host_killed_mid_round_resumes_with_the_next_round() {
-    let broker = Mosquitto::start(1 << 20).unwrap();
-    let addr = broker.addr().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let fleet = dir.path().join("fleet");
-    let out = dir.path().join("out");
-    let host_bin = workspace_bin("fedshield-host");
-    assert!(
-        Command::new(&host_bin)
+/// A fleet of three enrolled devices on a fresh mosquitto, with LoRA settings shared by
+/// host and edges.
+struct Fleet {
+    _broker: Mosquitto,
+    _dir: tempfile::TempDir,
+    addr: String,
+    name: &'static str,
+    fleet: PathBuf,
+    out: PathBuf,
+    lora: [&'static str; 4],
+}
+
+impl Fleet {
+    fn new(name: &'static str, lora: [&'static str; 4]) -> Self {
+        let broker = Mosquitto::start(1 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = dir.path().join("fleet");
+        let status = Command::new(workspace_bin("fedshield-host"))
             .args(["enrol", "--devices", "edge-0,edge-1,edge-2", "--fleet-dir"])
             .arg(&fleet)
             .status()
-            .unwrap()
-            .success()
-    );
-    let common = ["--rank", "2", "--targets", "v_proj"];
-    let host = || {
-        let mut child = Command::new(&host_bin)
-            .args([
-                "serve", "--fleet", "restart", "--broker", &addr, "--rounds", "2",
-            ])
-            .args(["--local-steps", "1", "--rho", "0.5", "--join-seconds", "60"])
-            .args(["--upload-seconds", "120", "--phase-seconds", "20"])
-            .args(common)
+            .unwrap();
+        assert!(status.success());
+        Self {
+            addr: broker.addr().to_string(),
+            _broker: broker,
+            out: dir.path().join("out"),
+            _dir: dir,
+            name,
+            fleet,
+            lora,
+        }
+    }
+
+    /// `fedshield-host serve` with `args`; its stdout lines.
+    fn host(&self, args: &[&str]) -> (Killed, mpsc::Receiver<String>) {
+        let mut child = Command::new(workspace_bin("fedshield-host"))
+            .args(["serve", "--fleet", self.name, "--broker", &self.addr])
+            .args(args)
+            .args(self.lora)
             .arg("--fleet-dir")
-            .arg(&fleet)
+            .arg(&self.fleet)
             .arg("--out")
-            .arg(&out)
+            .arg(&self.out)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -205,45 +111,146 @@ fn a_host_killed_mid_round_resumes_with_the_next_round() {
             .unwrap();
         let rx = lines_of(&mut child, "host".into(), true);
         (Killed(child), rx)
-    };
-    let (first, first_rx) = host();
-    let mut edges = Vec::new();
-    let mut edge_rx = Vec::new();
-    for i in 0..3 {
+    }
+
+    /// `fedshield-edge run` for device `i` with `args`; its stderr lines.
+    fn edge(&self, i: usize, args: &[&str]) -> (Killed, mpsc::Receiver<String>) {
         let mut child = Command::new(workspace_bin("fedshield-edge"))
             .args([
                 "run",
                 "--threads",
                 "1",
                 "--fleet",
-                "restart",
+                self.name,
                 "--broker",
-                &addr,
+                &self.addr,
             ])
-            .args(["--client", &i.to_string(), "--rounds", "3", "--batch", "1"])
-            .args(["--max-len", "48", "--eval-examples", "2"])
-            .args(common)
+            .args(["--client", &i.to_string()])
+            .args(args)
+            .args(self.lora)
             .arg("--key")
-            .arg(fleet.join(format!("devices/edge-{i}.json")))
+            .arg(self.fleet.join(format!("devices/edge-{i}.json")))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        edge_rx.push(lines_of(&mut child, format!("edge-{i}"), false));
-        edges.push(Killed(child));
+        let rx = lines_of(&mut child, format!("edge-{i}"), false);
+        (Killed(child), rx)
     }
+
+    fn rounds(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.out.join("metrics.json")).unwrap();
+        let metrics: serde_json::Value = serde_json::from_str(&text).unwrap();
+        metrics["rounds"].as_array().unwrap().clone()
+    }
+}
+
+#[test]
+fn fleet_of_three_survives_a_dead_edge_and_publishes_a_peft_adapter() {
+    let fleet = Fleet::new("hil", ["--rank", "4", "--targets", "q_proj,v_proj"]);
+    let (mut host, host_rx) = fleet.host(&[
+        "--rounds",
+        "2",
+        "--local-steps",
+        "1",
+        "--rho",
+        "0.25",
+        "--join-seconds",
+        "20",
+        "--upload-seconds",
+        "120",
+        "--phase-seconds",
+        "20",
+        "--threshold",
+        "2",
+        "--alpha",
+        "8",
+        "--chunk-bytes",
+        "16384",
+    ]);
+    let mut edges: Vec<_> = (0..3)
+        .map(|i| {
+            fleet.edge(
+                i,
+                &[
+                    "--rounds",
+                    "2",
+                    "--batch",
+                    "2",
+                    "--max-len",
+                    "64",
+                    "--eval-examples",
+                    "4",
+                    "--alpha",
+                    "8",
+                ],
+            )
+        })
+        .collect();
+    // Kill edge-2 once it has applied round 1's global update.
+    wait_for(&edges[2].1, "round 1: applied the global update", 400);
+    drop(edges.pop());
+    // The host prints the output paths when it is done.
+    wait_for(&host_rx, "metrics", 400);
+    assert!(host.0.wait().unwrap().success(), "host failed");
+    let rounds = fleet.rounds();
+    assert_eq!(rounds.len(), 2);
+    assert_eq!(rounds[0]["contributors"], 3);
+    assert_eq!(rounds[1]["contributors"], 2, "the dead edge is dropped");
+    for r in &rounds {
+        let loss = r["eval_loss"].as_f64().expect("devices reported a loss");
+        assert!(loss.is_finite() && loss > 0.0);
+        assert!(r["upload_bytes_per_client"].as_u64().unwrap() > 0);
+        assert!(r["crypto_seconds"].as_f64().unwrap() > 0.0);
+    }
+    assert!(fleet.out.join("adapter/adapter_model.safetensors").exists());
+    assert!(fleet.out.join("loss.svg").exists());
+}
+
+#[test]
+fn a_host_killed_mid_round_resumes_with_the_next_round() {
+    let fleet = Fleet::new("restart", ["--rank", "2", "--targets", "v_proj"]);
+    let host_args = [
+        "--rounds",
+        "2",
+        "--local-steps",
+        "1",
+        "--rho",
+        "0.5",
+        "--join-seconds",
+        "60",
+        "--upload-seconds",
+        "120",
+        "--phase-seconds",
+        "20",
+    ];
+    let (first, first_rx) = fleet.host(&host_args);
+    let edges: Vec<_> = (0..3)
+        .map(|i| {
+            fleet.edge(
+                i,
+                &[
+                    "--rounds",
+                    "3",
+                    "--batch",
+                    "1",
+                    "--max-len",
+                    "48",
+                    "--eval-examples",
+                    "2",
+                ],
+            )
+        })
+        .collect();
     // Kill the host once round 1 is under way (an edge has trained and uploaded).
     wait_for(&first_rx, "round 1: announcing", 60);
-    wait_for(&edge_rx[0], "round 1: trained", 300);
+    wait_for(&edges[0].1, "round 1: trained", 300);
     drop(first);
-    let (mut second, second_rx) = host();
+    let (mut second, second_rx) = fleet.host(&host_args);
     wait_for(&second_rx, "interrupted by a host restart", 60);
     wait_for(&second_rx, "metrics", 400);
     assert!(second.0.wait().unwrap().success());
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    let rounds: Vec<(u64, u64)> = metrics["rounds"]
-        .as_array()
-        .unwrap()
+    let rounds: Vec<(u64, u64)> = fleet
+        .rounds()
         .iter()
         .map(|r| {
             (
@@ -253,9 +260,8 @@ fn a_host_killed_mid_round_resumes_with_the_next_round() {
         })
         .collect();
     assert_eq!(rounds, [(1, 0), (2, 3), (3, 3)]);
-    // Every edge settled round 1 as not counted and finished round 3.
-    for (i, rx) in edge_rx.iter().enumerate() {
+    // Every edge finished round 3.
+    for (_, rx) in &edges {
         wait_for(rx, "done after round 3", 120);
-        let _ = i;
     }
 }

@@ -164,11 +164,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let llama = LlamaConfig::from_gguf(&g)?;
     let targets: Vec<&str> = args.targets.split(',').map(str::trim).collect();
     let layout = llama.lora_layout(args.rank, &targets, true)?;
-    let structure = match args.structure.as_str() {
-        "element" => Structure::Element,
-        "rank" => Structure::Rank,
-        s => anyhow::bail!("--structure {s:?}: element or rank"),
-    };
+    let structure = Structure::parse(&args.structure)?;
     let prune = PruneConfig {
         schedule: Schedule::parse(&args.rho)?,
         structure,

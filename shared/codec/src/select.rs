@@ -124,6 +124,19 @@ pub enum Structure {
     Rank,
 }
 
+impl Structure {
+    /// Parses `element` or `rank`.
+    pub fn parse(s: &str) -> Result<Self, CodecError> {
+        match s {
+            "element" => Ok(Self::Element),
+            "rank" => Ok(Self::Rank),
+            _ => Err(CodecError::Config(format!(
+                "structure {s:?}: element or rank"
+            ))),
+        }
+    }
+}
+
 /// Pruning configuration, part of the round configuration.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PruneConfig {

@@ -355,3 +355,10 @@ fn wire_bytes_shrink_with_rho_to_under_half_a_byte_per_parameter() {
         assert_eq!(enc.len(), pt.len());
     }
 }
+
+#[test]
+fn structures_parse() {
+    assert_eq!(Structure::parse("element").unwrap(), Structure::Element);
+    assert_eq!(Structure::parse("rank").unwrap(), Structure::Rank);
+    assert!(Structure::parse("row").is_err());
+}
