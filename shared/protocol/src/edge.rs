@@ -69,6 +69,36 @@ pub struct EdgeSession {
     layout_digest: [u8; 32],
     state: State,
     last_round: u64,
+    /// What this device sent in the current round, by the phase it answered (see
+    /// [`phase_slot`]): re-sent when the host re-publishes the round under a higher
+    /// incarnation.
+    sent: Vec<(u8, EdgeMessage)>,
+    incarnation: u32,
+}
+
+/// The round phase a message answers (0 announce, 1 roster: shares and upload, 2 survivors,
+/// 3 unmask); the slot of a broadcast phase is the same number (4: closed or failed).
+fn phase_slot(phase: &Phase) -> u8 {
+    match phase {
+        Phase::Announce { .. } => 0,
+        Phase::Roster { .. } => 1,
+        Phase::Survivors(_) => 2,
+        Phase::Unmask(_) => 3,
+        Phase::Closed { .. } | Phase::Failed { .. } => 4,
+    }
+}
+
+fn message_slot(message: &EdgeMessage) -> u8 {
+    match message {
+        EdgeMessage::Join { .. } => 0,
+        EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_) => 1,
+        EdgeMessage::SecAgg(m) => match m.body.kind() {
+            "consistency" => 2,
+            "unmask" => 3,
+            _ => 1,
+        },
+        EdgeMessage::Evaluated { .. } => 4,
+    }
 }
 
 impl std::fmt::Debug for EdgeSession {
@@ -88,7 +118,22 @@ impl EdgeSession {
             layout_digest,
             state: State::Idle,
             last_round: 0,
+            sent: Vec::new(),
+            incarnation: 0,
         }
+    }
+
+    /// Remembers the messages among `actions` for re-sending; returns `actions`.
+    fn record(&mut self, actions: Vec<EdgeAction>) -> Vec<EdgeAction> {
+        for a in &actions {
+            if let EdgeAction::Send(m) = a {
+                self.sent.push((message_slot(m), m.clone()));
+            }
+            if let EdgeAction::Settle { .. } = a {
+                self.sent.clear();
+            }
+        }
+        actions
     }
 
     /// The last round this device joined (0: none).
@@ -101,8 +146,32 @@ impl EdgeSession {
     }
 
     /// Handles the round state. `samples` and `eval_loss` are what the device reports when
-    /// it joins.
+    /// it joins. A state of the current round under a higher incarnation (the host restarted
+    /// or reconnected) first re-sends this device's messages of that phase.
     pub fn on_round(
+        &mut self,
+        state: RoundState,
+        samples: u64,
+        eval_loss: Option<f64>,
+        rng: &mut impl CryptoRng,
+    ) -> Result<Vec<EdgeAction>, ProtocolError> {
+        let mut resend = Vec::new();
+        if state.config.round == self.last_round && state.incarnation > self.incarnation {
+            self.incarnation = state.incarnation;
+            let slot = phase_slot(&state.phase);
+            resend = self
+                .sent
+                .iter()
+                .filter(|(s, _)| *s == slot)
+                .map(|(_, m)| EdgeAction::Send(m.clone()))
+                .collect();
+        }
+        let actions = self.on_round_inner(state, samples, eval_loss, rng)?;
+        resend.extend(self.record(actions));
+        Ok(resend)
+    }
+
+    fn on_round_inner(
         &mut self,
         state: RoundState,
         samples: u64,
@@ -120,6 +189,8 @@ impl EdgeSession {
                 )));
             }
             let mut actions = self.abandon();
+            self.sent.clear();
+            self.incarnation = state.incarnation;
             let (client, advert) = Client::new(
                 self.identity(),
                 self.me.id.clone(),
@@ -232,7 +303,8 @@ impl EdgeSession {
             return Ok(vec![]); // stale or duplicate
         }
         m.delivery = Some(delivery);
-        self.try_upload()
+        let actions = self.try_upload()?;
+        Ok(self.record(actions))
     }
 
     /// Local training finished for `round`: the serialized encrypted update and the key it
@@ -251,7 +323,8 @@ impl EdgeSession {
         }
         m.training = false;
         m.trained = Some((update, key));
-        self.try_upload()
+        let actions = self.try_upload()?;
+        Ok(self.record(actions))
     }
 
     /// Sends manifest, chunks and masked input once both the training result and the share

@@ -111,6 +111,11 @@ pub struct HostRound {
     aggregate: Aggregate,
     folded: BTreeSet<DeviceId>,
     upload_bytes: u64,
+    /// The last phase broadcast and the share deliveries of the round (re-published after a
+    /// restart or reconnection, see [`HostRound::republish`]).
+    last_phase: Phase,
+    deliveries: Vec<(DeviceId, ShareDelivery)>,
+    incarnation: u32,
 }
 
 impl HostRound {
@@ -135,7 +140,7 @@ impl HostRound {
             registry.clone(),
         )?;
         let deadline = now + deadlines.join_ms;
-        let round = Self {
+        let mut round = Self {
             aggregate: Aggregate::new(config.selected),
             config,
             deadlines,
@@ -149,11 +154,37 @@ impl HostRound {
             uploads: BTreeMap::new(),
             folded: BTreeSet::new(),
             upload_bytes: 0,
+            last_phase: Phase::Announce {
+                deadline_ms: deadline,
+            },
+            deliveries: Vec::new(),
+            incarnation: 0,
         };
-        let state = round.state(Phase::Announce {
+        let announce = round.broadcast(Phase::Announce {
             deadline_ms: deadline,
         });
-        Ok((round, vec![HostAction::Broadcast(state)]))
+        Ok((round, vec![announce]))
+    }
+
+    /// Re-publishes the round's retained messages (its current state and the share
+    /// deliveries) under the next incarnation, after a host restart or a reconnection to
+    /// the broker: the broker may have lost them, and edges re-send their messages of the
+    /// current phase when they see the new incarnation.
+    pub fn republish(&mut self) -> Vec<HostAction> {
+        self.incarnation += 1;
+        let mut actions = vec![HostAction::Broadcast(self.state(self.last_phase.clone()))];
+        actions.extend(
+            self.deliveries
+                .iter()
+                .map(|(d, s)| HostAction::Deliver(d.clone(), s.clone())),
+        );
+        actions
+    }
+
+    /// Whether the clock has passed the current phase's deadline: then, and only then,
+    /// [`HostRound::on_tick`] changes the round (the driver journals such ticks).
+    pub fn due(&self, now: u64) -> bool {
+        self.phase != HostPhase::Done && now >= self.deadline
     }
 
     /// The round's configuration.
@@ -170,7 +201,14 @@ impl HostRound {
         RoundState {
             config: self.config.clone(),
             phase,
+            incarnation: self.incarnation,
         }
+    }
+
+    /// Broadcasts `phase`, remembering it for [`HostRound::republish`].
+    fn broadcast(&mut self, phase: Phase) -> HostAction {
+        self.last_phase = phase.clone();
+        HostAction::Broadcast(self.state(phase))
     }
 
     /// Handles one message from `from` (the device named by the uplink topic). An error
@@ -398,9 +436,9 @@ impl HostRound {
                 Ok(mut a) => actions.append(&mut a),
                 Err(reason) => {
                     self.phase = HostPhase::Done;
-                    actions.push(HostAction::Broadcast(self.state(Phase::Failed {
+                    actions.push(self.broadcast(Phase::Failed {
                         reason: reason.clone(),
-                    })));
+                    }));
                     actions.push(HostAction::Failed(reason));
                     return actions;
                 }
@@ -423,17 +461,17 @@ impl HostRound {
                 self.phase = HostPhase::Sharing;
                 self.deadline = now + self.deadlines.shares_ms;
                 let weights = self.weights.iter().map(|(d, w)| (d.clone(), *w)).collect();
-                Ok(vec![HostAction::Broadcast(
-                    self.state(Phase::Roster { roster, weights }),
-                )])
+                Ok(vec![self.broadcast(Phase::Roster { roster, weights })])
             }
             HostPhase::Sharing => {
                 let deliveries = self.server.close_shares().map_err(err)?;
                 self.phase = HostPhase::Uploading;
                 self.deadline = now + self.deadlines.upload_ms;
-                Ok(deliveries
-                    .into_iter()
-                    .map(|(d, s)| HostAction::Deliver(d, s))
+                self.deliveries = deliveries.into_iter().collect();
+                Ok(self
+                    .deliveries
+                    .iter()
+                    .map(|(d, s)| HostAction::Deliver(d.clone(), s.clone()))
                     .collect())
             }
             HostPhase::Uploading => {
@@ -441,17 +479,13 @@ impl HostRound {
                 let survivors = self.server.close_masked_inputs().map_err(err)?;
                 self.phase = HostPhase::Consistency;
                 self.deadline = now + self.deadlines.finish_ms;
-                Ok(vec![HostAction::Broadcast(
-                    self.state(Phase::Survivors(survivors)),
-                )])
+                Ok(vec![self.broadcast(Phase::Survivors(survivors))])
             }
             HostPhase::Consistency => {
                 let request = self.server.close_consistency().map_err(err)?;
                 self.phase = HostPhase::Unmasking;
                 self.deadline = now + self.deadlines.finish_ms;
-                Ok(vec![HostAction::Broadcast(
-                    self.state(Phase::Unmask(request)),
-                )])
+                Ok(vec![self.broadcast(Phase::Unmask(request))])
             }
             HostPhase::Unmasking => {
                 let keys = self.server.close_unmask().map_err(err)?;
@@ -476,9 +510,9 @@ impl HostRound {
                 self.phase = HostPhase::Done;
                 let contributors: Vec<DeviceId> = contributors.into_iter().collect();
                 Ok(vec![
-                    HostAction::Broadcast(self.state(Phase::Closed {
+                    self.broadcast(Phase::Closed {
                         contributors: contributors.clone(),
-                    })),
+                    }),
                     HostAction::Finished(RoundResult {
                         round: self.config.round,
                         total_weight,

@@ -3,13 +3,15 @@
 //! - [`messages`]: the payloads and the MQTT topic tree;
 //! - [`host`]: the host's round ([`host::HostRound`]): joins, secure key aggregation,
 //!   chunked uploads folded into the encrypted sum, decryption of the sum only;
-//! - [`edge`]: a device's round ([`edge::EdgeSession`]).
+//! - [`edge`]: a device's round ([`edge::EdgeSession`]);
+//! - [`journal`]: the host's round journal, replayed by a restarted host to resume its round.
 //!
 //! The MQTT drivers (host and edge binaries) feed them messages and the time, and carry out
 //! the actions they return.
 
 pub mod edge;
 pub mod host;
+pub mod journal;
 pub mod keyfile;
 pub mod messages;
 

@@ -181,6 +181,11 @@ pub struct RoundState {
     pub config: RoundConfig,
     /// Where it stands.
     pub phase: Phase,
+    /// How many times the host has re-published this round's state after a restart or a
+    /// reconnection to the broker (0 at first): messages in flight may have been lost then,
+    /// so on a higher incarnation each edge re-sends what it sent in the current phase
+    /// (the host ignores what it already has).
+    pub incarnation: u32,
 }
 
 /// An edge's message to the host, on its own uplink topic.

@@ -7,6 +7,7 @@ use fedshield_crypto::identity::{DeviceId, Identity, Registry};
 use fedshield_crypto::packed::{ClientKey, MaskSeed, encrypt};
 use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
+use fedshield_protocol::journal::{self, Entry};
 use fedshield_protocol::messages::{EdgeMessage, Phase, RoundConfig, RoundState, Topics};
 use fedshield_protocol::{ProtocolError, decode};
 use rand::SeedableRng;
@@ -54,6 +55,9 @@ struct Fleet {
     failed: Option<String>,
     refused: Vec<String>,
     encoding: FixedPoint,
+    /// What the host driver journals: the round's accepted inputs.
+    journal: Vec<Entry>,
+    registry: Registry,
 }
 
 fn config(round: u64, threshold: usize) -> RoundConfig {
@@ -102,7 +106,8 @@ fn fleet(faults: &[Fault], threshold: usize) -> Fleet {
             settled: None,
         });
     }
-    let (host, actions) = HostRound::start(config(1, threshold), registry, DEADLINES, 0).unwrap();
+    let (host, actions) =
+        HostRound::start(config(1, threshold), registry.clone(), DEADLINES, 0).unwrap();
     let mut f = Fleet {
         host,
         edges,
@@ -114,6 +119,12 @@ fn fleet(faults: &[Fault], threshold: usize) -> Fleet {
         failed: None,
         refused: Vec::new(),
         encoding: FixedPoint::new(1.0).unwrap(),
+        journal: vec![Entry::Start {
+            config: config(1, threshold),
+            deadlines: DEADLINES,
+            now: 0,
+        }],
+        registry,
     };
     f.host_actions(actions);
     f
@@ -201,23 +212,38 @@ impl Fleet {
     fn run(&mut self) {
         for _ in 0..20 {
             while !self.uplink.is_empty() {
-                let (from, msg) = self.uplink.remove(0);
-                // Through the wire format, as the driver does.
-                let bytes = postcard::to_stdvec(&msg).unwrap();
-                let msg: EdgeMessage = decode(&bytes, 1 << 20).unwrap();
-                match self.host.on_message(&from, msg, self.now) {
-                    Ok(actions) => self.host_actions(actions),
-                    Err(e) => self.refused.push(e.to_string()),
-                }
+                self.deliver_one();
             }
             if self.host.is_done() {
                 return;
             }
             self.now += 20_000;
+            if self.host.due(self.now) {
+                self.journal.push(Entry::Tick { now: self.now });
+            }
             let actions = self.host.on_tick(self.now);
             self.host_actions(actions);
         }
         panic!("round did not finish");
+    }
+
+    /// Hands the oldest uplink message to the host, as the driver does: through the wire
+    /// format, journalled when accepted.
+    fn deliver_one(&mut self) {
+        let (from, msg) = self.uplink.remove(0);
+        let bytes = postcard::to_stdvec(&msg).unwrap();
+        let msg: EdgeMessage = decode(&bytes, 1 << 20).unwrap();
+        match self.host.on_message(&from, msg.clone(), self.now) {
+            Ok(actions) => {
+                self.journal.push(Entry::Message {
+                    from,
+                    message: msg,
+                    now: self.now,
+                });
+                self.host_actions(actions)
+            }
+            Err(e) => self.refused.push(e.to_string()),
+        }
     }
 
     fn weighted_mean(&self, who: &[usize]) -> Vec<f64> {
@@ -323,6 +349,92 @@ fn below_threshold_the_round_fails_and_edges_keep_their_residual() {
     assert_eq!(f.edges[0].settled, Some(false));
 }
 
+/// Kills the host after `delivered` uplink messages: the messages still in flight are lost,
+/// and a new host rebuilds the round from the journal (through its record encoding, with a
+/// torn last record) and re-publishes it.
+fn restart_host_after(f: &mut Fleet, delivered: usize) {
+    for _ in 0..delivered {
+        f.deliver_one();
+    }
+    f.uplink.clear();
+    let mut bytes: Vec<u8> = f.journal.iter().flat_map(Entry::to_record).collect();
+    let whole = bytes.len();
+    let torn = Entry::Tick { now: 99 }.to_record();
+    bytes.extend_from_slice(&torn[..torn.len() - 1]);
+    let (entries, valid) = journal::read(&bytes).unwrap();
+    assert_eq!((entries.len(), valid), (f.journal.len(), whole));
+    let replayed = journal::replay(&entries, f.registry.clone()).unwrap();
+    assert!(replayed.outcome.is_none());
+    f.host = replayed.round;
+    f.journal.push(Entry::Republish);
+    let actions = f.host.republish();
+    f.host_actions(actions);
+}
+
+#[test]
+fn a_host_restarted_mid_upload_resumes_the_round_from_its_journal() {
+    let mut f = fleet(&[Fault::None; 3], 2);
+    // Joins and shares flow without an upload at first; then edge-0's manifest and part of
+    // its chunks arrive before the host dies.
+    let mut delivered = 0;
+    let mut seen_chunks = 0;
+    while seen_chunks < 1 {
+        if matches!(f.uplink[0].1, EdgeMessage::Chunk(_)) {
+            seen_chunks += 1;
+        }
+        f.deliver_one();
+        delivered += 1;
+    }
+    assert!(delivered > 6, "joins and shares came first");
+    restart_host_after(&mut f, 0);
+    f.run();
+    f.check_mean(&[0, 1, 2]);
+    assert!(f.edges.iter().all(|e| e.settled == Some(true)));
+    assert_eq!(f.now, 0, "nothing waited for a deadline");
+    // What was re-sent and already there is refused as a duplicate, nothing counted twice.
+    assert!(!f.refused.is_empty());
+}
+
+#[test]
+fn a_host_restarted_in_any_phase_resumes_and_the_round_completes() {
+    // Restart after every possible number of delivered messages, then once more later on.
+    let total = {
+        let mut f = fleet(&[Fault::None; 3], 2);
+        let mut n = 0;
+        while !f.uplink.is_empty() {
+            f.deliver_one();
+            n += 1;
+        }
+        assert!(f.host.is_done());
+        n
+    };
+    for cut in (0..total).step_by(3) {
+        let mut f = fleet(&[Fault::None; 3], 2);
+        restart_host_after(&mut f, cut);
+        restart_host_after(&mut f, 2);
+        f.run();
+        f.check_mean(&[0, 1, 2]);
+        assert!(
+            f.edges.iter().all(|e| e.settled == Some(true)),
+            "restart after {cut} messages"
+        );
+    }
+}
+
+#[test]
+fn a_journal_that_does_not_start_with_the_round_or_is_corrupt_is_refused() {
+    let f = fleet(&[Fault::None; 3], 2);
+    assert!(journal::replay(&[Entry::Tick { now: 1 }], f.registry.clone()).is_err());
+    // A complete record whose body does not decode (an unknown entry kind).
+    let mut bytes = f.journal[0].to_record();
+    bytes[4] = 9;
+    let e = journal::read(&bytes).unwrap_err();
+    assert!(e.to_string().contains("journal record at byte 0"), "{e}");
+    // Two starts.
+    let twice = [f.journal[0].clone(), f.journal[0].clone()];
+    assert!(journal::replay(&twice, f.registry.clone()).is_err());
+}
+
 #[test]
 fn forged_unsigned_replayed_and_malformed_messages_are_refused() {
     let mut f = fleet(&[Fault::None; 3], 2);
@@ -416,6 +528,7 @@ fn edges_refuse_rounds_for_another_layout_and_the_topic_tree_routes() {
     let state = RoundState {
         config: config(1, 2),
         phase: Phase::Announce { deadline_ms: 5 },
+        incarnation: 0,
     };
     assert!(s.on_round(state, 1, None, &mut rng).is_err());
     let t = Topics::new("lab").unwrap();
@@ -453,6 +566,7 @@ fn every_host_message_round_trips_through_postcard() {
             let state = RoundState {
                 config: c.clone(),
                 phase,
+                incarnation: 2,
             };
             let bytes = postcard::to_stdvec(&state).unwrap();
             assert_eq!(decode::<RoundState>(&bytes, 1 << 20).unwrap(), state);
