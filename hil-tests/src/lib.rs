@@ -43,6 +43,7 @@ fn find_program(name: &str, extra: &[&str]) -> anyhow::Result<PathBuf> {
 pub struct Mosquitto {
     child: Child,
     addr: SocketAddr,
+    conf: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -50,36 +51,139 @@ impl Mosquitto {
     /// Starts mosquitto with a generated config: one listener on a free port, anonymous
     /// access, `max_packet_size` as given, no persistence.
     pub fn start(max_packet_size: usize) -> anyhow::Result<Self> {
-        let bin = find_program("mosquitto", &["/usr/sbin"])?;
-        let dir = tempfile::tempdir()?;
+        Self::launch(tempfile::tempdir()?, "", max_packet_size)
+    }
+
+    /// Writes the config (one loopback listener on a free port with `listener_options`,
+    /// anonymous access, `max_packet_size`, no persistence) into `dir` and starts it.
+    fn launch(
+        dir: tempfile::TempDir,
+        listener_options: &str,
+        max_packet_size: usize,
+    ) -> anyhow::Result<Self> {
         let addr = free_local_addr();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\nmax_packet_size {max_packet_size}\npersistence false\n",
+                "listener {} 127.0.0.1\n{listener_options}allow_anonymous true\n\
+                 max_packet_size {max_packet_size}\npersistence false\n",
                 addr.port()
             ),
         )?;
-        let child = Command::new(bin)
+        let child = Self::spawn(&conf, addr)?;
+        Ok(Self {
+            child,
+            addr,
+            conf,
+            _dir: dir,
+        })
+    }
+
+    /// Starts mosquitto with a TLS listener: a fresh private CA (written to
+    /// [`Mosquitto::ca_file`]) signs a server certificate for localhost / 127.0.0.1.
+    /// Certificates come from the `openssl` command line tool.
+    pub fn start_tls(max_packet_size: usize) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        let openssl = find_program("openssl", &[])?;
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new(&openssl).current_dir(d).args(args).output()?;
+            if !out.status.success() {
+                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+            &["-days", "2", "-subj", "/CN=fedshield test CA"],
+        ]
+        .concat())?;
+        run(&[
+            &["req"][..],
+            &ec,
+            &["-keyout", "server.key", "-out", "server.csr"],
+            &["-subj", "/CN=localhost"],
+        ]
+        .concat())?;
+        std::fs::write(
+            d.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ])?;
+        // mosquitto started as root reads its certificates as the `mosquitto` user: this
+        // throwaway test CA is made readable to it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644))?;
+        }
+        let options = format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\n",
+            d.join("ca.pem").display(),
+            d.join("server.pem").display(),
+            d.join("server.key").display(),
+        );
+        Self::launch(dir, &options, max_packet_size)
+    }
+
+    /// The CA certificate of a TLS broker (see [`Mosquitto::start_tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.conf.with_file_name("ca.pem")
+    }
+
+    fn spawn(conf: &Path, addr: SocketAddr) -> anyhow::Result<Child> {
+        let bin = find_program("mosquitto", &["/usr/sbin"])?;
+        let mut child = Command::new(bin)
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting mosquitto")?;
-        let mut me = Self {
-            child,
-            addr,
-            _dir: dir,
-        };
-        wait_until("mosquitto", Duration::from_secs(10), || {
+        let ready = wait_until("mosquitto", Duration::from_secs(10), || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
-        })?;
-        if let Some(status) = me.child.try_wait()? {
+        });
+        if let Some(status) = child.try_wait()? {
             bail!("mosquitto exited at start: {status}");
         }
-        Ok(me)
+        ready?;
+        Ok(child)
+    }
+
+    /// Kills the broker (everything it held is lost: sessions, queued and retained
+    /// messages), waits `down`, and starts a fresh one on the same port.
+    pub fn restart(&mut self, down: Duration) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = Self::spawn(&self.conf, self.addr)?;
+        Ok(())
     }
 
     /// The broker's address.

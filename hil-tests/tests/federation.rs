@@ -1,7 +1,13 @@
 //! The fleet end to end against a real mosquitto: `fedshield-host serve` and three
-//! `fedshield-edge run` processes fine-tune SmolLM2 (tiny settings). One edge is killed after
-//! round 1 and round 2 completes with the other two; the host is killed mid-round and its
-//! restart goes on with the next round.
+//! `fedshield-edge run` processes fine-tune SmolLM2 (tiny settings).
+//!
+//! - One edge is killed after round 1 and round 2 completes with the other two; a rogue
+//!   client's replayed, unsigned, oversized and garbage messages are refused with a logged
+//!   reason while round 2 goes on; the sums the host decrypts equal the sums of the
+//!   plaintext updates the contributors encrypted, within the documented noise bound.
+//! - The host is killed mid-upload and its restart resumes the same round from its journal.
+//! - The broker is killed mid-upload (losing every session, queued and retained message)
+//!   and restarted; the round completes with every device.
 
 use fedshield_hil_tests::Mosquitto;
 use std::io::{BufRead, BufReader};
@@ -63,7 +69,7 @@ fn wait_for(rx: &mpsc::Receiver<String>, what: &str, secs: u64) {
 /// A fleet of three enrolled devices on a fresh mosquitto, with LoRA settings shared by
 /// host and edges.
 struct Fleet {
-    _broker: Mosquitto,
+    broker: Mosquitto,
     _dir: tempfile::TempDir,
     addr: String,
     name: &'static str,
@@ -85,7 +91,7 @@ impl Fleet {
         assert!(status.success());
         Self {
             addr: broker.addr().to_string(),
-            _broker: broker,
+            broker,
             out: dir.path().join("out"),
             _dir: dir,
             name,
@@ -144,112 +150,28 @@ impl Fleet {
     }
 }
 
-#[test]
-fn fleet_of_three_survives_a_dead_edge_and_publishes_a_peft_adapter() {
-    let fleet = Fleet::new("hil", ["--rank", "4", "--targets", "q_proj,v_proj"]);
-    let (mut host, host_rx) = fleet.host(&[
-        "--rounds",
-        "2",
-        "--local-steps",
-        "1",
-        "--rho",
-        "0.25",
-        "--join-seconds",
-        "20",
-        "--upload-seconds",
-        "120",
-        "--phase-seconds",
-        "20",
-        "--threshold",
-        "2",
-        "--alpha",
-        "8",
-        "--chunk-bytes",
-        "16384",
-    ]);
-    let mut edges: Vec<_> = (0..3)
-        .map(|i| {
-            fleet.edge(
-                i,
-                &[
-                    "--rounds",
-                    "2",
-                    "--batch",
-                    "2",
-                    "--max-len",
-                    "64",
-                    "--eval-examples",
-                    "4",
-                    "--alpha",
-                    "8",
-                ],
-            )
-        })
-        .collect();
-    // Kill edge-2 once it has applied round 1's global update.
-    wait_for(&edges[2].1, "round 1: applied the global update", 400);
-    drop(edges.pop());
-    // The host prints the output paths when it is done.
-    wait_for(&host_rx, "metrics", 400);
-    assert!(host.0.wait().unwrap().success(), "host failed");
-    let rounds = fleet.rounds();
-    assert_eq!(rounds.len(), 2);
-    assert_eq!(rounds[0]["contributors"], 3);
-    assert_eq!(rounds[1]["contributors"], 2, "the dead edge is dropped");
-    for r in &rounds {
-        let loss = r["eval_loss"].as_f64().expect("devices reported a loss");
-        assert!(loss.is_finite() && loss > 0.0);
-        assert!(r["upload_bytes_per_client"].as_u64().unwrap() > 0);
-        assert!(r["crypto_seconds"].as_f64().unwrap() > 0.0);
-    }
-    assert!(fleet.out.join("adapter/adapter_model.safetensors").exists());
-    assert!(fleet.out.join("loss.svg").exists());
-}
+/// The settings of the three-device tests: (host args, edge args).
+const HOST_TINY: [&str; 14] = [
+    "--local-steps",
+    "1",
+    "--join-seconds",
+    "60",
+    "--upload-seconds",
+    "120",
+    "--phase-seconds",
+    "20",
+    "--threshold",
+    "2",
+    "--chunk-bytes",
+    "16384",
+    "--rho",
+    "0.5",
+];
+const EDGE_TINY: [&str; 6] = ["--batch", "1", "--max-len", "48", "--eval-examples", "2"];
 
-#[test]
-fn a_host_killed_mid_round_resumes_with_the_next_round() {
-    let fleet = Fleet::new("restart", ["--rank", "2", "--targets", "v_proj"]);
-    let host_args = [
-        "--rounds",
-        "2",
-        "--local-steps",
-        "1",
-        "--rho",
-        "0.5",
-        "--join-seconds",
-        "60",
-        "--upload-seconds",
-        "120",
-        "--phase-seconds",
-        "20",
-    ];
-    let (first, first_rx) = fleet.host(&host_args);
-    let edges: Vec<_> = (0..3)
-        .map(|i| {
-            fleet.edge(
-                i,
-                &[
-                    "--rounds",
-                    "3",
-                    "--batch",
-                    "1",
-                    "--max-len",
-                    "48",
-                    "--eval-examples",
-                    "2",
-                ],
-            )
-        })
-        .collect();
-    // Kill the host once round 1 is under way (an edge has trained and uploaded).
-    wait_for(&first_rx, "round 1: announcing", 60);
-    wait_for(&edges[0].1, "round 1: trained", 300);
-    drop(first);
-    let (mut second, second_rx) = fleet.host(&host_args);
-    wait_for(&second_rx, "interrupted by a host restart", 60);
-    wait_for(&second_rx, "metrics", 400);
-    assert!(second.0.wait().unwrap().success());
-    let rounds: Vec<(u64, u64)> = fleet
+/// (round, contributors) of every round in metrics.json.
+fn contributors(fleet: &Fleet) -> Vec<(u64, u64)> {
+    fleet
         .rounds()
         .iter()
         .map(|r| {
@@ -258,10 +180,248 @@ fn a_host_killed_mid_round_resumes_with_the_next_round() {
                 r["contributors"].as_u64().unwrap(),
             )
         })
+        .collect()
+}
+
+/// Checks every audited round: the host's decrypted sums against the sum of the plaintext
+/// updates its contributors encrypted (SECURITY.md: at most n (2^17 + 2^31) + n/2 units).
+fn check_audited_sums(host_audit: &std::path::Path, edge_audit: &std::path::Path, rounds: u64) {
+    for round in 1..=rounds {
+        let text = std::fs::read_to_string(host_audit.join(format!("round-{round}.json")))
+            .expect("the host audited the round");
+        let host: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let contributors: Vec<String> = host["contributors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect();
+        let sums: Vec<u64> = host["sums"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let mut plain = vec![0u64; sums.len()];
+        let mut weight = 0.0;
+        for d in &contributors {
+            let text = std::fs::read_to_string(edge_audit.join(format!("round-{round}-{d}.json")))
+                .expect("the contributor audited its update");
+            let edge: serde_json::Value = serde_json::from_str(&text).unwrap();
+            weight += edge["weight"].as_f64().unwrap();
+            let values = edge["plaintexts"].as_array().unwrap();
+            assert_eq!(values.len(), sums.len());
+            for (p, v) in plain.iter_mut().zip(values) {
+                *p = p.wrapping_add(v.as_u64().unwrap());
+            }
+        }
+        let n = contributors.len() as i64;
+        let bound = n * ((1 << 17) + (1 << 31)) + n;
+        let worst = sums
+            .iter()
+            .zip(&plain)
+            .map(|(s, p)| (s.wrapping_sub(*p) as i64).abs())
+            .max()
+            .unwrap();
+        assert!(
+            worst <= bound,
+            "round {round}: decrypted sums off by {worst} units (bound {bound})"
+        );
+        assert!(
+            (host["total_weight"].as_f64().unwrap() - weight).abs() < 1e-12,
+            "round {round}: total weight"
+        );
+        assert!(plain.iter().any(|&p| p != 0), "round {round}: empty update");
+    }
+}
+
+/// A rogue client on the broker: records what the devices send, and publishes forgeries.
+struct Rogue {
+    link: fedshield_transport::Link,
+}
+
+impl Rogue {
+    fn new(fleet: &Fleet) -> Self {
+        let (host, port) = fedshield_transport::parse_broker(&fleet.addr).unwrap();
+        let link = fedshield_transport::Link::start(fedshield_transport::LinkConfig {
+            host,
+            port,
+            client_id: "rogue".into(),
+            credentials: None,
+            max_packet_bytes: 1 << 20,
+            subscriptions: vec![format!("fedshield/{}/up/+", fleet.name)],
+            last_will: None,
+            birth: None,
+            tls: None,
+        })
+        .unwrap();
+        Self { link }
+    }
+
+    /// The first manifest a device sent, as its raw payload.
+    fn first_manifest(&self, device: &str) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(400);
+        while Instant::now() < deadline {
+            if let Some(fedshield_transport::Incoming::Message { topic, payload }) =
+                self.link.recv(Duration::from_millis(200)).unwrap()
+                && topic.ends_with(&format!("/up/{device}"))
+                && matches!(
+                    postcard::from_bytes::<EdgeMessage>(&payload),
+                    Ok(EdgeMessage::Manifest(_))
+                )
+            {
+                return payload;
+            }
+        }
+        panic!("never saw a manifest from {device}");
+    }
+
+    fn publish(&self, fleet: &Fleet, device: &str, payload: Vec<u8>) {
+        self.link
+            .publish(
+                &format!("fedshield/{}/up/{device}", fleet.name),
+                payload,
+                false,
+            )
+            .unwrap();
+    }
+}
+
+use fedshield_protocol::messages::EdgeMessage;
+
+#[test]
+fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributors_sum() {
+    let fleet = Fleet::new("hil", ["--rank", "4", "--targets", "q_proj,v_proj"]);
+    let rogue = Rogue::new(&fleet);
+    let host_audit = fleet.out.join("audit-host");
+    let edge_audit = fleet.out.join("audit-edges");
+    let (mut host, host_rx) = fleet.host(
+        &[
+            &HOST_TINY[..],
+            // The dead edge never joins round 2: a short join window (flags given twice:
+            // the last wins).
+            &["--rounds", "2", "--alpha", "8", "--join-seconds", "20"],
+            &["--audit-dir", host_audit.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    let mut edges: Vec<_> = (0..3)
+        .map(|i| {
+            fleet.edge(
+                i,
+                &[
+                    &EDGE_TINY[..],
+                    &["--rounds", "2", "--alpha", "8", "--audit-dir"],
+                    &[edge_audit.to_str().unwrap()],
+                ]
+                .concat(),
+            )
+        })
         .collect();
-    assert_eq!(rounds, [(1, 0), (2, 3), (3, 3)]);
-    // Every edge finished round 3.
+    let round1_manifest = rogue.first_manifest("edge-0");
+    // Kill edge-2 once it has applied round 1's global update.
+    wait_for(&edges[2].1, "round 1: applied the global update", 400);
+    drop(edges.pop());
+    // Round 2's uploads are open: forgeries on the devices' uplinks.
+    wait_for(&host_rx, "round 2: announcing", 60);
+    wait_for(&host_rx, "uploads open", 120);
+    rogue.publish(&fleet, "edge-0", round1_manifest.clone()); // replayed from round 1
+    let Ok(EdgeMessage::Manifest(mut unsigned)) = postcard::from_bytes(&round1_manifest) else {
+        unreachable!()
+    };
+    unsigned.round = 2;
+    unsigned.signature.clear();
+    let unsigned = postcard::to_stdvec(&EdgeMessage::Manifest(unsigned)).unwrap();
+    rogue.publish(&fleet, "edge-0", unsigned);
+    rogue.publish(&fleet, "edge-1", vec![0xff; 64]); // garbage
+    rogue.publish(&fleet, "edge-1", vec![0; 600 * 1024]); // over the host's 512 KiB limit
+    let mut refusals = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(400);
+    loop {
+        let line = host_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the host finished");
+        if line.contains("refused a message") {
+            refusals.push(line.clone());
+        }
+        if line.contains("metrics") {
+            break;
+        }
+    }
+    for (device, reason) in [
+        ("edge-0", "manifest for round 1"),
+        ("edge-0", "signature does not verify"),
+        ("edge-1", "malformed payload"),
+        ("edge-1", "the limit is 524288"),
+    ] {
+        assert!(
+            refusals
+                .iter()
+                .any(|l| l.contains(&format!("from {device}")) && l.contains(reason)),
+            "no refusal of {device} for {reason:?} in {refusals:#?}"
+        );
+    }
+    assert!(host.0.wait().unwrap().success(), "host failed");
+    assert_eq!(
+        contributors(&fleet),
+        [(1, 3), (2, 2)],
+        "the dead edge is dropped"
+    );
+    for r in &fleet.rounds() {
+        let loss = r["eval_loss"].as_f64().expect("devices reported a loss");
+        assert!(loss.is_finite() && loss > 0.0);
+        assert!(r["upload_bytes_per_client"].as_u64().unwrap() > 0);
+        assert!(r["crypto_seconds"].as_f64().unwrap() > 0.0);
+    }
+    check_audited_sums(&host_audit, &edge_audit, 2);
+    assert!(fleet.out.join("adapter/adapter_model.safetensors").exists());
+    assert!(fleet.out.join("loss.svg").exists());
+    assert!(
+        !fleet.out.join("round.journal").exists(),
+        "the journal is removed with its round"
+    );
+}
+
+fn three_edges(fleet: &Fleet) -> Vec<(Killed, mpsc::Receiver<String>)> {
+    (0..3)
+        .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "2"]].concat()))
+        .collect()
+}
+
+#[test]
+fn a_host_killed_mid_upload_resumes_the_same_round_from_its_journal() {
+    let fleet = Fleet::new("restart", ["--rank", "2", "--targets", "v_proj"]);
+    let host_args = [&HOST_TINY[..], &["--rounds", "2"]].concat();
+    let (first, first_rx) = fleet.host(&host_args);
+    let edges = three_edges(&fleet);
+    // Kill the host once round 1's uploads have started arriving.
+    wait_for(&first_rx, "round 1: announcing", 60);
+    wait_for(&edges[0].1, "round 1: trained", 300);
+    drop(first);
+    assert!(fleet.out.join("round.journal").exists());
+    let (mut second, second_rx) = fleet.host(&host_args);
+    wait_for(&second_rx, "round 1: resumed after a host restart", 60);
+    wait_for(&second_rx, "metrics", 400);
+    assert!(second.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), [(1, 3), (2, 3)]);
     for (_, rx) in &edges {
-        wait_for(rx, "done after round 3", 120);
+        wait_for(rx, "done after round 2", 120);
+    }
+}
+
+#[test]
+fn a_broker_restarted_mid_upload_loses_nothing_the_round_needs() {
+    let mut fleet = Fleet::new("brokerdown", ["--rank", "2", "--targets", "v_proj"]);
+    let (mut host, host_rx) = fleet.host(&[&HOST_TINY[..], &["--rounds", "2"]].concat());
+    let edges = three_edges(&fleet);
+    wait_for(&host_rx, "round 1: announcing", 60);
+    wait_for(&edges[0].1, "round 1: trained", 300);
+    fleet.broker.restart(Duration::from_secs(1)).unwrap();
+    wait_for(&host_rx, "re-publishing the round", 60);
+    wait_for(&host_rx, "metrics", 400);
+    assert!(host.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), [(1, 3), (2, 3)]);
+    for (_, rx) in &edges {
+        wait_for(rx, "done after round 2", 120);
     }
 }

@@ -68,3 +68,98 @@ async fn mosquitto_carries_a_chunk_sized_message() {
     let got = round_trip(broker.addr(), "fedshield/test/mosquitto", payload.clone()).await;
     assert_eq!(got, payload);
 }
+
+/// A link with `tls` subscribed to `topic` on `broker`; what it reports first.
+fn tls_link(
+    broker: &Mosquitto,
+    id: &str,
+    tls: fedshield_transport::Tls,
+    topic: &str,
+) -> fedshield_transport::Link {
+    fedshield_transport::Link::start(fedshield_transport::LinkConfig {
+        host: "127.0.0.1".into(),
+        port: broker.addr().port(),
+        client_id: id.into(),
+        credentials: None,
+        max_packet_bytes: 1 << 20,
+        subscriptions: vec![topic.into()],
+        last_will: None,
+        birth: None,
+        tls: Some(tls),
+    })
+    .unwrap()
+}
+
+#[test]
+fn links_speak_tls_to_mosquitto_and_refuse_a_broker_their_ca_did_not_sign() {
+    use fedshield_transport::Incoming;
+    let broker = Mosquitto::start_tls(1 << 20).expect("mosquitto with TLS");
+    let topic = "fedshield/tls/check";
+    let link = tls_link(
+        &broker,
+        "tls-good",
+        fedshield_transport::Tls {
+            ca_file: broker.ca_file(),
+            client_auth: None,
+        },
+        topic,
+    );
+    let payload = sample_payload();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut published = false;
+    loop {
+        assert!(std::time::Instant::now() < deadline, "no TLS round trip");
+        match link.recv(Duration::from_millis(200)).unwrap() {
+            Some(Incoming::Connected) if !published => {
+                // Give the subscription a moment to be acknowledged.
+                std::thread::sleep(Duration::from_millis(300));
+                link.publish(topic, payload.clone(), false).unwrap();
+                published = true;
+            }
+            Some(Incoming::Message { payload: got, .. }) => {
+                assert_eq!(got, payload);
+                break;
+            }
+            Some(Incoming::Disconnected(e)) => panic!("TLS connection failed: {e}"),
+            _ => {}
+        }
+    }
+    link.disconnect();
+    // Another broker's CA (a second TLS mosquitto's) does not vouch for this broker.
+    let other = Mosquitto::start_tls(1 << 20).expect("second mosquitto with TLS");
+    let wrong = tls_link(
+        &broker,
+        "tls-wrong-ca",
+        fedshield_transport::Tls {
+            ca_file: other.ca_file(),
+            client_auth: None,
+        },
+        topic,
+    );
+    match wrong.recv(Duration::from_secs(10)).unwrap() {
+        Some(Incoming::Disconnected(e)) => {
+            assert!(
+                e.to_lowercase().contains("certificate") || e.contains("Tls"),
+                "{e}"
+            )
+        }
+        other => panic!("expected a refused certificate, got {other:?}"),
+    }
+    // A missing CA file is a configuration error naming the file.
+    let err = fedshield_transport::Link::start(fedshield_transport::LinkConfig {
+        host: "127.0.0.1".into(),
+        port: broker.addr().port(),
+        client_id: "tls-missing".into(),
+        credentials: None,
+        max_packet_bytes: 1 << 20,
+        subscriptions: vec![],
+        last_will: None,
+        birth: None,
+        tls: Some(fedshield_transport::Tls {
+            ca_file: "/nonexistent/ca.pem".into(),
+            client_auth: None,
+        }),
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+}

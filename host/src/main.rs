@@ -10,6 +10,7 @@ use fedshield_models::Assets;
 use fedshield_models::config::LlamaConfig;
 use fedshield_models::gguf::Gguf;
 use fedshield_protocol::host::Deadlines;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,30 +43,30 @@ enum Command {
         #[arg(long)]
         devices: String,
     },
-    /// Run the federation: rounds of secure aggregation over MQTT.
+    /// Run the federation: rounds of secure aggregation over MQTT. Settings come from the
+    /// flags and from an optional TOML file (--config; keys are the flags' long names,
+    /// with - or _), flags winning.
+    #[command(args_override_self = true)]
     Serve(Box<ServeArgs>),
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// TOML file of settings (see `fedshield-host.example.toml`); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Fleet name (one MQTT topic level).
     #[arg(long, default_value = "demo")]
     fleet: String,
     /// Fleet directory (see `enrol`).
     #[arg(long, default_value = "fleet")]
     fleet_dir: PathBuf,
-    /// MQTT broker, host:port.
-    #[arg(long, default_value = "127.0.0.1:1883")]
-    broker: String,
-    /// Start the embedded broker on --broker's address first (one-machine runs).
+    #[command(flatten)]
+    link: fedshield_transport::BrokerArgs,
+    /// Start the embedded broker on --broker's address first (one-machine runs; plain
+    /// TCP on that address, so keep it on loopback or a private network).
     #[arg(long)]
     embedded_broker: bool,
-    /// Broker username (the password comes from FEDSHIELD_MQTT_PASSWORD).
-    #[arg(long)]
-    username: Option<String>,
-    /// Largest MQTT packet, bytes.
-    #[arg(long, default_value_t = DEFAULT_MAX_PACKET_BYTES)]
-    max_packet_bytes: usize,
     /// GGUF base model (its shapes give the adapter layout; default: the fetched SmolLM2).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -118,9 +119,12 @@ struct ServeArgs {
     /// Seed of the initial adapter and the masks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output folder: adapter/, metrics.json, loss.svg, state.bin.
+    /// Output folder: adapter/, metrics.json, loss.svg, state.bin, round.journal.
     #[arg(long, default_value = "runs/fleet")]
     out: PathBuf,
+    /// Write each round's decrypted sums to DIR/round-{r}.json (audits, end-to-end tests).
+    #[arg(long)]
+    audit_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,7 +134,14 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,rumqttd=off".into()),
         )
         .init();
-    match Cli::parse().command {
+    let argv = match with_config_file(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    match Cli::parse_from(argv).command {
         Command::Broker {
             listen,
             max_packet_bytes,
@@ -155,6 +166,67 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Expands `serve --config FILE` into the file's settings as flags, placed before the
+/// command line's own flags so that those win (`args_override_self`).
+fn with_config_file(argv: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
+    if argv.get(1).is_none_or(|a| a != "serve") {
+        return Ok(argv);
+    }
+    let mut path = None;
+    let mut rest = Vec::new();
+    let mut it = argv.into_iter();
+    let head: Vec<OsString> = it.by_ref().take(2).collect();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--config" {
+            path = Some(PathBuf::from(it.next().context("--config needs a file")?));
+        } else if let Some(p) = s.strip_prefix("--config=") {
+            path = Some(PathBuf::from(p));
+        } else {
+            rest.push(a);
+        }
+    }
+    let Some(path) = path else {
+        return Ok(head.into_iter().chain(rest).collect());
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let mut args = head;
+    for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let value = match value {
+            toml::Value::Boolean(true) => None,
+            toml::Value::Boolean(false) => continue,
+            toml::Value::String(s) => Some(s),
+            toml::Value::Integer(i) => Some(i.to_string()),
+            toml::Value::Float(f) => Some(f.to_string()),
+            toml::Value::Array(items) => Some(
+                items
+                    .iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) => Ok(s.clone()),
+                        other => {
+                            anyhow::bail!("{}: {key}: {other} is not a string", path.display())
+                        }
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?
+                    .join(","),
+            ),
+            other => anyhow::bail!(
+                "{}: {key} = {other}: expected a string, number, boolean or list of strings",
+                path.display()
+            ),
+        };
+        args.push(flag.into());
+        args.extend(value.map(OsString::from));
+    }
+    args.extend(rest);
+    Ok(args)
+}
+
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let model = match args.model {
         Some(p) => p,
@@ -171,26 +243,27 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         explore: args.explore,
     };
     prune.validate()?;
-    let (host, port) = fedshield_transport::parse_broker(&args.broker)?;
     let _broker = if args.embedded_broker {
+        anyhow::ensure!(
+            args.link.ca_file.is_none(),
+            "the embedded broker listens on plain TCP: use an external broker for TLS"
+        );
         let addr: SocketAddr = args
+            .link
             .broker
             .parse()
             .context("--embedded-broker needs an IP:port")?;
-        let b = EmbeddedBroker::start(addr, args.max_packet_bytes)?;
+        let b = EmbeddedBroker::start(addr, args.link.max_packet_bytes)?;
         tracing::info!("embedded MQTT broker on {}", b.addr());
         Some(b)
     } else {
         None
     };
-    let credentials = fedshield_transport::credentials(args.username.as_deref())?;
     let phase = args.phase_seconds * 1000;
     let (adapter, plot, metrics) = serve(ServeConfig {
         fleet: args.fleet,
         fleet_dir: FleetDir(args.fleet_dir),
-        broker: (host, port),
-        credentials,
-        max_packet_bytes: args.max_packet_bytes,
+        broker: args.link,
         peft: (
             args.rank,
             args.alpha,
@@ -213,6 +286,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         seed: args.seed,
         out: args.out,
         report_wait: Duration::from_secs(600),
+        audit_dir: args.audit_dir,
     })?;
     println!("adapter   : {}", adapter.display());
     println!("plot      : {}", plot.display());

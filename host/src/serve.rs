@@ -10,9 +10,10 @@ use fedshield_codec::{History, Layout, PruneConfig, apply, decode_values, init_a
 use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::identity::DeviceId;
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
+use fedshield_protocol::journal::{self, Entry, Replayed};
 use fedshield_protocol::messages::{EdgeMessage, GlobalPart, RoundConfig, Route, Topics};
 use fedshield_protocol::{ProtocolError, decode};
-use fedshield_transport::{Incoming, Link, LinkConfig};
+use fedshield_transport::{BrokerArgs, Incoming, Link};
 use fedshield_wire::compress_if_smaller;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,12 +26,8 @@ pub struct ServeConfig {
     pub fleet: String,
     /// Fleet directory (authority, registry).
     pub fleet_dir: FleetDir,
-    /// Broker address.
-    pub broker: (String, u16),
-    /// Broker credentials.
-    pub credentials: Option<(String, String)>,
-    /// Largest MQTT packet.
-    pub max_packet_bytes: usize,
+    /// Broker address, credentials, TLS and packet limit.
+    pub broker: BrokerArgs,
     /// The adapter layout.
     pub layout: Layout,
     /// LoRA hyper-parameters for the PEFT adapter_config.json: (r, alpha, targets).
@@ -57,6 +54,9 @@ pub struct ServeConfig {
     pub out: PathBuf,
     /// Seconds to wait for the last round's evaluation reports.
     pub report_wait: Duration,
+    /// Where to write each round's decrypted sums (`round-{r}.json`), for audits and the
+    /// end-to-end tests; the host learns them anyway (they are the global update).
+    pub audit_dir: Option<PathBuf>,
 }
 
 /// Per-round metrics, as written to metrics.json.
@@ -100,6 +100,9 @@ struct HostState {
     history: History,
     metrics: Vec<RoundMetrics>,
     layout_digest: [u8; 32],
+    /// The last round's global update parts as published (re-published after every
+    /// reconnection: a restarted broker has lost its retained messages).
+    last_global: Vec<Vec<u8>>,
 }
 
 impl HostState {
@@ -157,18 +160,15 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
             history: History::new(cfg.layout.len()),
             metrics: Vec::new(),
             layout_digest: cfg.layout.digest(),
+            last_global: Vec::new(),
         },
     };
-    let link = Link::start(LinkConfig {
-        host: cfg.broker.0.clone(),
-        port: cfg.broker.1,
-        client_id: format!("fedshield-host-{}", cfg.fleet),
-        credentials: cfg.credentials.clone(),
-        max_packet_bytes: cfg.max_packet_bytes,
-        subscriptions: vec![topics.all_up()],
-        last_will: None,
-        birth: None,
-    })?;
+    let link = Link::start(cfg.broker.link_config(
+        format!("fedshield-host-{}", cfg.fleet),
+        vec![topics.all_up()],
+        None,
+        None,
+    )?)?;
     let encoding = FixedPoint::new(cfg.clip)?;
     let mut host = Host {
         cfg,
@@ -178,6 +178,7 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
         encoding,
     };
     host.wait_connected()?;
+    host.publish_global()?;
     while host.state.round < host.cfg.rounds {
         host.run_round()?;
     }
@@ -198,9 +199,8 @@ impl Host {
             }
         }
         anyhow::bail!(
-            "no connection to the broker at {}:{} within 30 s",
-            self.cfg.broker.0,
-            self.cfg.broker.1
+            "no connection to the broker at {} within 30 s",
+            self.cfg.broker.broker
         )
     }
 
@@ -229,7 +229,7 @@ impl Host {
             tracing::warn!("ignored a message on {topic}");
             return None;
         };
-        let msg: EdgeMessage = match decode(payload, self.cfg.max_packet_bytes) {
+        let msg: EdgeMessage = match decode(payload, self.cfg.broker.max_packet_bytes) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!("refused a message from {device}: {e}");
@@ -267,6 +267,13 @@ impl Host {
         actions: Vec<HostAction>,
     ) -> anyhow::Result<Option<Result<RoundResult, String>>> {
         let mut outcome = None;
+        let deliveries = actions
+            .iter()
+            .filter(|a| matches!(a, HostAction::Deliver(..)))
+            .count();
+        if deliveries > 0 {
+            tracing::info!("share deliveries published to {deliveries} members; uploads open");
+        }
         for a in actions {
             match a {
                 HostAction::Broadcast(state) => {
@@ -287,61 +294,176 @@ impl Host {
         Ok(outcome)
     }
 
-    fn run_round(&mut self) -> anyhow::Result<()> {
-        let round = self.state.announced + 1;
-        if self.state.announced > self.state.round_number() {
-            tracing::warn!(
-                "round {} was interrupted by a host restart; starting round {round}",
-                self.state.announced
+    fn journal_path(&self) -> PathBuf {
+        self.cfg.out.join("round.journal")
+    }
+
+    /// Rebuilds round `self.state.announced` from its journal, if there is one that replays.
+    fn resume(&self) -> Option<(Replayed, u64, JournalFile)> {
+        let path = self.journal_path();
+        let bytes = std::fs::read(&path).ok()?;
+        let attempt = || -> anyhow::Result<(Replayed, u64, JournalFile)> {
+            let (entries, valid) = journal::read(&bytes)?;
+            let Some(Entry::Start { config, now, .. }) = entries.first() else {
+                anyhow::bail!("the journal has no start record");
+            };
+            anyhow::ensure!(
+                config.round == self.state.announced,
+                "the journal is of round {}",
+                config.round
             );
-            self.state.metrics.push(RoundMetrics {
-                round: self.state.announced,
-                failure: Some("interrupted by a host restart".into()),
-                ..RoundMetrics::default()
-            });
+            let started = *now;
+            let replayed = journal::replay(&entries, self.cfg.fleet_dir.registry()?)?;
+            Ok((replayed, started, JournalFile::reopen(&path, valid as u64)?))
+        };
+        match attempt() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(
+                    "round {} cannot be resumed from {}: {e:#}",
+                    self.state.announced,
+                    path.display()
+                );
+                None
+            }
         }
-        self.state.announced = round;
-        self.save_state()?;
-        let start = Instant::now();
+    }
+
+    /// Runs one round to its end: the interrupted one when its journal replays, else the
+    /// next one.
+    fn run_round(&mut self) -> anyhow::Result<()> {
+        let resumed = if self.state.announced > self.state.round_number() {
+            self.resume()
+        } else {
+            None
+        };
+        let (mut machine, mut journal, started_ms, mut outcome) = match resumed {
+            Some((replayed, started, journal)) => {
+                tracing::info!(
+                    "round {}: resumed after a host restart ({} journalled messages replayed)",
+                    self.state.announced,
+                    replayed.messages
+                );
+                let mut machine = replayed.round;
+                let mut outcome = replayed.outcome.map(|a| match a {
+                    HostAction::Finished(r) => Ok(r),
+                    HostAction::Failed(why) => Err(why),
+                    _ => unreachable!("replay returns outcomes only"),
+                });
+                let mut journal = journal;
+                if outcome.is_none() {
+                    journal.append(&Entry::Republish)?;
+                    let actions = machine.republish();
+                    outcome = self.execute(actions)?;
+                }
+                (machine, journal, started, outcome)
+            }
+            None => {
+                if self.state.announced > self.state.round_number() {
+                    tracing::warn!(
+                        "round {} was interrupted by a host restart; starting round {}",
+                        self.state.announced,
+                        self.state.announced + 1
+                    );
+                    self.state.metrics.push(RoundMetrics {
+                        round: self.state.announced,
+                        failure: Some("interrupted by a host restart".into()),
+                        ..RoundMetrics::default()
+                    });
+                }
+                let round = self.state.announced + 1;
+                self.state.announced = round;
+                self.save_state()?;
+                let selected = select(
+                    &self.cfg.layout,
+                    &self.cfg.prune,
+                    &self.state.history,
+                    round,
+                    mix(self.cfg.seed, round),
+                )?
+                .len();
+                let config = self.round_config(round, selected);
+                tracing::info!(
+                    "round {round}: announcing ({selected} of {} values selected)",
+                    self.cfg.layout.len()
+                );
+                let now = now_ms();
+                let journal = JournalFile::create(
+                    &self.journal_path(),
+                    &Entry::Start {
+                        config: config.clone(),
+                        deadlines: self.cfg.deadlines,
+                        now,
+                    },
+                )?;
+                let registry = self.cfg.fleet_dir.registry()?;
+                let (machine, actions) =
+                    HostRound::start(config, registry, self.cfg.deadlines, now)?;
+                let outcome = self.execute(actions)?;
+                journal.sync()?;
+                (machine, journal, now, outcome)
+            }
+        };
+        let config = machine.config().clone();
+        let round = config.round;
         let selection = select(
             &self.cfg.layout,
-            &self.cfg.prune,
+            &config.prune,
             &self.state.history,
             round,
-            mix(self.cfg.seed, round),
+            config.select_seed,
         )?;
-        let config = self.round_config(round, selection.len());
-        tracing::info!(
-            "round {round}: announcing ({} of {} values selected)",
+        anyhow::ensure!(
+            selection.len() == config.selected,
+            "round {round}: the selection has {} values, the round {}",
             selection.len(),
-            self.cfg.layout.len()
+            config.selected
         );
-        let registry = self.cfg.fleet_dir.registry()?;
-        let (mut machine, actions) =
-            HostRound::start(config, registry, self.cfg.deadlines, now_ms())?;
         let mut host_time = Duration::ZERO;
-        let mut outcome = self.execute(actions)?;
         while outcome.is_none() {
             let incoming = self.link.recv(Duration::from_millis(200))?;
             let t = Instant::now();
-            let actions = match incoming {
+            let mut actions = match incoming {
                 Some(Incoming::Message { topic, payload }) => match self.route(&topic, &payload) {
-                    Some((device, msg)) => match machine.on_message(&device, msg, now_ms()) {
-                        Ok(a) => a,
-                        Err(e) => {
-                            log_refusal(&device, &e);
-                            vec![]
+                    Some((device, msg)) => {
+                        let now = now_ms();
+                        match machine.on_message(&device, msg.clone(), now) {
+                            Ok(a) => {
+                                journal.append(&Entry::Message {
+                                    from: device,
+                                    message: msg,
+                                    now,
+                                })?;
+                                a
+                            }
+                            Err(e) => {
+                                log_refusal(&device, &e);
+                                vec![]
+                            }
                         }
-                    },
+                    }
                     None => vec![],
                 },
                 Some(Incoming::Disconnected(e)) => {
                     tracing::warn!("broker connection lost ({e}); reconnecting");
                     vec![]
                 }
-                Some(Incoming::Connected) => vec![],
-                None => machine.on_tick(now_ms()),
+                Some(Incoming::Connected) => {
+                    tracing::info!(
+                        "round {round}: reconnected to the broker; re-publishing the round"
+                    );
+                    self.publish_global()?;
+                    journal.append(&Entry::Republish)?;
+                    machine.republish()
+                }
+                None => vec![],
             };
+            let now = now_ms();
+            if machine.due(now) {
+                journal.append(&Entry::Tick { now })?;
+                journal.sync()?;
+                actions.extend(machine.on_tick(now));
+            }
             host_time += t.elapsed();
             outcome = self.execute(actions)?;
         }
@@ -362,19 +484,24 @@ impl Host {
                 apply(&mut self.state.global, &selection, &values)?;
                 self.state.history.observe(&selection, &values)?;
                 host_time += t.elapsed();
+                if let Some(dir) = &self.cfg.audit_dir {
+                    write_audit(dir, &result)?;
+                }
                 // zstd pays on f32 values (unlike on ciphertext bodies): each part travels
                 // in a `Compressed` envelope, raw when compression would not shrink it.
-                let (mut raw, mut wire) = (0usize, 0usize);
+                let mut raw = 0usize;
+                self.state.last_global.clear();
                 for part in
                     GlobalPart::split(round, &result.contributors, &values, self.cfg.chunk_bytes)
                 {
                     let bytes = postcard::to_stdvec(&part)?;
-                    let payload = postcard::to_stdvec(&compress_if_smaller(&bytes))?;
                     raw += bytes.len();
-                    wire += payload.len();
-                    self.link
-                        .publish(&self.topics.global(part.index), payload, true)?;
+                    self.state
+                        .last_global
+                        .push(postcard::to_stdvec(&compress_if_smaller(&bytes))?);
                 }
+                self.publish_global()?;
+                let wire: usize = self.state.last_global.iter().map(Vec::len).sum();
                 metrics.download_bytes_per_client = wire as u64;
                 tracing::info!(
                     "round {round}: global update published, {wire} bytes ({raw} before zstd)"
@@ -404,10 +531,22 @@ impl Host {
         }
         metrics.host_crypto_seconds = host_time.as_secs_f64();
         metrics.crypto_seconds = metrics.host_crypto_seconds;
-        metrics.round_seconds = start.elapsed().as_secs_f64();
+        metrics.round_seconds = now_ms().saturating_sub(started_ms) as f64 / 1000.0;
         self.state.metrics.push(metrics);
         self.state.round += 1;
         self.write_outputs()?;
+        // The round is in state.bin now: its journal is done with.
+        drop(journal);
+        std::fs::remove_file(self.journal_path())?;
+        Ok(())
+    }
+
+    /// Publishes (retained) the last round's global update parts, if any.
+    fn publish_global(&self) -> anyhow::Result<()> {
+        for (i, payload) in self.state.last_global.iter().enumerate() {
+            self.link
+                .publish(&self.topics.global(i as u32), payload.clone(), true)?;
+        }
         Ok(())
     }
 
@@ -430,11 +569,14 @@ impl Host {
             if done {
                 break;
             }
-            if let Some(Incoming::Message { topic, payload }) =
-                self.link.recv(Duration::from_millis(200))?
-                && let Some((device, _)) = self.route(&topic, &payload)
-            {
-                tracing::debug!("late round message from {device} ignored");
+            match self.link.recv(Duration::from_millis(200))? {
+                Some(Incoming::Message { topic, payload }) => {
+                    if let Some((device, _)) = self.route(&topic, &payload) {
+                        tracing::debug!("late round message from {device} ignored");
+                    }
+                }
+                Some(Incoming::Connected) => self.publish_global()?,
+                _ => {}
             }
         }
         Ok(())
@@ -497,6 +639,61 @@ impl Host {
         self.save_state()?;
         Ok((adapter, plot_path, metrics_path))
     }
+}
+
+/// The round journal on disk (see `fedshield_protocol::journal`). Each record is one
+/// `write` to the kernel, so a killed host loses at most the record being written (a torn
+/// tail, ignored on reading); phase changes are also fsynced.
+struct JournalFile(std::fs::File);
+
+impl JournalFile {
+    fn create(path: &std::path::Path, start: &Entry) -> anyhow::Result<Self> {
+        // Owner-only, like the device key files: it holds the round's uploads.
+        let mut file = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+            0o600,
+        )
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+        std::io::Write::write_all(&mut file, &start.to_record())?;
+        Ok(Self(file))
+    }
+
+    /// Opens a journal for appending after its first `valid` bytes (a torn tail is cut).
+    fn reopen(path: &std::path::Path, valid: u64) -> anyhow::Result<Self> {
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        file.set_len(valid)?;
+        let mut file = file;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))?;
+        Ok(Self(file))
+    }
+
+    fn append(&mut self, entry: &Entry) -> anyhow::Result<()> {
+        std::io::Write::write_all(&mut self.0, &entry.to_record()).context("writing the journal")
+    }
+
+    fn sync(&self) -> anyhow::Result<()> {
+        self.0.sync_data().context("syncing the journal")
+    }
+}
+
+/// Writes a round's decrypted sums and contributors to `dir/round-{r}.json`.
+fn write_audit(dir: &std::path::Path, result: &RoundResult) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("round-{}.json", result.round));
+    std::fs::write(
+        &path,
+        serde_json::to_string(&serde_json::json!({
+            "round": result.round,
+            "contributors": result.contributors,
+            "total_weight": result.total_weight,
+            "sums": result.sums,
+        }))?,
+    )
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 fn log_refusal(device: &DeviceId, e: &ProtocolError) {

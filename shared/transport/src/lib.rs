@@ -1,11 +1,16 @@
 //! The MQTT link of the host and edge drivers: a rumqttc client whose event loop runs on its
-//! own thread, reconnects with back-off, re-subscribes after every connection, and hands
+//! own thread (plain TCP or TLS), reconnects with back-off, re-subscribes after every connection, and hands
 //! incoming publishes to the driver over a channel. The driver stays a plain loop: receive
 //! with a timeout, feed the state machine, publish what it returns.
 
-use rumqttc::{Client, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{
+    Client, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::Duration;
+
+/// A link accepts incoming packets up to this many times its `max_packet_bytes`.
+pub const INCOMING_FACTOR: usize = 4;
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -26,6 +31,117 @@ pub struct LinkConfig {
     pub last_will: Option<(String, Vec<u8>)>,
     /// Retained message published after every connection: (topic, payload).
     pub birth: Option<(String, Vec<u8>)>,
+    /// TLS to the broker (`None`: plain TCP).
+    pub tls: Option<Tls>,
+}
+
+/// TLS settings: the broker's certificate must chain to `ca_file`; `client_auth` adds a
+/// client certificate and key (PEM) for brokers that require one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// PEM file of the certificate authority that signed the broker's certificate.
+    pub ca_file: std::path::PathBuf,
+    /// PEM files of this client's certificate and private key.
+    pub client_auth: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl Tls {
+    /// TLS from the command line's `--ca-file`, `--client-cert` and `--client-key`: none
+    /// without a CA file; a certificate needs its key and the other way round.
+    pub fn from_args(
+        ca_file: Option<&std::path::Path>,
+        client_cert: Option<&std::path::Path>,
+        client_key: Option<&std::path::Path>,
+    ) -> Result<Option<Self>, LinkError> {
+        let client_auth = match (client_cert, client_key) {
+            (Some(c), Some(k)) => Some((c.to_path_buf(), k.to_path_buf())),
+            (None, None) => None,
+            _ => {
+                return Err(LinkError::Config(
+                    "--client-cert and --client-key go together".into(),
+                ));
+            }
+        };
+        match ca_file {
+            Some(ca) => Ok(Some(Self {
+                ca_file: ca.to_path_buf(),
+                client_auth,
+            })),
+            None if client_auth.is_some() => Err(LinkError::Config(
+                "a client certificate needs TLS: add --ca-file".into(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn configuration(&self) -> Result<TlsConfiguration, LinkError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| LinkError::Config(format!("{}: {e}", p.display())))
+        };
+        // rustls with the ring provider (no C++ toolchain or cmake needed); installing it
+        // twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Ok(TlsConfiguration::Simple {
+            ca: read(&self.ca_file)?,
+            alpn: None,
+            client_auth: match &self.client_auth {
+                Some((c, k)) => Some((read(c)?, read(k)?)),
+                None => None,
+            },
+        })
+    }
+}
+
+/// The broker flags shared by `fedshield-host serve` and `fedshield-edge run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// MQTT broker, host:port.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub broker: String,
+    /// Broker username (the password comes from FEDSHIELD_MQTT_PASSWORD).
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Largest MQTT packet sent, and largest payload accepted, in bytes.
+    #[arg(long, default_value_t = 512 * 1024)]
+    pub max_packet_bytes: usize,
+    /// TLS: PEM file of the CA that signed the broker's certificate (plain TCP without).
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// TLS client certificate (PEM), for brokers that require one.
+    #[arg(long)]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// TLS client private key (PEM).
+    #[arg(long)]
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+impl BrokerArgs {
+    /// A link configuration for these flags: the address parsed, the password read from
+    /// the environment, the TLS files named (read when the link starts).
+    pub fn link_config(
+        &self,
+        client_id: String,
+        subscriptions: Vec<String>,
+        last_will: Option<(String, Vec<u8>)>,
+        birth: Option<(String, Vec<u8>)>,
+    ) -> Result<LinkConfig, LinkError> {
+        let (host, port) = parse_broker(&self.broker)?;
+        Ok(LinkConfig {
+            host,
+            port,
+            client_id,
+            credentials: credentials(self.username.as_deref())?,
+            max_packet_bytes: self.max_packet_bytes,
+            subscriptions,
+            last_will,
+            birth,
+            tls: Tls::from_args(
+                self.ca_file.as_deref(),
+                self.client_cert.as_deref(),
+                self.client_key.as_deref(),
+            )?,
+        })
+    }
 }
 
 /// Parses `host:port`.
@@ -95,10 +211,20 @@ impl Link {
     pub fn start(config: LinkConfig) -> Result<Self, LinkError> {
         let mut opts = MqttOptions::new(&config.client_id, &config.host, config.port);
         opts.set_keep_alive(Duration::from_secs(10));
-        opts.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
+        // Incoming packets may be larger than what the protocol accepts (the driver's
+        // `decode` refuses those with a logged reason): a packet over rumqttc's own limit
+        // breaks the connection, and the broker would redeliver it after every reconnection.
+        // The broker's `max_packet_size` must stay below this (README, "Brokers").
+        opts.set_max_packet_size(
+            config.max_packet_bytes.saturating_mul(INCOMING_FACTOR),
+            config.max_packet_bytes,
+        );
         opts.set_clean_session(false);
         if let Some((user, pass)) = &config.credentials {
             opts.set_credentials(user, pass);
+        }
+        if let Some(tls) = &config.tls {
+            opts.set_transport(Transport::tls_with_config(tls.configuration()?));
         }
         if let Some((topic, payload)) = &config.last_will {
             opts.set_last_will(LastWill::new(
