@@ -58,6 +58,27 @@ pub struct FleetClient<'a> {
     init_seed: Option<u64>,
     id: String,
     audit_dir: Option<std::path::PathBuf>,
+    state_path: Option<std::path::PathBuf>,
+    /// The round of an upload restored from the state file, still to settle.
+    restored_pending: Option<u64>,
+}
+
+/// What a device keeps on disk between runs (`--state`): enough to go on after a restart
+/// without losing its residual or counting an update twice. Written atomically (temporary
+/// file + rename) whenever one of these changes: a global update applied, an upload
+/// prepared, a round settled.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    device: String,
+    layout_digest: [u8; 32],
+    init_seed: Option<u64>,
+    global: Vec<f32>,
+    history: History,
+    feedback: ErrorFeedback,
+    /// An upload whose round's outcome was not known yet: settled on restart from the
+    /// round's retained outcome or its global update's contributor list.
+    pending: Option<Prepared>,
+    eval_loss: Option<f64>,
 }
 
 /// A line for the device's log.
@@ -74,6 +95,8 @@ impl<'a> FleetClient<'a> {
         Ok(Self {
             id: me.id.0.clone(),
             audit_dir: None,
+            state_path: None,
+            restored_pending: None,
             session: EdgeSession::new(me, layout.digest()),
             global: device.lora.flatten(),
             history: History::new(len),
@@ -116,6 +139,107 @@ impl<'a> FleetClient<'a> {
         )
     }
 
+    /// Keeps this device's federation state in `path` (see [`Persisted`]), restoring it
+    /// first when the file exists. Returns the client and, when it restored, a line for the
+    /// log. A state of another device or adapter layout is refused.
+    pub fn with_state(
+        mut self,
+        path: std::path::PathBuf,
+    ) -> Result<(Self, Option<String>), crate::EdgeError> {
+        let restored = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let bad = |why: String| {
+                    crate::EdgeError::Shape(format!("state file {}: {why}", path.display()))
+                };
+                let p: Persisted = postcard::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+                if p.device != self.id {
+                    return Err(bad(format!("belongs to device {}", p.device)));
+                }
+                if p.layout_digest != self.layout.digest() || p.global.len() != self.layout.len() {
+                    return Err(bad("belongs to another adapter layout".into()));
+                }
+                self.init_seed = p.init_seed;
+                self.global = p.global;
+                self.history = p.history;
+                self.feedback = p.feedback;
+                self.restored_pending = p.pending.as_ref().map(Prepared::round);
+                self.prepared = p.pending;
+                self.eval_loss = p.eval_loss;
+                self.load_global();
+                let residual: f64 = self
+                    .feedback
+                    .residual()
+                    .iter()
+                    .map(|&v| (v as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                Some(format!(
+                    "resumed from {}: global update of round {} applied, residual norm {residual:.3e}{}",
+                    path.display(),
+                    self.history.round(),
+                    match &self.prepared {
+                        Some(p) => format!(", round {}'s upload awaiting its outcome", p.round()),
+                        None => String::new(),
+                    }
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(crate::EdgeError::Shape(format!(
+                    "state file {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        self.state_path = Some(path);
+        Ok((self, restored))
+    }
+
+    /// Writes the state file (when there is one); a failure is logged, the run goes on.
+    fn persist(&self, log: &mut Log) {
+        let Some(path) = &self.state_path else {
+            return;
+        };
+        let state = Persisted {
+            device: self.id.clone(),
+            layout_digest: self.layout.digest(),
+            init_seed: self.init_seed,
+            global: self.global.clone(),
+            history: self.history.clone(),
+            feedback: self.feedback.clone(),
+            pending: self.prepared.clone(),
+            eval_loss: self.eval_loss,
+        };
+        let tmp = path.with_extension("state.tmp");
+        let written = postcard::to_stdvec(&state)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            log.push(format!("state not saved to {}: {e}", path.display()));
+        }
+    }
+
+    /// Settles an upload left pending by a restart, once its round's outcome is known.
+    fn settle_pending(&mut self, round: u64, counted: bool, log: &mut Log) {
+        if self.restored_pending != Some(round) {
+            return; // uploads of this run are settled by the session
+        }
+        self.restored_pending = None;
+        if let Some(p) = self.prepared.take_if(|p| p.round() == round) {
+            self.feedback.settle(p, counted);
+            log.push(format!(
+                "round {round}: the upload made before the restart {}",
+                if counted {
+                    "counted"
+                } else {
+                    "did not count; the residual keeps it"
+                }
+            ));
+            self.persist(log);
+        }
+    }
+
     /// Samples on this device.
     pub fn samples(&self) -> u64 {
         self.device.train.len() as u64
@@ -145,6 +269,11 @@ impl<'a> FleetClient<'a> {
                 "round {round}: closed with {} contributors",
                 contributors.len()
             ));
+            let counted = contributors.iter().any(|d| d.0 == self.id);
+            self.settle_pending(round, counted, log);
+        }
+        if let Phase::Failed { .. } = &state.phase {
+            self.settle_pending(round, false, log);
         }
         let samples = self.samples();
         match self
@@ -214,6 +343,9 @@ impl<'a> FleetClient<'a> {
             &self.device.eval,
         );
         self.eval_loss = Some(loss);
+        let counted = contributors.iter().any(|d| d.0 == self.id);
+        self.settle_pending(round, counted, log);
+        self.persist(log);
         log.push(format!(
             "round {round}: applied the global update of {} devices; held-out loss {loss:.4}",
             contributors.len()
@@ -255,6 +387,7 @@ impl<'a> FleetClient<'a> {
                     }
                     if let Some(p) = self.prepared.take_if(|p| p.round() == round) {
                         self.feedback.settle(p, counted);
+                        self.persist(log);
                         log.push(format!(
                             "round {round}: {}",
                             if counted {
@@ -383,6 +516,7 @@ impl<'a> FleetClient<'a> {
             enc_s
         ));
         self.prepared = Some(prepared);
+        self.persist(log);
         match self
             .session
             .on_trained(round, bytes, key.coefficients().to_vec())

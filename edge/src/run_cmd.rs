@@ -55,6 +55,11 @@ pub struct RunArgs {
     /// Leave after this round's global update (0: run for ever).
     #[arg(long, default_value_t = 0)]
     rounds: u64,
+    /// The device's state file (global adapter, selection history, error-feedback residual,
+    /// an upload awaiting its outcome), restored at start (default: the key file with the
+    /// extension .state).
+    #[arg(long)]
+    state: Option<PathBuf>,
     /// Write each round's encoded update (before encryption) to DIR/round-{r}-{device}.json
     /// (audits, end-to-end tests).
     #[arg(long)]
@@ -79,7 +84,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let eval_n = args.eval_examples.min(split.eval.len());
     let eval = sft::tokenize_all(&tok, &split.eval[..eval_n], args.max_len)?;
     let lora = Lora::new(&model, args.lora.config(false)?, 0);
-    let mut client = FleetClient::new(
+    let client = FleetClient::new(
         Device {
             model: &model,
             lora,
@@ -97,6 +102,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     )?
     .with_audit_dir(args.audit_dir);
+    let (mut client, restored) = client.with_state(
+        args.state
+            .clone()
+            .unwrap_or_else(|| args.key.with_extension("state")),
+    )?;
+    if let Some(line) = restored {
+        eprintln!("{me}: {line}");
+    }
     let topics = Topics::new(&args.fleet)?;
     let link = Link::start(args.link.link_config(
         format!("fedshield-edge-{}-{}", args.fleet, me.0),

@@ -8,6 +8,8 @@
 //! - The host is killed mid-upload and its restart resumes the same round from its journal.
 //! - The broker is killed mid-upload (losing every session, queued and retained message)
 //!   and restarted; the round completes with every device.
+//! - An edge is killed right after preparing its upload and restarted: it settles that
+//!   upload from its state file as the round decided and takes part in the next round.
 
 use fedshield_hil_tests::Mosquitto;
 use std::io::{BufRead, BufReader};
@@ -421,6 +423,38 @@ fn a_broker_restarted_mid_upload_loses_nothing_the_round_needs() {
     wait_for(&host_rx, "metrics", 400);
     assert!(host.0.wait().unwrap().success());
     assert_eq!(contributors(&fleet), [(1, 3), (2, 3)]);
+    for (_, rx) in &edges {
+        wait_for(rx, "done after round 2", 120);
+    }
+}
+
+#[test]
+fn an_edge_restarted_mid_round_settles_its_upload_from_its_state_file_and_rejoins() {
+    let fleet = Fleet::new("edgerestart", ["--rank", "2", "--targets", "v_proj"]);
+    let (mut host, host_rx) = fleet.host(&[&HOST_TINY[..], &["--rounds", "2"]].concat());
+    let edge_args = [&EDGE_TINY[..], &["--rounds", "2"]].concat();
+    let mut edges = three_edges(&fleet);
+    // Kill edge-1 as soon as it has prepared its round-1 upload, and start it again.
+    wait_for(&edges[1].1, "round 1: trained", 300);
+    drop(edges.remove(1));
+    edges.insert(1, fleet.edge(1, &edge_args));
+    wait_for(&edges[1].1, "round 1's upload awaiting its outcome", 60);
+    wait_for(&host_rx, "metrics", 400);
+    assert!(host.0.wait().unwrap().success());
+    let rounds = contributors(&fleet);
+    assert_eq!(
+        rounds[1],
+        (2, 3),
+        "the restarted edge is in round 2: {rounds:?}"
+    );
+    // Its round-1 upload is settled as the round decided: counted if the host folded it
+    // (it may have gone out before the kill), kept in the residual otherwise.
+    let want = if rounds[0].1 == 3 {
+        "before the restart counted"
+    } else {
+        "before the restart did not count"
+    };
+    wait_for(&edges[1].1, want, 60);
     for (_, rx) in &edges {
         wait_for(rx, "done after round 2", 120);
     }

@@ -25,7 +25,7 @@ pub struct ErrorFeedback {
 /// A prepared upload. The residual changes only when the client learns the round's outcome
 /// ([`ErrorFeedback::settle`]): if its update counted, the residual keeps what was not
 /// sent; if the round went on without it (dropped, late, refused), everything is kept.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Prepared {
     /// The fixed-point plaintexts to encrypt (or to sum in the plaintext baseline), one per
     /// selected coordinate.
