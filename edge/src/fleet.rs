@@ -14,7 +14,8 @@ use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::packed::{ClientKey, MaskSeed, encrypt};
 use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
 use fedshield_protocol::messages::{
-    EdgeMessage, GlobalAssembler, GlobalPart, Phase, RoundConfig, RoundState,
+    EdgeMessage, GlobalAssembler, GlobalPart, Phase, RoundConfig, RoundState, Snapshot,
+    SnapshotAssembler, SnapshotPart,
 };
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -61,6 +62,10 @@ pub struct FleetClient<'a> {
     state_path: Option<std::path::PathBuf>,
     /// The round of an upload restored from the state file, still to settle.
     restored_pending: Option<u64>,
+    /// Behind the fleet by more than the retained global update can fix: the driver
+    /// subscribes to the snapshot while this is set.
+    needs_snapshot: bool,
+    snapshot: SnapshotAssembler,
 }
 
 /// What a device keeps on disk between runs (`--state`): enough to go on after a restart
@@ -97,6 +102,8 @@ impl<'a> FleetClient<'a> {
             audit_dir: None,
             state_path: None,
             restored_pending: None,
+            needs_snapshot: false,
+            snapshot: SnapshotAssembler::default(),
             session: EdgeSession::new(me, layout.digest()),
             global: device.lora.flatten(),
             history: History::new(len),
@@ -310,9 +317,12 @@ impl<'a> FleetClient<'a> {
             return vec![];
         };
         let Some(config) = self.configs.get(&round).cloned() else {
-            log.push(format!(
-                "global update of round {round}: its configuration never arrived"
-            ));
+            if round > self.history.round() {
+                log.push(format!(
+                    "global update of round {round}: this device missed that round; fetching the fleet snapshot"
+                ));
+                self.needs_snapshot = true;
+            }
             return vec![];
         };
         let selection = match self.round_mask(&config) {
@@ -327,6 +337,10 @@ impl<'a> FleetClient<'a> {
             }
             Err(why) => {
                 log.push(format!("global update of round {round}: {why}"));
+                if round > self.history.round() + 1 {
+                    log.push("fetching the fleet snapshot".into());
+                    self.needs_snapshot = true;
+                }
                 return vec![];
             }
         };
@@ -361,6 +375,73 @@ impl<'a> FleetClient<'a> {
         out
     }
 
+    /// Whether the driver should be subscribed to the fleet snapshot.
+    pub fn needs_snapshot(&self) -> bool {
+        self.needs_snapshot
+    }
+
+    /// A part of the fleet snapshot arrived (while [`FleetClient::needs_snapshot`]).
+    pub fn on_snapshot(&mut self, part: SnapshotPart, log: &mut Log) -> Vec<EdgeMessage> {
+        if !self.needs_snapshot {
+            return vec![];
+        }
+        let limit = 64 * self.layout.len() + (1 << 20);
+        let snapshot = match self.snapshot.add(part, limit) {
+            None => return vec![],
+            Some(Err(e)) => {
+                log.push(format!("fleet snapshot refused: {e}"));
+                return vec![];
+            }
+            Some(Ok(s)) => s,
+        };
+        self.apply_snapshot(snapshot, log)
+    }
+
+    fn apply_snapshot(&mut self, snapshot: Snapshot, log: &mut Log) -> Vec<EdgeMessage> {
+        let round = snapshot.round;
+        if round <= self.history.round() {
+            self.needs_snapshot = false;
+            return vec![];
+        }
+        if snapshot.global.len() != self.layout.len() || snapshot.history.len() != self.layout.len()
+        {
+            log.push(format!(
+                "fleet snapshot of round {round} does not fit this adapter's layout"
+            ));
+            return vec![];
+        }
+        self.global = snapshot.global;
+        self.history = snapshot.history;
+        self.needs_snapshot = false;
+        self.load_global();
+        if let Some(pending) = self.restored_pending.filter(|&r| r <= round) {
+            let counted = snapshot
+                .recent
+                .iter()
+                .any(|(r, who)| *r == pending && who.iter().any(|d| d.0 == self.id));
+            self.settle_pending(pending, counted, log);
+        }
+        let loss = evaluate(
+            self.device.model,
+            Some(&self.device.lora),
+            &self.device.eval,
+        );
+        self.eval_loss = Some(loss);
+        log.push(format!(
+            "caught up from the fleet snapshot of round {round}; held-out loss {loss:.4}"
+        ));
+        self.persist(log);
+        match self.waiting.take() {
+            Some((config, weight)) if config.history_round == round => {
+                self.train_round(config, weight, log)
+            }
+            other => {
+                self.waiting = other;
+                vec![]
+            }
+        }
+    }
+
     fn load_global(&self) {
         self.device
             .lora
@@ -375,7 +456,18 @@ impl<'a> FleetClient<'a> {
                 EdgeAction::Send(m) => out.push(m),
                 EdgeAction::Train { config, weight } => {
                     if config.history_round > self.history.round() {
-                        // The previous round's global update is still on its way.
+                        // The previous round's global update is still on its way, unless
+                        // this device missed a round: then only the snapshot helps.
+                        let mine = self.history.round();
+                        if config.history_round > mine + 1
+                            || !self.configs.contains_key(&config.history_round)
+                        {
+                            log.push(format!(
+                                "round {}: built on round {}, this device is at round {mine}; fetching the fleet snapshot",
+                                config.round, config.history_round
+                            ));
+                            self.needs_snapshot = true;
+                        }
                         self.waiting = Some((config, weight));
                     } else {
                         out.extend(self.train_round(config, weight, log));

@@ -11,7 +11,7 @@ use fedshield_models::data::{read_instruction_jsonl, split_by_category};
 use fedshield_protocol::decode;
 use fedshield_protocol::edge::EdgeIdentity;
 use fedshield_protocol::keyfile::DeviceKey;
-use fedshield_protocol::messages::{GlobalPart, Phase, RoundState, Route, Topics};
+use fedshield_protocol::messages::{GlobalPart, Phase, RoundState, Route, SnapshotPart, Topics};
 use fedshield_transport::{Incoming, Link};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -125,6 +125,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         args.fleet
     );
     let mut done_round = 0u64;
+    let mut snapshot_subscribed = false;
     loop {
         let Some(incoming) = link.recv(Duration::from_millis(500))? else {
             continue;
@@ -133,6 +134,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let out = match incoming {
             Incoming::Connected => {
                 eprintln!("{me}: connected to the broker");
+                snapshot_subscribed = false; // a restarted broker forgot it: subscribe again
                 vec![]
             }
             Incoming::Disconnected(e) => {
@@ -188,9 +190,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                         }
                     }
                 }
+                Some(Route::Snapshot(_)) => {
+                    match decode::<SnapshotPart>(&payload, max_packet_bytes) {
+                        Ok(part) => client.on_snapshot(part, &mut log),
+                        Err(e) => {
+                            eprintln!("{me}: bad snapshot part refused: {e}");
+                            vec![]
+                        }
+                    }
+                }
                 _ => vec![],
             },
         };
+        if client.needs_snapshot() != snapshot_subscribed {
+            snapshot_subscribed = client.needs_snapshot();
+            if snapshot_subscribed {
+                link.subscribe(&topics.all_snapshot())?;
+            } else {
+                link.unsubscribe(&topics.all_snapshot())?;
+            }
+        }
         for line in log {
             eprintln!("{me}: {line}");
         }

@@ -1,7 +1,8 @@
 //! The fleet end to end against a real mosquitto: `fedshield-host serve` and three
 //! `fedshield-edge run` processes fine-tune SmolLM2 (tiny settings).
 //!
-//! - One edge is killed after round 1 and round 2 completes with the other two; a rogue
+//! - One edge is killed after round 1 and round 2 completes with the other two; restarted
+//!   after round 2, it catches up from the fleet snapshot and is in round 3; a rogue
 //!   client's replayed, unsigned, oversized and garbage messages are refused with a logged
 //!   reason while round 2 goes on; the sums the host decrypts equal the sums of the
 //!   plaintext updates the contributors encrypted, within the documented noise bound.
@@ -293,33 +294,27 @@ use fedshield_protocol::messages::EdgeMessage;
 
 #[test]
 fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributors_sum() {
-    let fleet = Fleet::new("hil", ["--rank", "4", "--targets", "q_proj,v_proj"]);
+    let mut fleet = Fleet::new("hil", ["--rank", "4", "--targets", "q_proj,v_proj"]);
     let rogue = Rogue::new(&fleet);
     let host_audit = fleet.out.join("audit-host");
     let edge_audit = fleet.out.join("audit-edges");
     let (mut host, host_rx) = fleet.host(
         &[
             &HOST_TINY[..],
-            // The dead edge never joins round 2: a short join window (flags given twice:
+            // The dead edge never joins round 2: a shorter join window (flags given twice:
             // the last wins).
-            &["--rounds", "2", "--alpha", "8", "--join-seconds", "20"],
+            &["--rounds", "3", "--alpha", "8", "--join-seconds", "30"],
             &["--audit-dir", host_audit.to_str().unwrap()],
         ]
         .concat(),
     );
-    let mut edges: Vec<_> = (0..3)
-        .map(|i| {
-            fleet.edge(
-                i,
-                &[
-                    &EDGE_TINY[..],
-                    &["--rounds", "2", "--alpha", "8", "--audit-dir"],
-                    &[edge_audit.to_str().unwrap()],
-                ]
-                .concat(),
-            )
-        })
-        .collect();
+    let edge_args = [
+        &EDGE_TINY[..],
+        &["--rounds", "3", "--alpha", "8", "--audit-dir"],
+        &[edge_audit.to_str().unwrap()],
+    ]
+    .concat();
+    let mut edges: Vec<_> = (0..3).map(|i| fleet.edge(i, &edge_args)).collect();
     let round1_manifest = rogue.first_manifest("edge-0");
     // Kill edge-2 once it has applied round 1's global update.
     wait_for(&edges[2].1, "round 1: applied the global update", 400);
@@ -338,13 +333,21 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     rogue.publish(&fleet, "edge-1", vec![0xff; 64]); // garbage
     rogue.publish(&fleet, "edge-1", vec![0; 600 * 1024]); // over the host's 512 KiB limit
     let mut refusals = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(400);
+    let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let line = host_rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("the host finished");
         if line.contains("refused a message") {
             refusals.push(line.clone());
+        }
+        if line.contains("round 3: announcing") {
+            // edge-2 comes back having missed round 2, and the broker lost its session
+            // (restarted meanwhile) with the round-2 messages queued for it: round 2's
+            // global update cannot be applied without that round's configuration, so the
+            // edge catches up from the snapshot.
+            fleet.broker.restart(Duration::from_millis(500)).unwrap();
+            edges.push(fleet.edge(2, &edge_args));
         }
         if line.contains("metrics") {
             break;
@@ -366,8 +369,13 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     assert!(host.0.wait().unwrap().success(), "host failed");
     assert_eq!(
         contributors(&fleet),
-        [(1, 3), (2, 2)],
-        "the dead edge is dropped"
+        [(1, 3), (2, 2), (3, 3)],
+        "the dead edge is dropped, and back once caught up"
+    );
+    wait_for(
+        &edges[2].1,
+        "caught up from the fleet snapshot of round 2",
+        60,
     );
     for r in &fleet.rounds() {
         let loss = r["eval_loss"].as_f64().expect("devices reported a loss");
@@ -375,7 +383,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         assert!(r["upload_bytes_per_client"].as_u64().unwrap() > 0);
         assert!(r["crypto_seconds"].as_f64().unwrap() > 0.0);
     }
-    check_audited_sums(&host_audit, &edge_audit, 2);
+    check_audited_sums(&host_audit, &edge_audit, 3);
     assert!(fleet.out.join("adapter/adapter_model.safetensors").exists());
     assert!(fleet.out.join("loss.svg").exists());
     assert!(

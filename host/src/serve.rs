@@ -11,7 +11,7 @@ use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::identity::DeviceId;
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
 use fedshield_protocol::journal::{self, Entry, Replayed};
-use fedshield_protocol::messages::{EdgeMessage, GlobalPart, RoundConfig, Route, Topics};
+use fedshield_protocol::messages::{EdgeMessage, GlobalPart, RoundConfig, Route, Snapshot, Topics};
 use fedshield_protocol::{ProtocolError, decode};
 use fedshield_transport::{BrokerArgs, Incoming, Link};
 use fedshield_wire::compress_if_smaller;
@@ -103,6 +103,8 @@ struct HostState {
     /// The last round's global update parts as published (re-published after every
     /// reconnection: a restarted broker has lost its retained messages).
     last_global: Vec<Vec<u8>>,
+    /// Contributors of the most recent completed rounds (for the snapshot).
+    recent: Vec<(u64, Vec<DeviceId>)>,
 }
 
 impl HostState {
@@ -131,6 +133,8 @@ struct Host {
     link: Link,
     state: HostState,
     encoding: FixedPoint,
+    /// The published snapshot's parts (rebuilt from the state after every round).
+    snapshot: Vec<Vec<u8>>,
 }
 
 /// Runs the federation; returns the paths of the adapter, the plot and metrics.json.
@@ -161,6 +165,7 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
             metrics: Vec::new(),
             layout_digest: cfg.layout.digest(),
             last_global: Vec::new(),
+            recent: Vec::new(),
         },
     };
     let link = Link::start(cfg.broker.link_config(
@@ -176,7 +181,9 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
         link,
         state,
         encoding,
+        snapshot: Vec::new(),
     };
+    host.build_snapshot()?;
     host.wait_connected()?;
     host.publish_global()?;
     while host.state.round < host.cfg.rounds {
@@ -500,6 +507,10 @@ impl Host {
                         .last_global
                         .push(postcard::to_stdvec(&compress_if_smaller(&bytes))?);
                 }
+                self.state.recent.push((round, result.contributors.clone()));
+                let excess = self.state.recent.len().saturating_sub(Snapshot::RECENT);
+                self.state.recent.drain(..excess);
+                self.build_snapshot()?;
                 self.publish_global()?;
                 let wire: usize = self.state.last_global.iter().map(Vec::len).sum();
                 metrics.download_bytes_per_client = wire as u64;
@@ -541,12 +552,42 @@ impl Host {
         Ok(())
     }
 
-    /// Publishes (retained) the last round's global update parts, if any.
+    /// Publishes (retained) the last round's global update parts and the fleet snapshot,
+    /// if any.
     fn publish_global(&self) -> anyhow::Result<()> {
         for (i, payload) in self.state.last_global.iter().enumerate() {
             self.link
                 .publish(&self.topics.global(i as u32), payload.clone(), true)?;
         }
+        for (i, payload) in self.snapshot.iter().enumerate() {
+            self.link
+                .publish(&self.topics.snapshot(i as u32), payload.clone(), true)?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the snapshot's parts from the state (none before the first round).
+    fn build_snapshot(&mut self) -> anyhow::Result<()> {
+        if self.state.history.round() == 0 {
+            return Ok(());
+        }
+        let snapshot = Snapshot {
+            round: self.state.history.round(),
+            global: self.state.global.clone(),
+            history: self.state.history.clone(),
+            recent: self.state.recent.clone(),
+        };
+        self.snapshot = snapshot
+            .split(self.cfg.chunk_bytes)
+            .iter()
+            .map(postcard::to_stdvec)
+            .collect::<Result<_, _>>()?;
+        let bytes: usize = self.snapshot.iter().map(Vec::len).sum();
+        tracing::info!(
+            "snapshot of round {} for devices catching up: {bytes} bytes in {} parts",
+            snapshot.round,
+            self.snapshot.len()
+        );
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 //! | `fedshield/{f}/up/{d}` | edge -> host | no | [`EdgeMessage`] (one topic per device keeps its messages in order) |
 //! | `fedshield/{f}/global/{i}` | host -> edges | yes | [`GlobalPart`] `i` of the last completed round's update, in a `fedshield_wire::Compressed` (zstd) envelope |
 //! | `fedshield/{f}/status/{d}` | edge -> all | yes | `online` / `offline` (the last will) |
+//! | `fedshield/{f}/snapshot/{i}` | host -> edges | yes | [`SnapshotPart`] `i` of the fleet's state after the last completed round (a [`Snapshot`]: global adapter, selection history, recent contributors), for devices that missed a global update; devices subscribe only while they need it |
 //!
 //! QoS 1 everywhere: every handler is idempotent (duplicates are recognised and ignored).
 
@@ -35,6 +36,8 @@ pub enum Route {
     Global(u32),
     /// `fedshield/{f}/status/{d}`.
     Status(DeviceId),
+    /// `fedshield/{f}/snapshot/{i}`.
+    Snapshot(u32),
 }
 
 impl Topics {
@@ -59,6 +62,16 @@ impl Topics {
     /// The edges' subscription to the global update parts.
     pub fn all_global(&self) -> String {
         format!("fedshield/{}/global/+", self.fleet)
+    }
+
+    /// `fedshield/{f}/snapshot/{i}`.
+    pub fn snapshot(&self, i: u32) -> String {
+        format!("fedshield/{}/snapshot/{i}", self.fleet)
+    }
+
+    /// The subscription of a device that needs the snapshot.
+    pub fn all_snapshot(&self) -> String {
+        format!("fedshield/{}/snapshot/+", self.fleet)
     }
 
     /// `fedshield/{f}/down/{d}`.
@@ -91,6 +104,7 @@ impl Topics {
         match rest.split_once('/') {
             None if rest == "round" => Some(Route::Round),
             Some(("global", i)) => i.parse().ok().map(Route::Global),
+            Some(("snapshot", i)) => i.parse().ok().map(Route::Snapshot),
             Some(("down", d)) => device(d).map(Route::Down),
             Some(("up", d)) => device(d).map(Route::Up),
             Some(("status", d)) => device(d).map(Route::Status),
@@ -376,5 +390,111 @@ impl GlobalAssembler {
             .unwrap_or_default();
         let values = parts.into_values().flat_map(|p| p.values).collect();
         Some((self.round, contributors, values))
+    }
+}
+
+/// The fleet's state after a completed round: what a device that missed a global update
+/// (down for a round, or enrolled late) needs to take part again. Published by the host in
+/// [`SnapshotPart`]s; zstd-compressed postcard inside.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    /// The last completed round (the history's round).
+    pub round: u64,
+    /// The global adapter, in layout order.
+    pub global: Vec<f32>,
+    /// The selection history.
+    pub history: fedshield_codec::History,
+    /// Contributors of the most recent completed rounds (a restarted device settles its
+    /// pending upload from these).
+    pub recent: Vec<(u64, Vec<DeviceId>)>,
+}
+
+/// One part of a published [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotPart {
+    /// The snapshot's round.
+    pub round: u64,
+    /// SHA-256 of the whole compressed snapshot (parts of different publications never mix).
+    pub digest: [u8; 32],
+    /// This part's position.
+    pub index: u32,
+    /// Number of parts.
+    pub parts: u32,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Rounds of contributors a snapshot keeps.
+    pub const RECENT: usize = 16;
+
+    /// Compresses and splits the snapshot into parts of at most `chunk_bytes` bytes.
+    pub fn split(&self, chunk_bytes: usize) -> Vec<SnapshotPart> {
+        let raw = postcard::to_stdvec(self).expect("snapshots encode");
+        let bytes = postcard::to_stdvec(&fedshield_wire::compress_if_smaller(&raw))
+            .expect("envelopes encode");
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+        let chunks: Vec<&[u8]> = bytes.chunks(chunk_bytes.max(1)).collect();
+        let parts = chunks.len() as u32;
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| SnapshotPart {
+                round: self.round,
+                digest,
+                index: i as u32,
+                parts,
+                bytes: c.to_vec(),
+            })
+            .collect()
+    }
+}
+
+/// Reassembles a snapshot from its parts (any order, duplicates, parts of other
+/// publications). `limit` bounds the decompressed size.
+#[derive(Debug, Default)]
+pub struct SnapshotAssembler {
+    digest: [u8; 32],
+    parts: std::collections::BTreeMap<u32, SnapshotPart>,
+}
+
+impl SnapshotAssembler {
+    /// Adds a part; returns the snapshot once every part of one publication is here and
+    /// it checks out (digest, decompression, decoding).
+    pub fn add(
+        &mut self,
+        part: SnapshotPart,
+        limit: usize,
+    ) -> Option<Result<Snapshot, crate::ProtocolError>> {
+        if part.index >= part.parts {
+            return None;
+        }
+        if part.digest != self.digest {
+            self.digest = part.digest;
+            self.parts.clear();
+        }
+        let parts = part.parts;
+        self.parts.insert(part.index, part);
+        if self.parts.len() as u32 != parts {
+            return None;
+        }
+        let bytes: Vec<u8> = std::mem::take(&mut self.parts)
+            .into_values()
+            .flat_map(|p| p.bytes)
+            .collect();
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+        if digest != self.digest {
+            return Some(Err(crate::ProtocolError::Malformed(
+                "snapshot parts do not hash to their digest".into(),
+            )));
+        }
+        Some(
+            crate::decode::<fedshield_wire::Compressed>(&bytes, bytes.len())
+                .and_then(|c| {
+                    c.into_bytes(limit)
+                        .map_err(|e| crate::ProtocolError::Malformed(e.to_string()))
+                })
+                .and_then(|raw| crate::decode::<Snapshot>(&raw, limit)),
+        )
     }
 }

@@ -593,3 +593,56 @@ fn every_host_message_round_trips_through_postcard() {
     assert_eq!((round, who.len()), (4, 1));
     assert_eq!(values, (0..10).map(|i| i as f32).collect::<Vec<_>>());
 }
+
+#[test]
+fn snapshots_reassemble_from_parts_in_any_order_and_refuse_mixed_or_corrupt_ones() {
+    use fedshield_protocol::messages::{Snapshot, SnapshotAssembler};
+    let len = 50_000;
+    let mut history = fedshield_codec::History::new(len);
+    let selection = fedshield_codec::Selection {
+        round: 1,
+        indices: (0..len as u32).step_by(7).collect(),
+    };
+    let values: Vec<f32> = (0..selection.indices.len())
+        .map(|i| (i as f32).sin() * 1e-3)
+        .collect();
+    history.observe(&selection, &values).unwrap();
+    let snapshot = Snapshot {
+        round: 1,
+        global: (0..len).map(|i| (i as f32 * 0.37).cos() * 0.01).collect(),
+        history,
+        recent: vec![(1, vec![DeviceId("edge-0".into())])],
+    };
+    let parts = snapshot.split(16 * 1024);
+    assert!(parts.len() > 3);
+    // An older publication's part, then the parts backwards with a duplicate.
+    let mut older = snapshot.clone();
+    older.round = 0;
+    older.global[0] = 9.0;
+    let mut asm = SnapshotAssembler::default();
+    assert!(
+        asm.add(older.split(16 * 1024)[1].clone(), 1 << 26)
+            .is_none()
+    );
+    let mut got = None;
+    for p in parts.iter().rev().chain(std::iter::once(&parts[0])) {
+        if let Some(r) = asm.add(p.clone(), 1 << 26) {
+            got = Some(r.unwrap());
+            break;
+        }
+    }
+    assert_eq!(got.unwrap(), snapshot);
+    // A part whose bytes were altered: the digest refuses the whole.
+    let mut asm = SnapshotAssembler::default();
+    let mut bad = parts.clone();
+    bad[1].bytes[0] ^= 1;
+    let out: Vec<_> = bad
+        .into_iter()
+        .filter_map(|p| asm.add(p, 1 << 26))
+        .collect();
+    assert!(matches!(out.as_slice(), [Err(ProtocolError::Malformed(_))]));
+    // Over the size limit: refused.
+    let mut asm = SnapshotAssembler::default();
+    let out: Vec<_> = parts.into_iter().filter_map(|p| asm.add(p, 1000)).collect();
+    assert!(matches!(out.as_slice(), [Err(_)]));
+}

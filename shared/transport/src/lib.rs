@@ -261,6 +261,20 @@ impl Link {
             .map_err(LinkError::from)
     }
 
+    /// Subscribes to `filter` now (QoS 1); retained messages on it arrive next. Not renewed
+    /// by the link after a reconnection: the driver re-subscribes on
+    /// [`Incoming::Connected`] while it still needs it.
+    pub fn subscribe(&self, filter: &str) -> Result<(), LinkError> {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .map_err(LinkError::from)
+    }
+
+    /// Unsubscribes from `filter`.
+    pub fn unsubscribe(&self, filter: &str) -> Result<(), LinkError> {
+        self.client.unsubscribe(filter).map_err(LinkError::from)
+    }
+
     /// The next incoming event, waiting at most `timeout` (`None` on timeout).
     pub fn recv(&self, timeout: Duration) -> Result<Option<Incoming>, LinkError> {
         match self.incoming.recv_timeout(timeout) {
