@@ -141,6 +141,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 eprintln!("{me}: broker connection lost ({e}); reconnecting");
                 vec![]
             }
+            // An empty retained publish deletes a retained message: nothing to handle.
+            Incoming::Message { payload, .. } if payload.is_empty() => vec![],
             Incoming::Message { topic, payload } => match topics.route(&topic) {
                 Some(Route::Round) => match decode::<RoundState>(&payload, max_packet_bytes) {
                     Ok(state) => {

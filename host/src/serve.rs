@@ -474,6 +474,12 @@ impl Host {
             host_time += t.elapsed();
             outcome = self.execute(actions)?;
         }
+        // The share deliveries are spent: delete the retained copies (an empty retained
+        // publish), so that no device finds another round's delivery on connecting.
+        for device in machine.delivered_to() {
+            self.link
+                .publish(&self.topics.down(device), Vec::new(), true)?;
+        }
         let mut metrics = RoundMetrics {
             round,
             round_seconds: 0.0,

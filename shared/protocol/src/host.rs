@@ -181,6 +181,12 @@ impl HostRound {
         actions
     }
 
+    /// The devices the round delivered shares to (their retained deliveries are cleared
+    /// by the driver once the round is over).
+    pub fn delivered_to(&self) -> impl Iterator<Item = &DeviceId> {
+        self.deliveries.iter().map(|(d, _)| d)
+    }
+
     /// Whether the clock has passed the current phase's deadline: then, and only then,
     /// [`HostRound::on_tick`] changes the round (the driver journals such ticks).
     pub fn due(&self, now: u64) -> bool {

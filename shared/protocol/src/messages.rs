@@ -5,7 +5,7 @@
 //! | topic | direction | retained | payload |
 //! |---|---|---|---|
 //! | `fedshield/{f}/round` | host -> edges | yes | [`RoundState`]: the current round and its phase |
-//! | `fedshield/{f}/down/{d}` | host -> one edge | yes | `secagg::ShareDelivery` of the current round |
+//! | `fedshield/{f}/down/{d}` | host -> one edge | yes | `secagg::ShareDelivery` of the current round (the retained copy is deleted when the round ends) |
 //! | `fedshield/{f}/up/{d}` | edge -> host | no | [`EdgeMessage`] (one topic per device keeps its messages in order) |
 //! | `fedshield/{f}/global/{i}` | host -> edges | yes | [`GlobalPart`] `i` of the last completed round's update, in a `fedshield_wire::Compressed` (zstd) envelope |
 //! | `fedshield/{f}/status/{d}` | edge -> all | yes | `online` / `offline` (the last will) |
