@@ -218,9 +218,21 @@ impl<'a> FleetClient<'a> {
             eval_loss: self.eval_loss,
         };
         let tmp = path.with_extension("state.tmp");
+        // Owner-only: the residual and the pending upload derive from the private data.
         let written = postcard::to_stdvec(&state)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|bytes| {
+                use std::io::Write;
+                std::os::unix::fs::OpenOptionsExt::mode(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true),
+                    0o600,
+                )
+                .open(&tmp)?
+                .write_all(&bytes)
+            })
             .and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = written {
             log.push(format!("state not saved to {}: {e}", path.display()));
