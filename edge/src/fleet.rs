@@ -17,6 +17,7 @@ use fedshield_protocol::messages::{
     EdgeMessage, GlobalAssembler, GlobalPart, Phase, RoundConfig, RoundState, Snapshot,
     SnapshotAssembler, SnapshotPart,
 };
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Instant;
 use tfhe::core_crypto::seeders::new_seeder;
@@ -72,17 +73,18 @@ pub struct FleetClient<'a> {
 /// without losing its residual or counting an update twice. Written atomically (temporary
 /// file + rename) whenever one of these changes: a global update applied, an upload
 /// prepared, a round settled.
+/// Borrowed when written (no copy of the ~100 MB it holds for SmolLM2), owned when read.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Persisted {
-    device: String,
+struct Persisted<'a> {
+    device: Cow<'a, str>,
     layout_digest: [u8; 32],
     init_seed: Option<u64>,
-    global: Vec<f32>,
-    history: History,
-    feedback: ErrorFeedback,
+    global: Cow<'a, [f32]>,
+    history: Cow<'a, History>,
+    feedback: Cow<'a, ErrorFeedback>,
     /// An upload whose round's outcome was not known yet: settled on restart from the
     /// round's retained outcome or its global update's contributor list.
-    pending: Option<Prepared>,
+    pending: Option<Cow<'a, Prepared>>,
     eval_loss: Option<f64>,
 }
 
@@ -166,11 +168,11 @@ impl<'a> FleetClient<'a> {
                     return Err(bad("belongs to another adapter layout".into()));
                 }
                 self.init_seed = p.init_seed;
-                self.global = p.global;
-                self.history = p.history;
-                self.feedback = p.feedback;
-                self.restored_pending = p.pending.as_ref().map(Prepared::round);
-                self.prepared = p.pending;
+                self.global = p.global.into_owned();
+                self.history = p.history.into_owned();
+                self.feedback = p.feedback.into_owned();
+                self.prepared = p.pending.map(Cow::into_owned);
+                self.restored_pending = self.prepared.as_ref().map(Prepared::round);
                 self.eval_loss = p.eval_loss;
                 self.load_global();
                 let residual: f64 = self
@@ -208,13 +210,13 @@ impl<'a> FleetClient<'a> {
             return;
         };
         let state = Persisted {
-            device: self.id.clone(),
+            device: Cow::Borrowed(&self.id),
             layout_digest: self.layout.digest(),
             init_seed: self.init_seed,
-            global: self.global.clone(),
-            history: self.history.clone(),
-            feedback: self.feedback.clone(),
-            pending: self.prepared.clone(),
+            global: Cow::Borrowed(&self.global),
+            history: Cow::Borrowed(&self.history),
+            feedback: Cow::Borrowed(&self.feedback),
+            pending: self.prepared.as_ref().map(Cow::Borrowed),
             eval_loss: self.eval_loss,
         };
         let tmp = path.with_extension("state.tmp");

@@ -344,6 +344,9 @@ impl Host {
         } else {
             None
         };
+        // The round's mask: computed once (the new round needs its length for the config; a
+        // resumed round recomputes it from the journalled config below).
+        let mut mask = None;
         let (mut machine, mut journal, started_ms, mut outcome) = match resumed {
             Some((replayed, started, journal)) => {
                 tracing::info!(
@@ -381,14 +384,15 @@ impl Host {
                 let round = self.state.announced + 1;
                 self.state.announced = round;
                 self.save_state()?;
-                let selected = select(
+                let selection = select(
                     &self.cfg.layout,
                     &self.cfg.prune,
                     &self.state.history,
                     round,
                     mix(self.cfg.seed, round),
-                )?
-                .len();
+                )?;
+                let selected = selection.len();
+                mask = Some(selection);
                 let config = self.round_config(round, selected);
                 tracing::info!(
                     "round {round}: announcing ({selected} of {} values selected)",
@@ -413,13 +417,16 @@ impl Host {
         };
         let config = machine.config().clone();
         let round = config.round;
-        let selection = select(
-            &self.cfg.layout,
-            &config.prune,
-            &self.state.history,
-            round,
-            config.select_seed,
-        )?;
+        let selection = match mask {
+            Some(s) => s,
+            None => select(
+                &self.cfg.layout,
+                &config.prune,
+                &self.state.history,
+                round,
+                config.select_seed,
+            )?,
+        };
         anyhow::ensure!(
             selection.len() == config.selected,
             "round {round}: the selection has {} values, the round {}",
