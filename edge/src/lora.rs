@@ -58,6 +58,9 @@ pub struct Lora {
     /// Adapters by (layer, module).
     pub pairs: BTreeMap<(usize, Module), LoraPair>,
     training: std::cell::Cell<bool>,
+    /// 0/1 masks of the update tensors (layout order) while training is restricted to a
+    /// selection of coordinates.
+    grad_masks: std::cell::RefCell<Option<Vec<Tensor>>>,
 }
 
 impl std::fmt::Debug for Lora {
@@ -110,6 +113,7 @@ impl Lora {
             vs,
             pairs,
             training: std::cell::Cell::new(false),
+            grad_masks: std::cell::RefCell::new(None),
         }
     }
 
@@ -179,6 +183,55 @@ impl Lora {
             out.extend(Vec::<f32>::try_from(&flat).expect("f32 adapter tensor"));
         }
         out
+    }
+
+    /// Restricts training to the coordinates `indices` of the layout (ascending), or lifts
+    /// the restriction (`None`): the gradients of every other coordinate are zeroed before
+    /// each optimizer step, so with AdamW (no weight decay on the adapter) they keep their
+    /// values exactly. Used for masked local training, where the round's public mask is
+    /// known before training starts.
+    pub fn restrict_training(&self, indices: Option<&[u32]>) -> Result<(), EdgeError> {
+        let Some(indices) = indices else {
+            *self.grad_masks.borrow_mut() = None;
+            return Ok(());
+        };
+        let len = self.update_tensors().map(Tensor::numel).sum::<usize>();
+        let mut flat = vec![0f32; len];
+        for &i in indices {
+            *flat.get_mut(i as usize).ok_or_else(|| {
+                EdgeError::Shape(format!("coordinate {i} outside the adapter's {len} values"))
+            })? = 1.0;
+        }
+        let mut at = 0;
+        let masks = self
+            .update_tensors()
+            .map(|t| {
+                let n = t.numel();
+                let m = Tensor::from_slice(&flat[at..at + n])
+                    .reshape(t.size())
+                    .to_device(t.device());
+                at += n;
+                m
+            })
+            .collect();
+        *self.grad_masks.borrow_mut() = Some(masks);
+        Ok(())
+    }
+
+    /// Zeroes the gradients outside the selection set by [`Self::restrict_training`].
+    pub fn mask_gradients(&self) {
+        let masks = self.grad_masks.borrow();
+        let Some(masks) = masks.as_ref() else {
+            return;
+        };
+        tch::no_grad(|| {
+            for (t, m) in self.update_tensors().zip(masks) {
+                let mut g = t.grad();
+                if g.defined() {
+                    let _ = g.g_mul_(m);
+                }
+            }
+        });
     }
 
     /// Sets the trainable values from a vector in layout order.

@@ -124,12 +124,10 @@ pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
 }
 
 /// Sum of the next-token cross-entropy over the targets of `labels`, from final-norm hidden
-/// states [b, t, hidden]. Logits are computed for target positions only.
+/// states [b, t, hidden]. Logits are computed for target positions only. Keeps the autograd
+/// graph (the reference path; training uses [`fused_head`]).
 fn head_loss_sum(model: &Llama, normed: &Tensor, labels: &Tensor) -> Tensor {
-    let (t, hidden) = (normed.size()[1], normed.size()[2]);
-    let h = normed.narrow(1, 0, t - 1).reshape([-1, hidden]);
-    let y = labels.narrow(1, 1, t - 1).reshape([-1]);
-    let keep = y.ne(IGNORE).nonzero().squeeze_dim(1);
+    let (h, y, keep) = head_targets(normed, labels);
     let logits = model.logits(&h.index_select(0, &keep));
     logits.cross_entropy_loss::<Tensor>(
         &y.index_select(0, &keep),
@@ -138,6 +136,87 @@ fn head_loss_sum(model: &Llama, normed: &Tensor, labels: &Tensor) -> Tensor {
         IGNORE,
         0.0,
     )
+}
+
+/// Hidden states [b (t-1), hidden] that predict a next token, their targets [b (t-1)] and the
+/// indices of the rows whose target is not [`IGNORE`].
+fn head_targets(normed: &Tensor, labels: &Tensor) -> (Tensor, Tensor, Tensor) {
+    let (t, hidden) = (normed.size()[1], normed.size()[2]);
+    let h = normed.narrow(1, 0, t - 1).reshape([-1, hidden]);
+    let y = labels.narrow(1, 1, t - 1).reshape([-1]);
+    let keep = y.ne(IGNORE).nonzero().squeeze_dim(1);
+    (h, y, keep)
+}
+
+/// Logit elements per chunk of the fused head (64 MiB of f32: 2 chunks for a batch of 4 x 256
+/// at vocab 32000). Smaller chunks re-read the head weight once per chunk and were no faster
+/// in the training benchmark; one chunk per batch peaks higher.
+const HEAD_CHUNK_ELEMENTS: i64 = 1 << 24;
+
+/// The LM head and cross-entropy fused and chunked over target rows, without autograd:
+/// returns the loss sum over the targets and, with `grad_scale`, the gradient of
+/// `grad_scale * loss_sum` with respect to `normed` ([b, t, hidden], zero where no target).
+/// Per chunk: logits = h W^T, loss = logsumexp - logit[target], and in place
+/// softmax - one_hot(target), whose product with W is the chunk's gradient. Autograd would
+/// keep the [tokens, vocab] logits, their log-softmax and its gradient (130 MB each at
+/// 1020 x 32000) and stream each through memory; here each chunk's logits are overwritten
+/// in place by their gradient, and the head weight is dequantized once per call.
+pub fn fused_head(
+    model: &Llama,
+    normed: &Tensor,
+    labels: &Tensor,
+    grad_scale: Option<f64>,
+) -> (f64, Option<Tensor>) {
+    fused_head_chunked(model, normed, labels, grad_scale, HEAD_CHUNK_ELEMENTS)
+}
+
+/// [`fused_head`] with at most `chunk_elements` logits per chunk (at least one row).
+fn fused_head_chunked(
+    model: &Llama,
+    normed: &Tensor,
+    labels: &Tensor,
+    grad_scale: Option<f64>,
+    chunk_elements: i64,
+) -> (f64, Option<Tensor>) {
+    tch::no_grad(|| {
+        let (h, y, keep) = head_targets(normed, labels);
+        let (hk, yk) = (h.index_select(0, &keep), y.index_select(0, &keep));
+        let w = model.head_weight(normed.kind());
+        let vocab = w.size()[0];
+        let rows = hk.size()[0];
+        let chunk = (chunk_elements / vocab).max(1);
+        let mut loss = Tensor::zeros([], (Kind::Double, normed.device()));
+        let mut grads = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let n = chunk.min(rows - start);
+            let hc = hk.narrow(0, start, n);
+            let target = yk.narrow(0, start, n).unsqueeze(1);
+            let mut logits = hc.matmul(&w.tr());
+            let lse = logits.logsumexp([1i64], true);
+            let picked = logits.gather(1, &target, false);
+            loss += (&lse - picked).sum(Kind::Double);
+            if let Some(scale) = grad_scale {
+                let _ = logits.g_sub_(&lse).exp_();
+                let minus_one = Tensor::full([n, 1], -1.0, (logits.kind(), logits.device()));
+                let _ = logits.scatter_add_(1, &target, &minus_one);
+                grads.push(logits.matmul(&w) * scale);
+            }
+            start += n;
+        }
+        let grad = grad_scale.map(|_| {
+            let (b, t, hidden) = (normed.size()[0], normed.size()[1], normed.size()[2]);
+            let full = Tensor::zeros([b, t, hidden], (normed.kind(), normed.device()));
+            if rows > 0 {
+                let flat = Tensor::zeros([b * (t - 1), hidden], (normed.kind(), normed.device()));
+                let flat = flat.index_copy(0, &keep, &Tensor::cat(&grads, 0));
+                full.narrow(1, 0, t - 1)
+                    .copy_(&flat.reshape([b, t - 1, hidden]));
+            }
+            full
+        });
+        (loss.double_value(&[]), grad)
+    })
 }
 
 /// Mean loss per target token over `batch` (autograd graph kept, no recomputation).
@@ -158,7 +237,7 @@ pub fn evaluate(model: &Llama, lora: Option<&Lora>, batches: &[Batch]) -> f64 {
                 Some(l) => model.hidden_states(&b.ids, l),
                 None => model.hidden_states(&b.ids, &NoAdapter),
             };
-            sum += head_loss_sum(model, &normed, &b.labels).double_value(&[]);
+            sum += fused_head(model, &normed, &b.labels, None).0;
             n += b.target_count();
         }
         sum / n.max(1) as f64
@@ -187,9 +266,10 @@ fn backward_checkpointed(model: &Llama, lora: &Lora, batch: &Batch, scale: f64, 
         .expect("final hidden state")
         .set_requires_grad(true);
     let normed = model.final_norm(&top);
-    let loss_sum = head_loss_sum(model, &normed, &batch.labels);
-    let value = loss_sum.double_value(&[]);
-    (loss_sum * scale).backward();
+    let (value, head_grad) = fused_head(model, &normed, &batch.labels, Some(scale));
+    (normed * head_grad.expect("asked for"))
+        .sum(Kind::Float)
+        .backward();
     let mut grad = top.grad();
     for (i, block) in model.blocks.iter().enumerate().rev() {
         let x = inputs.pop().expect("layer input");
@@ -261,21 +341,12 @@ impl Trainer {
     /// of the mean loss over all their target tokens.
     pub fn step(&mut self, model: &Llama, lora: &Lora, micro_batches: &[Batch]) -> StepStats {
         lora.set_training(true);
-        let tokens: i64 = micro_batches.iter().map(Batch::target_count).sum();
-        let scale = 1.0 / tokens.max(1) as f64;
         self.opt.zero_grad();
-        let mut loss_sum = 0.0;
-        for (k, batch) in micro_batches.iter().enumerate() {
-            if self.config.checkpointing {
-                let seed = self.config.seed ^ ((self.step * 64 + k) as i64);
-                loss_sum += backward_checkpointed(model, lora, batch, scale, seed);
-            } else {
-                let normed = model.hidden_states(&batch.ids, lora);
-                let l = head_loss_sum(model, &normed, &batch.labels);
-                loss_sum += l.double_value(&[]);
-                (l * scale).backward();
-            }
-        }
+        let seed = self.config.seed ^ ((self.step * 64) as i64);
+        let (loss_sum, tokens) =
+            accumulate_gradients(model, lora, micro_batches, self.config.checkpointing, seed);
+        let scale = 1.0 / tokens.max(1) as f64;
+        lora.mask_gradients();
         let grad_norm = grad_norm(lora);
         if self.config.max_grad_norm > 0.0 {
             self.opt.clip_grad_norm(self.config.max_grad_norm);
@@ -294,6 +365,35 @@ impl Trainer {
     }
 }
 
+/// Adds to the adapters' gradients those of the mean loss over all target tokens of
+/// `micro_batches` (with layer-wise recomputation if `checkpointing`; dropout streams seeded
+/// from `seed`); returns the loss sum and the target count. The LM head and loss run through
+/// [`fused_head`].
+pub fn accumulate_gradients(
+    model: &Llama,
+    lora: &Lora,
+    micro_batches: &[Batch],
+    checkpointing: bool,
+    seed: i64,
+) -> (f64, i64) {
+    let tokens: i64 = micro_batches.iter().map(Batch::target_count).sum();
+    let scale = 1.0 / tokens.max(1) as f64;
+    let mut loss_sum = 0.0;
+    for (k, batch) in micro_batches.iter().enumerate() {
+        if checkpointing {
+            loss_sum += backward_checkpointed(model, lora, batch, scale, seed ^ k as i64);
+        } else {
+            let normed = model.hidden_states(&batch.ids, lora);
+            let (l, head_grad) = fused_head(model, &normed, &batch.labels, Some(scale));
+            loss_sum += l;
+            (normed * head_grad.expect("asked for"))
+                .sum(Kind::Float)
+                .backward();
+        }
+    }
+    (loss_sum, tokens)
+}
+
 /// L2 norm of all trainable gradients.
 pub fn grad_norm(lora: &Lora) -> f64 {
     tch::no_grad(|| {
@@ -306,4 +406,52 @@ pub fn grad_norm(lora: &Lora) -> f64 {
             .sum::<f64>()
             .sqrt()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedshield_models::config::LlamaConfig;
+    use tch::Device;
+
+    #[test]
+    fn fused_head_matches_autograd_over_any_chunking() {
+        let config = LlamaConfig {
+            vocab_size: 53,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 1,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: true,
+        };
+        let model = Llama::random(config, Device::Cpu, 3);
+        let seqs: Vec<(Vec<u32>, Vec<bool>)> = (0..3)
+            .map(|s| {
+                let n = 7 + 2 * s;
+                let ids = (0..n).map(|i| ((i * 11 + s * 5 + 2) % 53) as u32).collect();
+                (ids, (0..n).map(|i| i % 3 != 0).collect())
+            })
+            .collect();
+        let batch = Batch::from_sequences(&seqs, 0, Device::Cpu);
+        let normed =
+            tch::no_grad(|| model.hidden_states(&batch.ids, &NoAdapter)).set_requires_grad(true);
+        let reference = head_loss_sum(&model, &normed, &batch.labels);
+        let want = reference.double_value(&[]);
+        (reference * 0.25).backward();
+        let want_grad = normed.grad();
+        // One row per chunk, a few rows, everything at once.
+        for chunk in [1, 53 * 4, 1 << 22] {
+            let (got, grad) = fused_head_chunked(&model, &normed, &batch.labels, Some(0.25), chunk);
+            assert!((got - want).abs() < 1e-4 * want.abs(), "{got} vs {want}");
+            let d = (grad.unwrap() - &want_grad).abs().max().double_value(&[]);
+            assert!(d < 1e-6, "chunk {chunk}: gradient differs by {d}");
+            let (no_grad_loss, none) =
+                fused_head_chunked(&model, &normed, &batch.labels, None, chunk);
+            assert_eq!(no_grad_loss, got);
+            assert!(none.is_none());
+        }
+    }
 }

@@ -6,7 +6,7 @@
 
 use fedshield_edge::llama::{Llama, NoAdapter};
 use fedshield_edge::lora::Lora;
-use fedshield_edge::train::{Batch, loss};
+use fedshield_edge::train::{Batch, accumulate_gradients, loss};
 use fedshield_models::gguf::Gguf;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
@@ -74,6 +74,42 @@ fn logits_loss_and_lora_gradients_match_transformers_and_peft() {
         l.double_value(&[])
     );
     l.backward();
+    let worst = check_gradients(&lora, &reference);
+    eprintln!(
+        "loss {:.6} (reference {want_loss:.6}); LoRA gradients: max |diff| {worst:.2e}",
+        l.double_value(&[])
+    );
+    assert_eq!(base.kind(), Kind::Float);
+
+    // The training path (fused, chunked LM head and loss; with and without layer-wise
+    // recomputation) gives the same loss and gradients.
+    for checkpointing in [false, true] {
+        for t in lora.vs.trainable_variables() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let (sum, tokens) = accumulate_gradients(
+            &model,
+            &lora,
+            std::slice::from_ref(&batch),
+            checkpointing,
+            0,
+        );
+        let got = sum / tokens as f64;
+        assert!(
+            (got - want_loss).abs() <= TOLERANCE,
+            "training path loss {got} vs {want_loss} (checkpointing {checkpointing})"
+        );
+        let worst = check_gradients(&lora, &reference);
+        eprintln!("training path, checkpointing {checkpointing}: max |diff| {worst:.2e}");
+    }
+}
+
+/// Asserts every LoRA gradient matches the reference within the tolerance; the largest
+/// difference.
+fn check_gradients(lora: &Lora, reference: &serde_json::Value) -> f64 {
     let mut worst = 0.0f64;
     let grads = reference["grads"].as_object().unwrap();
     assert_eq!(grads.len(), lora.named_tensors().len());
@@ -90,9 +126,5 @@ fn logits_loss_and_lora_gradients_match_transformers_and_peft() {
         assert!(d <= TOLERANCE, "{name}: gradient differs by {d}");
         worst = worst.max(d);
     }
-    eprintln!(
-        "loss {:.6} (reference {want_loss:.6}); LoRA gradients: max |diff| {worst:.2e}",
-        l.double_value(&[])
-    );
-    assert_eq!(base.kind(), Kind::Float);
+    worst
 }

@@ -223,3 +223,53 @@ fn n_logits_equal(model: &Llama, a: &Lora, b: &Lora) -> bool {
     let lb = loss(model, b, &x).double_value(&[]);
     la == lb && la.is_finite() && x.ids.kind() == Kind::Int64
 }
+
+#[test]
+fn restricted_training_moves_the_selected_coordinates_only() {
+    let _guard = rng_lock();
+    let model = tiny();
+    let lora = Lora::new(&model, config(0.0), 5);
+    let before = lora.flatten();
+    // Every 7th coordinate, A and B of every pair included.
+    let selected: Vec<u32> = (0..before.len() as u32).step_by(7).collect();
+    lora.restrict_training(Some(&selected)).unwrap();
+    let mut trainer = Trainer::new(
+        &lora,
+        TrainConfig {
+            lr: 1e-2,
+            warmup_steps: 0,
+            ..TrainConfig::default()
+        },
+    )
+    .unwrap();
+    for _ in 0..5 {
+        trainer.step(&model, &lora, &[batch()]);
+    }
+    let after = lora.flatten();
+    let moved: Vec<usize> = (0..before.len())
+        .filter(|&i| before[i] != after[i])
+        .collect();
+    assert!(!moved.is_empty());
+    assert!(
+        moved.iter().all(|i| i % 7 == 0),
+        "an unselected coordinate moved"
+    );
+    // Most selected coordinates move (B starts at zero, so its first step moves it).
+    assert!(
+        moved.len() * 10 > selected.len() * 9,
+        "{} of {}",
+        moved.len(),
+        selected.len()
+    );
+    // Lifting the restriction trains everything again.
+    lora.restrict_training(None).unwrap();
+    trainer.step(&model, &lora, &[batch()]);
+    let last = lora.flatten();
+    let moved = (0..after.len()).filter(|&i| after[i] != last[i]).count();
+    assert!(moved * 10 > after.len() * 9, "{moved} of {}", after.len());
+    // A coordinate outside the adapter is refused.
+    let err = lora
+        .restrict_training(Some(&[before.len() as u32]))
+        .unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
+}

@@ -210,8 +210,15 @@ impl Llama {
 
     /// Logits of hidden states [.., hidden] -> [.., vocab].
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        hidden.matmul(&head.dequantize(hidden.kind()).tr())
+        hidden.matmul(&self.head_weight(hidden.kind()).tr())
+    }
+
+    /// The LM head's weight [vocab, hidden] (the embedding when tied), dequantized to `kind`.
+    pub fn head_weight(&self, kind: Kind) -> Tensor {
+        self.lm_head
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .dequantize(kind)
     }
 
     /// One decoder layer.
