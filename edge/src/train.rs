@@ -380,6 +380,7 @@ pub fn accumulate_gradients(
     let scale = 1.0 / tokens.max(1) as f64;
     let mut loss_sum = 0.0;
     for (k, batch) in micro_batches.iter().enumerate() {
+        lora.set_dropout_seed((seed ^ k as i64) as u64);
         if checkpointing {
             loss_sum += backward_checkpointed(model, lora, batch, scale, seed ^ k as i64);
         } else {
