@@ -9,7 +9,7 @@ use fedshield_edge::lora::{Lora, LoraConfig};
 use fedshield_edge::serial_link::SerialLink;
 use fedshield_edge::sft::{self, LocalRun};
 use fedshield_edge::train::{TrainConfig, Trainer, evaluate};
-use fedshield_models::data::{read_instruction_jsonl, split_by_category};
+use fedshield_models::data::{read_instruction_jsonl, read_plain_text, split_by_category};
 use fedshield_models::gguf::Gguf;
 use fedshield_models::tokenizer::{Message, Tokenizer};
 use fedshield_models::{Assets, fixtures};
@@ -101,8 +101,13 @@ struct TrainArgs {
     lora: LoraArgs,
     /// Instruction JSONL (alpaca instruction/input/output, or FAQ q/a/category); default: the
     /// fetched FAQ with categories.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "text")]
     data: Option<PathBuf>,
+    /// Plain-text documents instead (separated by blank lines or lines holding only `%`),
+    /// with the loss on every token; --eval-fraction of the documents (spread through the
+    /// file) are held out.
+    #[arg(long)]
+    text: Option<PathBuf>,
     /// Train on client K's share of the category split (with --clients).
     #[arg(long)]
     client: Option<usize>,
@@ -295,19 +300,39 @@ fn doctor() -> anyhow::Result<()> {
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let (model_path, _g, tok, model) = args.model.load()?;
-    let data_path = match &args.data {
-        Some(p) => p.clone(),
-        None => Assets::locate().faq_with_categories()?,
+    let (data_path, train_seqs, eval_seqs) = match &args.text {
+        Some(path) => {
+            let (train_docs, eval_docs) = hold_out(read_plain_text(path)?, args.eval_fraction)?;
+            (
+                path.clone(),
+                sft::text_sequences(&tok, &train_docs, args.max_len)?,
+                sft::text_sequences(&tok, &eval_docs, args.max_len)?,
+            )
+        }
+        None => {
+            let data_path = match &args.data {
+                Some(p) => p.clone(),
+                None => Assets::locate().faq_with_categories()?,
+            };
+            let examples = read_instruction_jsonl(&data_path)?;
+            let split = split_by_category(&examples, args.clients, args.eval_fraction, args.seed)?;
+            let train_examples = match args.client {
+                Some(k) if k < args.clients => split.clients[k].clone(),
+                Some(k) => anyhow::bail!("--client {k} is not below --clients {}", args.clients),
+                None => split.clients.concat(),
+            };
+            (
+                data_path,
+                sft::tokenize_all(&tok, &train_examples, args.max_len)?,
+                sft::tokenize_all(&tok, &split.eval, args.max_len)?,
+            )
+        }
     };
-    let examples = read_instruction_jsonl(&data_path)?;
-    let split = split_by_category(&examples, args.clients, args.eval_fraction, args.seed)?;
-    let train_examples = match args.client {
-        Some(k) if k < args.clients => split.clients[k].clone(),
-        Some(k) => anyhow::bail!("--client {k} is not below --clients {}", args.clients),
-        None => split.clients.concat(),
-    };
-    let train_seqs = sft::tokenize_all(&tok, &train_examples, args.max_len)?;
-    let eval_seqs = sft::tokenize_all(&tok, &split.eval, args.max_len)?;
+    anyhow::ensure!(
+        !train_seqs.is_empty(),
+        "{}: no training sequences",
+        data_path.display()
+    );
     let pad = tok.eos_id;
     let eval = sft::batches(&eval_seqs, 8, pad, model.device);
     let lora = Lora::new(&model, args.lora.config(args.freeze_a)?, args.seed as i64);
@@ -392,6 +417,28 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Splits documents into training and held-out ones: every k-th document is held out, with k
+/// chosen so that about `fraction` of them are (at least one when there are two or more).
+fn hold_out(docs: Vec<String>, fraction: f64) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    anyhow::ensure!(
+        (0.0..1.0).contains(&fraction),
+        "--eval-fraction must be in [0, 1), got {fraction}"
+    );
+    if fraction == 0.0 || docs.len() < 2 {
+        return Ok((docs, Vec::new()));
+    }
+    let every = ((1.0 / fraction).round() as usize).clamp(2, docs.len());
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (i, d) in docs.into_iter().enumerate() {
+        if i % every == every - 1 {
+            eval.push(d);
+        } else {
+            train.push(d);
+        }
+    }
+    Ok((train, eval))
+}
+
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (_, _g, tok, model) = args.model.load()?;
     let prompt = tok.chat_prompt(
@@ -422,4 +469,25 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     println!("{}", tok.decode(&out)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hold_out;
+
+    #[test]
+    fn hold_out_spreads_the_held_out_documents() {
+        let docs: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+        let (train, eval) = hold_out(docs.clone(), 0.2).unwrap();
+        assert_eq!(eval, ["4", "9"]);
+        assert_eq!(train.len(), 8);
+        let (train, eval) = hold_out(docs.clone(), 0.0).unwrap();
+        assert_eq!((train.len(), eval.len()), (10, 0));
+        // Tiny fractions still hold one out; a single document holds none.
+        let (_, eval) = hold_out(docs.clone(), 0.01).unwrap();
+        assert_eq!(eval, ["9"]);
+        let (train, eval) = hold_out(vec!["only".into()], 0.5).unwrap();
+        assert_eq!((train.len(), eval.len()), (1, 0));
+        assert!(hold_out(docs, 1.0).is_err());
+    }
 }

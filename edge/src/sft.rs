@@ -47,6 +47,26 @@ pub fn example_tokens(
     Ok((ids, mask))
 }
 
+/// Tokenizes plain-text documents for language modelling (loss on every token): each document
+/// is followed by the end-of-text token and cut into windows of at most `max_len` tokens
+/// (a window of one token predicts nothing and is dropped).
+pub fn text_sequences(
+    tok: &Tokenizer,
+    docs: &[String],
+    max_len: usize,
+) -> Result<Vec<Sequence>, TokenizerError> {
+    let max_len = max_len.max(2);
+    let mut out = Vec::new();
+    for doc in docs {
+        let mut ids = tok.encode(doc)?;
+        ids.push(tok.eos_id);
+        for window in ids.chunks(max_len).filter(|w| w.len() > 1) {
+            out.push((window.to_vec(), vec![true; window.len()]));
+        }
+    }
+    Ok(out)
+}
+
 /// Tokenizes `examples`.
 pub fn tokenize_all(
     tok: &Tokenizer,
