@@ -7,19 +7,20 @@ use tch::{Device, Kind};
 pub struct ComputeTarget {
     /// Where tensors live.
     pub device: Device,
-    /// Precision of activations under autocast: bf16 on CUDA, f32 on CPU.
-    pub autocast_kind: Kind,
+    /// Precision of the matmuls ([`crate::llama::Llama::compute_kind`]): bf16 on CUDA, f32
+    /// on the CPU (where bf16 matmuls are slower than f32 without AMX/AVX-512 BF16).
+    pub compute_kind: Kind,
 }
 
 impl ComputeTarget {
-    /// CUDA device 0 with bf16 autocast if a GPU is visible, else the CPU in f32.
+    /// CUDA device 0 with bf16 matmuls if a GPU is visible, else the CPU in f32.
     /// `FEDSHIELD_DEVICE=cpu` forces the CPU.
     pub fn detect() -> Self {
         let forced_cpu = std::env::var("FEDSHIELD_DEVICE").is_ok_and(|v| v == "cpu");
         if !forced_cpu && tch::Cuda::is_available() {
             Self {
                 device: Device::Cuda(0),
-                autocast_kind: Kind::BFloat16,
+                compute_kind: Kind::BFloat16,
             }
         } else {
             Self::cpu()
@@ -30,7 +31,7 @@ impl ComputeTarget {
     pub fn cpu() -> Self {
         Self {
             device: Device::Cpu,
-            autocast_kind: Kind::Float,
+            compute_kind: Kind::Float,
         }
     }
 
@@ -38,7 +39,7 @@ impl ComputeTarget {
     pub fn describe(&self) -> String {
         match self.device {
             Device::Cuda(i) => format!(
-                "CUDA device {i} ({} GPUs), bf16 autocast",
+                "CUDA device {i} ({} GPUs), bf16 matmuls (f32 residual stream and parameters)",
                 tch::Cuda::device_count()
             ),
             _ => format!("CPU, f32, {} threads", tch::get_num_threads()),

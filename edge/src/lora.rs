@@ -376,7 +376,9 @@ impl Adapter for Lora {
             if x.device() == Device::Cpu {
                 let seed = self.dropout_seed.get() ^ ((layer as u64) << 8 | module as u64) << 40;
                 let mask = dropout_mask(x.numel(), p_drop, seed);
-                x * Tensor::from_slice(&mask).reshape(x.size())
+                x * Tensor::from_slice(&mask)
+                    .reshape(x.size())
+                    .to_kind(x.kind())
             } else {
                 x.dropout(p_drop, true)
             }
@@ -384,7 +386,9 @@ impl Adapter for Lora {
             x.shallow_clone()
         };
         // Scaled at rank width ([.., r]), not at the projection's output width.
-        Some((x.matmul(&p.a.tr()) * self.scaling()).matmul(&p.b.tr()))
+        // In the input's precision; the f32 parameters receive f32 gradients through the cast.
+        let (a, b) = (p.a.to_kind(x.kind()), p.b.to_kind(x.kind()));
+        Some((x.matmul(&a.tr()) * self.scaling()).matmul(&b.tr()))
     }
 }
 

@@ -81,7 +81,7 @@ impl ModelArgs {
         let target = ComputeTarget::detect();
         let g = Gguf::open(&path).with_context(|| format!("reading {}", path.display()))?;
         let tok = Tokenizer::from_gguf(&g)?;
-        let model = Llama::from_gguf(&g, target.device)?;
+        let model = Llama::from_gguf(&g, target.device)?.with_compute_kind(target.compute_kind);
         eprintln!(
             "model     : {} ({} layers, base {:.1} MiB packed) on {}",
             path.display(),

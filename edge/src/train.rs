@@ -181,7 +181,8 @@ fn fused_head_chunked(
     tch::no_grad(|| {
         let (h, y, keep) = head_targets(normed, labels);
         let (hk, yk) = (h.index_select(0, &keep), y.index_select(0, &keep));
-        let w = model.head_weight(normed.kind());
+        let ck = model.compute_kind;
+        let w = model.head_weight(ck);
         let vocab = w.size()[0];
         let rows = hk.size()[0];
         let chunk = (chunk_elements / vocab).max(1);
@@ -192,7 +193,7 @@ fn fused_head_chunked(
             let n = chunk.min(rows - start);
             let hc = hk.narrow(0, start, n);
             let target = yk.narrow(0, start, n).unsqueeze(1);
-            let mut logits = hc.matmul(&w.tr());
+            let mut logits = hc.to_kind(ck).matmul(&w.tr()).to_kind(Kind::Float);
             let lse = logits.logsumexp([1i64], true);
             let picked = logits.gather(1, &target, false);
             loss += (&lse - picked).sum(Kind::Double);
@@ -200,7 +201,7 @@ fn fused_head_chunked(
                 let _ = logits.g_sub_(&lse).exp_();
                 let minus_one = Tensor::full([n, 1], -1.0, (logits.kind(), logits.device()));
                 let _ = logits.scatter_add_(1, &target, &minus_one);
-                grads.push(logits.matmul(&w) * scale);
+                grads.push(logits.to_kind(ck).matmul(&w).to_kind(normed.kind()) * scale);
             }
             start += n;
         }

@@ -4,7 +4,9 @@
 
 use fedshield_edge::llama::{Llama, Module};
 use fedshield_edge::lora::{Lora, LoraConfig};
-use fedshield_edge::train::{Batch, TrainConfig, Trainer, evaluate, loss, lr_at};
+use fedshield_edge::train::{
+    Batch, TrainConfig, Trainer, accumulate_gradients, evaluate, loss, lr_at,
+};
 use fedshield_models::config::LlamaConfig;
 use tch::{Device, Kind, Tensor};
 
@@ -279,4 +281,65 @@ fn restricted_training_moves_the_selected_coordinates_only() {
         .restrict_training(Some(&[before.len() as u32]))
         .unwrap_err();
     assert!(err.to_string().contains("outside"), "{err}");
+}
+
+#[test]
+fn bf16_matmuls_track_f32_and_train() {
+    let _guard = rng_lock();
+    let full = tiny();
+    let mixed = tiny().with_compute_kind(Kind::BFloat16);
+    let lora = Lora::new(&full, config(0.0), 5);
+    tch::no_grad(|| {
+        for p in lora.pairs.values() {
+            let mut b = p.b.shallow_clone();
+            b.copy_(&(Tensor::randn_like(&p.b) * 0.1));
+        }
+    });
+    let x = batch();
+    let (l32, l16) = (
+        evaluate(&full, Some(&lora), std::slice::from_ref(&x)),
+        evaluate(&mixed, Some(&lora), std::slice::from_ref(&x)),
+    );
+    assert!(
+        ((l16 - l32) / l32).abs() < 2e-2,
+        "bf16 loss {l16} vs f32 {l32}"
+    );
+    // The LoRA parameters stay f32 and get f32 gradients pointing the same way.
+    let flat_grads = |model: &Llama| {
+        for t in lora.vs.trainable_variables() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        accumulate_gradients(model, &lora, std::slice::from_ref(&x), false, 0);
+        let gs: Vec<Tensor> = lora
+            .vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.grad().flatten(0, -1))
+            .collect();
+        Tensor::cat(&gs, 0)
+    };
+    let (g32, g16) = (flat_grads(&full), flat_grads(&mixed));
+    assert_eq!(g16.kind(), Kind::Float);
+    let cosine = (&g32 * &g16).sum(Kind::Double).double_value(&[])
+        / (g32.norm().double_value(&[]) * g16.norm().double_value(&[]));
+    assert!(cosine > 0.99, "gradient cosine {cosine}");
+    let mut trainer = Trainer::new(
+        &lora,
+        TrainConfig {
+            lr: 1e-2,
+            warmup_steps: 0,
+            checkpointing: true,
+            ..TrainConfig::default()
+        },
+    )
+    .unwrap();
+    for _ in 0..30 {
+        trainer.step(&mixed, &lora, std::slice::from_ref(&x));
+    }
+    let after = evaluate(&mixed, Some(&lora), std::slice::from_ref(&x));
+    eprintln!("bf16: loss {l16:.4} (f32 {l32:.4}), cosine {cosine:.5}, trained to {after:.4}");
+    assert!(after < 0.8 * l16, "bf16 training: {l16} -> {after}");
 }

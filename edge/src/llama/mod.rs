@@ -63,6 +63,10 @@ pub struct Llama {
     pub lm_head: Option<Weight>,
     /// Where the weights live.
     pub device: Device,
+    /// Precision of the matmuls (projections, attention, LM head): f32, or bf16 on CUDA
+    /// (mixed precision as autocast does it: the residual stream, norms, RoPE tables, the
+    /// softmax of the loss and the LoRA parameters stay f32). See [`Llama::with_compute_kind`].
+    pub compute_kind: Kind,
 }
 
 impl Llama {
@@ -105,6 +109,7 @@ impl Llama {
             lm_head,
             config,
             device,
+            compute_kind: Kind::Float,
         })
     }
 
@@ -142,7 +147,14 @@ impl Llama {
             lm_head,
             config,
             device,
+            compute_kind: Kind::Float,
         }
+    }
+
+    /// The same model computing its matmuls in `kind` (f32, bf16 or f16).
+    pub fn with_compute_kind(mut self, kind: Kind) -> Self {
+        self.compute_kind = kind;
+        self
     }
 
     /// Bytes held by the base weights on the device.
@@ -210,7 +222,11 @@ impl Llama {
 
     /// Logits of hidden states [.., hidden] -> [.., vocab].
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.head_weight(hidden.kind()).tr())
+        let ck = self.compute_kind;
+        hidden
+            .to_kind(ck)
+            .matmul(&self.head_weight(ck).tr())
+            .to_kind(hidden.kind())
     }
 
     /// The LM head's weight [vocab, hidden] (the embedding when tied), dequantized to `kind`.
@@ -240,10 +256,14 @@ impl Llama {
         );
         let eps = c.rms_norm_eps;
         let hidden = c.hidden_size as i64;
+        let ck = self.compute_kind;
+        // In the compute precision: inputs cast, output left in it (a residual add in f32
+        // promotes it back, as under autocast).
         let linear = |x: &Tensor, w: &Weight, module: Module| {
-            let y = x.matmul(&w.dequantize(x.kind()).tr());
-            match adapter.delta(index, module, x) {
-                Some(d) => y + d,
+            let x = x.to_kind(ck);
+            let y = x.matmul(&w.dequantize(ck).tr());
+            match adapter.delta(index, module, &x) {
+                Some(d) => y + d.to_kind(ck),
                 None => y,
             }
         };
@@ -257,8 +277,9 @@ impl Llama {
         let v = linear(&n, &b.v_proj, Module::V)
             .view([bsz, t, kv, hd])
             .transpose(1, 2);
-        let q = apply_rope(&q, cos, sin);
-        let k = apply_rope(&k, cos, sin);
+        let (cos, sin) = (cos.to_kind(ck), sin.to_kind(ck));
+        let q = apply_rope(&q, &cos, &sin);
+        let k = apply_rope(&k, &cos, &sin);
         let (k, v) = if kv != h {
             (
                 k.repeat_interleave_self_int(h / kv, 1, None),
@@ -271,11 +292,11 @@ impl Llama {
             &q, &k, &v, None, 0.0, true, None, false,
         );
         let attn = attn.transpose(1, 2).reshape([bsz, t, h * hd]);
-        let x = x + linear(&attn, &b.o_proj, Module::O);
+        let x = x + linear(&attn, &b.o_proj, Module::O).to_kind(x.kind());
         let n = x.rms_norm([hidden], Some(&b.ffn_norm), eps);
         let gate = linear(&n, &b.gate_proj, Module::Gate).silu();
         let up = linear(&n, &b.up_proj, Module::Up);
-        &x + linear(&(gate * up), &b.down_proj, Module::Down)
+        &x + linear(&(gate * up), &b.down_proj, Module::Down).to_kind(x.kind())
     }
 
     /// Greedy decoding of up to `max_new` tokens after `prompt`, stopping at `eos`.
