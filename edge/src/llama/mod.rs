@@ -211,6 +211,30 @@ impl Llama {
         self.final_norm(&x)
     }
 
+    /// Final hidden states [batch, t, hidden] of `ids` [batch, t] that continue the positions
+    /// held in `cache` (empty: from position 0), which gains their keys and values: prefill
+    /// with the prompt, then one token per call, each costing one position's work instead
+    /// of the whole sequence's.
+    pub fn hidden_states_cached(
+        &self,
+        ids: &Tensor,
+        adapter: &dyn Adapter,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        let kind = Kind::Float;
+        let t = ids.size()[1];
+        let start = cache.len;
+        let (cos, sin) = self.rope_tables(start + t, kind);
+        let (cos, sin) = (cos.narrow(0, start, t), sin.narrow(0, start, t));
+        let mut x = self.embed.rows(ids, kind);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = &mut cache.layers[i];
+            x = self.block_step(i, block, &x, &cos, &sin, adapter, Some(slot));
+        }
+        cache.len += t;
+        self.final_norm(&x)
+    }
+
     /// The final RMSNorm.
     pub fn final_norm(&self, x: &Tensor) -> Tensor {
         x.rms_norm(
@@ -237,7 +261,7 @@ impl Llama {
             .dequantize(kind)
     }
 
-    /// One decoder layer.
+    /// One decoder layer over whole sequences (causal attention among the positions of `x`).
     pub fn block_forward(
         &self,
         index: usize,
@@ -246,6 +270,24 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
         adapter: &dyn Adapter,
+    ) -> Tensor {
+        self.block_step(index, b, x, cos, sin, adapter, None)
+    }
+
+    /// One decoder layer over `x` [b, t, hidden] at positions `cached..cached + t`, where
+    /// `cache` holds the keys and values of positions `0..cached` (after RoPE, before the
+    /// grouped-query expansion) and gains those of `x`; `cos` and `sin` are the tables of
+    /// the new positions.
+    #[allow(clippy::too_many_arguments)]
+    fn block_step(
+        &self,
+        index: usize,
+        b: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        adapter: &dyn Adapter,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
         let c = &self.config;
         let (bsz, t) = (x.size()[0], x.size()[1]);
@@ -274,12 +316,26 @@ impl Llama {
         let k = linear(&n, &b.k_proj, Module::K)
             .view([bsz, t, kv, hd])
             .transpose(1, 2);
-        let v = linear(&n, &b.v_proj, Module::V)
+        let mut v = linear(&n, &b.v_proj, Module::V)
             .view([bsz, t, kv, hd])
             .transpose(1, 2);
         let (cos, sin) = (cos.to_kind(ck), sin.to_kind(ck));
         let q = apply_rope(&q, &cos, &sin);
-        let k = apply_rope(&k, &cos, &sin);
+        let mut k = apply_rope(&k, &cos, &sin);
+        let cached = match cache {
+            None => 0,
+            Some(slot) => {
+                let (k_all, v_all) = match slot.take() {
+                    Some((k_old, v_old)) => {
+                        (Tensor::cat(&[k_old, k], 2), Tensor::cat(&[v_old, v], 2))
+                    }
+                    None => (k, v),
+                };
+                *slot = Some((k_all.shallow_clone(), v_all.shallow_clone()));
+                (k, v) = (k_all, v_all);
+                k.size()[2] - t
+            }
+        };
         let (k, v) = if kv != h {
             (
                 k.repeat_interleave_self_int(h / kv, 1, None),
@@ -288,9 +344,15 @@ impl Llama {
         } else {
             (k, v)
         };
-        let attn = Tensor::scaled_dot_product_attention::<Tensor>(
-            &q, &k, &v, None, 0.0, true, None, false,
-        );
+        let attn = if cached == 0 {
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
+        } else {
+            // New position i (absolute cached + i) sees keys 0..=cached + i.
+            let rows = Tensor::arange(t, (Kind::Int64, x.device())).unsqueeze(1) + cached;
+            let cols = Tensor::arange(cached + t, (Kind::Int64, x.device())).unsqueeze(0);
+            let allowed = cols.le_tensor(&rows);
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(allowed), 0.0, false, None, false)
+        };
         let attn = attn.transpose(1, 2).reshape([bsz, t, h * hd]);
         let x = x + linear(&attn, &b.o_proj, Module::O).to_kind(x.kind());
         let n = x.rms_norm([hidden], Some(&b.ffn_norm), eps);
@@ -316,12 +378,18 @@ impl Llama {
     ) -> Vec<u32> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
-        let mut ids: Vec<i64> = prompt.iter().map(|&i| i as i64).collect();
+        let mut next_input: Vec<i64> = prompt.iter().map(|&i| i as i64).collect();
         let mut out = Vec::new();
+        let mut cache = KvCache::new(self);
         tch::no_grad(|| {
             for _ in 0..max_new {
-                let input = Tensor::from_slice(&ids).to_device(self.device).unsqueeze(0);
-                let hidden = self.hidden_states(&input, adapter);
+                if next_input.is_empty() {
+                    break;
+                }
+                let input = Tensor::from_slice(&next_input)
+                    .to_device(self.device)
+                    .unsqueeze(0);
+                let hidden = self.hidden_states_cached(&input, adapter, &mut cache);
                 let logits = self.logits(&hidden.select(1, -1)).squeeze_dim(0);
                 let next = if sampling.temperature <= 0.0 {
                     logits.argmax(-1, false).int64_value(&[])
@@ -336,11 +404,39 @@ impl Llama {
                 if next as u32 == eos {
                     break;
                 }
-                ids.push(next);
+                next_input = vec![next];
                 out.push(next as u32);
             }
         });
         out
+    }
+}
+
+/// Keys and values of the positions decoded so far, per layer (see
+/// [`Llama::hidden_states_cached`]).
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
+}
+
+impl KvCache {
+    /// An empty cache for `model`.
+    pub fn new(model: &Llama) -> Self {
+        Self {
+            layers: (0..model.blocks.len()).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
