@@ -137,7 +137,7 @@ pub fn quality(mut args: QualityArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let json_path = args.out.join("quality.json");
     let svg_path = args.out.join("quality.svg");
-    let summary = summary(&runs);
+    let summary = summary(initial, &runs);
     let report = serde_json::json!({
         "model": model_path.display().to_string(),
         "quick": args.quick,
@@ -198,27 +198,71 @@ pub fn quality(mut args: QualityArgs) -> anyhow::Result<()> {
 }
 
 /// The target figures: each encrypted run's final loss relative to dense plaintext
-/// FedAvg, and its bytes per parameter.
-fn summary(runs: &[RunReport]) -> serde_json::Value {
+/// FedAvg and its bytes per parameter; and, since a pruned run lags rather than diverges,
+/// where dense FedAvg reached the same loss (`dense_round_equivalent`, interpolated) and the
+/// bytes per parameter each needed to get there.
+fn summary(initial: f64, runs: &[RunReport]) -> serde_json::Value {
     let last = |r: &RunReport| r.eval_loss_per_round.last().copied().unwrap_or(f64::NAN);
-    let dense = runs
-        .iter()
-        .find(|r| r.name == "fedavg-dense-plain")
-        .map(last)
-        .unwrap_or(f64::NAN);
+    let dense_run = runs.iter().find(|r| r.name == "fedavg-dense-plain");
+    let dense = dense_run.map(last).unwrap_or(f64::NAN);
     let rows: Vec<_> = runs
         .iter()
         .filter(|r| r.encrypted)
         .map(|r| {
+            let rounds = r.eval_loss_per_round.len() as f64;
+            let equivalent = dense_run
+                .and_then(|d| dense_round_equivalent(initial, &d.eval_loss_per_round, last(r)));
+            let dense_bytes = dense_run
+                .zip(equivalent)
+                .map(|(d, e)| e * d.upload_bytes_per_param_per_round);
             serde_json::json!({
                 "name": r.name,
                 "rho": r.rho,
                 "final_eval_loss": last(r),
                 "relative_to_dense_plain": last(r) / dense - 1.0,
                 "upload_bytes_per_param_per_round": r.upload_bytes_per_param_per_round,
+                "upload_bytes_per_param_total": rounds * r.upload_bytes_per_param_per_round,
+                "dense_round_equivalent": equivalent,
+                "dense_upload_bytes_per_param_for_same_loss": dense_bytes,
                 "crypto_share_of_run": r.crypto_seconds / r.seconds,
             })
         })
         .collect();
     serde_json::json!({ "dense_plain_final_eval_loss": dense, "encrypted": rows })
+}
+
+/// The (fractional) round at which a loss curve first reaches `loss`: the curve starts at
+/// `initial` (round 0) and is linear between rounds. `None` when it never gets that low.
+fn dense_round_equivalent(initial: f64, curve: &[f64], loss: f64) -> Option<f64> {
+    if !loss.is_finite() {
+        return None;
+    }
+    if initial <= loss {
+        return Some(0.0);
+    }
+    let mut prev = initial;
+    for (i, &l) in curve.iter().enumerate() {
+        if l <= loss {
+            return Some(i as f64 + (prev - loss) / (prev - l));
+        }
+        prev = l;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dense_round_equivalent;
+
+    #[test]
+    fn round_equivalent_interpolates_the_first_crossing() {
+        let curve = [3.0, 2.0, 2.5, 1.0];
+        assert_eq!(dense_round_equivalent(4.0, &curve, 4.5), Some(0.0));
+        assert_eq!(dense_round_equivalent(4.0, &curve, 3.0), Some(1.0));
+        assert_eq!(dense_round_equivalent(4.0, &curve, 3.5), Some(0.5));
+        // 2.25 is first reached between rounds 1 (3.0) and 2 (2.0), not after the bump.
+        assert_eq!(dense_round_equivalent(4.0, &curve, 2.25), Some(1.75));
+        assert_eq!(dense_round_equivalent(4.0, &curve, 0.5), None);
+        assert_eq!(dense_round_equivalent(4.0, &curve, f64::NAN), None);
+    }
 }
