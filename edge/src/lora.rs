@@ -197,9 +197,9 @@ impl Lora {
 
     /// Restricts training to the coordinates `indices` of the layout (ascending), or lifts
     /// the restriction (`None`): the gradients of every other coordinate are zeroed before
-    /// each optimizer step, so with AdamW (no weight decay on the adapter) they keep their
-    /// values exactly. Used for masked local training, where the round's public mask is
-    /// known before training starts.
+    /// each optimizer step and [`Self::decay`] skips them, so under [`crate::train::Trainer`]
+    /// (AdamW, weight decay included) they keep their values exactly. Used for masked local
+    /// training, where the round's public mask is known before training starts.
     pub fn restrict_training(&self, indices: Option<&[u32]>) -> Result<(), EdgeError> {
         let Some(indices) = indices else {
             *self.grad_masks.borrow_mut() = None;
@@ -239,6 +239,30 @@ impl Lora {
                 let mut g = t.grad();
                 if g.defined() {
                     let _ = g.g_mul_(m);
+                }
+            }
+        });
+    }
+
+    /// AdamW's decoupled weight decay: multiplies every trainable value by `factor`
+    /// (1 - lr * weight decay), except the coordinates outside a
+    /// [`Self::restrict_training`] selection.
+    pub fn decay(&self, factor: f64) {
+        if factor == 1.0 {
+            return;
+        }
+        let masks = self.grad_masks.borrow();
+        tch::no_grad(|| {
+            for (i, t) in self.update_tensors().enumerate() {
+                let mut t = t.shallow_clone();
+                match masks.as_ref().map(|m| &m[i]) {
+                    // t * (1 - m (1 - factor)): factor where selected, 1 elsewhere.
+                    Some(m) => {
+                        let _ = t.g_mul_(&(m * (factor - 1.0) + 1.0));
+                    }
+                    None => {
+                        let _ = t.g_mul_scalar_(factor);
+                    }
                 }
             }
         });

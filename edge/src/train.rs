@@ -318,10 +318,12 @@ impl std::fmt::Debug for Trainer {
 impl Trainer {
     /// An optimizer for `lora`'s trainable tensors.
     pub fn new(lora: &Lora, config: TrainConfig) -> Result<Self, tch::TchError> {
+        // Weight decay is applied by `step` (`Lora::decay`, decoupled as in AdamW), so that
+        // it honours a training restriction.
         let opt = nn::AdamW {
             beta1: 0.9,
             beta2: 0.999,
-            wd: config.weight_decay,
+            wd: 0.0,
             eps: 1e-8,
             amsgrad: false,
         }
@@ -354,6 +356,7 @@ impl Trainer {
         }
         let lr = lr_at(&self.config, self.step);
         self.opt.set_lr(lr);
+        lora.decay(1.0 - lr * self.config.weight_decay);
         self.opt.step();
         self.step += 1;
         lora.set_training(false);

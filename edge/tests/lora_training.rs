@@ -242,11 +242,13 @@ fn restricted_training_moves_the_selected_coordinates_only() {
     // Every 7th coordinate, A and B of every pair included.
     let selected: Vec<u32> = (0..before.len() as u32).step_by(7).collect();
     lora.restrict_training(Some(&selected)).unwrap();
+    // With weight decay, which must spare the unselected coordinates too.
     let mut trainer = Trainer::new(
         &lora,
         TrainConfig {
             lr: 1e-2,
             warmup_steps: 0,
+            weight_decay: 0.1,
             ..TrainConfig::default()
         },
     )
@@ -382,4 +384,72 @@ fn cached_decoding_equals_full_recomputation() {
         seq.push(tok as i64);
     }
     assert_eq!(generated.len(), 8);
+}
+
+/// The trainer applies weight decay itself (so that it can honour a restriction); without a
+/// restriction it must be libtorch's AdamW with that weight decay, step for step.
+#[test]
+fn weight_decay_matches_libtorch_adamw() {
+    let _guard = rng_lock();
+    let model = tiny();
+    let ours = Lora::new(&model, config(0.0), 9);
+    let reference = Lora::new(&model, config(0.0), 9);
+    assert_eq!(ours.flatten(), reference.flatten());
+    let cfg = TrainConfig {
+        lr: 1e-2,
+        warmup_steps: 0,
+        weight_decay: 0.1,
+        max_grad_norm: 0.0,
+        checkpointing: false,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&ours, cfg.clone()).unwrap();
+    let mut opt = tch::nn::OptimizerConfig::build(
+        tch::nn::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            wd: 0.1,
+            eps: 1e-8,
+            amsgrad: false,
+        },
+        &reference.vs,
+        cfg.lr,
+    )
+    .unwrap();
+    for step in 0..4 {
+        trainer.step(&model, &ours, &[batch()]);
+        opt.zero_grad();
+        reference.set_training(true);
+        accumulate_gradients(&model, &reference, &[batch()], false, 0);
+        reference.set_training(false);
+        opt.set_lr(lr_at(&cfg, step));
+        opt.step();
+    }
+    let (a, b) = (ours.flatten(), reference.flatten());
+    let max = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 1e-6, "max abs difference {max}");
+    // And the decay did something: without it the values differ.
+    let plain = Lora::new(&model, config(0.0), 9);
+    let mut trainer = Trainer::new(
+        &plain,
+        TrainConfig {
+            weight_decay: 0.0,
+            ..cfg
+        },
+    )
+    .unwrap();
+    for _ in 0..4 {
+        trainer.step(&model, &plain, &[batch()]);
+    }
+    let c = plain.flatten();
+    let diff = a
+        .iter()
+        .zip(&c)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(diff > 1e-5, "weight decay changed nothing ({diff})");
 }
