@@ -54,6 +54,10 @@ pub struct FleetClient<'a> {
     configs: BTreeMap<u64, RoundConfig>,
     assembler: GlobalAssembler,
     waiting: Option<(RoundConfig, f64)>,
+    /// A round to train as soon as the driver has published what came before it (the
+    /// round's shares must leave before minutes of training, or the share phase closes
+    /// without this device): see [`FleetClient::train_ready`].
+    ready: Option<(RoundConfig, f64)>,
     eval_loss: Option<f64>,
     encrypt_seconds: BTreeMap<u64, f64>,
     rng: rand::rngs::ThreadRng,
@@ -116,6 +120,7 @@ impl<'a> FleetClient<'a> {
             configs: BTreeMap::new(),
             assembler: GlobalAssembler::default(),
             waiting: None,
+            ready: None,
             eval_loss: None,
             encrypt_seconds: BTreeMap::new(),
             rng: rand::rng(),
@@ -309,6 +314,20 @@ impl<'a> FleetClient<'a> {
         }
     }
 
+    /// Whether a round waits for [`Self::train_ready`].
+    pub fn has_training(&self) -> bool {
+        self.ready.is_some()
+    }
+
+    /// Trains the round that the last event made ready, once the driver has published the
+    /// messages that event returned; returns the messages to publish after training.
+    pub fn train_ready(&mut self, log: &mut Log) -> Vec<EdgeMessage> {
+        match self.ready.take() {
+            Some((config, weight)) => self.train_round(config, weight, log),
+            None => vec![],
+        }
+    }
+
     /// The host delivered this device's shares.
     pub fn on_delivery(
         &mut self,
@@ -378,15 +397,14 @@ impl<'a> FleetClient<'a> {
             "round {round}: applied the global update of {} devices; held-out loss {loss:.4}",
             contributors.len()
         ));
-        let mut out = vec![EdgeMessage::Evaluated {
+        if let Some(waiting) = self.waiting.take() {
+            self.ready = Some(waiting);
+        }
+        vec![EdgeMessage::Evaluated {
             round,
             eval_loss: loss,
             encrypt_seconds: self.encrypt_seconds.get(&round).copied().unwrap_or(0.0),
-        }];
-        if let Some((config, weight)) = self.waiting.take() {
-            out.extend(self.train_round(config, weight, log));
-        }
-        out
+        }]
     }
 
     /// Whether the driver should be subscribed to the fleet snapshot.
@@ -446,14 +464,10 @@ impl<'a> FleetClient<'a> {
         ));
         self.persist(log);
         match self.waiting.take() {
-            Some((config, weight)) if config.history_round == round => {
-                self.train_round(config, weight, log)
-            }
-            other => {
-                self.waiting = other;
-                vec![]
-            }
+            Some(w) if w.0.history_round == round => self.ready = Some(w),
+            other => self.waiting = other,
         }
+        vec![]
     }
 
     fn load_global(&self) {
@@ -484,12 +498,15 @@ impl<'a> FleetClient<'a> {
                         }
                         self.waiting = Some((config, weight));
                     } else {
-                        out.extend(self.train_round(config, weight, log));
+                        self.ready = Some((config, weight));
                     }
                 }
                 EdgeAction::Settle { round, counted } => {
                     if self.waiting.as_ref().is_some_and(|(c, _)| c.round == round) {
                         self.waiting = None;
+                    }
+                    if self.ready.as_ref().is_some_and(|(c, _)| c.round == round) {
+                        self.ready = None;
                     }
                     if let Some(p) = self.prepared.take_if(|p| p.round() == round) {
                         self.feedback.settle(p, counted);

@@ -213,11 +213,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 link.unsubscribe(&topics.all_snapshot())?;
             }
         }
-        for line in log {
+        for line in log.drain(..) {
             eprintln!("{me}: {line}");
         }
         for msg in out {
             link.publish(&topics.up(&me), postcard::to_stdvec(&msg)?, false)?;
+        }
+        // Training comes after publishing what preceded it (the round's shares).
+        if client.has_training() {
+            let out = client.train_ready(&mut log);
+            for line in log.drain(..) {
+                eprintln!("{me}: {line}");
+            }
+            for msg in out {
+                link.publish(&topics.up(&me), postcard::to_stdvec(&msg)?, false)?;
+            }
         }
         if args.rounds > 0 && done_round >= args.rounds {
             // Let the last messages leave before disconnecting.

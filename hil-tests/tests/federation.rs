@@ -58,13 +58,18 @@ fn lines_of(child: &mut Child, tag: String, stdout: bool) -> mpsc::Receiver<Stri
 }
 
 fn wait_for(rx: &mpsc::Receiver<String>, what: &str, secs: u64) {
+    wait_for_line(rx, what, secs);
+}
+
+/// The first line containing `what` within `secs` seconds.
+fn wait_for_line(rx: &mpsc::Receiver<String>, what: &str, secs: u64) -> String {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_else(|_| panic!("never saw {what:?}"));
         if line.contains(what) {
-            return;
+            return line;
         }
     }
 }
@@ -466,4 +471,53 @@ fn an_edge_restarted_mid_round_settles_its_upload_from_its_state_file_and_rejoin
     for (_, rx) in &edges {
         wait_for(rx, "done after round 2", 120);
     }
+}
+
+/// The round's shares leave before local training: with a share phase far shorter than the
+/// training, every device still makes it into the round.
+#[test]
+fn shares_are_sent_before_local_training_so_a_short_share_phase_loses_nobody() {
+    let fleet = Fleet::new("slowtrain", ["--rank", "2", "--targets", "v_proj"]);
+    let (mut host, host_rx) = fleet.host(&[
+        "--rounds",
+        "1",
+        "--local-steps",
+        "40",
+        "--join-seconds",
+        "60",
+        "--upload-seconds",
+        "300",
+        "--phase-seconds",
+        "5",
+        "--threshold",
+        "3",
+        "--chunk-bytes",
+        "16384",
+        "--rho",
+        "0.5",
+    ]);
+    let edges: Vec<_> = (0..3)
+        .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "1"]].concat()))
+        .collect();
+    let trained = edges
+        .iter()
+        .map(|(_, rx)| {
+            let line = wait_for_line(rx, "round 1: trained", 300);
+            let secs: f64 = line
+                .split(" in ")
+                .nth(1)
+                .and_then(|s| s.split(" s").next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no training time in {line:?}"));
+            secs
+        })
+        .collect::<Vec<_>>();
+    // The test means something only when training outlasts the share phase.
+    assert!(
+        trained.iter().all(|&s| s > 5.0),
+        "training took {trained:?} s"
+    );
+    wait_for(&host_rx, "metrics", 300);
+    assert!(host.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), [(1, 3)]);
 }
