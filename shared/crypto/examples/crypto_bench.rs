@@ -8,7 +8,9 @@
 //! ratios.
 
 use fedshield_crypto::encoding::FixedPoint;
-use fedshield_crypto::packed::{Aggregate, ClientKey, EncryptedUpdate, Encryptor, MaskSeed};
+use fedshield_crypto::packed::{
+    Aggregate, BodyBits, ClientKey, EncryptedUpdate, Encryptor, MaskSeed,
+};
 use fedshield_crypto::params::POLYNOMIAL_SIZE;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -204,7 +206,7 @@ fn run_ours(data: &[Vec<f32>], weights: &[f64], want: &[f64]) -> Value {
     for ((d, w), key) in data.iter().zip(weights).zip(&keys) {
         let t0 = Instant::now();
         fp.encode_weighted(d, *w, &mut plain).expect("valid weight");
-        let update = Encryptor::new(key, seed, &mut seeder).encrypt(&plain);
+        let update = Encryptor::new(key, seed, BodyBits::FULL, &mut seeder).encrypt(&plain);
         encrypt_s += t0.elapsed().as_secs_f64();
         wire.push(postcard::to_stdvec(&update).expect("serializable"));
     }
@@ -216,7 +218,7 @@ fn run_ours(data: &[Vec<f32>], weights: &[f64], want: &[f64]) -> Value {
 
     // Host side: streaming sum of the bodies, against a bare wrapping-add loop.
     let t0 = Instant::now();
-    let mut agg = Aggregate::new(n);
+    let mut agg = Aggregate::new(n, BodyBits::FULL);
     for u in &updates {
         agg.add(u).expect("same length");
     }

@@ -3,8 +3,9 @@
 //! A client encrypts a vector of u64 plaintexts as ceil(len / N) GLWE ciphertexts (k = 1)
 //! under its own fresh binary key: body = a * s + m + e in Z/2^64[X]/(X^N + 1). The masks `a`
 //! come from the round's public [`MaskSeed`] and are identical on every client, so only the
-//! bodies travel, and of each body only its top 32 bits ([`BODY_BITS`]); the dropped low bits
-//! add a public, bounded rounding error. Ciphertext `i`'s mask is ChaCha20 stream `i` of the
+//! bodies travel, and of each body only its top 8 to 32 bits (the round's [`BodyBits`]); the
+//! dropped low bits add a bounded rounding error, which the encrypting client knows and may
+//! carry into its next update ([`Encryptor::encrypt_chunk`]'s `delivered`). Ciphertext `i`'s mask is ChaCha20 stream `i` of the
 //! seed ([`MaskStream`]), so any chunk of ciphertexts can be encrypted or decrypted on its own.
 //!
 //! Summing the bodies of several clients yields a GLWE ciphertext of the sum of their
@@ -13,14 +14,12 @@
 
 use crate::CryptoError;
 use crate::negacyclic::{BinarySpectrum, NegacyclicFft, Scratch, exact_add_mul};
+pub use crate::params::BodyBits;
 use crate::params::{NOISE_TUNIFORM_LOG2, POLYNOMIAL_SIZE};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use std::sync::OnceLock;
 use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, RandomGenerator, Seeder};
-
-/// Bits of each ciphertext body that travel: the top 32 of 64.
-pub const BODY_BITS: u32 = 32;
 
 /// Domain separation of the mask generator's key: ChaCha20 key = seed (16 bytes, LE) || tag.
 const MASK_KEY_TAG: [u8; 16] = *b"fedshield-mask-1";
@@ -109,61 +108,123 @@ pub fn ciphertext_count(len: usize) -> usize {
     len.div_ceil(POLYNOMIAL_SIZE)
 }
 
-/// One client's encrypted update: the top [`BODY_BITS`] of each ciphertext body coefficient,
+/// One client's encrypted update: the top `body_bits` of each ciphertext body coefficient,
 /// `ciphertext_count(len) * N` of them, for `len` plaintext values.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+///
+/// Wire form (postcard): `len`, `body_bits` (one byte), then the bodies as one byte string of
+/// little-endian `body_bits / 8`-byte integers (never varints, which would cost more than the
+/// width for most random values).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "wire::Owned")]
 pub struct EncryptedUpdate {
     /// Number of plaintext values encrypted.
     pub len: usize,
-    /// Truncated bodies, N per ciphertext. Serialized as one byte string of little-endian
-    /// u32s (4 bytes per body, never a varint, which would cost 5 for most random values).
-    #[serde(with = "bodies_as_bytes")]
+    /// Width of each body.
+    pub body_bits: BodyBits,
+    /// Truncated bodies, N per ciphertext, each below 2^body_bits.
     pub bodies: Vec<u32>,
 }
 
-/// Serde adapter: a `Vec<u32>` as a byte string of little-endian u32s.
-pub mod bodies_as_bytes {
+impl EncryptedUpdate {
+    /// Bytes of the wire form of an update of `len` values with bodies of width `body`.
+    pub fn wire_len(len: usize, body: BodyBits) -> usize {
+        let bytes = ciphertext_count(len) * POLYNOMIAL_SIZE * body.bytes();
+        varint_len(len as u64) + 1 + varint_len(bytes as u64) + bytes
+    }
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - v.max(1).leading_zeros() as usize).div_ceil(7)
+}
+
+impl serde::Serialize for EncryptedUpdate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let width = self.body_bits.bytes();
+        let mut bytes = Vec::with_capacity(self.bodies.len() * width);
+        for b in &self.bodies {
+            bytes.extend_from_slice(&b.to_le_bytes()[..width]);
+        }
+        let mut st = s.serialize_struct("EncryptedUpdate", 3)?;
+        st.serialize_field("len", &self.len)?;
+        st.serialize_field("body_bits", &self.body_bits)?;
+        st.serialize_field("bodies", &wire::Bytes(bytes))?;
+        st.end()
+    }
+}
+
+/// The wire form's pieces.
+mod wire {
+    use super::{BodyBits, EncryptedUpdate};
     use serde::de::{Error, SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};
 
-    /// Serializes `bodies` as one byte string.
-    pub fn serialize<S: Serializer>(bodies: &[u32], s: S) -> Result<S::Ok, S::Error> {
-        let mut bytes = Vec::with_capacity(bodies.len() * 4);
-        for b in bodies {
-            bytes.extend_from_slice(&b.to_le_bytes());
+    /// A byte string (serde's bytes, not a sequence of u8).
+    pub struct Bytes(pub Vec<u8>);
+
+    impl serde::Serialize for Bytes {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(&self.0)
         }
-        s.serialize_bytes(&bytes)
     }
 
-    /// Deserializes a byte string whose length is a multiple of 4.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
-        struct BytesVisitor;
-        impl<'de> Visitor<'de> for BytesVisitor {
-            type Value = Vec<u32>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a byte string of little-endian u32s")
-            }
-            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u32>, E> {
-                if !v.len().is_multiple_of(4) {
-                    return Err(E::custom(format!(
-                        "{} body bytes: not a multiple of 4",
-                        v.len()
-                    )));
+    impl<'de> serde::Deserialize<'de> for Bytes {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct BytesVisitor;
+            impl<'de> Visitor<'de> for BytesVisitor {
+                type Value = Bytes;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a byte string")
                 }
-                Ok(v.chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect())
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u32>, A::Error> {
-                // Self-describing formats (JSON) hand byte strings over as sequences.
-                let mut bytes = Vec::new();
-                while let Some(b) = seq.next_element::<u8>()? {
-                    bytes.push(b);
+                fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Bytes, E> {
+                    Ok(Bytes(v.to_vec()))
                 }
-                self.visit_bytes(&bytes)
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+                    // Self-describing formats (JSON) hand byte strings over as sequences.
+                    let mut bytes = Vec::new();
+                    while let Some(b) = seq.next_element::<u8>()? {
+                        bytes.push(b);
+                    }
+                    Ok(Bytes(bytes))
+                }
             }
+            d.deserialize_bytes(BytesVisitor)
         }
-        d.deserialize_bytes(BytesVisitor)
+    }
+
+    /// What deserializes before the checks.
+    #[derive(serde::Deserialize)]
+    pub struct Owned {
+        len: usize,
+        body_bits: BodyBits,
+        bodies: Bytes,
+    }
+
+    impl TryFrom<Owned> for EncryptedUpdate {
+        type Error = String;
+        fn try_from(w: Owned) -> Result<Self, String> {
+            let width = w.body_bits.bytes();
+            let bytes = w.bodies.0;
+            if !bytes.len().is_multiple_of(width) {
+                return Err(format!(
+                    "{} body bytes: not a multiple of {width}",
+                    bytes.len()
+                ));
+            }
+            let bodies = bytes
+                .chunks_exact(width)
+                .map(|c| {
+                    let mut le = [0u8; 4];
+                    le[..width].copy_from_slice(c);
+                    u32::from_le_bytes(le)
+                })
+                .collect();
+            Ok(EncryptedUpdate {
+                len: w.len,
+                body_bits: w.body_bits,
+                bodies,
+            })
+        }
     }
 }
 
@@ -174,20 +235,27 @@ pub struct Encryptor {
     spectrum: BinarySpectrum,
     scratch: Scratch,
     noise: ChaCha20Rng,
+    body_bits: BodyBits,
     mask: Vec<u64>,
     body: Vec<u64>,
     noise_bytes: Vec<u8>,
 }
 
 impl Encryptor {
-    /// An encryptor for `key` in the round of `seed`; noise comes from a CSPRNG seeded by
-    /// `noise_seeder`.
-    pub fn new(key: &ClientKey, seed: MaskSeed, noise_seeder: &mut dyn Seeder) -> Self {
+    /// An encryptor for `key` in the round of `seed`, with bodies of width `body_bits`; noise
+    /// comes from a CSPRNG seeded by `noise_seeder`.
+    pub fn new(
+        key: &ClientKey,
+        seed: MaskSeed,
+        body_bits: BodyBits,
+        noise_seeder: &mut dyn Seeder,
+    ) -> Self {
         Self {
             masks: MaskStream::new(seed),
             spectrum: fft().binary_spectrum(&key.coefficients),
             scratch: fft().scratch(),
             noise: ChaCha20Rng::from_seed(chacha_key(noise_seeder.seed().0, NOISE_KEY_TAG)),
+            body_bits,
             mask: vec![0; POLYNOMIAL_SIZE],
             body: vec![0; POLYNOMIAL_SIZE],
             noise_bytes: vec![0; POLYNOMIAL_SIZE * 4],
@@ -196,7 +264,21 @@ impl Encryptor {
 
     /// Encrypts the plaintexts of ciphertexts `first..`, `plaintexts.len().div_ceil(N)` of
     /// them (the last one zero-padded), appending N bodies per ciphertext to `out`.
-    pub fn encrypt_chunk(&mut self, first: usize, plaintexts: &[u64], out: &mut Vec<u32>) {
+    ///
+    /// With `delivered`, also appends, for each plaintext m, what this encryption adds to a
+    /// decrypted sum apart from its noise: m plus the body's rounding error. A client feeds
+    /// the difference back into its error-feedback residual, so narrow bodies lose nothing
+    /// over the rounds. The rounding error is a function of the untruncated body alone
+    /// (which an RLWE reduction computes from its sample), so the next plaintext may depend
+    /// on it without weakening the encryption; the noise e is left out on purpose: making a
+    /// plaintext depend on a previous encryption's secret noise has no such argument.
+    pub fn encrypt_chunk(
+        &mut self,
+        first: usize,
+        plaintexts: &[u64],
+        out: &mut Vec<u32>,
+        mut delivered: Option<&mut Vec<u64>>,
+    ) {
         out.reserve(ciphertext_count(plaintexts.len()) * POLYNOMIAL_SIZE);
         for (i, chunk) in plaintexts.chunks(POLYNOMIAL_SIZE).enumerate() {
             self.masks.mask(first + i, &mut self.mask);
@@ -215,29 +297,56 @@ impl Encryptor {
                 &self.spectrum,
                 &mut self.scratch,
             );
-            out.extend(self.body.iter().map(|&b| truncate_body(b)));
+            let bits = self.body_bits;
+            let start = out.len();
+            out.extend(self.body.iter().map(|&b| bits.truncate(b)));
+            if let Some(d) = delivered.as_deref_mut() {
+                d.extend(
+                    chunk
+                        .iter()
+                        .zip(&self.body)
+                        .zip(&out[start..])
+                        .map(|((&m, &b), &t)| m.wrapping_add(bits.expand(t).wrapping_sub(b))),
+                );
+            }
         }
+    }
+
+    /// Encrypts a whole update; also returns what it delivers (see [`Self::encrypt_chunk`]).
+    pub fn encrypt_delivered(&mut self, plaintexts: &[u64]) -> (EncryptedUpdate, Vec<u64>) {
+        let mut bodies = Vec::new();
+        let mut delivered = Vec::with_capacity(plaintexts.len());
+        self.encrypt_chunk(0, plaintexts, &mut bodies, Some(&mut delivered));
+        let update = EncryptedUpdate {
+            len: plaintexts.len(),
+            body_bits: self.body_bits,
+            bodies,
+        };
+        (update, delivered)
     }
 
     /// Encrypts a whole update.
     pub fn encrypt(&mut self, plaintexts: &[u64]) -> EncryptedUpdate {
         let mut bodies = Vec::new();
-        self.encrypt_chunk(0, plaintexts, &mut bodies);
+        self.encrypt_chunk(0, plaintexts, &mut bodies, None);
         EncryptedUpdate {
             len: plaintexts.len(),
+            body_bits: self.body_bits,
             bodies,
         }
     }
 }
 
-/// Encrypts `plaintexts` under `key` with masks from `seed`; noise comes from `noise_seeder`.
+/// Encrypts `plaintexts` under `key` with masks from `seed` and bodies of width `body_bits`;
+/// noise comes from `noise_seeder`.
 pub fn encrypt(
     key: &ClientKey,
     seed: MaskSeed,
+    body_bits: BodyBits,
     plaintexts: &[u64],
     noise_seeder: &mut dyn Seeder,
 ) -> EncryptedUpdate {
-    Encryptor::new(key, seed, noise_seeder).encrypt(plaintexts)
+    Encryptor::new(key, seed, body_bits, noise_seeder).encrypt(plaintexts)
 }
 
 /// A TUniform(B) sample from B + 2 uniform bits: values in [-2^B, 2^B], each inner value
@@ -248,32 +357,35 @@ fn t_uniform(random: u32) -> i64 {
     (bits >> 1) + (bits & 1) - (1i64 << NOISE_TUNIFORM_LOG2)
 }
 
-/// Keeps the top [`BODY_BITS`] of a body coefficient, rounded to nearest.
-fn truncate_body(b: u64) -> u32 {
-    (b.wrapping_add(1 << (63 - BODY_BITS)) >> (64 - BODY_BITS)) as u32
-}
-
 /// Running sum of encrypted updates. Memory is one u32 per ciphertext coefficient, however
 /// many clients contribute.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Aggregate {
     len: usize,
+    body_bits: BodyBits,
     sum: Vec<u32>,
     contributions: usize,
 }
 
 impl Aggregate {
-    /// An empty aggregate for updates of `len` values.
-    pub fn new(len: usize) -> Self {
+    /// An empty aggregate for updates of `len` values with bodies of width `body_bits`.
+    pub fn new(len: usize, body_bits: BodyBits) -> Self {
         Self {
             len,
+            body_bits,
             sum: vec![0; ciphertext_count(len) * POLYNOMIAL_SIZE],
             contributions: 0,
         }
     }
 
-    /// Adds one client's bodies (wrapping, coefficient-wise).
+    /// Adds one client's bodies (coefficient-wise, modulo 2^body_bits).
     pub fn add(&mut self, update: &EncryptedUpdate) -> Result<(), CryptoError> {
+        if update.body_bits != self.body_bits {
+            return Err(CryptoError::InvalidParameter(format!(
+                "update has {}-bit bodies, the round {}",
+                update.body_bits, self.body_bits
+            )));
+        }
         if update.len != self.len || update.bodies.len() != self.sum.len() {
             return Err(CryptoError::LengthMismatch {
                 what: "encrypted update",
@@ -281,8 +393,9 @@ impl Aggregate {
                 got: update.bodies.len(),
             });
         }
+        let bits = self.body_bits;
         for (s, b) in self.sum.iter_mut().zip(&update.bodies) {
-            *s = s.wrapping_add(*b);
+            *s = bits.reduce(s.wrapping_add(*b));
         }
         self.contributions += 1;
         Ok(())
@@ -315,7 +428,7 @@ impl Aggregate {
                 bodies
                     .iter()
                     .zip(&product)
-                    .map(|(&b, &p)| ((b as u64) << (64 - BODY_BITS)).wrapping_sub(p)),
+                    .map(|(&b, &p)| self.body_bits.expand(b).wrapping_sub(p)),
             );
         }
         out.truncate(self.len);
@@ -347,9 +460,10 @@ mod tests {
                     .collect()
             })
             .collect();
-        let mut agg = Aggregate::new(len);
+        let mut agg = Aggregate::new(len, BodyBits::FULL);
         for (k, m) in keys.iter().zip(&msgs) {
-            agg.add(&encrypt(k, round, m, &mut s)).unwrap();
+            agg.add(&encrypt(k, round, BodyBits::FULL, m, &mut s))
+                .unwrap();
         }
         let key_sum: Vec<u64> = (0..POLYNOMIAL_SIZE)
             .map(|j| keys.iter().map(|k| k.coefficients()[j]).sum())
@@ -378,24 +492,31 @@ mod tests {
     }
 
     #[test]
-    fn wire_form_costs_four_bytes_per_body() {
-        let update = EncryptedUpdate {
-            len: 3,
-            bodies: (0..POLYNOMIAL_SIZE as u32)
-                .map(|i| i.wrapping_mul(0x9e37_79b9))
-                .collect(),
-        };
-        let bytes = postcard::to_stdvec(&update).unwrap();
-        assert!(
-            bytes.len() <= 4 * POLYNOMIAL_SIZE + 8,
-            "{} bytes",
-            bytes.len()
-        );
-        let back: EncryptedUpdate = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(back, update);
-        // A truncated byte string is an error, not a panic.
+    fn wire_form_costs_the_body_width_per_body() {
+        for bits in BodyBits::ALLOWED {
+            let body_bits = BodyBits::new(bits as u32).unwrap();
+            let update = EncryptedUpdate {
+                len: 3,
+                body_bits,
+                bodies: (0..POLYNOMIAL_SIZE as u32)
+                    .map(|i| body_bits.reduce(i.wrapping_mul(0x9e37_79b9)))
+                    .collect(),
+            };
+            let bytes = postcard::to_stdvec(&update).unwrap();
+            assert_eq!(bytes.len(), EncryptedUpdate::wire_len(3, body_bits));
+            assert!(bytes.len() <= body_bits.bytes() * POLYNOMIAL_SIZE + 8);
+            let back: EncryptedUpdate = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(back, update);
+        }
+        // A byte string that is not whole bodies, or an unsupported width, is an error, not
+        // a panic.
         let mut bad = postcard::to_stdvec(&3usize).unwrap();
+        bad.push(32);
         bad.extend(serde_bytes_like(&[1, 2, 3, 4, 5]));
+        assert!(postcard::from_bytes::<EncryptedUpdate>(&bad).is_err());
+        let mut bad = postcard::to_stdvec(&3usize).unwrap();
+        bad.push(12);
+        bad.extend(serde_bytes_like(&[1, 2, 3]));
         assert!(postcard::from_bytes::<EncryptedUpdate>(&bad).is_err());
     }
 
@@ -408,12 +529,20 @@ mod tests {
 
     #[test]
     fn mismatched_lengths_are_errors() {
-        let mut agg = Aggregate::new(10);
+        let mut agg = Aggregate::new(10, BodyBits::FULL);
         let bad = EncryptedUpdate {
             len: 11,
+            body_bits: BodyBits::FULL,
             bodies: vec![0; POLYNOMIAL_SIZE],
         };
         assert!(agg.add(&bad).is_err());
+        let narrow = EncryptedUpdate {
+            len: 10,
+            body_bits: BodyBits::new(16).unwrap(),
+            bodies: vec![0; POLYNOMIAL_SIZE],
+        };
+        assert!(agg.add(&narrow).is_err());
+        assert_eq!(agg.contributions(), 0);
         assert!(agg.decrypt(MaskSeed(0), &[0; 3]).is_err());
     }
     #[test]
@@ -440,7 +569,7 @@ mod tests {
         let key = ClientKey::generate(&mut s);
         let round = MaskSeed(77);
         let msg: Vec<u64> = (0..POLYNOMIAL_SIZE as u64).map(|i| i << 48).collect();
-        let mut enc = Encryptor::new(&key, round, &mut s);
+        let mut enc = Encryptor::new(&key, round, BodyBits::FULL, &mut s);
         let mut mask = vec![0u64; POLYNOMIAL_SIZE];
         MaskStream::new(round).mask(0, &mut mask);
         // The body as encrypt_chunk computes it, without the truncation.
@@ -503,18 +632,78 @@ mod tests {
         let len = 2 * POLYNOMIAL_SIZE + 100;
         let key = ClientKey::generate(&mut s);
         let msg: Vec<u64> = (0..len as u64).map(|i| (i % 97) << 52).collect();
-        let mut enc = Encryptor::new(&key, round, &mut s);
+        let mut enc = Encryptor::new(&key, round, BodyBits::FULL, &mut s);
         let mut bodies = Vec::new();
         // Out of order: the second chunk first, as a resumed upload may do.
         let mut tail = Vec::new();
-        enc.encrypt_chunk(1, &msg[POLYNOMIAL_SIZE..], &mut tail);
-        enc.encrypt_chunk(0, &msg[..POLYNOMIAL_SIZE], &mut bodies);
+        enc.encrypt_chunk(1, &msg[POLYNOMIAL_SIZE..], &mut tail, None);
+        enc.encrypt_chunk(0, &msg[..POLYNOMIAL_SIZE], &mut bodies, None);
         bodies.extend(tail);
-        let mut agg = Aggregate::new(len);
-        agg.add(&EncryptedUpdate { len, bodies }).unwrap();
+        let mut agg = Aggregate::new(len, BodyBits::FULL);
+        let body_bits = BodyBits::FULL;
+        agg.add(&EncryptedUpdate {
+            len,
+            body_bits,
+            bodies,
+        })
+        .unwrap();
         let got = agg.decrypt(round, key.coefficients()).unwrap();
         for (g, w) in got.iter().zip(&msg) {
             assert!((g.wrapping_sub(*w) as i64).unsigned_abs() < 1 << 32);
+        }
+    }
+
+    #[test]
+    fn delivered_values_are_what_the_sum_decrypts_to_up_to_the_noise() {
+        // Three clients at every width: the decrypted sum equals the sum of what each
+        // client's encryption says it delivered, up to the three noises (2^17 each); the
+        // delivered values differ from the plaintexts by the body rounding only.
+        let mut s = seeder(5);
+        let round = MaskSeed(0xde11);
+        let len = POLYNOMIAL_SIZE + 17;
+        for bits in BodyBits::ALLOWED {
+            let body_bits = BodyBits::new(bits as u32).unwrap();
+            let mut agg = Aggregate::new(len, body_bits);
+            let mut key_sum = vec![0u64; POLYNOMIAL_SIZE];
+            let mut delivered_sum = vec![0u64; len];
+            let mut plain_sum = vec![0u64; len];
+            for c in 0..3u64 {
+                let key = ClientKey::generate(&mut s);
+                let msg: Vec<u64> = (0..len as u64)
+                    .map(|i| ((i * 31 + c * 7) % 201).wrapping_sub(100) << 52)
+                    .collect();
+                let (ct, delivered) =
+                    Encryptor::new(&key, round, body_bits, &mut s).encrypt_delivered(&msg);
+                assert_eq!(delivered.len(), len);
+                for i in 0..len {
+                    let rounding = delivered[i].wrapping_sub(msg[i]) as i64;
+                    assert!(
+                        rounding.unsigned_abs() <= 1 << body_bits.rounding_log2(),
+                        "bits {bits}: rounding {rounding}"
+                    );
+                    delivered_sum[i] = delivered_sum[i].wrapping_add(delivered[i]);
+                    plain_sum[i] = plain_sum[i].wrapping_add(msg[i]);
+                }
+                agg.add(&ct).unwrap();
+                for (k, b) in key_sum.iter_mut().zip(key.coefficients()) {
+                    *k += b;
+                }
+            }
+            let got = agg.decrypt(round, &key_sum).unwrap();
+            let mut worst_rounding = 0u64;
+            for i in 0..len {
+                let noise = got[i].wrapping_sub(delivered_sum[i]) as i64;
+                assert!(
+                    noise.unsigned_abs() <= 3 << NOISE_TUNIFORM_LOG2,
+                    "bits {bits}"
+                );
+                let off = (got[i].wrapping_sub(plain_sum[i]) as i64).unsigned_abs();
+                worst_rounding = worst_rounding.max(off);
+            }
+            // At 8 bits the rounding dwarfs the noise: the feedback is what keeps it.
+            if bits == 8 {
+                assert!(worst_rounding > 1 << 50, "{worst_rounding}");
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 use super::*;
 use crate::encoding::FixedPoint;
 use crate::identity::Registry;
-use crate::packed::{Aggregate, ClientKey, EncryptedUpdate, Encryptor, MaskSeed};
+use crate::packed::{Aggregate, BodyBits, ClientKey, EncryptedUpdate, Encryptor, MaskSeed};
 use crate::params::POLYNOMIAL_SIZE;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -467,7 +467,7 @@ fn pipeline(n: usize, t: usize, dim: usize, drops: Drops, seed: u64) -> Result<(
             let mut plain = vec![0u64; dim];
             let w = samples[i] as f64 / announced as f64;
             fp.encode_weighted(&values[i], w, &mut plain).unwrap();
-            Encryptor::new(&keys[i], mask_seed, &mut seeder).encrypt(&plain)
+            Encryptor::new(&keys[i], mask_seed, BodyBits::FULL, &mut seeder).encrypt(&plain)
         })
         .collect();
     let digests: Vec<[u8; 32]> = updates
@@ -517,7 +517,7 @@ fn pipeline(n: usize, t: usize, dim: usize, drops: Drops, seed: u64) -> Result<(
         .enumerate()
         .map(|(i, (id, _))| (id, i))
         .collect();
-    let mut agg = Aggregate::new(dim);
+    let mut agg = Aggregate::new(dim, BodyBits::FULL);
     let mut weight = 0.0;
     let mut want = vec![0f64; dim];
     for id in &out.contributors {
