@@ -7,9 +7,11 @@
 //! clipping moves nothing out of the system (the clipped excess stays in the client's
 //! residual); fixed-point rounding costs at most half an ulp of `clip * w_k / 2^scale_log2`
 //! per client, i.e. at most `clip * 2^-(scale_log2 + 1) * n / W` after dividing by W (the
-//! residual also keeps this); encryption adds the noise and body-truncation error bounded in
-//! SECURITY.md ("Noise and rounding budget"), `n * 2^31 + n * 2^17` units of 2^-64 of the
-//! modulus, i.e. `clip * n * (2^31 + 2^17) / 2^scale_log2 / W` in value units.
+//! residual also keeps this); encryption adds the body rounding, at most 2^(63 - body_bits)
+//! units of 2^-64 of the modulus per client, i.e. `clip * 2^(63 - body_bits - scale_log2) *
+//! n / W` in value units (the residual keeps this too, through [`Prepared::record_delivery`],
+//! so it only delays that part of the update), and the encryption noise, `n * 2^17` units,
+//! which is the one error nothing compensates (SECURITY.md, "Noise and rounding budget").
 
 use crate::CodecError;
 use crate::select::Selection;
@@ -44,6 +46,30 @@ impl Prepared {
     /// The round this upload is for.
     pub fn round(&self) -> u64 {
         self.round
+    }
+
+    /// Records what the encryption actually delivers for each plaintext (the plaintext plus
+    /// the ciphertext body's rounding: `fedshield_crypto::packed::Encryptor::encrypt_chunk`),
+    /// so that the rounding of narrow bodies, like the clipping and the fixed-point rounding,
+    /// stays in the residual and reaches the global model in a later round. `encoding` and
+    /// `weight` must be those of [`ErrorFeedback::prepare`].
+    pub fn record_delivery(
+        &mut self,
+        delivered: &[u64],
+        encoding: &FixedPoint,
+        weight: f64,
+    ) -> Result<(), CodecError> {
+        if delivered.len() != self.sent.len() {
+            return Err(CodecError::Length {
+                what: "delivered values",
+                expected: self.sent.len(),
+                got: delivered.len(),
+            });
+        }
+        for (s, &d) in self.sent.iter_mut().zip(delivered) {
+            *s = encoding.value_of(d, weight) as f32;
+        }
+        Ok(())
     }
 
     /// Squared L2 norm of what is sent and of what stays behind, for logs.

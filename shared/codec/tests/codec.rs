@@ -8,8 +8,8 @@ use fedshield_codec::{
     Structure, apply, decode_values, select,
 };
 use fedshield_crypto::encoding::FixedPoint;
-use fedshield_crypto::packed::{Aggregate, BODY_BITS, ClientKey, MaskSeed, encrypt};
-use fedshield_crypto::params::{NOISE_TUNIFORM_LOG2, POLYNOMIAL_SIZE};
+use fedshield_crypto::packed::{Aggregate, BodyBits, ClientKey, Encryptor, MaskSeed, encrypt};
+use fedshield_crypto::params::{NOISE_TUNIFORM_LOG2, POLYNOMIAL_SIZE, worst_case_error};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -287,6 +287,7 @@ fn round_both_ways(
     l: &Layout,
     cfg: &PruneConfig,
     fp: &FixedPoint,
+    body: BodyBits,
     clients: usize,
     seed: u64,
 ) -> (Vec<f32>, Vec<f32>, usize) {
@@ -296,7 +297,7 @@ fn round_both_ways(
     let total: u64 = samples.iter().sum();
     let mask_seed = MaskSeed(seed as u128 + 1);
     let mut noise = seeder(seed as u128);
-    let mut agg = Aggregate::new(sel.len());
+    let mut agg = Aggregate::new(sel.len(), body);
     let mut plain = PlainSum::new(sel.len());
     let mut key_sum = vec![0u64; POLYNOMIAL_SIZE];
     let mut upload = 0;
@@ -312,7 +313,7 @@ fn round_both_ways(
         for (k, b) in key_sum.iter_mut().zip(key.coefficients()) {
             *k = k.wrapping_add(*b);
         }
-        let ct = encrypt(&key, mask_seed, &prepared.plaintexts, &mut noise);
+        let ct = encrypt(&key, mask_seed, body, &prepared.plaintexts, &mut noise);
         upload = upload.max(postcard::to_stdvec(&ct).unwrap().len());
         agg.add(&ct).unwrap();
         plain.add(&prepared.plaintexts).unwrap();
@@ -329,10 +330,9 @@ fn encrypted_aggregate_equals_the_plaintext_baseline_at_max_clients() {
     let clients = fedshield_crypto::params::MAX_CLIENTS;
     let l = layout(1, 8, true); // 1280 values, all kept: one ciphertext per client
     let fp = FixedPoint::new(0.05).unwrap();
-    let (enc, pt, _) = round_both_ways(&l, &PruneConfig::dense(), &fp, clients, 5);
-    let bound_ulps =
-        clients as f64 * ((1u64 << NOISE_TUNIFORM_LOG2) as f64 + (1u64 << (63 - BODY_BITS)) as f64);
-    let bound = bound_ulps * fp.ulp();
+    let body = BodyBits::FULL;
+    let (enc, pt, _) = round_both_ways(&l, &PruneConfig::dense(), &fp, body, clients, 5);
+    let bound = worst_case_error(clients, body) as f64 * fp.ulp();
     let worst = enc
         .iter()
         .zip(&pt)
@@ -343,17 +343,110 @@ fn encrypted_aggregate_equals_the_plaintext_baseline_at_max_clients() {
 }
 
 #[test]
-fn wire_bytes_shrink_with_rho_to_under_half_a_byte_per_parameter() {
+fn wire_bytes_shrink_with_rho_and_body_width_to_under_half_a_byte_per_parameter() {
     let l = smollm2_layout();
     assert_eq!(l.len(), 4_884_480);
     let fp = FixedPoint::new(0.05).unwrap();
-    for (rho, most) in [(0.1, 0.41), (0.25, 1.01)] {
-        let (enc, pt, bytes) = round_both_ways(&l, &uniform(rho), &fp, 1, 3);
+    for (rho, bits, most) in [
+        (0.1, 32, 0.41),
+        (0.25, 32, 1.01),
+        (0.25, 16, 0.51),
+        (0.5, 8, 0.51),
+    ] {
+        let body = BodyBits::new(bits).unwrap();
+        let (enc, pt, bytes) = round_both_ways(&l, &uniform(rho), &fp, body, 1, 3);
         let per_param = bytes as f64 / l.len() as f64;
-        assert!(per_param <= most, "rho {rho}: {per_param} B/param");
-        assert!(per_param >= rho * 4.0, "rho {rho}: {per_param} B/param");
+        let floor = rho * body.bytes() as f64;
+        assert!(
+            per_param <= most,
+            "rho {rho}, {bits} bits: {per_param} B/param"
+        );
+        assert!(
+            per_param >= floor,
+            "rho {rho}, {bits} bits: {per_param} B/param"
+        );
         assert_eq!(enc.len(), pt.len());
     }
+}
+
+#[test]
+fn narrow_bodies_lose_nothing_over_the_rounds() {
+    // Three clients, 8-bit bodies (a rounding of up to 2^55 units per client, about a fifth
+    // of the clip value here), four rounds of fresh deltas through the encrypted path: what
+    // the decrypted global updates delivered plus the weighted residuals equals the weighted
+    // deltas, up to the encryption noise alone (3 x 2^17 units per round), because each
+    // client records what its ciphertext delivered. Without that record the rounding would
+    // be lost (checked below against the same run).
+    let l = layout(1, 4, true);
+    let n = l.len();
+    let fp = FixedPoint::new(0.05).unwrap();
+    let body = BodyBits::new(8).unwrap();
+    let weights = [0.5, 0.3, 0.2];
+    let rounds = 4u64;
+    let run = |record: bool| -> f64 {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut noise = seeder(12);
+        let mut feedback = vec![ErrorFeedback::new(n); 3];
+        let (mut delivered, mut total) = (vec![0f64; n], vec![0f64; n]);
+        let h = History::new(n);
+        for round in 1..=rounds {
+            let sel = select(&l, &uniform(0.5), &h, round, 7).unwrap();
+            let mask_seed = MaskSeed(round as u128);
+            let mut agg = Aggregate::new(sel.len(), body);
+            let mut key_sum = vec![0u64; POLYNOMIAL_SIZE];
+            let mut prepared = Vec::new();
+            for (f, &w) in feedback.iter().zip(&weights) {
+                let delta: Vec<f32> = (0..n).map(|_| rng.random_range(-0.02f32..0.02)).collect();
+                for (t, d) in total.iter_mut().zip(&delta) {
+                    *t += w * *d as f64;
+                }
+                let mut p = f.prepare(&delta, &sel, &fp, w).unwrap();
+                let key = ClientKey::generate(&mut noise);
+                let (ct, what) = Encryptor::new(&key, mask_seed, body, &mut noise)
+                    .encrypt_delivered(&p.plaintexts);
+                if record {
+                    p.record_delivery(&what, &fp, w).unwrap();
+                }
+                agg.add(&ct).unwrap();
+                for (k, b) in key_sum.iter_mut().zip(key.coefficients()) {
+                    *k = k.wrapping_add(*b);
+                }
+                prepared.push(p);
+            }
+            let sums = agg.decrypt(mask_seed, &key_sum).unwrap();
+            let values = decode_values(&sel, &sums, &fp, 1.0).unwrap();
+            let mut dense = vec![0f32; n];
+            apply(&mut dense, &sel, &values).unwrap();
+            for (d, v) in delivered.iter_mut().zip(&dense) {
+                *d += *v as f64;
+            }
+            for (f, p) in feedback.iter_mut().zip(prepared) {
+                f.settle(p, true);
+            }
+        }
+        (0..n)
+            .map(|i| {
+                let pending: f64 = feedback
+                    .iter()
+                    .zip(&weights)
+                    .map(|(f, w)| w * f.residual()[i] as f64)
+                    .sum();
+                (delivered[i] + pending - total[i]).abs()
+            })
+            .fold(0.0, f64::max)
+    };
+    // Noise of every round plus the f32 rounding of the stored values.
+    let noise = (rounds * 3 * (1 << NOISE_TUNIFORM_LOG2)) as f64 * fp.ulp();
+    let with = run(true);
+    assert!(
+        with <= noise + 1e-6,
+        "lost {with:e} (noise bound {noise:e})"
+    );
+    let without = run(false);
+    assert!(
+        without > 1e-3,
+        "rounding should be lost without the record: {without:e}"
+    );
 }
 
 #[test]
