@@ -17,8 +17,9 @@
 use crate::ProtocolError;
 use crate::messages::{Chunk, EdgeMessage, Manifest, Phase, RoundConfig, RoundState};
 use fedshield_crypto::identity::{DeviceId, Registry};
-use fedshield_crypto::packed::{Aggregate, EncryptedUpdate, MaskSeed};
+use fedshield_crypto::packed::{Aggregate, BodyBits, EncryptedUpdate, MaskSeed};
 use fedshield_crypto::params::POLYNOMIAL_SIZE;
+use fedshield_crypto::params::max_clients;
 use fedshield_crypto::secagg::{
     ClientBody, SecAggConfig, Server, ShareDelivery, SignedMessage, Stage, update_digest,
 };
@@ -131,6 +132,13 @@ impl HostRound {
                 "selected values and chunk size must be positive".into(),
             ));
         }
+        let cap = max_clients(config.body_bits, config.scale_log2);
+        if config.threshold > cap {
+            return Err(ProtocolError::Config(format!(
+                "threshold {} above the {cap} clients that {}-bit bodies at scale 2^{} can sum",
+                config.threshold, config.body_bits, config.scale_log2
+            )));
+        }
         let server = Server::new(
             SecAggConfig {
                 round: config.round,
@@ -141,7 +149,7 @@ impl HostRound {
         )?;
         let deadline = now + deadlines.join_ms;
         let mut round = Self {
-            aggregate: Aggregate::new(config.selected),
+            aggregate: Aggregate::new(config.selected, config.body_bits),
             config,
             deadlines,
             phase: HostPhase::Joining,
@@ -245,6 +253,14 @@ impl HostRound {
                 if samples == 0 || samples > 1 << 40 {
                     return Err(ProtocolError::Refused(format!("{from}: {samples} samples")));
                 }
+                // The noise and rounding budget holds for at most `cap` contributions.
+                let cap = max_clients(self.config.body_bits, self.config.scale_log2);
+                if !self.samples.contains_key(from) && self.samples.len() >= cap {
+                    return Err(ProtocolError::Refused(format!(
+                        "{from}: the round is full ({cap} clients, the most {}-bit bodies can sum)",
+                        self.config.body_bits
+                    )));
+                }
                 self.server.receive(advert)?;
                 self.samples.insert(from.clone(), samples);
                 if let Some(l) = eval_loss.filter(|l| l.is_finite()) {
@@ -312,7 +328,7 @@ impl HostRound {
             )));
         }
         // The only valid size: the postcard encoding of an update of `selected` values.
-        let expected = expected_update_bytes(self.config.selected);
+        let expected = expected_update_bytes(self.config.selected, self.config.body_bits);
         let chunks = expected.div_ceil(self.config.chunk_bytes as u64);
         if m.total_bytes != expected || m.chunk_hashes.len() as u64 != chunks {
             return Err(ProtocolError::Refused(format!(
@@ -392,10 +408,12 @@ impl HostRound {
             None => postcard::from_bytes::<EncryptedUpdate>(&bytes)
                 .map_err(|e| format!("{from}: upload does not decode: {e}"))
                 .and_then(|u| {
-                    if u.len == self.config.selected {
-                        Ok(u)
-                    } else {
+                    if u.len != self.config.selected {
                         Err(format!("{from}: update of {} values", u.len))
+                    } else if u.body_bits != self.config.body_bits {
+                        Err(format!("{from}: update with {}-bit bodies", u.body_bits))
+                    } else {
+                        Ok(u)
                     }
                 }),
         };
@@ -540,12 +558,8 @@ impl HostRound {
     }
 }
 
-/// Bytes of the postcard encoding of an encrypted update of `selected` values.
-pub fn expected_update_bytes(selected: usize) -> u64 {
-    let bodies = fedshield_crypto::packed::ciphertext_count(selected) * POLYNOMIAL_SIZE * 4;
-    (varint_len(selected as u64) + varint_len(bodies as u64) + bodies) as u64
-}
-
-fn varint_len(v: u64) -> usize {
-    (64 - v.max(1).leading_zeros() as usize).div_ceil(7)
+/// Bytes of the postcard encoding of an encrypted update of `selected` values with bodies of
+/// width `body_bits`.
+pub fn expected_update_bytes(selected: usize, body_bits: BodyBits) -> u64 {
+    EncryptedUpdate::wire_len(selected, body_bits) as u64
 }

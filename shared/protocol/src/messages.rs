@@ -15,6 +15,7 @@
 
 use fedshield_codec::PruneConfig;
 use fedshield_crypto::identity::DeviceId;
+use fedshield_crypto::params::BodyBits;
 use fedshield_crypto::secagg::{Roster, SignedMessage, SurvivorList, UnmaskRequest};
 
 /// Topic names of one fleet.
@@ -140,6 +141,8 @@ pub struct RoundConfig {
     pub clip: f32,
     /// Fixed-point scale.
     pub scale_log2: u32,
+    /// Width of the ciphertext bodies (bits kept of each 64-bit body coefficient).
+    pub body_bits: BodyBits,
     /// SHA-256 of the adapter layout (see `fedshield_codec::Layout::digest`).
     pub layout_digest: [u8; 32],
     /// Values each client encrypts this round (the selection's length).

@@ -4,7 +4,8 @@
 
 use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::identity::{DeviceId, Identity, Registry};
-use fedshield_crypto::packed::{ClientKey, MaskSeed, encrypt};
+use fedshield_crypto::packed::{BodyBits, ClientKey, MaskSeed, encrypt};
+use fedshield_crypto::params::worst_case_error;
 use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
 use fedshield_protocol::journal::{self, Entry};
@@ -68,6 +69,7 @@ fn config(round: u64, threshold: usize) -> RoundConfig {
         prune: fedshield_codec::PruneConfig::default(),
         clip: 1.0,
         scale_log2: 60,
+        body_bits: BodyBits::FULL,
         layout_digest: [7; 32],
         selected: SELECTED,
         history_round: round - 1,
@@ -79,6 +81,10 @@ fn config(round: u64, threshold: usize) -> RoundConfig {
 }
 
 fn fleet(faults: &[Fault], threshold: usize) -> Fleet {
+    fleet_with(faults, config(1, threshold))
+}
+
+fn fleet_with(faults: &[Fault], round: RoundConfig) -> Fleet {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let authority = Identity::generate(&mut rng);
     let mut registry = Registry::new(authority.public_key());
@@ -106,8 +112,7 @@ fn fleet(faults: &[Fault], threshold: usize) -> Fleet {
             settled: None,
         });
     }
-    let (host, actions) =
-        HostRound::start(config(1, threshold), registry.clone(), DEADLINES, 0).unwrap();
+    let (host, actions) = HostRound::start(round.clone(), registry.clone(), DEADLINES, 0).unwrap();
     let mut f = Fleet {
         host,
         edges,
@@ -120,7 +125,7 @@ fn fleet(faults: &[Fault], threshold: usize) -> Fleet {
         refused: Vec::new(),
         encoding: FixedPoint::new(1.0).unwrap(),
         journal: vec![Entry::Start {
-            config: config(1, threshold),
+            config: round,
             deadlines: DEADLINES,
             now: 0,
         }],
@@ -194,7 +199,8 @@ impl Fleet {
                         .encode_weighted(&self.edges[i].values, weight, &mut plain)
                         .unwrap();
                     let key = ClientKey::generate(&mut self.noise);
-                    let ct = encrypt(&key, MaskSeed(config.mask_seed), &plain, &mut self.noise);
+                    let seed = MaskSeed(config.mask_seed);
+                    let ct = encrypt(&key, seed, config.body_bits, &plain, &mut self.noise);
                     let bytes = postcard::to_stdvec(&ct).unwrap();
                     let out = self.edges[i]
                         .session
@@ -266,6 +272,10 @@ impl Fleet {
     }
 
     fn check_mean(&self, who: &[usize]) {
+        self.check_mean_within(who, 1e-6);
+    }
+
+    fn check_mean_within(&self, who: &[usize], tolerance: f64) {
         let r = self.result.as_ref().expect("round finished");
         let ids: Vec<DeviceId> = who.iter().map(|i| DeviceId(format!("edge-{i}"))).collect();
         assert_eq!(r.contributors, ids);
@@ -276,7 +286,7 @@ impl Fleet {
             .zip(&want)
             .map(|(g, w)| (*g as f64 - w).abs())
             .fold(0.0, f64::max);
-        assert!(worst < 1e-6, "decrypted mean off by {worst}");
+        assert!(worst < tolerance, "decrypted mean off by {worst}");
     }
 }
 
@@ -294,12 +304,71 @@ fn three_edges_complete_a_round_and_the_host_decrypts_only_the_weighted_mean() {
     );
     assert_eq!(
         r.upload_bytes,
-        fedshield_protocol::host::expected_update_bytes(SELECTED)
+        fedshield_protocol::host::expected_update_bytes(SELECTED, BodyBits::FULL)
     );
     assert!(f.edges.iter().all(|e| e.settled == Some(true)));
     // Every phase finished because everyone answered: no deadline was needed.
     assert_eq!(f.now, 0);
     assert!(f.refused.is_empty(), "{:?}", f.refused);
+}
+
+#[test]
+fn a_round_with_16_bit_bodies_decrypts_the_mean_within_their_rounding_and_costs_half() {
+    let body = BodyBits::new(16).unwrap();
+    let mut f = fleet_with(
+        &[Fault::None; 3],
+        RoundConfig {
+            body_bits: body,
+            ..config(1, 2)
+        },
+    );
+    f.run();
+    assert!(f.failed.is_none(), "{:?}", f.failed);
+    // Three roundings of at most 2^47 and three noises of 2^17, at scale 2^60 (clip 1).
+    let bound = worst_case_error(3, body) as f64 / 2f64.powi(60);
+    f.check_mean_within(&[0, 1, 2], bound + 1e-6);
+    let r = f.result.as_ref().unwrap();
+    let full = fedshield_protocol::host::expected_update_bytes(SELECTED, BodyBits::FULL);
+    assert_eq!(
+        r.upload_bytes,
+        fedshield_protocol::host::expected_update_bytes(SELECTED, body)
+    );
+    // Half the bytes, up to the few header bytes.
+    assert!(
+        r.upload_bytes * 2 <= full + 8,
+        "{} vs {full}",
+        r.upload_bytes
+    );
+    assert!(f.refused.is_empty(), "{:?}", f.refused);
+}
+
+#[test]
+fn rounds_refuse_more_clients_than_their_body_width_can_sum() {
+    // 8-bit bodies at scale 2^62 can sum 127 contributions: a threshold above that is a
+    // configuration error, and the 128th join is refused without harm to the others.
+    let narrow = |threshold| RoundConfig {
+        body_bits: BodyBits::new(8).unwrap(),
+        scale_log2: 62,
+        ..config(1, threshold)
+    };
+    let registry =
+        Registry::new(Identity::generate(&mut ChaCha20Rng::seed_from_u64(2)).public_key());
+    assert!(matches!(
+        HostRound::start(narrow(128), registry, DEADLINES, 0),
+        Err(fedshield_protocol::ProtocolError::Config(_))
+    ));
+    let mut f = fleet_with(&[Fault::None; 128], narrow(2));
+    let joins = f.uplink.len();
+    assert_eq!(joins, 128);
+    while !f.uplink.is_empty() {
+        f.deliver_one();
+    }
+    assert_eq!(f.refused.len(), 1, "{:?}", f.refused);
+    assert!(
+        f.refused[0].contains("the round is full"),
+        "{}",
+        f.refused[0]
+    );
 }
 
 #[test]
