@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on one machine: a host and three edge processes fine-tune SmolLM2-135M (4-bit
 # base, LoRA r=16 on all projections) on the FAQ data split by category, for 3 rounds,
-# pruned (rho = 10%) and encrypted, over the embedded MQTT broker.
+# pruned (rho = 50%, 8-bit ciphertext bodies: 0.5 bytes per parameter) and encrypted, over
+# the embedded MQTT broker.
 #
 #   scripts/demo.sh [extra fedshield-host serve flags, e.g. --rounds 5 --rho 0.25]
 #

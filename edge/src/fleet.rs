@@ -11,7 +11,7 @@ use fedshield_codec::{
     ErrorFeedback, History, Layout, Prepared, Selection, apply, init_adapter, select,
 };
 use fedshield_crypto::encoding::FixedPoint;
-use fedshield_crypto::packed::{ClientKey, MaskSeed, encrypt};
+use fedshield_crypto::packed::{ClientKey, Encryptor, MaskSeed};
 use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
 use fedshield_protocol::messages::{
     EdgeMessage, GlobalAssembler, GlobalPart, Phase, RoundConfig, RoundState, Snapshot,
@@ -136,7 +136,13 @@ impl<'a> FleetClient<'a> {
         self
     }
 
-    fn write_audit(&self, round: u64, weight: f64, plaintexts: &[u64]) -> std::io::Result<()> {
+    fn write_audit(
+        &self,
+        round: u64,
+        weight: f64,
+        plaintexts: &[u64],
+        delivered: &[u64],
+    ) -> std::io::Result<()> {
         let Some(dir) = &self.audit_dir else {
             return Ok(());
         };
@@ -146,6 +152,7 @@ impl<'a> FleetClient<'a> {
             "device": self.id,
             "weight": weight,
             "plaintexts": plaintexts,
+            "delivered": delivered,
         });
         std::fs::write(
             dir.join(format!("round-{round}-{}.json", self.id)),
@@ -606,7 +613,7 @@ impl<'a> FleetClient<'a> {
             .map(|(l, g)| l - g)
             .collect();
         self.load_global();
-        let prepared = match self.feedback.prepare(&delta, &selection, &encoding, weight) {
+        let mut prepared = match self.feedback.prepare(&delta, &selection, &encoding, weight) {
             Ok(p) => p,
             Err(e) => {
                 log.push(format!("round {round}: {e}"));
@@ -614,18 +621,24 @@ impl<'a> FleetClient<'a> {
             }
         };
         let train_s = t.elapsed().as_secs_f64();
-        if let Err(e) = self.write_audit(round, weight, &prepared.plaintexts) {
-            log.push(format!("round {round}: audit file not written: {e}"));
-        }
         let t = Instant::now();
         let mut seeder = new_seeder();
         let key = ClientKey::generate(seeder.as_mut());
-        let ct = encrypt(
+        let (ct, delivered) = Encryptor::new(
             &key,
             MaskSeed(config.mask_seed),
-            &prepared.plaintexts,
+            config.body_bits,
             seeder.as_mut(),
-        );
+        )
+        .encrypt_delivered(&prepared.plaintexts);
+        // The body rounding stays in the residual (lengths match by construction).
+        if let Err(e) = prepared.record_delivery(&delivered, &encoding, weight) {
+            log.push(format!("round {round}: {e}"));
+            return vec![];
+        }
+        if let Err(e) = self.write_audit(round, weight, &prepared.plaintexts, &delivered) {
+            log.push(format!("round {round}: audit file not written: {e}"));
+        }
         let bytes = postcard::to_stdvec(&ct).expect("serializable");
         let enc_s = t.elapsed().as_secs_f64();
         self.encrypt_seconds.insert(round, enc_s);

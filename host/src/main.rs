@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedshield_codec::{PruneConfig, Schedule, Structure};
+use fedshield_crypto::params::BodyBits;
 use fedshield_host::broker::{DEFAULT_MAX_PACKET_BYTES, EmbeddedBroker};
 use fedshield_host::fleet::FleetDir;
 use fedshield_host::serve::{ServeConfig, serve};
@@ -85,8 +86,10 @@ struct ServeArgs {
     /// Rounds in all (a restarted host goes on to this number).
     #[arg(long, default_value_t = 3)]
     rounds: u64,
-    /// Keep schedule: RHO, uniform:RHO or ramp:FIRST:LAST.
-    #[arg(long, default_value = "0.1")]
+    /// Keep schedule: RHO, uniform:RHO or ramp:FIRST:LAST. With the automatic body width,
+    /// 0.5 costs 0.5 bytes per parameter for up to 8 devices (8-bit bodies) and 1 beyond
+    /// (16-bit); `--rho 0.25` keeps larger fleets at 0.5.
+    #[arg(long, default_value = "0.5")]
     rho: String,
     /// Mask structure: element or rank.
     #[arg(long, default_value = "element")]
@@ -97,6 +100,14 @@ struct ServeArgs {
     /// Clip value of the fixed-point encoding.
     #[arg(long, default_value_t = 0.05)]
     clip: f32,
+    /// Bits of each ciphertext body sent: 8, 16, 24, 32 (bytes per value on the wire: a
+    /// value costs rho x bits / 8 bytes), or auto: the narrowest width whose rounding step
+    /// stays within 1/8 of the clip for the enrolled fleet (8 bits up to 8 devices, 16 up to
+    /// 1,000). Narrower bodies round more coarsely (the devices carry the rounding into
+    /// later rounds) and cap the clients a round can sum (SECURITY.md, "Noise and rounding
+    /// budget").
+    #[arg(long, default_value = "auto")]
+    body_bits: String,
     /// Local optimizer steps per round.
     #[arg(long, default_value_t = 3)]
     local_steps: usize,
@@ -274,6 +285,15 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         rounds: args.rounds,
         prune,
         clip: args.clip,
+        body_bits: match args.body_bits.as_str() {
+            "auto" => None,
+            b => Some(
+                b.parse::<u32>()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| Ok(BodyBits::new(b)?))
+                    .with_context(|| format!("--body-bits {b}: 8, 16, 24, 32 or auto"))?,
+            ),
+        },
         local_steps: args.local_steps,
         threshold: args.threshold,
         deadlines: Deadlines {

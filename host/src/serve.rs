@@ -7,9 +7,12 @@ use crate::fleet::FleetDir;
 use anyhow::Context;
 use fedshield_codec::plot::{LinePlot, Series};
 use fedshield_codec::{History, Layout, PruneConfig, apply, decode_values, init_adapter, select};
-use fedshield_crypto::encoding::FixedPoint;
+use fedshield_crypto::encoding::{DEFAULT_SCALE_LOG2, FixedPoint};
 use fedshield_crypto::identity::DeviceId;
-use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
+use fedshield_crypto::params::{BodyBits, finest_scale, narrowest_body};
+use fedshield_protocol::host::{
+    Deadlines, HostAction, HostRound, RoundResult, expected_update_bytes,
+};
 use fedshield_protocol::journal::{self, Entry, Replayed};
 use fedshield_protocol::messages::{EdgeMessage, GlobalPart, RoundConfig, Route, Snapshot, Topics};
 use fedshield_protocol::{ProtocolError, decode};
@@ -40,6 +43,9 @@ pub struct ServeConfig {
     pub prune: PruneConfig,
     /// Clip value.
     pub clip: f32,
+    /// Width of the ciphertext bodies; `None`: the narrowest that suits the enrolled fleet
+    /// (`fedshield_crypto::params::narrowest_body`).
+    pub body_bits: Option<BodyBits>,
     /// Local steps per round.
     pub local_steps: usize,
     /// Minimum contributors.
@@ -132,7 +138,6 @@ struct Host {
     topics: Topics,
     link: Link,
     state: HostState,
-    encoding: FixedPoint,
     /// The published snapshot's parts (rebuilt from the state after every round).
     snapshot: Vec<Vec<u8>>,
 }
@@ -174,13 +179,13 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
         None,
         None,
     )?)?;
-    let encoding = FixedPoint::new(cfg.clip)?;
+    // Checked here so that a bad clip stops the host before any round.
+    FixedPoint::new(cfg.clip)?;
     let mut host = Host {
         cfg,
         topics,
         link,
         state,
-        encoding,
         snapshot: Vec::new(),
     };
     host.build_snapshot()?;
@@ -211,14 +216,24 @@ impl Host {
         )
     }
 
-    fn round_config(&self, round: u64, selected: usize) -> RoundConfig {
+    /// The configuration of round `round` for a fleet of `enrolled` devices: the fixed-point
+    /// scale is the finest at which the body width can sum them all (the host refuses joins
+    /// beyond the width's cap, so a larger fleet gets the default scale and the cap).
+    fn round_config(&self, round: u64, selected: usize, enrolled: usize) -> RoundConfig {
+        let body_bits = self
+            .cfg
+            .body_bits
+            .or_else(|| narrowest_body(enrolled))
+            .unwrap_or(BodyBits::FULL);
+        let scale_log2 = finest_scale(body_bits, enrolled.max(1)).unwrap_or(DEFAULT_SCALE_LOG2);
         RoundConfig {
             round,
             mask_seed: ((mix(self.cfg.seed, round) as u128) << 64) | rand::random::<u64>() as u128,
             select_seed: mix(self.cfg.seed, round),
             prune: self.cfg.prune.clone(),
             clip: self.cfg.clip,
-            scale_log2: self.encoding.scale_log2,
+            scale_log2,
+            body_bits,
             layout_digest: self.cfg.layout.digest(),
             selected,
             history_round: self.state.history.round(),
@@ -393,10 +408,14 @@ impl Host {
                 )?;
                 let selected = selection.len();
                 mask = Some(selection);
-                let config = self.round_config(round, selected);
+                let registry = self.cfg.fleet_dir.registry()?;
+                let config = self.round_config(round, selected, registry.len());
                 tracing::info!(
-                    "round {round}: announcing ({selected} of {} values selected)",
-                    self.cfg.layout.len()
+                    "round {round}: announcing ({selected} of {} values selected, {}-bit bodies: {:.3} bytes per parameter)",
+                    self.cfg.layout.len(),
+                    config.body_bits,
+                    expected_update_bytes(selected, config.body_bits) as f64
+                        / self.cfg.layout.len() as f64
                 );
                 let now = now_ms();
                 let journal = JournalFile::create(
@@ -407,7 +426,6 @@ impl Host {
                         now,
                     },
                 )?;
-                let registry = self.cfg.fleet_dir.registry()?;
                 let (machine, actions) =
                     HostRound::start(config, registry, self.cfg.deadlines, now)?;
                 let outcome = self.execute(actions)?;
@@ -501,17 +519,14 @@ impl Host {
         match outcome.expect("loop ends with an outcome") {
             Ok(result) => {
                 let t = Instant::now();
-                let values = decode_values(
-                    &selection,
-                    &result.sums,
-                    &self.encoding,
-                    result.total_weight,
-                )?;
+                let encoding = FixedPoint::with_scale(config.clip, config.scale_log2)?;
+                let values =
+                    decode_values(&selection, &result.sums, &encoding, result.total_weight)?;
                 apply(&mut self.state.global, &selection, &values)?;
                 self.state.history.observe(&selection, &values)?;
                 host_time += t.elapsed();
                 if let Some(dir) = &self.cfg.audit_dir {
-                    write_audit(dir, &result)?;
+                    write_audit(dir, &result, config.body_bits)?;
                 }
                 // zstd pays on f32 values (unlike on ciphertext bodies): each part travels
                 // in a `Compressed` envelope, raw when compression would not shrink it.
@@ -741,7 +756,11 @@ impl JournalFile {
 }
 
 /// Writes a round's decrypted sums and contributors to `dir/round-{r}.json`.
-fn write_audit(dir: &std::path::Path, result: &RoundResult) -> anyhow::Result<()> {
+fn write_audit(
+    dir: &std::path::Path,
+    result: &RoundResult,
+    body_bits: BodyBits,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("round-{}.json", result.round));
     std::fs::write(
@@ -750,6 +769,7 @@ fn write_audit(dir: &std::path::Path, result: &RoundResult) -> anyhow::Result<()
             "round": result.round,
             "contributors": result.contributors,
             "total_weight": result.total_weight,
+            "body_bits": body_bits,
             "sums": result.sums,
         }))?,
     )

@@ -12,7 +12,9 @@
 use anyhow::{Context, bail};
 use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::identity::{DeviceId, Identity, Registry};
-use fedshield_crypto::packed::{Aggregate, ClientKey, EncryptedUpdate, MaskSeed, encrypt};
+use fedshield_crypto::packed::{
+    Aggregate, BodyBits, ClientKey, EncryptedUpdate, MaskSeed, encrypt,
+};
 use fedshield_crypto::params::POLYNOMIAL_SIZE;
 use fedshield_crypto::secagg::{self, Client, KeyAggregate, SecAggConfig, Server};
 use fedshield_edge::compute::ComputeTarget;
@@ -108,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         let key = ClientKey::generate(entropy.as_mut());
         let mut plain = vec![0u64; len];
         codec.encode_weighted(params, *samples as f64 / total as f64, &mut plain)?;
-        let ct = encrypt(&key, round, &plain, entropy.as_mut());
+        let ct = encrypt(&key, round, BodyBits::FULL, &plain, entropy.as_mut());
         let serialized = to_payload(&ct);
         digests.push(secagg::update_digest(&serialized));
         messages.push(to_payload(&compress_if_smaller(&serialized)));
@@ -173,7 +175,7 @@ async fn ship_and_aggregate(
     host_opts.set_max_packet_size(1 << 20, 1 << 20);
     let (host, mut host_events) = AsyncClient::new(host_opts, 16);
     host.subscribe(topic, QoS::AtLeastOnce).await?;
-    let mut aggregate = Aggregate::new(len);
+    let mut aggregate = Aggregate::new(len, BodyBits::FULL);
     let expected = messages.len();
     let mut senders = Some(messages);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
