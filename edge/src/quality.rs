@@ -6,8 +6,12 @@
 //! - `local-only`: each client trains alone; the mean of the clients' held-out losses.
 //! - `fedavg-dense-plain`: FedAvg of the clients' deltas through the codec at rho = 100%,
 //!   summed in plaintext (the baseline: same clipping and fixed point as the encrypted runs).
-//! - `fedavg-enc-rhoXX`: the same through the codec at each rho, encrypted with the packed
-//!   GLWE scheme, aggregated on ciphertexts and decrypted with the clients' key sum.
+//! - `fedavg-enc-rhoXX` (`fedavg-enc-rhoXX-bYY` for YY-bit ciphertext bodies, 32 otherwise):
+//!   the same through the codec at each rho, encrypted with the packed GLWE scheme,
+//!   aggregated on ciphertexts and decrypted with the clients' key sum; each client records
+//!   what its ciphertext delivered, so the body rounding stays in its residual. The
+//!   fixed-point scale is the finest the body width allows for the clients
+//!   (`fedshield_crypto::params::finest_scale`).
 //!   Clients train every coordinate; what the round's mask drops waits in their
 //!   error-feedback residual. The ablation [`LocalTraining::Masked`] trains only the kept
 //!   coordinates instead.
@@ -26,8 +30,8 @@ use fedshield_codec::{
     decode_values, select,
 };
 use fedshield_crypto::encoding::FixedPoint;
-use fedshield_crypto::packed::{Aggregate, ClientKey, MaskSeed, encrypt};
-use fedshield_crypto::params::POLYNOMIAL_SIZE;
+use fedshield_crypto::packed::{Aggregate, BodyBits, ClientKey, Encryptor, MaskSeed};
+use fedshield_crypto::params::{POLYNOMIAL_SIZE, finest_scale};
 use std::time::Instant;
 use tfhe::core_crypto::commons::generators::DeterministicSeeder;
 use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, Seed};
@@ -58,6 +62,41 @@ impl LocalTraining {
     }
 }
 
+/// One encrypted configuration: a keep fraction and a body width.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct EncryptedRun {
+    /// Kept fraction.
+    pub rho: f64,
+    /// Ciphertext body width.
+    pub body_bits: BodyBits,
+}
+
+impl EncryptedRun {
+    /// Parses `RHO` (32-bit bodies) or `RHO@BITS`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (rho, bits) = match s.trim().split_once('@') {
+            Some((r, b)) => (r, b.parse::<u32>().map_err(|e| format!("{s:?}: {e}"))?),
+            None => (s.trim(), 32),
+        };
+        let rho = rho.parse::<f64>().map_err(|e| format!("{s:?}: {e}"))?;
+        if !(rho > 0.0 && rho <= 1.0) {
+            return Err(format!("{s:?}: rho must be in (0, 1]"));
+        }
+        let body_bits = BodyBits::new(bits).map_err(|e| format!("{s:?}: {e}"))?;
+        Ok(Self { rho, body_bits })
+    }
+
+    /// The run's name in the report.
+    pub fn name(&self) -> String {
+        let rho = (self.rho * 100.0).round();
+        if self.body_bits == BodyBits::FULL {
+            format!("fedavg-enc-rho{rho}")
+        } else {
+            format!("fedavg-enc-rho{rho}-b{}", self.body_bits)
+        }
+    }
+}
+
 /// Settings of the experiment.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct QualityConfig {
@@ -69,8 +108,8 @@ pub struct QualityConfig {
     pub batch_size: usize,
     /// Learning rate (constant; AdamW restarts every round, as FedAvg clients do).
     pub lr: f64,
-    /// Pruning ratios of the encrypted runs.
-    pub rhos: Vec<f64>,
+    /// The encrypted runs.
+    pub encrypted: Vec<EncryptedRun>,
     /// Mask structure.
     pub structure: Structure,
     /// Exploration share of the mask.
@@ -96,6 +135,10 @@ pub struct RunReport {
     pub rho: Option<f64>,
     /// Whether updates were encrypted.
     pub encrypted: bool,
+    /// Ciphertext body width (encrypted runs).
+    pub body_bits: Option<BodyBits>,
+    /// Fixed-point scale (runs with a codec).
+    pub scale_log2: Option<u32>,
     /// Held-out loss after each round.
     pub eval_loss_per_round: Vec<f64>,
     /// Bytes each client uploaded per round, divided by the adapter's trainable values.
@@ -117,6 +160,8 @@ impl RunReport {
             name: name.into(),
             rho: None,
             encrypted: false,
+            body_bits: None,
+            scale_log2: None,
             eval_loss_per_round: losses,
             upload_bytes_per_param_per_round: 0.0,
             upload_bytes_per_client_per_round: 0.0,
@@ -143,7 +188,7 @@ pub struct Setup<'a> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Aggregation {
     Plain,
-    Encrypted,
+    Encrypted(BodyBits),
 }
 
 impl Setup<'_> {
@@ -251,6 +296,10 @@ impl Setup<'_> {
         aggregation: Aggregation,
         mut log: impl FnMut(&str),
     ) -> RunReport {
+        let body_bits = match aggregation {
+            Aggregation::Plain => BodyBits::FULL,
+            Aggregation::Encrypted(b) => b,
+        };
         let start = Instant::now();
         let lora = self.fresh_lora(cfg);
         let layout: Layout = lora.layout().expect("adapter layout");
@@ -259,7 +308,14 @@ impl Setup<'_> {
             structure: cfg.structure,
             explore: cfg.explore,
         };
-        let encoding = FixedPoint::new(cfg.clip).expect("positive clip");
+        let encoding = match aggregation {
+            Aggregation::Plain => FixedPoint::new(cfg.clip),
+            Aggregation::Encrypted(b) => {
+                let scale = finest_scale(b, self.clients.len()).expect("clients within the cap");
+                FixedPoint::with_scale(cfg.clip, scale)
+            }
+        }
+        .expect("positive clip");
         let samples: Vec<usize> = self.clients.iter().map(Vec::len).collect();
         let total: usize = samples.iter().sum();
         let mut global = lora.flatten();
@@ -274,7 +330,7 @@ impl Setup<'_> {
                 select(&layout, &prune, &history, round as u64, cfg.seed).expect("valid mask");
             let mask_seed = MaskSeed(((cfg.seed as u128) << 64) | round as u128);
             let mut plain = PlainSum::new(selection.len());
-            let mut encrypted = Aggregate::new(selection.len());
+            let mut encrypted = Aggregate::new(selection.len(), body_bits);
             let mut key_sum = vec![0u64; POLYNOMIAL_SIZE];
             let mut prepared = Vec::with_capacity(self.clients.len());
             lora.restrict_training(masked.then_some(selection.indices.as_slice()))
@@ -291,7 +347,7 @@ impl Setup<'_> {
                     .map(|(l, g)| l - g)
                     .collect();
                 let weight = samples[k] as f64 / total as f64;
-                let p = feedback[k]
+                let mut p = feedback[k]
                     .prepare(&delta, &selection, &encoding, weight)
                     .expect("delta in layout");
                 clipped += p.clipped;
@@ -300,10 +356,13 @@ impl Setup<'_> {
                         plain.add(&p.plaintexts).expect("selection length");
                         uploaded += 4 * p.plaintexts.len();
                     }
-                    Aggregation::Encrypted => {
+                    Aggregation::Encrypted(body) => {
                         let t = Instant::now();
                         let key = ClientKey::generate(&mut noise);
-                        let ct = encrypt(&key, mask_seed, &p.plaintexts, &mut noise);
+                        let (ct, delivered) = Encryptor::new(&key, mask_seed, body, &mut noise)
+                            .encrypt_delivered(&p.plaintexts);
+                        p.record_delivery(&delivered, &encoding, weight)
+                            .expect("one delivered value per plaintext");
                         let bytes = postcard::to_stdvec(&ct).expect("serializable");
                         encrypted.add(&ct).expect("selection length");
                         crypto += t.elapsed().as_secs_f64();
@@ -318,7 +377,7 @@ impl Setup<'_> {
             lora.restrict_training(None).expect("no restriction");
             let sums = match aggregation {
                 Aggregation::Plain => plain.sums().to_vec(),
-                Aggregation::Encrypted => {
+                Aggregation::Encrypted(_) => {
                     let t = Instant::now();
                     let sums = encrypted.decrypt(mask_seed, &key_sum).expect("key sum");
                     crypto += t.elapsed().as_secs_f64();
@@ -344,7 +403,9 @@ impl Setup<'_> {
         RunReport {
             name,
             rho: Some(rho),
-            encrypted: aggregation == Aggregation::Encrypted,
+            encrypted: aggregation != Aggregation::Plain,
+            body_bits: (aggregation != Aggregation::Plain).then_some(body_bits),
+            scale_log2: Some(encoding.scale_log2),
             eval_loss_per_round: losses,
             upload_bytes_per_param_per_round: per_client_round / layout.len() as f64,
             upload_bytes_per_client_per_round: per_client_round,
@@ -354,7 +415,6 @@ impl Setup<'_> {
         }
     }
 
-    /// Every run of the experiment, in the order of the module documentation.
     /// Every run of the experiment (or those named in `cfg.only`), in the order of the
     /// module documentation.
     pub fn run_all(&self, cfg: &QualityConfig, mut log: impl FnMut(&str)) -> Vec<RunReport> {
@@ -367,10 +427,11 @@ impl Setup<'_> {
             let name = "fedavg-dense-plain".to_string();
             runs.push(self.fedavg(cfg, name, 1.0, Aggregation::Plain, &mut log));
         }
-        for &rho in &cfg.rhos {
-            let name = format!("fedavg-enc-rho{}", (rho * 100.0).round());
+        for run in &cfg.encrypted {
+            let name = run.name();
             if wanted(&name) {
-                runs.push(self.fedavg(cfg, name, rho, Aggregation::Encrypted, &mut log));
+                let aggregation = Aggregation::Encrypted(run.body_bits);
+                runs.push(self.fedavg(cfg, name, run.rho, aggregation, &mut log));
             }
         }
         if wanted("centralised") {

@@ -5,7 +5,8 @@
 use crate::{LoraArgs, ModelArgs};
 use fedshield_codec::Structure;
 use fedshield_codec::plot::{LinePlot, Series};
-use fedshield_edge::quality::{LocalTraining, QualityConfig, RunReport, Setup};
+use fedshield_crypto::params::finest_scale;
+use fedshield_edge::quality::{EncryptedRun, LocalTraining, QualityConfig, RunReport, Setup};
 use fedshield_edge::sft;
 use fedshield_models::Assets;
 use fedshield_models::data::{read_instruction_jsonl, split_by_category};
@@ -38,7 +39,8 @@ pub struct QualityArgs {
     /// SmolLM2 + FAQ (1.5e-2 diverges).
     #[arg(long, default_value_t = 5e-3)]
     lr: f64,
-    /// Keep fractions of the encrypted runs, comma-separated.
+    /// The encrypted runs, comma-separated: RHO (32-bit ciphertext bodies) or RHO@BITS
+    /// (8, 16, 24 or 32-bit bodies), for example 0.5@8.
     #[arg(long, default_value = "1,0.5,0.25,0.1")]
     rhos: String,
     /// Mask structure: element or rank.
@@ -93,14 +95,21 @@ pub fn quality(mut args: QualityArgs) -> anyhow::Result<()> {
     };
     let eval_seqs = sft::tokenize_all(&tok, &split.eval[..eval_n], args.max_len)?;
     let structure = Structure::parse(&args.structure)?;
-    let rhos = args
+    let encrypted = args
         .rhos
         .split(',')
-        .map(|r| r.trim().parse::<f64>())
+        .map(EncryptedRun::parse)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("--rhos: {e}"))?;
-    if let Some(bad) = rhos.iter().find(|r| !(**r > 0.0 && **r <= 1.0)) {
-        anyhow::bail!("--rhos: {bad} is not in (0, 1]");
+    if let Some(r) = encrypted
+        .iter()
+        .find(|r| finest_scale(r.body_bits, args.clients).is_none())
+    {
+        anyhow::bail!(
+            "--rhos: {}-bit bodies cannot sum {} clients",
+            r.body_bits,
+            args.clients
+        );
     }
     let setup = Setup {
         model: &model,
@@ -113,7 +122,7 @@ pub fn quality(mut args: QualityArgs) -> anyhow::Result<()> {
         local_steps: args.local_steps,
         batch_size: args.batch,
         lr: args.lr,
-        rhos,
+        encrypted,
         structure,
         explore: args.explore,
         clip: args.clip,
@@ -218,6 +227,7 @@ fn summary(initial: f64, runs: &[RunReport]) -> serde_json::Value {
             serde_json::json!({
                 "name": r.name,
                 "rho": r.rho,
+                "body_bits": r.body_bits,
                 "final_eval_loss": last(r),
                 "relative_to_dense_plain": last(r) / dense - 1.0,
                 "upload_bytes_per_param_per_round": r.upload_bytes_per_param_per_round,
