@@ -41,7 +41,7 @@ pub struct QualityArgs {
     lr: f64,
     /// The encrypted runs, comma-separated: RHO (32-bit ciphertext bodies) or RHO@BITS
     /// (8, 16, 24 or 32-bit bodies), for example 0.5@8.
-    #[arg(long, default_value = "1,0.5,0.25,0.1")]
+    #[arg(long, default_value = "1,0.5,0.25,0.1,0.5@8")]
     rhos: String,
     /// Mask structure: element or rank.
     #[arg(long, default_value = "element")]
@@ -58,7 +58,7 @@ pub struct QualityArgs {
     #[arg(long, default_value = "full")]
     local_training: String,
     /// Runs to do, comma-separated names (local-only, fedavg-dense-plain, fedavg-enc-rhoNN,
-    /// centralised); all by default.
+    /// fedavg-enc-rhoNN-bBB, centralised); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Maximum tokens per example.

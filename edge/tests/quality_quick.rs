@@ -1,7 +1,8 @@
 //! The quality experiment's CI version (`fedshield-edge quality --quick`) on SmolLM2 and the
 //! FAQ split: it writes the documented report and plot, every federated run learns, the
 //! encrypted dense run matches plaintext FedAvg within 0.1%, and the pruned uploads shrink
-//! with rho (at most 0.5 bytes per LoRA parameter at rho = 10%).
+//! with rho and the body width (at most 0.5 bytes per LoRA parameter at rho = 10%, and at
+//! rho = 50% with 8-bit bodies).
 
 use std::process::Command;
 
@@ -29,6 +30,7 @@ fn quick_quality_experiment_writes_its_report_and_meets_the_byte_targets() {
             "fedavg-enc-rho50",
             "fedavg-enc-rho25",
             "fedavg-enc-rho10",
+            "fedavg-enc-rho50-b8",
             "centralised"
         ]
     );
@@ -64,6 +66,13 @@ fn quick_quality_experiment_writes_its_report_and_meets_the_byte_targets() {
         "{}",
         bytes("fedavg-enc-rho10")
     );
+    let narrow = bytes("fedavg-enc-rho50-b8");
+    assert!(
+        (0.5..=0.51).contains(&narrow),
+        "rho 50% with 8-bit bodies: {narrow} bytes per parameter"
+    );
+    assert_eq!(run("fedavg-enc-rho50-b8")["body_bits"], 8);
+    assert_eq!(run("fedavg-enc-rho50")["body_bits"], 32);
     for (a, b) in [
         ("fedavg-enc-rho100", "fedavg-enc-rho50"),
         ("fedavg-enc-rho50", "fedavg-enc-rho25"),
