@@ -32,7 +32,8 @@ pub struct BodyBits(u8);
 impl BodyBits {
     /// The widths supported: whole bytes.
     pub const ALLOWED: [u8; 4] = [8, 16, 24, 32];
-    /// 32 bits (4 bytes per value): the most precise and the default.
+    /// 32 bits (4 bytes per value): the most precise; the host's width when no narrower one
+    /// suits the fleet ([`narrowest_body`]).
     pub const FULL: BodyBits = BodyBits(32);
 
     /// A width of `bits`, one of [`Self::ALLOWED`].
