@@ -296,10 +296,6 @@ impl Setup<'_> {
         aggregation: Aggregation,
         mut log: impl FnMut(&str),
     ) -> RunReport {
-        let body_bits = match aggregation {
-            Aggregation::Plain => BodyBits::FULL,
-            Aggregation::Encrypted(b) => b,
-        };
         let start = Instant::now();
         let lora = self.fresh_lora(cfg);
         let layout: Layout = lora.layout().expect("adapter layout");
@@ -308,9 +304,13 @@ impl Setup<'_> {
             structure: cfg.structure,
             explore: cfg.explore,
         };
-        let encoding = match aggregation {
-            Aggregation::Plain => FixedPoint::new(cfg.clip),
-            Aggregation::Encrypted(b) => {
+        let body_bits = match aggregation {
+            Aggregation::Plain => None,
+            Aggregation::Encrypted(b) => Some(b),
+        };
+        let encoding = match body_bits {
+            None => FixedPoint::new(cfg.clip),
+            Some(b) => {
                 let scale = finest_scale(b, self.clients.len()).expect("clients within the cap");
                 FixedPoint::with_scale(cfg.clip, scale)
             }
@@ -330,7 +330,8 @@ impl Setup<'_> {
                 select(&layout, &prune, &history, round as u64, cfg.seed).expect("valid mask");
             let mask_seed = MaskSeed(((cfg.seed as u128) << 64) | round as u128);
             let mut plain = PlainSum::new(selection.len());
-            let mut encrypted = Aggregate::new(selection.len(), body_bits);
+            let mut encrypted =
+                Aggregate::new(selection.len(), body_bits.unwrap_or(BodyBits::FULL));
             let mut key_sum = vec![0u64; POLYNOMIAL_SIZE];
             let mut prepared = Vec::with_capacity(self.clients.len());
             lora.restrict_training(masked.then_some(selection.indices.as_slice()))
@@ -403,8 +404,8 @@ impl Setup<'_> {
         RunReport {
             name,
             rho: Some(rho),
-            encrypted: aggregation != Aggregation::Plain,
-            body_bits: (aggregation != Aggregation::Plain).then_some(body_bits),
+            encrypted: body_bits.is_some(),
+            body_bits,
             scale_log2: Some(encoding.scale_log2),
             eval_loss_per_round: losses,
             upload_bytes_per_param_per_round: per_client_round / layout.len() as f64,

@@ -59,13 +59,7 @@ impl Prepared {
         encoding: &FixedPoint,
         weight: f64,
     ) -> Result<(), CodecError> {
-        if delivered.len() != self.sent.len() {
-            return Err(CodecError::Length {
-                what: "delivered values",
-                expected: self.sent.len(),
-                got: delivered.len(),
-            });
-        }
+        CodecError::check_len("delivered values", self.sent.len(), delivered.len())?;
         for (s, &d) in self.sent.iter_mut().zip(delivered) {
             *s = encoding.value_of(d, weight) as f32;
         }
@@ -102,13 +96,7 @@ impl ErrorFeedback {
         encoding: &FixedPoint,
         weight: f64,
     ) -> Result<Prepared, CodecError> {
-        if delta.len() != self.residual.len() {
-            return Err(CodecError::Length {
-                what: "delta",
-                expected: self.residual.len(),
-                got: delta.len(),
-            });
-        }
+        CodecError::check_len("delta", self.residual.len(), delta.len())?;
         if selection
             .indices
             .last()
@@ -169,13 +157,7 @@ pub fn decode_values(
     encoding: &FixedPoint,
     total_weight: f64,
 ) -> Result<Vec<f32>, CodecError> {
-    if sums.len() != selection.len() {
-        return Err(CodecError::Length {
-            what: "aggregate",
-            expected: selection.len(),
-            got: sums.len(),
-        });
-    }
+    CodecError::check_len("aggregate", selection.len(), sums.len())?;
     if !(total_weight > 0.0 && total_weight.is_finite()) {
         return Err(CodecError::Config(format!(
             "total weight must be positive, got {total_weight}"
@@ -186,13 +168,7 @@ pub fn decode_values(
 
 /// Adds a sparse update (`values` at `selection`) to a dense vector.
 pub fn apply(dense: &mut [f32], selection: &Selection, values: &[f32]) -> Result<(), CodecError> {
-    if values.len() != selection.len() {
-        return Err(CodecError::Length {
-            what: "update values",
-            expected: selection.len(),
-            got: values.len(),
-        });
-    }
+    CodecError::check_len("update values", selection.len(), values.len())?;
     if selection
         .indices
         .last()
@@ -226,13 +202,7 @@ impl PlainSum {
 
     /// Adds one client's plaintexts.
     pub fn add(&mut self, plaintexts: &[u64]) -> Result<(), CodecError> {
-        if plaintexts.len() != self.sums.len() {
-            return Err(CodecError::Length {
-                what: "plaintexts",
-                expected: self.sums.len(),
-                got: plaintexts.len(),
-            });
-        }
+        CodecError::check_len("plaintexts", self.sums.len(), plaintexts.len())?;
         for (s, &p) in self.sums.iter_mut().zip(plaintexts) {
             *s = s.wrapping_add(p);
         }

@@ -171,13 +171,7 @@ pub fn init_adapter(layout: &Layout, seed: u64) -> Vec<f32> {
 /// (`base_model.model.model.{pair name}.lora_{A,B}.weight`), little-endian f32. Frozen A
 /// matrices are not in the update and are not written.
 pub fn to_safetensors(layout: &Layout, values: &[f32]) -> Result<Vec<u8>, CodecError> {
-    if values.len() != layout.len() {
-        return Err(CodecError::Length {
-            what: "adapter values",
-            expected: layout.len(),
-            got: values.len(),
-        });
-    }
+    CodecError::check_len("adapter values", layout.len(), values.len())?;
     let mut header = String::from("{");
     let mut at = 0usize;
     let mut first = true;

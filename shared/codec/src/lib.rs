@@ -50,3 +50,18 @@ pub enum CodecError {
     #[error(transparent)]
     Encoding(#[from] fedshield_crypto::CryptoError),
 }
+
+impl CodecError {
+    /// `Ok` when `got == expected`, else [`CodecError::Length`] naming `what`.
+    pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Self> {
+        if got == expected {
+            Ok(())
+        } else {
+            Err(Self::Length {
+                what,
+                expected,
+                got,
+            })
+        }
+    }
+}

@@ -224,13 +224,11 @@ impl History {
     /// Records round `selection.round`'s global update: `values[j]` is the update of
     /// coordinate `selection.indices[j]`.
     pub fn observe(&mut self, selection: &Selection, values: &[f32]) -> Result<(), CodecError> {
-        if values.len() != selection.indices.len() {
-            return Err(CodecError::Length {
-                what: "global update values",
-                expected: selection.indices.len(),
-                got: values.len(),
-            });
-        }
+        CodecError::check_len(
+            "global update values",
+            selection.indices.len(),
+            values.len(),
+        )?;
         if selection.round <= self.round || selection.round > u32::MAX as u64 {
             return Err(CodecError::Round {
                 expected_after: self.round,
@@ -306,13 +304,7 @@ pub fn select(
     seed: u64,
 ) -> Result<Selection, CodecError> {
     config.validate()?;
-    if history.len() != layout.len() {
-        return Err(CodecError::Length {
-            what: "history",
-            expected: layout.len(),
-            got: history.len(),
-        });
-    }
+    CodecError::check_len("history", layout.len(), history.len())?;
     if round <= history.round || round > u32::MAX as u64 {
         return Err(CodecError::Round {
             expected_after: history.round,

@@ -314,21 +314,23 @@ impl Encryptor {
 
     /// Encrypts a whole update; also returns what it delivers (see [`Self::encrypt_chunk`]).
     pub fn encrypt_delivered(&mut self, plaintexts: &[u64]) -> (EncryptedUpdate, Vec<u64>) {
-        let mut bodies = Vec::new();
         let mut delivered = Vec::with_capacity(plaintexts.len());
-        self.encrypt_chunk(0, plaintexts, &mut bodies, Some(&mut delivered));
-        let update = EncryptedUpdate {
-            len: plaintexts.len(),
-            body_bits: self.body_bits,
-            bodies,
-        };
+        let update = self.encrypt_whole(plaintexts, Some(&mut delivered));
         (update, delivered)
     }
 
     /// Encrypts a whole update.
     pub fn encrypt(&mut self, plaintexts: &[u64]) -> EncryptedUpdate {
+        self.encrypt_whole(plaintexts, None)
+    }
+
+    fn encrypt_whole(
+        &mut self,
+        plaintexts: &[u64],
+        delivered: Option<&mut Vec<u64>>,
+    ) -> EncryptedUpdate {
         let mut bodies = Vec::new();
-        self.encrypt_chunk(0, plaintexts, &mut bodies, None);
+        self.encrypt_chunk(0, plaintexts, &mut bodies, delivered);
         EncryptedUpdate {
             len: plaintexts.len(),
             body_bits: self.body_bits,
