@@ -11,12 +11,15 @@ use fedshield_codec::{
     ErrorFeedback, History, Layout, Prepared, Selection, apply, init_adapter, select,
 };
 use fedshield_crypto::encoding::FixedPoint;
+use fedshield_crypto::identity::Identity;
 use fedshield_crypto::packed::{ClientKey, Encryptor, MaskSeed};
+use fedshield_protocol::ProtocolError;
 use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
 use fedshield_protocol::messages::{
-    EdgeMessage, GlobalAssembler, GlobalPart, Phase, RoundConfig, RoundState, Snapshot,
-    SnapshotAssembler, SnapshotPart,
+    DownMessage, EdgeMessage, GlobalAssembler, GlobalPart, Phase, RoundConfig, RoundState,
+    Snapshot, SnapshotAssembler, SnapshotPart,
 };
+use fedshield_protocol::signed::{Evaluation, MAX_REPORTED_LOSS, check_value};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -63,6 +66,8 @@ pub struct FleetClient<'a> {
     rng: rand::rngs::ThreadRng,
     init_seed: Option<u64>,
     id: String,
+    /// Signs this device's evaluation reports.
+    signer: Identity,
     audit_dir: Option<std::path::PathBuf>,
     state_path: Option<std::path::PathBuf>,
     /// The round of an upload restored from the state file, still to settle.
@@ -92,8 +97,75 @@ struct Persisted<'a> {
     eval_loss: Option<f64>,
 }
 
-/// A line for the device's log.
-pub type Log = Vec<String>;
+/// What a call did, for the device's log (lines for people) and its event file
+/// (structured [`Event`]s for tools and tests).
+#[derive(Debug, Default)]
+pub struct Log {
+    /// Lines for the log.
+    pub lines: Vec<String>,
+    /// Events.
+    pub events: Vec<Event>,
+}
+
+impl Log {
+    /// An empty log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a line.
+    pub fn push(&mut self, line: impl Into<String>) {
+        self.lines.push(line.into());
+    }
+
+    /// Records a refused message (a line and an event).
+    pub fn refused(&mut self, source: &str, error: &ProtocolError) {
+        self.push(format!("{source}: refused: {error}"));
+        self.events.push(Event::Refused {
+            source: source.to_string(),
+            kind: error.kind().to_string(),
+            detail: error.to_string(),
+        });
+    }
+}
+
+/// Something a device did or refused, as one line of JSON in its event file
+/// (`fedshield-edge run --events FILE`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// A message refused: where it came from (a topic, or the state machine's input), the
+    /// refusal's stable kind (`ProtocolError::kind`) and its text.
+    Refused {
+        /// Topic or input.
+        source: String,
+        /// `ProtocolError::kind`.
+        kind: String,
+        /// The error's text.
+        detail: String,
+    },
+    /// An upload encrypted for `round` under `weight` (the weight this device verified).
+    Encrypted {
+        /// The round.
+        round: u64,
+        /// The FedAvg weight encoded with.
+        weight: f64,
+    },
+    /// A round settled for this device.
+    Settled {
+        /// The round.
+        round: u64,
+        /// Whether its update counted.
+        counted: bool,
+    },
+    /// A global update applied and evaluated (the signed report that went to the host).
+    Evaluated {
+        /// The round.
+        round: u64,
+        /// Held-out loss.
+        eval_loss: f64,
+    },
+}
 
 impl<'a> FleetClient<'a> {
     /// A client for `device` with identity `me`.
@@ -105,6 +177,7 @@ impl<'a> FleetClient<'a> {
         let len = layout.len();
         Ok(Self {
             id: me.id.0.clone(),
+            signer: Identity::from_secret(me.secret),
             audit_dir: None,
             state_path: None,
             restored_pending: None,
@@ -186,6 +259,9 @@ impl<'a> FleetClient<'a> {
                 self.prepared = p.pending.map(Cow::into_owned);
                 self.restored_pending = self.prepared.as_ref().map(Prepared::round);
                 self.eval_loss = p.eval_loss;
+                // Never join the applied round or an earlier one again (a replay of an old
+                // announcement after a restart).
+                self.session.resume_after(self.history.round());
                 self.load_global();
                 let residual: f64 = self
                     .feedback
@@ -315,7 +391,7 @@ impl<'a> FleetClient<'a> {
         {
             Ok(actions) => self.execute(actions, log),
             Err(e) => {
-                log.push(format!("round {round}: {e}"));
+                log.refused(&format!("round {round} state"), &e);
                 vec![]
             }
         }
@@ -335,16 +411,18 @@ impl<'a> FleetClient<'a> {
         }
     }
 
-    /// The host delivered this device's shares.
-    pub fn on_delivery(
-        &mut self,
-        delivery: fedshield_crypto::secagg::ShareDelivery,
-        log: &mut Log,
-    ) -> Vec<EdgeMessage> {
-        match self.session.on_delivery(delivery) {
+    /// The host's message on this device's downlink: its shares, or the notice that the
+    /// host dropped its upload (the device then sits the round out).
+    pub fn on_down(&mut self, message: DownMessage, log: &mut Log) -> Vec<EdgeMessage> {
+        if let DownMessage::UploadRefused { round, reason } = &message {
+            log.push(format!(
+                "round {round}: the host dropped this device's upload ({reason}); sitting the round out"
+            ));
+        }
+        match self.session.on_down(message) {
             Ok(actions) => self.execute(actions, log),
             Err(e) => {
-                log.push(format!("share delivery refused: {e}"));
+                log.refused("share delivery", &e);
                 vec![]
             }
         }
@@ -378,7 +456,7 @@ impl<'a> FleetClient<'a> {
             Err(why) => {
                 log.push(format!("global update of round {round}: {why}"));
                 if round > self.history.round() + 1 {
-                    log.push("fetching the fleet snapshot".into());
+                    log.push("fetching the fleet snapshot");
                     self.needs_snapshot = true;
                 }
                 return vec![];
@@ -407,11 +485,24 @@ impl<'a> FleetClient<'a> {
         if let Some(waiting) = self.waiting.take() {
             self.ready = Some(waiting);
         }
-        vec![EdgeMessage::Evaluated {
+        if check_value("held-out loss", loss, MAX_REPORTED_LOSS).is_err() {
+            log.push(format!(
+                "round {round}: held-out loss {loss} is not a reportable value; not reported"
+            ));
+            return vec![];
+        }
+        log.events.push(Event::Evaluated {
             round,
             eval_loss: loss,
-            encrypt_seconds: self.encrypt_seconds.get(&round).copied().unwrap_or(0.0),
-        }]
+        });
+        let id = fedshield_crypto::identity::DeviceId(self.id.clone());
+        vec![EdgeMessage::Evaluated(Evaluation::sign(
+            &self.signer,
+            &id,
+            round,
+            loss,
+            self.encrypt_seconds.get(&round).copied().unwrap_or(0.0),
+        ))]
     }
 
     /// Whether the driver should be subscribed to the fleet snapshot.
@@ -425,10 +516,10 @@ impl<'a> FleetClient<'a> {
             return vec![];
         }
         let limit = 64 * self.layout.len() + (1 << 20);
-        let snapshot = match self.snapshot.add(part, limit) {
+        let snapshot = match self.snapshot.add(part, self.history.round(), limit) {
             None => return vec![],
             Some(Err(e)) => {
-                log.push(format!("fleet snapshot refused: {e}"));
+                log.refused("fleet snapshot", &e);
                 return vec![];
             }
             Some(Ok(s)) => s,
@@ -517,6 +608,7 @@ impl<'a> FleetClient<'a> {
                     }
                     if let Some(p) = self.prepared.take_if(|p| p.round() == round) {
                         self.feedback.settle(p, counted);
+                        log.events.push(Event::Settled { round, counted });
                         self.persist(log);
                         log.push(format!(
                             "round {round}: {}",
@@ -636,6 +728,7 @@ impl<'a> FleetClient<'a> {
             log.push(format!("round {round}: {e}"));
             return vec![];
         }
+        log.events.push(Event::Encrypted { round, weight });
         if let Err(e) = self.write_audit(round, weight, &prepared.plaintexts, &delivered) {
             log.push(format!("round {round}: audit file not written: {e}"));
         }

@@ -2,17 +2,17 @@
 
 use crate::{LoraArgs, ModelArgs};
 use anyhow::Context;
-use fedshield_crypto::secagg::ShareDelivery;
 use fedshield_edge::fleet::{Device, FleetClient, Log};
 use fedshield_edge::lora::Lora;
 use fedshield_edge::sft;
 use fedshield_models::Assets;
 use fedshield_models::data::{read_instruction_jsonl, split_by_category};
-use fedshield_protocol::decode;
 use fedshield_protocol::edge::EdgeIdentity;
 use fedshield_protocol::keyfile::DeviceKey;
-use fedshield_protocol::messages::{GlobalPart, Phase, RoundState, Route, SnapshotPart, Topics};
+use fedshield_protocol::messages::{Phase, Topics};
+use fedshield_protocol::signed::{Downlink, open_downlink};
 use fedshield_transport::{Incoming, Link};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -65,6 +65,33 @@ pub struct RunArgs {
     /// (audits, end-to-end tests).
     #[arg(long)]
     audit_dir: Option<PathBuf>,
+    /// Append what the device did and refused to FILE, one JSON object per line
+    /// (`fedshield_edge::fleet::Event`: refused, encrypted, settled, evaluated).
+    #[arg(long)]
+    events: Option<PathBuf>,
+}
+
+/// The device's output: log lines on stderr, events in the event file.
+struct Output {
+    me: String,
+    events: Option<std::fs::File>,
+}
+
+impl Output {
+    fn emit(&mut self, log: &mut Log) -> anyhow::Result<()> {
+        for line in log.lines.drain(..) {
+            eprintln!("{}: {line}", self.me);
+        }
+        if let Some(file) = &mut self.events {
+            for event in log.events.drain(..) {
+                let mut line = serde_json::to_vec(&event)?;
+                line.push(b'\n');
+                file.write_all(&line).context("writing the event file")?;
+            }
+        }
+        log.events.clear();
+        Ok(())
+    }
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -73,6 +100,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("reading {}", args.key.display()))?,
     )?;
     let (secret, authority) = key.keys()?;
+    let host = key.host_certificate()?;
+    host.verify(&authority, &args.fleet).with_context(|| {
+        format!(
+            "{}: the host certificate is for fleet {:?}, not {:?}",
+            args.key.display(),
+            host.fleet,
+            args.fleet
+        )
+    })?;
     let me = key.device.clone();
     let (_path, _g, tok, model) = args.model.load()?;
     let examples = read_instruction_jsonl(&Assets::locate().faq_with_categories()?)?;
@@ -125,6 +161,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         args.link.broker,
         args.fleet
     );
+    let mut out_log = Output {
+        me: me.0.clone(),
+        events: args
+            .events
+            .as_ref()
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("opening {}", p.display()))
+            })
+            .transpose()?,
+    };
     let mut done_round = 0u64;
     let mut snapshot_subscribed = false;
     loop {
@@ -144,9 +194,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             // An empty retained publish deletes a retained message: nothing to handle.
             Incoming::Message { payload, .. } if payload.is_empty() => vec![],
-            Incoming::Message { topic, payload } => match topics.route(&topic) {
-                Some(Route::Round) => match decode::<RoundState>(&payload, max_packet_bytes) {
-                    Ok(state) => {
+            Incoming::Message { topic, payload } => {
+                match open_downlink(
+                    &topics,
+                    &host.public_key,
+                    &me,
+                    &topic,
+                    &payload,
+                    max_packet_bytes,
+                ) {
+                    None => vec![],
+                    Some(Err(e)) => {
+                        log.refused(&topic, &e);
+                        vec![]
+                    }
+                    Some(Ok(Downlink::Round(state))) => {
                         if let Phase::Failed { reason } = &state.phase
                             && state.config.round >= args.rounds
                             && args.rounds > 0
@@ -156,54 +218,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                         }
                         client.on_round(state, &mut log)
                     }
-                    Err(e) => {
-                        eprintln!("{me}: bad round state refused: {e}");
-                        vec![]
-                    }
-                },
-                Some(Route::Down(d)) if d == me => {
-                    match decode::<ShareDelivery>(&payload, max_packet_bytes) {
-                        Ok(delivery) => client.on_delivery(delivery, &mut log),
-                        Err(e) => {
-                            eprintln!("{me}: bad share delivery refused: {e}");
-                            vec![]
+                    Some(Ok(Downlink::Down(message))) => client.on_down(message, &mut log),
+                    Some(Ok(Downlink::Global(part))) => {
+                        let round = part.round;
+                        let out = client.on_global(part, &mut log);
+                        if !out.is_empty() {
+                            done_round = done_round.max(round);
                         }
+                        out
                     }
+                    Some(Ok(Downlink::Snapshot(part))) => client.on_snapshot(part, &mut log),
                 }
-                Some(Route::Global(_)) => {
-                    let part = decode::<fedshield_wire::Compressed>(&payload, max_packet_bytes)
-                        .and_then(|c| {
-                            c.into_bytes(max_packet_bytes).map_err(|e| {
-                                fedshield_protocol::ProtocolError::Malformed(e.to_string())
-                            })
-                        })
-                        .and_then(|b| decode::<GlobalPart>(&b, max_packet_bytes));
-                    match part {
-                        Ok(part) => {
-                            let round = part.round;
-                            let out = client.on_global(part, &mut log);
-                            if !out.is_empty() {
-                                done_round = done_round.max(round);
-                            }
-                            out
-                        }
-                        Err(e) => {
-                            eprintln!("{me}: bad global update part refused: {e}");
-                            vec![]
-                        }
-                    }
-                }
-                Some(Route::Snapshot(_)) => {
-                    match decode::<SnapshotPart>(&payload, max_packet_bytes) {
-                        Ok(part) => client.on_snapshot(part, &mut log),
-                        Err(e) => {
-                            eprintln!("{me}: bad snapshot part refused: {e}");
-                            vec![]
-                        }
-                    }
-                }
-                _ => vec![],
-            },
+            }
         };
         if client.needs_snapshot() != snapshot_subscribed {
             snapshot_subscribed = client.needs_snapshot();
@@ -213,18 +239,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 link.unsubscribe(&topics.all_snapshot())?;
             }
         }
-        for line in log.drain(..) {
-            eprintln!("{me}: {line}");
-        }
+        out_log.emit(&mut log)?;
         for msg in out {
             link.publish(&topics.up(&me), postcard::to_stdvec(&msg)?, false)?;
         }
         // Training comes after publishing what preceded it (the round's shares).
         if client.has_training() {
             let out = client.train_ready(&mut log);
-            for line in log.drain(..) {
-                eprintln!("{me}: {line}");
-            }
+            out_log.emit(&mut log)?;
             for msg in out {
                 link.publish(&topics.up(&me), postcard::to_stdvec(&msg)?, false)?;
             }

@@ -92,7 +92,14 @@ impl Fleet {
         let dir = tempfile::tempdir().unwrap();
         let fleet = dir.path().join("fleet");
         let status = Command::new(workspace_bin("fedshield-host"))
-            .args(["enrol", "--devices", "edge-0,edge-1,edge-2", "--fleet-dir"])
+            .args([
+                "enrol",
+                "--fleet",
+                name,
+                "--devices",
+                "edge-0,edge-1,edge-2",
+            ])
+            .arg("--fleet-dir")
             .arg(&fleet)
             .status()
             .unwrap();
@@ -257,59 +264,122 @@ fn check_audited_sums(host_audit: &std::path::Path, edge_audit: &std::path::Path
     }
 }
 
-/// A rogue client on the broker: records what the devices send, and publishes forgeries.
+/// Every (topic, payload) the rogue's recorder saw.
+type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A rogue client on the broker: records every message of the fleet's topics (on a thread
+/// of its own), and publishes forgeries under a key of its own.
 struct Rogue {
     link: fedshield_transport::Link,
+    seen: Recorded,
+    key: fedshield_crypto::identity::Identity,
+}
+
+fn rogue_link(fleet: &Fleet, id: &str, subscriptions: Vec<String>) -> fedshield_transport::Link {
+    let (host, port) = fedshield_transport::parse_broker(&fleet.addr).unwrap();
+    fedshield_transport::Link::start(fedshield_transport::LinkConfig {
+        host,
+        port,
+        client_id: id.into(),
+        credentials: None,
+        max_packet_bytes: 1 << 20,
+        subscriptions,
+        last_will: None,
+        birth: None,
+        tls: None,
+    })
+    .unwrap()
 }
 
 impl Rogue {
     fn new(fleet: &Fleet) -> Self {
-        let (host, port) = fedshield_transport::parse_broker(&fleet.addr).unwrap();
-        let link = fedshield_transport::Link::start(fedshield_transport::LinkConfig {
-            host,
-            port,
-            client_id: "rogue".into(),
-            credentials: None,
-            max_packet_bytes: 1 << 20,
-            subscriptions: vec![format!("fedshield/{}/up/+", fleet.name)],
-            last_will: None,
-            birth: None,
-            tls: None,
-        })
-        .unwrap();
-        Self { link }
+        let recorder = rogue_link(
+            fleet,
+            "rogue-ears",
+            vec![format!("fedshield/{}/#", fleet.name)],
+        );
+        let seen = Recorded::default();
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            while let Ok(incoming) = recorder.recv(Duration::from_millis(200)) {
+                if let Some(fedshield_transport::Incoming::Message { topic, payload }) = incoming {
+                    log.lock().unwrap().push((topic, payload));
+                }
+            }
+        });
+        Self {
+            link: rogue_link(fleet, "rogue", vec![]),
+            seen,
+            key: fedshield_crypto::identity::Identity::from_secret([0x66; 32]),
+        }
     }
 
-    /// The first manifest a device sent, as its raw payload.
-    fn first_manifest(&self, device: &str) -> Vec<u8> {
-        let deadline = Instant::now() + Duration::from_secs(400);
+    /// The first recorded message on a topic ending in `suffix` that `pick` accepts, waiting
+    /// up to `secs`.
+    fn wait_for<T>(&self, suffix: &str, secs: u64, pick: impl Fn(&[u8]) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < deadline {
-            if let Some(fedshield_transport::Incoming::Message { topic, payload }) =
-                self.link.recv(Duration::from_millis(200)).unwrap()
-                && topic.ends_with(&format!("/up/{device}"))
-                && matches!(
-                    postcard::from_bytes::<EdgeMessage>(&payload),
-                    Ok(EdgeMessage::Manifest(_))
-                )
-            {
-                return payload;
+            let found = self
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, _)| t.ends_with(suffix))
+                .find_map(|(_, p)| pick(p));
+            if let Some(x) = found {
+                return x;
             }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("never saw a manifest from {device}");
+        panic!("the rogue never saw a matching message on *{suffix}");
+    }
+
+    /// Every recorded payload on `topic` (exactly).
+    fn recorded(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| p.clone())
+            .collect()
     }
 
     fn publish(&self, fleet: &Fleet, device: &str, payload: Vec<u8>) {
-        self.link
-            .publish(
-                &format!("fedshield/{}/up/{device}", fleet.name),
-                payload,
-                false,
-            )
-            .unwrap();
+        self.publish_on(&format!("fedshield/{}/up/{device}", fleet.name), payload);
+    }
+
+    fn publish_on(&self, topic: &str, payload: Vec<u8>) {
+        self.link.publish(topic, payload, false).unwrap();
     }
 }
 
-use fedshield_protocol::messages::EdgeMessage;
+/// The payload inside a host envelope, unverified (what anyone on the broker can read).
+fn unsealed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    let envelope: HostSigned = postcard::from_bytes(bytes).ok()?;
+    postcard::from_bytes(&envelope.payload).ok()
+}
+
+/// The events a device wrote to its event file.
+fn events(path: &std::path::Path) -> Vec<Event> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Whether `events` hold a refusal of `kind` for a message on `topic`.
+fn refused(events: &[Event], topic: &str, kind: &str) -> bool {
+    events.iter().any(
+        |e| matches!(e, Event::Refused { source, kind: k, .. } if source == topic && k == kind),
+    )
+}
+
+use fedshield_edge::fleet::Event;
+use fedshield_protocol::messages::{EdgeMessage, GlobalPart, Phase, RoundState};
+use fedshield_protocol::signed::{Evaluation, HostSigned};
+use fedshield_protocol::weights::weight_floor;
 
 #[test]
 fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributors_sum() {
@@ -327,19 +397,83 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         ]
         .concat(),
     );
-    let edge_args = [
-        &EDGE_TINY[..],
-        &["--rounds", "3", "--alpha", "8", "--audit-dir"],
-        &[edge_audit.to_str().unwrap()],
-    ]
-    .concat();
-    let mut edges: Vec<_> = (0..3).map(|i| fleet.edge(i, &edge_args)).collect();
-    let round1_manifest = rogue.first_manifest("edge-0");
+    let event_file = |i: usize| fleet.out.join(format!("events-edge-{i}.jsonl"));
+    std::fs::create_dir_all(&fleet.out).unwrap();
+    let event_paths: Vec<String> = (0..3)
+        .map(|i| event_file(i).to_str().unwrap().to_string())
+        .collect();
+    let edge_args = |i: usize| {
+        [
+            &EDGE_TINY[..],
+            &["--rounds", "3", "--alpha", "8", "--audit-dir"],
+            &[edge_audit.to_str().unwrap(), "--events"],
+            &[event_paths[i].as_str()],
+        ]
+        .concat()
+    };
+    let mut edges: Vec<_> = (0..3).map(|i| fleet.edge(i, &edge_args(i))).collect();
+    let is = |p: &[u8], f: fn(&EdgeMessage) -> bool| {
+        postcard::from_bytes::<EdgeMessage>(p)
+            .ok()
+            .filter(f)
+            .map(|_| p.to_vec())
+    };
+    let round1_manifest = rogue.wait_for("/up/edge-0", 400, |p| {
+        is(p, |m| matches!(m, EdgeMessage::Manifest(_)))
+    });
     // Kill edge-2 once it has applied round 1's global update.
     wait_for(&edges[2].1, "round 1: applied the global update", 400);
     drop(edges.pop());
-    // Round 2's uploads are open: forgeries on the devices' uplinks.
     wait_for(&host_rx, "round 2: announcing", 60);
+    // Round 2's joins are in: while the devices wait for the roster, a forged round state
+    // with a valid roster (the devices' own signed adverts, captured on the broker) and
+    // skewed weights, signed by the rogue's key and unsigned; a forged global update.
+    let round_topic = format!("fedshield/{}/round", fleet.name);
+    let announce: RoundState = rogue.wait_for("/round", 60, |p| {
+        unsealed::<RoundState>(p).filter(|s| s.config.round == 2)
+    });
+    let mut entries = Vec::new();
+    for d in ["edge-0", "edge-1"] {
+        let advert = rogue.wait_for(&format!("/up/{d}"), 60, |p| match postcard::from_bytes(p) {
+            Ok(EdgeMessage::Join { advert, .. }) if advert.round == 2 => Some(advert),
+            _ => None,
+        });
+        let registry: fedshield_crypto::identity::Registry = serde_json::from_str(
+            &std::fs::read_to_string(fleet.fleet.join("registry.json")).unwrap(),
+        )
+        .unwrap();
+        let enrolment = registry.enrolment(&d.into()).unwrap().clone();
+        entries.push(fedshield_crypto::secagg::RosterEntry { enrolment, advert });
+    }
+    let forged = RoundState {
+        phase: Phase::Roster {
+            roster: fedshield_crypto::secagg::Roster { round: 2, entries },
+            weights: vec![("edge-0".into(), 1.0), ("edge-1".into(), 1e-12)],
+        },
+        ..announce
+    };
+    rogue.publish_on(
+        &round_topic,
+        HostSigned::seal_message(&rogue.key, &round_topic, &forged),
+    );
+    let unsigned = HostSigned {
+        payload: postcard::to_stdvec(&forged).unwrap(),
+        signature: Vec::new(),
+    };
+    rogue.publish_on(&round_topic, postcard::to_stdvec(&unsigned).unwrap());
+    let global_topic = format!("fedshield/{}/global/0", fleet.name);
+    let fake = GlobalPart::split(2, &["edge-0".into()], &[9.0; 64], 1 << 20).remove(0);
+    let fake = postcard::to_stdvec(&fedshield_wire::compress_if_smaller(
+        &postcard::to_stdvec(&fake).unwrap(),
+    ))
+    .unwrap();
+    rogue.publish_on(
+        &global_topic,
+        HostSigned::seal(&rogue.key, &global_topic, fake),
+    );
+    // Round 2's uploads are open: forgeries on the devices' uplinks, and forged evaluation
+    // reports (a loss of 3.09e77 under a junk signature, a real report with its loss or
+    // round changed).
     wait_for(&host_rx, "uploads open", 120);
     rogue.publish(&fleet, "edge-0", round1_manifest.clone()); // replayed from round 1
     let Ok(EdgeMessage::Manifest(mut unsigned)) = postcard::from_bytes(&round1_manifest) else {
@@ -351,6 +485,36 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     rogue.publish(&fleet, "edge-0", unsigned);
     rogue.publish(&fleet, "edge-1", vec![0xff; 64]); // garbage
     rogue.publish(&fleet, "edge-1", vec![0; 600 * 1024]); // over the host's 512 KiB limit
+    let real: Evaluation = rogue.wait_for("/up/edge-1", 60, |p| match postcard::from_bytes(p) {
+        Ok(EdgeMessage::Evaluated(e)) => Some(e),
+        _ => None,
+    });
+    let forged_reports = [
+        Evaluation {
+            eval_loss: 3.09e77,
+            signature: vec![7; 64],
+            ..real.clone()
+        },
+        Evaluation {
+            eval_loss: 0.0,
+            ..real.clone()
+        },
+        Evaluation {
+            round: 2,
+            ..real.clone()
+        },
+        Evaluation::sign(&rogue.key, &"edge-1".into(), 1, -3.5, 1.0),
+    ];
+    for (d, r) in ["edge-0", "edge-1", "edge-1", "edge-1"]
+        .iter()
+        .zip(forged_reports)
+    {
+        rogue.publish(
+            &fleet,
+            d,
+            postcard::to_stdvec(&EdgeMessage::Evaluated(r)).unwrap(),
+        );
+    }
     let mut refusals = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -364,9 +528,17 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
             // edge-2 comes back having missed round 2, and the broker lost its session
             // (restarted meanwhile) with the round-2 messages queued for it: round 2's
             // global update cannot be applied without that round's configuration, so the
-            // edge catches up from the snapshot.
+            // edge catches up from the snapshot, while the rogue replays round 1's
+            // genuine, host-signed snapshot parts.
+            let old_snapshot = rogue.recorded(&format!("fedshield/{}/snapshot/0", fleet.name));
             fleet.broker.restart(Duration::from_millis(500)).unwrap();
-            edges.push(fleet.edge(2, &edge_args));
+            edges.push(fleet.edge(2, &edge_args(2)));
+            for _ in 0..20 {
+                for p in &old_snapshot {
+                    rogue.publish_on(&format!("fedshield/{}/snapshot/0", fleet.name), p.clone());
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
         }
         if line.contains("metrics") {
             break;
@@ -396,9 +568,58 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         "caught up from the fleet snapshot of round 2",
         60,
     );
+    // Both devices of round 2 refused the forged round states and the forged global update
+    // (structured events), and neither encrypted under any weight but its verified one.
+    for i in 0..2 {
+        let ev = events(&event_file(i));
+        assert!(
+            refused(&ev, &round_topic, "host-signature"),
+            "edge-{i}: {ev:#?}"
+        );
+        assert!(
+            refused(&ev, &global_topic, "host-signature"),
+            "edge-{i}: {ev:#?}"
+        );
+        for e in &ev {
+            if let Event::Encrypted { round, weight } = e {
+                assert!(
+                    *weight >= weight_floor(3) && *weight < 1.0 - weight_floor(3),
+                    "edge-{i} encrypted round {round} under weight {weight}"
+                );
+            }
+        }
+    }
+    // The host's metrics hold only the devices' real reports: each report it recorded is
+    // exactly what that device evaluated, and the round's loss is their mean.
+    let real_losses: Vec<(String, u64, f64)> = (0..3)
+        .flat_map(|i| {
+            events(&event_file(i))
+                .into_iter()
+                .filter_map(move |e| match e {
+                    Event::Evaluated { round, eval_loss } => {
+                        Some((format!("edge-{i}"), round, eval_loss))
+                    }
+                    _ => None,
+                })
+        })
+        .collect();
     for r in &fleet.rounds() {
-        let loss = r["eval_loss"].as_f64().expect("devices reported a loss");
-        assert!(loss.is_finite() && loss > 0.0);
+        let round = r["round"].as_u64().unwrap();
+        let reports = r["reports"].as_object().expect("per-device reports");
+        assert!(!reports.is_empty(), "round {round}: no report");
+        let mut sum = 0.0;
+        for (device, report) in reports {
+            let loss = report["eval_loss"].as_f64().unwrap();
+            assert!(
+                real_losses
+                    .iter()
+                    .any(|(d, rd, l)| d == device && *rd == round && *l == loss),
+                "round {round}: {device}'s recorded loss {loss} is not one it reported ({real_losses:?})"
+            );
+            sum += loss;
+        }
+        let mean = r["eval_loss"].as_f64().expect("devices reported a loss");
+        assert!((mean - sum / reports.len() as f64).abs() < 1e-12);
         assert!(r["upload_bytes_per_client"].as_u64().unwrap() > 0);
         assert!(r["crypto_seconds"].as_f64().unwrap() > 0.0);
     }

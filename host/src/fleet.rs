@@ -1,15 +1,21 @@
-//! The fleet directory: the enrolment authority's key, the registry of enrolled devices,
-//! and one key file per device to install on it.
+//! The fleet directory: the enrolment authority's key, the host's key and its certificate,
+//! the registry of enrolled devices, and one key file per device to install on it.
 //!
 //! ```text
 //! {dir}/authority.key        32-byte ed25519 secret of the fleet authority (host only)
+//! {dir}/host.key             32-byte ed25519 secret of the host: signs its broadcasts
+//! {dir}/host.json            the authority's certificate of the host key for one fleet
 //! {dir}/registry.json        enrolled devices and their certificates
-//! {dir}/devices/{id}.json    a device's identity secret and the authority's public key
+//! {dir}/devices/{id}.json    a device's identity secret, the authority's public key and
+//!                            the host certificate
 //! ```
+//!
+//! A file that exists but cannot be read or parsed is an error, never replaced: a new
+//! authority would void every enrolment, an empty registry would forget every device.
 
 use anyhow::Context;
-use fedshield_crypto::identity::{DeviceId, Identity, Registry};
-use fedshield_protocol::keyfile::{DeviceKey, hex};
+use fedshield_crypto::identity::{DeviceId, HostCertificate, Identity, Registry};
+use fedshield_protocol::keyfile::{DeviceKey, HostKeyEntry, hex};
 use fedshield_protocol::messages::check_level;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +28,14 @@ impl FleetDir {
         self.0.join("authority.key")
     }
 
+    fn host_key_path(&self) -> PathBuf {
+        self.0.join("host.key")
+    }
+
+    fn host_cert_path(&self) -> PathBuf {
+        self.0.join("host.json")
+    }
+
     fn registry_path(&self) -> PathBuf {
         self.0.join("registry.json")
     }
@@ -31,67 +45,137 @@ impl FleetDir {
         self.0.join("devices").join(format!("{device}.json"))
     }
 
-    /// The authority, created on first use.
+    /// The authority, created on first use (only when its file does not exist).
     pub fn authority(&self) -> anyhow::Result<Identity> {
-        let path = self.authority_path();
-        if let Ok(bytes) = std::fs::read(&path) {
-            let secret: [u8; 32] = bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("{}: not a 32-byte key", path.display()))?;
-            return Ok(Identity::from_secret(secret));
-        }
-        std::fs::create_dir_all(&self.0)?;
-        let id = Identity::generate(&mut rand::rng());
-        write_private(&path, &id.secret())?;
-        Ok(id)
+        read_or_create_key(&self.0, &self.authority_path())
+    }
+
+    /// The host's identity and its certificate for `fleet`: created (key, and certificate by
+    /// the authority) on first use; an existing certificate for another fleet is an error.
+    pub fn host(&self, fleet: &str) -> anyhow::Result<(Identity, HostCertificate)> {
+        check_level(fleet)?;
+        let authority = self.authority()?;
+        let host = read_or_create_key(&self.0, &self.host_key_path())?;
+        let path = self.host_cert_path();
+        let cert = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let cert: HostCertificate = serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?;
+                anyhow::ensure!(
+                    cert.fleet == fleet,
+                    "{} is the fleet directory of fleet {:?}, not {fleet:?}",
+                    self.0.display(),
+                    cert.fleet
+                );
+                cert.verify(&authority.public_key(), fleet)
+                    .with_context(|| format!("{}", path.display()))?;
+                anyhow::ensure!(
+                    cert.public_key == host.public_key(),
+                    "{} certifies another key than {}",
+                    path.display(),
+                    self.host_key_path().display()
+                );
+                cert
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let cert = authority.certify_host(fleet, host.public_key());
+                write_atomic(
+                    &path,
+                    serde_json::to_string_pretty(&cert)?.as_bytes(),
+                    0o644,
+                )?;
+                cert
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok((host, cert))
     }
 
     /// The registry (empty when the fleet has no devices yet).
     pub fn registry(&self) -> anyhow::Result<Registry> {
         let authority = self.authority()?;
-        match std::fs::read_to_string(self.registry_path()) {
-            Ok(text) => serde_json::from_str(&text).context("parsing registry.json"),
-            Err(_) => Ok(Registry::new(authority.public_key())),
+        let path = self.registry_path();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let registry: Registry = serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?;
+                anyhow::ensure!(
+                    registry.authority == authority.public_key(),
+                    "{} belongs to another authority than {}",
+                    path.display(),
+                    self.authority_path().display()
+                );
+                Ok(registry)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Registry::new(authority.public_key()))
+            }
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
 
-    /// Enrols `device` with a fresh identity; writes its key file. Re-enrolling replaces the
-    /// device's identity.
-    pub fn enrol(&self, device: &str) -> anyhow::Result<PathBuf> {
+    /// Enrols `device` of `fleet` with a fresh identity; writes its key file (with the host
+    /// certificate). Re-enrolling replaces the device's identity.
+    pub fn enrol(&self, fleet: &str, device: &str) -> anyhow::Result<PathBuf> {
         check_level(device)?;
         let authority = self.authority()?;
+        let (_, host) = self.host(fleet)?;
         let mut registry = self.registry()?;
         let identity = Identity::generate(&mut rand::rng());
         let id = DeviceId(device.to_string());
         registry.enrol(authority.enrol(id.clone(), identity.public_key()))?;
-        std::fs::write(
-            self.registry_path(),
-            serde_json::to_string_pretty(&registry)?,
+        write_atomic(
+            &self.registry_path(),
+            serde_json::to_string_pretty(&registry)?.as_bytes(),
+            0o644,
         )?;
         let key = DeviceKey {
             device: id,
             secret: hex(&identity.secret()),
             authority: hex(&authority.public_key()),
+            host: Some(HostKeyEntry::of(&host)),
         };
         let path = self.device_key_path(device);
         std::fs::create_dir_all(path.parent().expect("devices folder"))?;
-        write_private(&path, serde_json::to_string_pretty(&key)?.as_bytes())?;
+        write_atomic(&path, serde_json::to_string_pretty(&key)?.as_bytes(), 0o600)?;
         Ok(path)
     }
 }
 
-/// Writes a secret file readable by its owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// The ed25519 key in `path`, created (owner-only) when the file does not exist.
+fn read_or_create_key(dir: &Path, path: &Path) -> anyhow::Result<Identity> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let secret: [u8; 32] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("{}: not a 32-byte key", path.display()))?;
+            Ok(Identity::from_secret(secret))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            let id = Identity::generate(&mut rand::rng());
+            write_atomic(path, &id.secret(), 0o600)?;
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file with `mode`, fsync, rename).
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

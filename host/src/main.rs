@@ -34,12 +34,16 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_MAX_PACKET_BYTES)]
         max_packet_bytes: usize,
     },
-    /// Enrol devices: writes the fleet authority (first time), the registry and one key
-    /// file per device (devices/{id}.json, to install on the device).
+    /// Enrol devices: writes the fleet authority and the host's certified key (first
+    /// time), the registry and one key file per device (devices/{id}.json, to install on
+    /// the device).
     Enrol {
         /// Fleet directory.
         #[arg(long, default_value = "fleet")]
         fleet_dir: PathBuf,
+        /// Fleet name (one MQTT topic level): the host certificate is for this fleet only.
+        #[arg(long, default_value = "demo")]
+        fleet: String,
         /// Device ids, comma-separated.
         #[arg(long)]
         devices: String,
@@ -166,10 +170,14 @@ fn main() -> anyhow::Result<()> {
                 std::thread::park();
             }
         }
-        Command::Enrol { fleet_dir, devices } => {
+        Command::Enrol {
+            fleet_dir,
+            fleet: name,
+            devices,
+        } => {
             let fleet = FleetDir(fleet_dir);
             for d in devices.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-                println!("{}", fleet.enrol(d)?.display());
+                println!("{}", fleet.enrol(&name, d)?.display());
             }
             Ok(())
         }

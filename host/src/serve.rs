@@ -8,13 +8,16 @@ use anyhow::Context;
 use fedshield_codec::plot::{LinePlot, Series};
 use fedshield_codec::{History, Layout, PruneConfig, apply, decode_values, init_adapter, select};
 use fedshield_crypto::encoding::{DEFAULT_SCALE_LOG2, FixedPoint};
-use fedshield_crypto::identity::DeviceId;
+use fedshield_crypto::identity::{DeviceId, Identity, Registry};
 use fedshield_crypto::params::{BodyBits, finest_scale, narrowest_body};
 use fedshield_protocol::host::{
     Deadlines, HostAction, HostRound, RoundResult, expected_update_bytes,
 };
 use fedshield_protocol::journal::{self, Entry, Replayed};
-use fedshield_protocol::messages::{EdgeMessage, GlobalPart, RoundConfig, Route, Snapshot, Topics};
+use fedshield_protocol::messages::{
+    DownMessage, EdgeMessage, GlobalPart, RoundConfig, Route, Snapshot, Topics,
+};
+use fedshield_protocol::signed::HostSigned;
 use fedshield_protocol::{ProtocolError, decode};
 use fedshield_transport::{BrokerArgs, Incoming, Link};
 use fedshield_wire::compress_if_smaller;
@@ -89,8 +92,18 @@ pub struct RoundMetrics {
     pub encrypt_seconds: Option<f64>,
     /// Why the round failed, if it did.
     pub failure: Option<String>,
-    #[serde(skip)]
-    reports: BTreeMap<DeviceId, (f64, f64)>,
+    /// The devices' signed, accepted evaluation reports of the round's global adapter.
+    #[serde(default)]
+    pub reports: BTreeMap<DeviceId, Report>,
+}
+
+/// One device's accepted evaluation report.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// Held-out loss of the global adapter.
+    pub eval_loss: f64,
+    /// Seconds the device spent encrypting its update.
+    pub encrypt_seconds: f64,
 }
 
 /// What survives a host restart.
@@ -137,6 +150,10 @@ struct Host {
     cfg: ServeConfig,
     topics: Topics,
     link: Link,
+    /// The host's certified identity: signs every downlink message.
+    signer: Identity,
+    /// The registry as of the current round (checks the devices' evaluation reports).
+    registry: Registry,
     state: HostState,
     /// The published snapshot's parts (rebuilt from the state after every round).
     snapshot: Vec<Vec<u8>>,
@@ -147,6 +164,8 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let topics = Topics::new(&cfg.fleet)?;
     std::fs::create_dir_all(&cfg.out)?;
     let state_path = cfg.out.join("state.bin");
+    let (signer, _) = cfg.fleet_dir.host(&cfg.fleet)?;
+    let registry = cfg.fleet_dir.registry()?;
     let state = match std::fs::read(&state_path) {
         Ok(bytes) => {
             let s: HostState = postcard::from_bytes(&bytes).context("reading state.bin")?;
@@ -161,6 +180,9 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
                 state_path.display()
             );
             s
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("reading {}", state_path.display()));
         }
         Err(_) => HostState {
             round: 0,
@@ -185,6 +207,8 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
         cfg,
         topics,
         link,
+        signer,
+        registry,
         state,
         snapshot: Vec::new(),
     };
@@ -258,26 +282,44 @@ impl Host {
                 return None;
             }
         };
-        if let EdgeMessage::Evaluated {
-            round,
-            eval_loss,
-            encrypt_seconds,
-        } = msg
-        {
+        if let EdgeMessage::Evaluated(report) = msg {
+            let round = report.round;
+            let verified = self
+                .registry
+                .enrolment(&device)
+                .map_err(ProtocolError::from)
+                .and_then(|e| {
+                    report
+                        .verify(&device, &e.public_key)
+                        .map_err(ProtocolError::from)
+                });
             let entry = self.state.metrics.iter_mut().find(|m| m.round == round);
-            match entry {
-                Some(m) if eval_loss.is_finite() && encrypt_seconds.is_finite() => {
+            match (verified, entry) {
+                (Err(e), _) => log_refusal(&device, &e),
+                (Ok(()), None) => log_refusal(
+                    &device,
+                    &ProtocolError::Refused(format!(
+                        "evaluation report of round {round}, which has not finished"
+                    )),
+                ),
+                (Ok(()), Some(m)) => {
+                    let (eval_loss, encrypt_seconds) = (report.eval_loss, report.encrypt_seconds);
                     tracing::info!(
                         "round {round}: {device} reports held-out loss {eval_loss:.4} of the global adapter (encrypted in {encrypt_seconds:.2} s)"
                     );
-                    m.reports.insert(device, (eval_loss, encrypt_seconds));
+                    m.reports.insert(
+                        device,
+                        Report {
+                            eval_loss,
+                            encrypt_seconds,
+                        },
+                    );
                     let n = m.reports.len() as f64;
-                    m.eval_loss = Some(m.reports.values().map(|r| r.0).sum::<f64>() / n);
-                    let enc = m.reports.values().map(|r| r.1).sum::<f64>() / n;
+                    m.eval_loss = Some(m.reports.values().map(|r| r.eval_loss).sum::<f64>() / n);
+                    let enc = m.reports.values().map(|r| r.encrypt_seconds).sum::<f64>() / n;
                     m.encrypt_seconds = Some(enc);
                     m.crypto_seconds = m.host_crypto_seconds + enc;
                 }
-                _ => tracing::warn!("refused an evaluation report of round {round} from {device}"),
             }
             return None;
         }
@@ -299,15 +341,31 @@ impl Host {
         for a in actions {
             match a {
                 HostAction::Broadcast(state) => {
-                    self.link
-                        .publish(&self.topics.round(), postcard::to_stdvec(&state)?, true)?;
+                    let topic = self.topics.round();
+                    let sealed = HostSigned::seal_message(&self.signer, &topic, &state);
+                    self.link.publish(&topic, sealed, true)?;
                 }
                 HostAction::Deliver(device, delivery) => {
-                    self.link.publish(
-                        &self.topics.down(&device),
-                        postcard::to_stdvec(&delivery)?,
-                        true,
-                    )?;
+                    let topic = self.topics.down(&device);
+                    let sealed = HostSigned::seal_message(
+                        &self.signer,
+                        &topic,
+                        &DownMessage::Shares(delivery),
+                    );
+                    self.link.publish(&topic, sealed, true)?;
+                }
+                HostAction::RefuseUpload {
+                    device,
+                    round,
+                    reason,
+                } => {
+                    tracing::warn!(
+                        "round {round}: dropped the upload of {device} ({reason}); told the device"
+                    );
+                    let topic = self.topics.down(&device);
+                    let notice = DownMessage::UploadRefused { round, reason };
+                    let sealed = HostSigned::seal_message(&self.signer, &topic, &notice);
+                    self.link.publish(&topic, sealed, false)?;
                 }
                 HostAction::Finished(r) => outcome = Some(Ok(r)),
                 HostAction::Failed(why) => outcome = Some(Err(why)),
@@ -409,6 +467,7 @@ impl Host {
                 let selected = selection.len();
                 mask = Some(selection);
                 let registry = self.cfg.fleet_dir.registry()?;
+                self.registry = registry.clone();
                 let config = self.round_config(round, selected, registry.len());
                 tracing::info!(
                     "round {round}: announcing ({selected} of {} values selected, {}-bit bodies: {:.3} bytes per parameter)",
@@ -537,9 +596,11 @@ impl Host {
                 {
                     let bytes = postcard::to_stdvec(&part)?;
                     raw += bytes.len();
+                    let topic = self.topics.global(part.index);
+                    let compressed = postcard::to_stdvec(&compress_if_smaller(&bytes))?;
                     self.state
                         .last_global
-                        .push(postcard::to_stdvec(&compress_if_smaller(&bytes))?);
+                        .push(HostSigned::seal(&self.signer, &topic, compressed));
                 }
                 self.state.recent.push((round, result.contributors.clone()));
                 let excess = self.state.recent.len().saturating_sub(Snapshot::RECENT);
@@ -614,8 +675,11 @@ impl Host {
         self.snapshot = snapshot
             .split(self.cfg.chunk_bytes)
             .iter()
-            .map(postcard::to_stdvec)
-            .collect::<Result<_, _>>()?;
+            .map(|part| {
+                let topic = self.topics.snapshot(part.index);
+                HostSigned::seal_message(&self.signer, &topic, part)
+            })
+            .collect();
         let bytes: usize = self.snapshot.iter().map(Vec::len).sum();
         tracing::info!(
             "snapshot of round {} for devices catching up: {bytes} bytes in {} parts",

@@ -9,7 +9,7 @@ use std::process::Command;
 fn enrol_writes_a_registry_and_device_key_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_fedshield-host"))
-        .args(["enrol", "--fleet-dir"])
+        .args(["enrol", "--fleet", "lab", "--fleet-dir"])
         .arg(dir.path())
         .args(["--devices", "edge-0,edge-1"])
         .output()
@@ -22,11 +22,16 @@ fn enrol_writes_a_registry_and_device_key_files() {
     let fleet = FleetDir(dir.path().to_path_buf());
     let registry = fleet.registry().unwrap();
     assert_eq!(registry.len(), 2);
+    let (host, cert) = fleet.host("lab").unwrap();
+    assert_eq!(cert.public_key, host.public_key());
+    assert_eq!(cert.verify(&registry.authority, "lab"), Ok(()));
     for d in ["edge-0", "edge-1"] {
         let key =
             DeviceKey::parse(&std::fs::read_to_string(fleet.device_key_path(d)).unwrap()).unwrap();
         let (secret, authority) = key.keys().unwrap();
         assert_eq!(authority, registry.authority);
+        // Every device learns the host's certificate with its key file.
+        assert_eq!(key.host_certificate().unwrap(), cert);
         let identity = fedshield_crypto::identity::Identity::from_secret(secret);
         assert_eq!(
             registry.enrolment(&key.device).unwrap().public_key,
@@ -47,4 +52,31 @@ fn enrol_writes_a_registry_and_device_key_files() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+    // The directory is lab's: enrolling for another fleet is refused.
+    assert!(fleet.enrol("prod", "edge-9").is_err());
+}
+
+#[test]
+fn unreadable_fleet_files_are_reported_and_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = FleetDir(dir.path().to_path_buf());
+    fleet.enrol("lab", "edge-0").unwrap();
+    let authority = std::fs::read(dir.path().join("authority.key")).unwrap();
+    // A registry that does not parse: an error, and the file is left as it was.
+    std::fs::write(dir.path().join("registry.json"), b"{ truncated").unwrap();
+    let e = fleet.enrol("lab", "edge-1").unwrap_err();
+    assert!(format!("{e:#}").contains("registry.json"), "{e:#}");
+    assert_eq!(
+        std::fs::read(dir.path().join("registry.json")).unwrap(),
+        b"{ truncated"
+    );
+    // An authority key that is not a key: an error, never a new authority.
+    std::fs::write(dir.path().join("authority.key"), b"short").unwrap();
+    assert!(fleet.registry().is_err());
+    assert_eq!(
+        std::fs::read(dir.path().join("authority.key")).unwrap(),
+        b"short"
+    );
+    std::fs::write(dir.path().join("authority.key"), &authority).unwrap();
+    assert!(fleet.host("lab").is_ok());
 }

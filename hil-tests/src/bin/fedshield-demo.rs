@@ -242,7 +242,8 @@ fn secure_key_sum(keys: &[ClientKey], digests: &[[u8; 32]]) -> anyhow::Result<Ke
         let id = DeviceId(format!("edge-{c}"));
         let identity = Identity::generate(&mut rng);
         registry.enrol(authority.enrol(id.clone(), identity.public_key()))?;
-        let (client, advert) = Client::new(identity, id, config, authority.public_key(), &mut rng);
+        let (client, advert) =
+            Client::new(identity, id, config, authority.public_key(), 1, &mut rng);
         clients.push(client);
         adverts.push(advert);
     }

@@ -15,6 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Domain separation of enrolment signatures.
 const ENROLMENT_DOMAIN: &[u8] = b"fedshield/enrolment/v1";
 
+/// Domain separation of host certificates: a device certificate can never pass for one.
+const HOST_CERTIFICATE_DOMAIN: &[u8] = b"fedshield/host-certificate/v1";
+
 /// A device's name in the fleet, unique per fleet (for example "edge-007").
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DeviceId(pub String);
@@ -72,6 +75,17 @@ impl Identity {
         self.signing.sign(message).to_bytes().to_vec()
     }
 
+    /// As the enrolment authority: certifies that the aggregation host of `fleet` holds
+    /// `public_key` (the key that signs everything the host broadcasts to the devices).
+    pub fn certify_host(&self, fleet: &str, public_key: [u8; 32]) -> HostCertificate {
+        let signature = self.sign(&HostCertificate::signed_bytes(fleet, &public_key));
+        HostCertificate {
+            fleet: fleet.to_string(),
+            public_key,
+            signature,
+        }
+    }
+
     /// As the enrolment authority: certifies that `device` holds `public_key`.
     pub fn enrol(&self, device: DeviceId, public_key: [u8; 32]) -> Enrolment {
         let signature = self.sign(&Enrolment::signed_bytes(&device, &public_key));
@@ -122,6 +136,40 @@ impl Enrolment {
             Ok(())
         } else {
             Err(SecAggError::BadEnrolment(self.device.clone()))
+        }
+    }
+}
+
+/// The authority's certificate that the host of `fleet` holds `public_key`. Devices get it
+/// with their key file and accept a host broadcast only under this key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCertificate {
+    /// The fleet the host aggregates (its topic level).
+    pub fleet: String,
+    /// The host's ed25519 public key.
+    pub public_key: [u8; 32],
+    /// The authority's signature.
+    pub signature: Vec<u8>,
+}
+
+impl HostCertificate {
+    fn signed_bytes(fleet: &str, public_key: &[u8; 32]) -> Vec<u8> {
+        let mut m = HOST_CERTIFICATE_DOMAIN.to_vec();
+        m.extend(postcard::to_stdvec(&(fleet, public_key)).expect("encodable"));
+        m
+    }
+
+    /// Checks the authority's signature and that the certificate is for `fleet`.
+    pub fn verify(&self, authority: &[u8; 32], fleet: &str) -> Result<(), SecAggError> {
+        let signed = verify(
+            authority,
+            &Self::signed_bytes(&self.fleet, &self.public_key),
+            &self.signature,
+        );
+        if signed && self.fleet == fleet {
+            Ok(())
+        } else {
+            Err(SecAggError::BadHostCertificate(self.fleet.clone()))
         }
     }
 }
@@ -178,5 +226,35 @@ impl Registry {
     /// Whether no device is enrolled.
     pub fn is_empty(&self) -> bool {
         self.enrolled.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn host_certificates_verify_only_for_their_fleet_and_authority() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
+        let authority = Identity::generate(&mut rng);
+        let host = Identity::generate(&mut rng);
+        let cert = authority.certify_host("lab", host.public_key());
+        assert_eq!(cert.verify(&authority.public_key(), "lab"), Ok(()));
+        // Another fleet, another authority, another key: refused.
+        assert!(cert.verify(&authority.public_key(), "prod").is_err());
+        let other = Identity::generate(&mut rng);
+        assert!(cert.verify(&other.public_key(), "lab").is_err());
+        let mut swapped = cert.clone();
+        swapped.public_key = other.public_key();
+        assert!(swapped.verify(&authority.public_key(), "lab").is_err());
+        // A device enrolment under the same name and key is no host certificate (domains).
+        let enrolment = authority.enrol(DeviceId("lab".into()), host.public_key());
+        let forged = HostCertificate {
+            fleet: "lab".into(),
+            public_key: host.public_key(),
+            signature: enrolment.signature,
+        };
+        assert!(forged.verify(&authority.public_key(), "lab").is_err());
     }
 }

@@ -5,7 +5,8 @@
 //! runs in the driver.
 
 use crate::ProtocolError;
-use crate::messages::{EdgeMessage, Manifest, Phase, RoundConfig, RoundState};
+use crate::messages::{DownMessage, EdgeMessage, Manifest, Phase, RoundConfig, RoundState};
+use crate::signed::{MAX_REPORTED_LOSS, check_value, join_report_bytes};
 use fedshield_crypto::identity::{DeviceId, Identity};
 use fedshield_crypto::params::POLYNOMIAL_SIZE;
 use fedshield_crypto::secagg::{Client, SecAggConfig, ShareDelivery};
@@ -21,7 +22,8 @@ pub enum EdgeAction {
     Train {
         /// The round's configuration.
         config: RoundConfig,
-        /// This device's FedAvg weight.
+        /// This device's FedAvg weight, as the device computed it from the signed roster
+        /// (`weights::check_announced`), never merely as announced.
         weight: f64,
     },
     /// The round is over for this device: settle the residual (`counted`: the update is in
@@ -145,9 +147,21 @@ impl EdgeSession {
         Identity::from_secret(self.me.secret)
     }
 
-    /// Handles the round state. `samples` and `eval_loss` are what the device reports when
-    /// it joins. A state of the current round under a higher incarnation (the host restarted
-    /// or reconnected) first re-sends this device's messages of that phase.
+    /// Refuses announcements of rounds up to `round` from now on: a restarted device that
+    /// has applied round `round`'s global update never joins it or an earlier one again.
+    pub fn resume_after(&mut self, round: u64) {
+        if round > self.last_round {
+            self.last_round = round;
+            self.incarnation = 0;
+        }
+    }
+
+    /// Handles the (host-signed, verified) round state. `samples` (the device's FedAvg
+    /// claim, signed in its advert) and `eval_loss` are what the device reports when it
+    /// joins; a loss that is not a sane value is not reported. A state of the current round
+    /// under a higher incarnation (the host restarted or reconnected) first re-sends this
+    /// device's messages of that phase; one under a lower incarnation, or of an earlier
+    /// round, is a replay and refused.
     pub fn on_round(
         &mut self,
         state: RoundState,
@@ -155,6 +169,20 @@ impl EdgeSession {
         eval_loss: Option<f64>,
         rng: &mut impl CryptoRng,
     ) -> Result<Vec<EdgeAction>, ProtocolError> {
+        let round = state.config.round;
+        let announce = matches!(state.phase, Phase::Announce { .. });
+        let stale = (round < self.last_round && !announce)
+            || (round == self.last_round && state.incarnation < self.incarnation);
+        if stale {
+            return Err(ProtocolError::Stale {
+                what: "round state",
+                got_round: round,
+                got_incarnation: state.incarnation,
+                round: self.last_round,
+                incarnation: self.incarnation,
+            });
+        }
+        let eval_loss = eval_loss.filter(|l| check_value("loss", *l, MAX_REPORTED_LOSS).is_ok());
         let mut resend = Vec::new();
         if state.config.round == self.last_round && state.incarnation > self.incarnation {
             self.incarnation = state.incarnation;
@@ -191,8 +219,10 @@ impl EdgeSession {
             let mut actions = self.abandon();
             self.sent.clear();
             self.incarnation = state.incarnation;
+            let identity = self.identity();
+            let signature = identity.sign(&join_report_bytes(&self.me.id, round, eval_loss));
             let (client, advert) = Client::new(
-                self.identity(),
+                identity,
                 self.me.id.clone(),
                 SecAggConfig {
                     round,
@@ -200,14 +230,15 @@ impl EdgeSession {
                     vector_len: POLYNOMIAL_SIZE,
                 },
                 self.me.authority,
+                samples,
                 rng,
             );
             self.last_round = round;
             self.state = State::Joined(Box::new((client, state.config)));
             actions.push(EdgeAction::Send(EdgeMessage::Join {
                 advert,
-                samples,
                 eval_loss,
+                signature,
             }));
             return Ok(actions);
         }
@@ -217,10 +248,19 @@ impl EdgeSession {
         match (std::mem::replace(&mut self.state, State::Idle), state.phase) {
             (State::Joined(joined), Phase::Roster { roster, weights }) => {
                 let (mut client, config) = *joined;
-                let Some(&(_, weight)) = weights.iter().find(|(d, _)| *d == self.me.id) else {
+                if !weights.iter().any(|(d, _)| *d == self.me.id) {
                     return Ok(vec![]); // not admitted
-                };
+                }
+                // The adverts' signatures first (they carry the sample counts), then the
+                // weights: nothing leaves this device for a round whose weights it did not
+                // verify, and it encodes with the weight it computed.
                 let shares = client.on_roster(&roster, rng)?;
+                let computed = crate::weights::check_announced(&roster, &weights)?;
+                let weight = computed
+                    .iter()
+                    .find(|(d, _)| *d == self.me.id)
+                    .map(|(_, w)| *w)
+                    .expect("a member of the announced weights is in the roster");
                 self.state = State::Member(Box::new(Member {
                     client,
                     config: config.clone(),
@@ -288,6 +328,23 @@ impl EdgeSession {
                 counted: false,
             }],
             _ => vec![],
+        }
+    }
+
+    /// A (host-signed, verified) message on this device's downlink topic.
+    pub fn on_down(&mut self, message: DownMessage) -> Result<Vec<EdgeAction>, ProtocolError> {
+        match message {
+            DownMessage::Shares(delivery) => self.on_delivery(delivery),
+            DownMessage::UploadRefused { round, .. } => {
+                let ours = matches!(&self.state, State::Member(m) if m.config.round == round && m.uploaded);
+                if !ours {
+                    return Ok(vec![]); // another round's notice, or nothing uploaded
+                }
+                // The host will not count this upload: sit the round out now (the residual
+                // keeps the update) instead of waiting for the round to close.
+                let actions = self.abandon();
+                Ok(self.record(actions))
+            }
         }
     }
 

@@ -15,7 +15,11 @@
 //! uploads still in flight.
 
 use crate::ProtocolError;
-use crate::messages::{Chunk, EdgeMessage, Manifest, Phase, RoundConfig, RoundState};
+use crate::messages::{
+    Chunk, EdgeMessage, Manifest, Phase, RoundConfig, RoundState, UploadRefusal,
+};
+use crate::signed::{MAX_REPORTED_LOSS, ReportRefusal, check_value, join_report_bytes};
+use crate::weights::{check_claim, fedavg_weights};
 use fedshield_crypto::identity::{DeviceId, Registry};
 use fedshield_crypto::packed::{Aggregate, BodyBits, EncryptedUpdate, MaskSeed};
 use fedshield_crypto::params::POLYNOMIAL_SIZE;
@@ -46,6 +50,16 @@ pub enum HostAction {
     Broadcast(RoundState),
     /// Publish (retained) on `fedshield/{f}/down/{d}`.
     Deliver(DeviceId, ShareDelivery),
+    /// Tell a device (on `fedshield/{f}/down/{d}`, not retained) that its upload of the
+    /// round was dropped: it sits the round out, and the round no longer waits for it.
+    RefuseUpload {
+        /// The device.
+        device: DeviceId,
+        /// The round.
+        round: u64,
+        /// Why.
+        reason: UploadRefusal,
+    },
     /// The round is over: decoded sums of the contributors, to turn into the global update.
     Finished(RoundResult),
     /// The round failed; start the next.
@@ -105,12 +119,13 @@ pub struct HostRound {
     deadline: u64,
     server: Server,
     registry: Registry,
-    samples: BTreeMap<DeviceId, u64>,
     losses: BTreeMap<DeviceId, f64>,
     weights: BTreeMap<DeviceId, f64>,
     uploads: BTreeMap<DeviceId, Upload>,
     aggregate: Aggregate,
     folded: BTreeSet<DeviceId>,
+    /// Members whose signed upload was inconsistent: dropped, told, not waited for.
+    refused: BTreeMap<DeviceId, UploadRefusal>,
     upload_bytes: u64,
     /// The last phase broadcast and the share deliveries of the round (re-published after a
     /// restart or reconnection, see [`HostRound::republish`]).
@@ -156,11 +171,11 @@ impl HostRound {
             deadline,
             server,
             registry,
-            samples: BTreeMap::new(),
             losses: BTreeMap::new(),
             weights: BTreeMap::new(),
             uploads: BTreeMap::new(),
             folded: BTreeSet::new(),
+            refused: BTreeMap::new(),
             upload_bytes: 0,
             last_phase: Phase::Announce {
                 deadline_ms: deadline,
@@ -175,9 +190,9 @@ impl HostRound {
     }
 
     /// Re-publishes the round's retained messages (its current state and the share
-    /// deliveries) under the next incarnation, after a host restart or a reconnection to
-    /// the broker: the broker may have lost them, and edges re-send their messages of the
-    /// current phase when they see the new incarnation.
+    /// deliveries) and its upload refusals under the next incarnation, after a host
+    /// restart or a reconnection to the broker: the broker may have lost them, and edges
+    /// re-send their messages of the current phase when they see the new incarnation.
     pub fn republish(&mut self) -> Vec<HostAction> {
         self.incarnation += 1;
         let mut actions = vec![HostAction::Broadcast(self.state(self.last_phase.clone()))];
@@ -185,6 +200,15 @@ impl HostRound {
             self.deliveries
                 .iter()
                 .map(|(d, s)| HostAction::Deliver(d.clone(), s.clone())),
+        );
+        actions.extend(
+            self.refused
+                .iter()
+                .map(|(d, reason)| HostAction::RefuseUpload {
+                    device: d.clone(),
+                    round: self.config.round,
+                    reason: reason.clone(),
+                }),
         );
         actions
     }
@@ -243,53 +267,92 @@ impl HostRound {
                 sender.expect("checked")
             )));
         }
+        if let Some(reason) = self.refused.get(from)
+            && matches!(
+                message,
+                EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_) | EdgeMessage::SecAgg(_)
+            )
+            && self.phase == HostPhase::Uploading
+        {
+            return Err(ProtocolError::UploadRefused {
+                device: from.clone(),
+                round: self.config.round,
+                reason: reason.clone(),
+            });
+        }
+        let mut actions = Vec::new();
         match message {
             EdgeMessage::Join {
                 advert,
-                samples,
                 eval_loss,
+                signature,
             } => {
                 self.expect(HostPhase::Joining, "join")?;
-                if samples == 0 || samples > 1 << 40 {
-                    return Err(ProtocolError::Refused(format!("{from}: {samples} samples")));
+                let ClientBody::Advertise(claim) = &advert.body else {
+                    return Err(ProtocolError::Refused(format!(
+                        "{from}: a join must carry an advert"
+                    )));
+                };
+                check_claim(from, claim.weight)?;
+                // Signature, round, enrolment and duplicates of the advert first.
+                self.server.check(&advert)?;
+                let key = self.registry.enrolment(from)?.public_key;
+                let report = join_report_bytes(from, advert.round, eval_loss);
+                if !fedshield_crypto::identity::verify(&key, &report, &signature) {
+                    return Err(ReportRefusal::BadSignature(from.clone()).into());
+                }
+                if let Some(l) = eval_loss {
+                    check_value("held-out loss", l, MAX_REPORTED_LOSS)?;
                 }
                 // The noise and rounding budget holds for at most `cap` contributions.
                 let cap = max_clients(self.config.body_bits, self.config.scale_log2);
-                if !self.samples.contains_key(from) && self.samples.len() >= cap {
+                if self.server.collected() >= cap {
                     return Err(ProtocolError::Refused(format!(
                         "{from}: the round is full ({cap} clients, the most {}-bit bodies can sum)",
                         self.config.body_bits
                     )));
                 }
                 self.server.receive(advert)?;
-                self.samples.insert(from.clone(), samples);
-                if let Some(l) = eval_loss.filter(|l| l.is_finite()) {
+                if let Some(l) = eval_loss {
                     self.losses.insert(from.clone(), l);
                 }
             }
             EdgeMessage::SecAgg(msg) => match msg.body {
                 ClientBody::MaskedInput { .. } => {
                     self.expect(HostPhase::Uploading, "masked input")?;
-                    let upload = self.uploads.entry(from.clone()).or_default();
-                    if upload.masked_input.is_some() || self.folded.contains(from) {
+                    let held = self
+                        .uploads
+                        .get(from)
+                        .is_some_and(|u| u.masked_input.is_some());
+                    if held || self.folded.contains(from) {
                         return Err(ProtocolError::Refused(format!(
                             "duplicate masked input from {from}"
                         )));
                     }
-                    upload.masked_input = Some(msg);
-                    self.try_fold(from)?;
+                    // Checked before it is held: a forged or replayed masked input never
+                    // takes the slot of the device's real one.
+                    self.server.check(&msg)?;
+                    self.uploads.entry(from.clone()).or_default().masked_input = Some(msg);
+                    actions = self.try_fold(from)?;
                 }
                 _ => self.server.receive(msg)?,
             },
-            EdgeMessage::Manifest(m) => self.on_manifest(from, m)?,
-            EdgeMessage::Chunk(c) => self.on_chunk(from, c)?,
-            EdgeMessage::Evaluated { .. } => {
+            EdgeMessage::Manifest(m) => {
+                self.on_manifest(from, m)?;
+                actions = self.try_fold(from)?;
+            }
+            EdgeMessage::Chunk(c) => {
+                self.on_chunk(from, c)?;
+                actions = self.try_fold(from)?;
+            }
+            EdgeMessage::Evaluated(_) => {
                 return Err(ProtocolError::Refused(
                     "evaluation reports are the driver's, not the round's".into(),
                 ));
             }
         }
-        Ok(self.advance(now, false))
+        actions.extend(self.advance(now, false));
+        Ok(actions)
     }
 
     /// Advances on the clock: closes a phase whose deadline passed.
@@ -378,65 +441,71 @@ impl HostRound {
             )));
         }
         upload.chunks.insert(c.index, c.bytes);
-        self.try_fold(from)
+        Ok(())
     }
 
-    /// Folds `from`'s upload when it is complete and its masked input is accepted.
-    fn try_fold(&mut self, from: &DeviceId) -> Result<(), ProtocolError> {
-        let Some(upload) = self.uploads.get_mut(from) else {
-            return Ok(());
+    /// Folds `from`'s upload when it is complete and its (checked) masked input is here.
+    /// An upload whose signed parts disagree, or that is not an update of the round's
+    /// shape, is dropped, and the device is told ([`HostAction::RefuseUpload`]) and no
+    /// longer waited for: the message that completed it is accepted (and journalled), so
+    /// a replayed journal drops it again.
+    fn try_fold(&mut self, from: &DeviceId) -> Result<Vec<HostAction>, ProtocolError> {
+        let Some(upload) = self.uploads.get(from) else {
+            return Ok(vec![]);
         };
-        let (Some(bytes), Some(masked)) = (upload.complete(), upload.masked_input.clone()) else {
-            return Ok(());
+        let (Some(bytes), Some(masked)) = (upload.complete(), upload.masked_input.as_ref()) else {
+            return Ok(vec![]);
         };
         let digest = upload.manifest.as_ref().expect("complete").digest;
         let body_digest = match &masked.body {
             ClientBody::MaskedInput { update_digest, .. } => *update_digest,
             _ => unreachable!("only masked inputs are stored"),
         };
-        let problem = if update_digest(&bytes) != digest || digest != body_digest {
-            // Chunks that match their manifest, but a manifest whose digest lies: the whole
-            // upload is dropped.
-            upload.chunks.clear();
-            upload.manifest = None;
-            Some(format!("{from}: upload does not hash to its signed digest"))
+        let update = if update_digest(&bytes) != digest || digest != body_digest {
+            Err(UploadRefusal::DigestMismatch)
         } else {
-            None
-        };
-        let update = match problem {
-            Some(p) => Err(p),
-            None => postcard::from_bytes::<EncryptedUpdate>(&bytes)
-                .map_err(|e| format!("{from}: upload does not decode: {e}"))
+            postcard::from_bytes::<EncryptedUpdate>(&bytes)
+                .map_err(|e| UploadRefusal::Malformed(format!("does not decode: {e}")))
                 .and_then(|u| {
                     if u.len != self.config.selected {
-                        Err(format!("{from}: update of {} values", u.len))
+                        Err(UploadRefusal::Malformed(format!("{} values", u.len)))
                     } else if u.body_bits != self.config.body_bits {
-                        Err(format!("{from}: update with {}-bit bodies", u.body_bits))
+                        Err(UploadRefusal::Malformed(format!(
+                            "{}-bit bodies",
+                            u.body_bits
+                        )))
                     } else {
                         Ok(u)
                     }
-                }),
+                })
         };
         let update = match update {
             Ok(u) => u,
-            Err(why) => {
-                upload.masked_input = None;
-                return Err(ProtocolError::Refused(why));
+            Err(reason) => {
+                self.uploads.remove(from);
+                self.refused.insert(from.clone(), reason.clone());
+                return Ok(vec![HostAction::RefuseUpload {
+                    device: from.clone(),
+                    round: self.config.round,
+                    reason,
+                }]);
             }
         };
-        if let Err(e) = self.server.receive(masked) {
-            if let Some(u) = self.uploads.get_mut(from) {
-                u.masked_input = None;
-            }
-            return Err(e.into());
-        }
+        let masked = self
+            .uploads
+            .get_mut(from)
+            .and_then(|u| u.masked_input.take())
+            .expect("held above");
+        // Checked when it arrived, and nothing of its sender's recorded since: this cannot
+        // fail, but a long-running host refuses rather than panics if it ever did.
+        self.server.receive(masked)?;
         self.aggregate
             .add(&update)
             .expect("length checked against the round");
         self.uploads.remove(from);
         self.folded.insert(from.clone());
         self.upload_bytes += bytes.len() as u64;
-        Ok(())
+        Ok(vec![])
     }
 
     /// Closes phases that are complete (or past their deadline when `clock`).
@@ -447,7 +516,8 @@ impl HostRound {
             let complete = match self.phase {
                 HostPhase::Done => return actions,
                 HostPhase::Uploading => {
-                    self.folded.len() == self.server.expected() && self.server.expected() > 0
+                    self.folded.len() + self.refused.len() == self.server.expected()
+                        && self.server.expected() > 0
                 }
                 _ => {
                     self.server.collected() == self.server.expected() && self.server.expected() > 0
@@ -475,12 +545,10 @@ impl HostRound {
         match self.phase {
             HostPhase::Joining => {
                 let roster = self.server.close_advertise().map_err(err)?;
-                let members: Vec<&DeviceId> =
-                    roster.entries.iter().map(|e| &e.advert.sender).collect();
-                let total: u64 = members.iter().map(|d| self.samples[*d]).sum();
-                self.weights = members
-                    .iter()
-                    .map(|d| ((*d).clone(), self.samples[*d] as f64 / total as f64))
+                // Exactly what every member recomputes from the signed adverts.
+                self.weights = fedavg_weights(&roster)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
                     .collect();
                 self.phase = HostPhase::Sharing;
                 self.deadline = now + self.deadlines.shares_ms;

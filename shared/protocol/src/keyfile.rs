@@ -1,7 +1,9 @@
 //! A device's key file (`devices/{id}.json` in the fleet directory, installed on the
-//! device): its enrolled identity and the fleet authority's public key, in hex.
+//! device): its enrolled identity, the fleet authority's public key and the authority's
+//! certificate of the fleet host's key (under which the device accepts host broadcasts),
+//! in hex.
 
-use fedshield_crypto::identity::DeviceId;
+use fedshield_crypto::identity::{DeviceId, HostCertificate};
 
 /// A device's key file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -12,6 +14,32 @@ pub struct DeviceKey {
     pub secret: String,
     /// The fleet authority's public key, hex.
     pub authority: String,
+    /// The fleet host's certificate (absent in key files issued before hosts signed their
+    /// broadcasts: such a file is refused with the fix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostKeyEntry>,
+}
+
+/// The host certificate as a key file holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostKeyEntry {
+    /// The fleet the host aggregates.
+    pub fleet: String,
+    /// The host's ed25519 public key, hex.
+    pub public_key: String,
+    /// The authority's signature, hex.
+    pub signature: String,
+}
+
+impl HostKeyEntry {
+    /// The entry of `cert`.
+    pub fn of(cert: &HostCertificate) -> Self {
+        Self {
+            fleet: cert.fleet.clone(),
+            public_key: hex(&cert.public_key),
+            signature: hex(&cert.signature),
+        }
+    }
 }
 
 /// Lower-case hex.
@@ -21,26 +49,51 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Parses exactly 64 hex digits.
 pub fn unhex32(s: &str) -> Result<[u8; 32], crate::ProtocolError> {
+    unhex(s)?
+        .try_into()
+        .map_err(|_| crate::ProtocolError::Malformed("expected 64 hex digits".into()))
+}
+
+/// Parses hex digits (an even number of them).
+pub fn unhex(s: &str) -> Result<Vec<u8>, crate::ProtocolError> {
     let s = s.trim();
-    let bad = || crate::ProtocolError::Malformed("expected 64 hex digits".into());
-    if s.len() != 64 || !s.is_ascii() {
+    let bad = || crate::ProtocolError::Malformed("expected hex digits".into());
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad());
     }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(out)
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad()))
+        .collect()
 }
 
 impl DeviceKey {
-    /// Parses a key file's JSON text.
+    /// Parses a key file's JSON text; refuses a file without a valid host certificate.
     pub fn parse(text: &str) -> Result<Self, crate::ProtocolError> {
         let key: Self = serde_json::from_str(text)
             .map_err(|e| crate::ProtocolError::Malformed(format!("key file: {e}")))?;
         crate::messages::check_level(&key.device.0)?;
         key.keys()?;
+        key.host_certificate()?;
         Ok(key)
+    }
+
+    /// The host certificate, checked against the key file's authority.
+    pub fn host_certificate(&self) -> Result<HostCertificate, crate::ProtocolError> {
+        let entry = self.host.as_ref().ok_or_else(|| {
+            crate::ProtocolError::Malformed(
+                "key file has no host certificate (issued before hosts signed their broadcasts): \
+                 re-issue it with `fedshield-host enrol --devices ...`"
+                    .into(),
+            )
+        })?;
+        let cert = HostCertificate {
+            fleet: entry.fleet.clone(),
+            public_key: unhex32(&entry.public_key)?,
+            signature: unhex(&entry.signature)?,
+        };
+        let (_, authority) = self.keys()?;
+        cert.verify(&authority, &cert.fleet)?;
+        Ok(cert)
     }
 
     /// (secret, authority public key).
@@ -55,14 +108,29 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_bad_files() {
+        let authority = fedshield_crypto::identity::Identity::from_secret([1; 32]);
+        let host = fedshield_crypto::identity::Identity::from_secret([2; 32]);
+        let cert = authority.certify_host("lab", host.public_key());
         let key = DeviceKey {
             device: DeviceId("edge-0".into()),
             secret: hex(&[0xab; 32]),
-            authority: hex(&[1; 32]),
+            authority: hex(&authority.public_key()),
+            host: Some(HostKeyEntry::of(&cert)),
         };
         let text = serde_json::to_string(&key).unwrap();
         assert_eq!(DeviceKey::parse(&text).unwrap(), key);
-        assert_eq!(key.keys().unwrap(), ([0xab; 32], [1; 32]));
+        assert_eq!(key.keys().unwrap(), ([0xab; 32], authority.public_key()));
+        assert_eq!(key.host_certificate().unwrap(), cert);
+        // No host certificate, or one the authority did not sign: refused.
+        let old = DeviceKey {
+            host: None,
+            ..key.clone()
+        };
+        let e = DeviceKey::parse(&serde_json::to_string(&old).unwrap()).unwrap_err();
+        assert!(matches!(e, crate::ProtocolError::Malformed(_)), "{e}");
+        let mut forged = key.clone();
+        forged.host.as_mut().unwrap().public_key = hex(&[3; 32]);
+        assert!(DeviceKey::parse(&serde_json::to_string(&forged).unwrap()).is_err());
         assert!(DeviceKey::parse("{}").is_err());
         let short = text.replace(&hex(&[0xab; 32]), "abcd");
         assert!(DeviceKey::parse(&short).is_err());

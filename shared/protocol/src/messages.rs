@@ -5,18 +5,22 @@
 //! | topic | direction | retained | payload |
 //! |---|---|---|---|
 //! | `fedshield/{f}/round` | host -> edges | yes | [`RoundState`]: the current round and its phase |
-//! | `fedshield/{f}/down/{d}` | host -> one edge | yes | `secagg::ShareDelivery` of the current round (the retained copy is deleted when the round ends) |
+//! | `fedshield/{f}/down/{d}` | host -> one edge | yes | [`DownMessage`]: the `secagg::ShareDelivery` of the current round (the retained copy is deleted when the round ends), or a notice that the host dropped the device's upload (not retained) |
 //! | `fedshield/{f}/up/{d}` | edge -> host | no | [`EdgeMessage`] (one topic per device keeps its messages in order) |
 //! | `fedshield/{f}/global/{i}` | host -> edges | yes | [`GlobalPart`] `i` of the last completed round's update, in a `fedshield_wire::Compressed` (zstd) envelope |
 //! | `fedshield/{f}/status/{d}` | edge -> all | yes | `online` / `offline` (the last will) |
 //! | `fedshield/{f}/snapshot/{i}` | host -> edges | yes | [`SnapshotPart`] `i` of the fleet's state after the last completed round (a [`Snapshot`]: global adapter, selection history, recent contributors), for devices that missed a global update; devices subscribe only while they need it |
+//!
+//! Every downlink payload (round, down, global, snapshot) is a `signed::HostSigned`
+//! envelope: the host's signature over the topic and the payload, checked by the devices
+//! under the host certificate of their key file. Uplink messages are signed by the devices.
 //!
 //! QoS 1 everywhere: every handler is idempotent (duplicates are recognised and ignored).
 
 use fedshield_codec::PruneConfig;
 use fedshield_crypto::identity::DeviceId;
 use fedshield_crypto::params::BodyBits;
-use fedshield_crypto::secagg::{Roster, SignedMessage, SurvivorList, UnmaskRequest};
+use fedshield_crypto::secagg::{Roster, ShareDelivery, SignedMessage, SurvivorList, UnmaskRequest};
 
 /// Topic names of one fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,11 +172,12 @@ pub enum Phase {
         /// When joining closes.
         deadline_ms: u64,
     },
-    /// Who is in, with their weights (sample share); members train now.
+    /// Who is in, with their weights; members train now.
     Roster {
-        /// The secure-aggregation roster.
+        /// The secure-aggregation roster (every member's signed advert and sample count).
         roster: Roster,
-        /// Weight of each member (its samples over all members' samples).
+        /// Weight of each member, `weights::fedavg_weights` of the roster: every member
+        /// recomputes them and refuses the round if they differ.
         weights: Vec<(DeviceId, f64)>,
     },
     /// Sign the survivor list.
@@ -208,14 +213,16 @@ pub struct RoundState {
 /// An edge's message to the host, on its own uplink topic.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum EdgeMessage {
-    /// Join a round: the signed secure-aggregation advert and the local sample count.
+    /// Join a round: the signed secure-aggregation advert (it carries the device's sample
+    /// count, its FedAvg weight claim) and the held-out loss of the current global adapter,
+    /// signed by the device (`signed::join_report_bytes`).
     Join {
         /// The signed advert (its round is the round joined).
         advert: SignedMessage,
-        /// Training examples on the device (the FedAvg weight).
-        samples: u64,
         /// Held-out loss of the current global adapter on the device's evaluation data.
         eval_loss: Option<f64>,
+        /// The device's ed25519 signature of `signed::join_report_bytes`.
+        signature: Vec<u8>,
     },
     /// A secure-aggregation message (shares, masked input, consistency, unmask).
     SecAgg(SignedMessage),
@@ -224,15 +231,34 @@ pub enum EdgeMessage {
     /// One chunk of the encrypted update.
     Chunk(Chunk),
     /// After applying a round's global update: its held-out loss on this device's
-    /// evaluation data and the device's encryption time that round.
-    Evaluated {
-        /// The round whose global adapter was evaluated.
+    /// evaluation data and the device's encryption time that round, signed.
+    Evaluated(crate::signed::Evaluation),
+}
+
+/// `fedshield/{f}/down/{d}`'s payload: what the host tells one device.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum DownMessage {
+    /// The shares addressed to the device (retained until the round ends).
+    Shares(ShareDelivery),
+    /// The host dropped the device's upload of `round`: the device sits the round out (its
+    /// residual keeps the update), and the round no longer waits for it.
+    UploadRefused {
+        /// The round.
         round: u64,
-        /// Mean held-out loss per target token.
-        eval_loss: f64,
-        /// Seconds this device spent encrypting its update in that round.
-        encrypt_seconds: f64,
+        /// Why.
+        reason: UploadRefusal,
     },
+}
+
+/// Why the host dropped an upload whose every part was signed by its device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+pub enum UploadRefusal {
+    /// The chunks, the manifest's digest and the masked input's digest disagree.
+    #[error("the upload does not hash to the digest its masked input signed")]
+    DigestMismatch,
+    /// The upload does not decode as an encrypted update of the round's shape.
+    #[error("the upload is not an encrypted update of the round's shape: {0}")]
+    Malformed(String),
 }
 
 /// The table of contents of an upload.
@@ -463,12 +489,24 @@ pub struct SnapshotAssembler {
 
 impl SnapshotAssembler {
     /// Adds a part; returns the snapshot once every part of one publication is here and
-    /// it checks out (digest, decompression, decoding).
+    /// it checks out (digest, decompression, decoding). A part of a snapshot at or before
+    /// `applied` (the round this device has already reached: a replay) is refused and
+    /// leaves a publication being assembled untouched.
     pub fn add(
         &mut self,
         part: SnapshotPart,
+        applied: u64,
         limit: usize,
     ) -> Option<Result<Snapshot, crate::ProtocolError>> {
+        if part.round <= applied {
+            return Some(Err(crate::ProtocolError::Stale {
+                what: "snapshot part",
+                got_round: part.round,
+                got_incarnation: 0,
+                round: applied,
+                incarnation: 0,
+            }));
+        }
         if part.index >= part.parts {
             return None;
         }

@@ -6,10 +6,15 @@ use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::identity::{DeviceId, Identity, Registry};
 use fedshield_crypto::packed::{BodyBits, ClientKey, MaskSeed, encrypt};
 use fedshield_crypto::params::worst_case_error;
+use fedshield_crypto::secagg::SecAggError;
 use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
 use fedshield_protocol::journal::{self, Entry};
-use fedshield_protocol::messages::{EdgeMessage, Phase, RoundConfig, RoundState, Topics};
+use fedshield_protocol::messages::{
+    DownMessage, EdgeMessage, Phase, RoundConfig, RoundState, Topics, UploadRefusal,
+};
+use fedshield_protocol::signed::{ReportRefusal, join_report_bytes};
+use fedshield_protocol::weights::{WeightRefusal, weight_floor};
 use fedshield_protocol::{ProtocolError, decode};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -34,10 +39,13 @@ enum Fault {
     DiesMidUpload,
     /// Sends every upload message twice (QoS 1 redelivery).
     Duplicates,
+    /// A buggy device: its signed manifest names another digest than its masked input.
+    LyingManifest,
 }
 
 struct Edge {
     session: EdgeSession,
+    identity: Identity,
     samples: u64,
     values: Vec<f32>,
     fault: Fault,
@@ -55,6 +63,18 @@ struct Fleet {
     result: Option<RoundResult>,
     failed: Option<String>,
     refused: Vec<String>,
+    /// Refusals by the edges (index, error).
+    edge_refused: Vec<(usize, ProtocolError)>,
+    /// Upload refusals the host sent.
+    notices: Vec<(DeviceId, UploadRefusal)>,
+    /// The host's downlink messages as a driver publishes them: (topic, payload), before
+    /// the host's signature.
+    downlink: Vec<(String, Vec<u8>)>,
+    topics: Topics,
+    /// Weights the edges encoded with, by index.
+    trained_with: Vec<Option<f64>>,
+    /// Rewrites every broadcast before the edges see it (a malicious host).
+    tamper: Option<fn(&mut RoundState)>,
     encoding: FixedPoint,
     /// What the host driver journals: the round's accepted inputs.
     journal: Vec<Entry>,
@@ -85,6 +105,12 @@ fn fleet(faults: &[Fault], threshold: usize) -> Fleet {
 }
 
 fn fleet_with(faults: &[Fault], round: RoundConfig) -> Fleet {
+    let samples: Vec<u64> = (0..faults.len() as u64).map(|i| 10 * (i + 1)).collect();
+    fleet_of(faults, round, &samples)
+}
+
+/// A fleet whose devices claim `samples`.
+fn fleet_of(faults: &[Fault], round: RoundConfig, samples: &[u64]) -> Fleet {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let authority = Identity::generate(&mut rng);
     let mut registry = Registry::new(authority.public_key());
@@ -104,7 +130,8 @@ fn fleet_with(faults: &[Fault], round: RoundConfig) -> Fleet {
                 },
                 [7; 32],
             ),
-            samples: 10 * (i as u64 + 1),
+            identity: Identity::from_secret(identity.secret()),
+            samples: samples[i],
             values: (0..SELECTED)
                 .map(|j| ((i * 31 + j) % 17) as f32 / 17.0 - 0.5)
                 .collect(),
@@ -113,6 +140,7 @@ fn fleet_with(faults: &[Fault], round: RoundConfig) -> Fleet {
         });
     }
     let (host, actions) = HostRound::start(round.clone(), registry.clone(), DEADLINES, 0).unwrap();
+    let n = edges.len();
     let mut f = Fleet {
         host,
         edges,
@@ -123,6 +151,12 @@ fn fleet_with(faults: &[Fault], round: RoundConfig) -> Fleet {
         result: None,
         failed: None,
         refused: Vec::new(),
+        edge_refused: Vec::new(),
+        notices: Vec::new(),
+        downlink: Vec::new(),
+        topics: Topics::new("lab").unwrap(),
+        trained_with: vec![None; n],
+        tamper: None,
         encoding: FixedPoint::new(1.0).unwrap(),
         journal: vec![Entry::Start {
             config: round,
@@ -139,10 +173,29 @@ impl Fleet {
     fn host_actions(&mut self, actions: Vec<HostAction>) {
         for a in actions {
             match a {
-                HostAction::Broadcast(state) => self.broadcast(state),
+                HostAction::Broadcast(state) => {
+                    self.downlink
+                        .push((self.topics.round(), postcard::to_stdvec(&state).unwrap()));
+                    self.broadcast(state)
+                }
                 HostAction::Deliver(d, delivery) => {
+                    self.downlink.push((
+                        self.topics.down(&d),
+                        postcard::to_stdvec(&DownMessage::Shares(delivery.clone())).unwrap(),
+                    ));
                     let i = self.index(&d);
                     let out = self.edges[i].session.on_delivery(delivery).unwrap();
+                    self.edge_actions(i, out);
+                }
+                HostAction::RefuseUpload {
+                    device,
+                    round,
+                    reason,
+                } => {
+                    let i = self.index(&device);
+                    self.notices.push((device, reason.clone()));
+                    let notice = DownMessage::UploadRefused { round, reason };
+                    let out = self.edges[i].session.on_down(notice).unwrap();
                     self.edge_actions(i, out);
                 }
                 HostAction::Finished(r) => self.result = Some(r),
@@ -155,16 +208,23 @@ impl Fleet {
         d.0.strip_prefix("edge-").unwrap().parse().unwrap()
     }
 
-    fn broadcast(&mut self, state: RoundState) {
+    fn broadcast(&mut self, mut state: RoundState) {
+        if let Some(tamper) = self.tamper {
+            tamper(&mut state);
+        }
         // Retained: every edge sees it, twice for good measure (reconnection re-delivery).
         for i in 0..self.edges.len() {
             for _ in 0..2 {
                 let samples = self.edges[i].samples;
-                let out = self.edges[i]
-                    .session
-                    .on_round(state.clone(), samples, Some(2.0 + i as f64), &mut self.rng)
-                    .unwrap();
-                self.edge_actions(i, out);
+                match self.edges[i].session.on_round(
+                    state.clone(),
+                    samples,
+                    Some(2.0 + i as f64),
+                    &mut self.rng,
+                ) {
+                    Ok(out) => self.edge_actions(i, out),
+                    Err(e) => self.edge_refused.push((i, e)),
+                }
             }
         }
     }
@@ -191,9 +251,18 @@ impl Fleet {
                         Fault::Duplicates if upload => self.uplink.push((id.clone(), msg.clone())),
                         _ => {}
                     }
+                    let msg = match (fault, msg) {
+                        (Fault::LyingManifest, EdgeMessage::Manifest(mut m)) => {
+                            m.digest[0] ^= 1;
+                            m.signature = self.edges[i].identity.sign(&m.signed_bytes(&id));
+                            EdgeMessage::Manifest(m)
+                        }
+                        (_, msg) => msg,
+                    };
                     self.uplink.push((id.clone(), msg));
                 }
                 EdgeAction::Train { config, weight } => {
+                    self.trained_with[i] = Some(weight);
                     let mut plain = vec![0u64; config.selected];
                     self.encoding
                         .encode_weighted(&self.edges[i].values, weight, &mut plain)
@@ -688,14 +757,25 @@ fn snapshots_reassemble_from_parts_in_any_order_and_refuse_mixed_or_corrupt_ones
     let mut older = snapshot.clone();
     older.round = 0;
     older.global[0] = 9.0;
+    let older_part = older.split(16 * 1024)[1].clone();
     let mut asm = SnapshotAssembler::default();
-    assert!(
-        asm.add(older.split(16 * 1024)[1].clone(), 1 << 26)
-            .is_none()
-    );
+    // A replayed part of a snapshot no newer than what the device has is refused, and does
+    // not disturb the publication being assembled.
+    assert!(matches!(
+        asm.add(older_part.clone(), 0, 1 << 26),
+        Some(Err(ProtocolError::Stale { .. }))
+    ));
     let mut got = None;
-    for p in parts.iter().rev().chain(std::iter::once(&parts[0])) {
-        if let Some(r) = asm.add(p.clone(), 1 << 26) {
+    for (k, p) in parts
+        .iter()
+        .rev()
+        .chain(std::iter::once(&parts[0]))
+        .enumerate()
+    {
+        if k == 1 {
+            assert!(asm.add(older_part.clone(), 0, 1 << 26).unwrap().is_err());
+        }
+        if let Some(r) = asm.add(p.clone(), 0, 1 << 26) {
             got = Some(r.unwrap());
             break;
         }
@@ -707,11 +787,490 @@ fn snapshots_reassemble_from_parts_in_any_order_and_refuse_mixed_or_corrupt_ones
     bad[1].bytes[0] ^= 1;
     let out: Vec<_> = bad
         .into_iter()
-        .filter_map(|p| asm.add(p, 1 << 26))
+        .filter_map(|p| asm.add(p, 0, 1 << 26))
         .collect();
     assert!(matches!(out.as_slice(), [Err(ProtocolError::Malformed(_))]));
     // Over the size limit: refused.
     let mut asm = SnapshotAssembler::default();
-    let out: Vec<_> = parts.into_iter().filter_map(|p| asm.add(p, 1000)).collect();
+    let out: Vec<_> = parts
+        .into_iter()
+        .filter_map(|p| asm.add(p, 0, 1000))
+        .collect();
     assert!(matches!(out.as_slice(), [Err(_)]));
+}
+
+/// The isolation attack of a malicious host: weight 1 for edge-0, next to nothing for the
+/// others. Before the devices checked the weights, every device encrypted under the weight
+/// announced, and the decrypted "aggregate" of three members was edge-0's update alone.
+fn isolate_edge_0(state: &mut RoundState) {
+    if let Phase::Roster { weights, .. } = &mut state.phase {
+        for (d, w) in weights.iter_mut() {
+            *w = if d.0 == "edge-0" { 1.0 } else { 1e-12 };
+        }
+    }
+}
+
+#[test]
+fn a_host_announcing_skewed_weights_is_refused_by_every_device_and_nobody_encrypts() {
+    let mut f = fleet(&[Fault::None; 3], 2);
+    f.tamper = Some(isolate_edge_0);
+    f.run();
+    // Every device refused the roster (and ignored its retained copy: it left the round),
+    // and none trained or sent shares.
+    assert_eq!(f.edge_refused.len(), 3, "{:?}", f.edge_refused);
+    for (_, e) in &f.edge_refused {
+        assert!(
+            matches!(
+                e,
+                ProtocolError::Weights(WeightRefusal::Mismatch { member, .. }) if member.0 == "edge-0"
+            ),
+            "{e}"
+        );
+    }
+    assert_eq!(f.trained_with, [None, None, None]);
+    assert!(f.result.is_none());
+    assert!(
+        f.failed.as_ref().unwrap().contains("threshold"),
+        "{:?}",
+        f.failed
+    );
+}
+
+#[test]
+fn weights_that_follow_the_raw_sample_counts_past_the_ratio_cap_are_refused() {
+    // Claims 1600, 10, 10: FedAvg's raw shares would give the small devices 0.6% each, below
+    // the floor; the rule caps the large claim at 16 x 10.
+    fn raw_shares(state: &mut RoundState) {
+        if let Phase::Roster { weights, .. } = &mut state.phase {
+            let raw = [1600.0, 10.0, 10.0];
+            for (i, (_, w)) in weights.iter_mut().enumerate() {
+                *w = raw[i] / 1620.0;
+            }
+        }
+    }
+    let claims = [1600, 10, 10];
+    let mut f = fleet_of(&[Fault::None; 3], config(1, 2), &claims);
+    f.tamper = Some(raw_shares);
+    f.run();
+    assert_eq!(f.edge_refused.len(), 3, "{:?}", f.edge_refused);
+    assert_eq!(f.trained_with, [None, None, None]);
+    // Untampered, the same claims give the capped weights, which every device checks and
+    // encodes with, and the round decrypts their weighted mean.
+    let mut f = fleet_of(&[Fault::None; 3], config(1, 2), &claims);
+    f.run();
+    assert!(f.edge_refused.is_empty(), "{:?}", f.edge_refused);
+    let w: Vec<f64> = f.trained_with.iter().map(|w| w.unwrap()).collect();
+    assert_eq!(w, [160.0 / 180.0, 10.0 / 180.0, 10.0 / 180.0]);
+    assert!(w.iter().all(|&w| w >= weight_floor(3)));
+    let r = f.result.as_ref().unwrap();
+    let got = f.encoding.decode_sum(&r.sums, r.total_weight);
+    for (j, g) in got.iter().enumerate() {
+        let want: f64 = (0..3).map(|i| f.edges[i].values[j] as f64 * w[i]).sum();
+        assert!((*g as f64 - want).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn a_roster_whose_weights_leave_out_or_add_a_member_is_refused() {
+    fn drop_edge_2(state: &mut RoundState) {
+        if let Phase::Roster { weights, .. } = &mut state.phase {
+            weights.retain(|(d, _)| d.0 != "edge-2");
+        }
+    }
+    let mut f = fleet(&[Fault::None; 3], 2);
+    f.tamper = Some(drop_edge_2);
+    f.run();
+    // edge-2 is not admitted (it sits out); edge-0 and edge-1 refuse the roster.
+    assert_eq!(f.edge_refused.len(), 2, "{:?}", f.edge_refused);
+    assert!(
+        f.edge_refused
+            .iter()
+            .all(|(i, e)| *i < 2
+                && matches!(e, ProtocolError::Weights(WeightRefusal::Members { .. })))
+    );
+    assert_eq!(f.trained_with, [None, None, None]);
+}
+
+/// The joins of a fresh fleet, before the host saw any of them.
+fn joins(f: &mut Fleet) -> Vec<(DeviceId, EdgeMessage)> {
+    std::mem::take(&mut f.uplink)
+}
+
+#[test]
+fn forged_joins_are_refused_and_the_weights_are_the_signed_claims() {
+    let mut f = fleet(&[Fault::None; 3], 2);
+    let joins = joins(&mut f);
+    let (
+        from,
+        EdgeMessage::Join {
+            advert,
+            eval_loss,
+            signature,
+        },
+    ) = joins[1].clone()
+    else {
+        unreachable!()
+    };
+    // The advert replayed with another sample count: the advert's signature fails.
+    let mut inflated = advert.clone();
+    let fedshield_crypto::secagg::ClientBody::Advertise(a) = &mut inflated.body else {
+        unreachable!()
+    };
+    a.weight = 1 << 40;
+    let forged = EdgeMessage::Join {
+        advert: inflated,
+        eval_loss,
+        signature: signature.clone(),
+    };
+    let e = f.host.on_message(&from, forged, 0).unwrap_err();
+    assert!(
+        matches!(e, ProtocolError::SecAgg(SecAggError::BadSignature(_))),
+        "{e}"
+    );
+    // Another loss under the device's join signature, or no signature: refused.
+    for (loss, sig) in [(Some(0.0), signature.clone()), (eval_loss, Vec::new())] {
+        let forged = EdgeMessage::Join {
+            advert: advert.clone(),
+            eval_loss: loss,
+            signature: sig,
+        };
+        let e = f.host.on_message(&from, forged, 0).unwrap_err();
+        assert!(
+            matches!(e, ProtocolError::Report(ReportRefusal::BadSignature(_))),
+            "{e}"
+        );
+    }
+    // A device's own signed but insane loss is refused too.
+    for bad in [f64::NAN, -1.0, 1e77, f64::INFINITY] {
+        let sig = f.edges[1]
+            .identity
+            .sign(&join_report_bytes(&from, 1, Some(bad)));
+        let e = f
+            .host
+            .on_message(
+                &from,
+                EdgeMessage::Join {
+                    advert: advert.clone(),
+                    eval_loss: Some(bad),
+                    signature: sig,
+                },
+                0,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, ProtocolError::Report(ReportRefusal::OutOfRange { .. })),
+            "{e}"
+        );
+    }
+    // The genuine joins go through, and the round's weights are the signed claims' shares.
+    f.uplink = joins;
+    f.run();
+    f.check_mean(&[0, 1, 2]);
+    assert_eq!(
+        f.trained_with,
+        [Some(10.0 / 60.0), Some(20.0 / 60.0), Some(30.0 / 60.0)]
+    );
+    assert_eq!(f.result.as_ref().unwrap().eval_loss, Some(3.0));
+}
+
+#[test]
+fn a_forged_or_replayed_masked_input_never_takes_the_place_of_the_real_one() {
+    // The cause of a real device's upload being dropped after a burst of forgeries: the host
+    // held any masked input on a device's uplink before checking it, so a forged one took
+    // the real one's place, the real one was refused as a duplicate, and the upload then
+    // failed its digest check.
+    let mut f = fleet(&[Fault::None; 3], 2);
+    let mut forged_first = false;
+    for _ in 0..10_000 {
+        if f.uplink.is_empty() {
+            break;
+        }
+        let is_masked =
+            matches!(&f.uplink[0].1, EdgeMessage::SecAgg(m) if m.body.kind() == "masked-input");
+        if is_masked && !forged_first {
+            let (from, EdgeMessage::SecAgg(real)) = f.uplink[0].clone() else {
+                unreachable!()
+            };
+            let i = f.index(&from);
+            // A tampered copy (signature broken), an unsigned one, and a correctly signed
+            // masked input of another round (a replay).
+            let mut tampered = real.clone();
+            if let fedshield_crypto::secagg::ClientBody::MaskedInput { update_digest, .. } =
+                &mut tampered.body
+            {
+                update_digest[0] ^= 1;
+            }
+            let mut unsigned = real.clone();
+            unsigned.signature.clear();
+            let replay = fedshield_crypto::secagg::SignedMessage::sign(
+                &f.edges[i].identity,
+                from.clone(),
+                0,
+                real.body.clone(),
+            );
+            for forged in [tampered, unsigned, replay] {
+                let e = f
+                    .host
+                    .on_message(&from, EdgeMessage::SecAgg(forged), 0)
+                    .unwrap_err();
+                assert!(matches!(e, ProtocolError::SecAgg(_)), "{e}");
+            }
+            forged_first = true;
+        }
+        f.deliver_one();
+    }
+    assert!(forged_first);
+    f.run();
+    f.check_mean(&[0, 1, 2]);
+    assert!(f.refused.is_empty(), "{:?}", f.refused);
+    assert_eq!(f.now, 0, "nothing waited for a deadline");
+}
+
+#[test]
+fn a_device_whose_upload_the_host_drops_is_told_and_the_round_does_not_wait_for_it() {
+    let mut f = fleet(&[Fault::None, Fault::LyingManifest, Fault::None], 2);
+    f.run();
+    f.check_mean(&[0, 2]);
+    assert_eq!(
+        f.edges[1].settled,
+        Some(false),
+        "the device sat the round out"
+    );
+    assert_eq!(
+        f.now, 0,
+        "the round closed without waiting for the upload deadline"
+    );
+    assert_eq!(
+        f.notices,
+        [(DeviceId("edge-1".into()), UploadRefusal::DigestMismatch)]
+    );
+    // The drop is part of the journal: a restarted host drops it again and ends the same.
+    let replayed = journal::replay(&f.journal, f.registry.clone()).unwrap();
+    let Some(HostAction::Finished(r)) = replayed.outcome else {
+        panic!("the replayed round did not finish")
+    };
+    assert_eq!(&r, f.result.as_ref().unwrap());
+}
+
+/// Mutates `bytes` with `rng`: a bit flip, a truncation, an inserted byte, a run of junk, a
+/// changed length prefix, or a splice of two messages.
+fn mutate(bytes: &[u8], other: &[u8], rng: &mut ChaCha20Rng) -> Vec<u8> {
+    use rand::Rng;
+    let mut b = bytes.to_vec();
+    if b.is_empty() {
+        return vec![rng.random()];
+    }
+    match rng.random_range(0..6) {
+        0 => {
+            let i = rng.random_range(0..b.len());
+            b[i] ^= 1 << rng.random_range(0..8);
+        }
+        1 => b.truncate(rng.random_range(0..b.len())),
+        2 => {
+            let i = rng.random_range(0..=b.len());
+            b.insert(i, rng.random());
+        }
+        3 => {
+            let i = rng.random_range(0..b.len());
+            let n = rng.random_range(1..=16).min(b.len() - i);
+            for x in &mut b[i..i + n] {
+                *x = rng.random();
+            }
+        }
+        4 => {
+            // Postcard's first bytes are variant tags and length prefixes.
+            let i = rng.random_range(0..b.len().min(4));
+            b[i] = [0x00, 0x7f, 0xff, 0x80][rng.random_range(0..4)];
+        }
+        _ => {
+            let cut = rng.random_range(0..b.len());
+            let from = rng.random_range(0..other.len().max(1));
+            b.truncate(cut);
+            b.extend_from_slice(other.get(from..).unwrap_or(&[]));
+        }
+    }
+    b
+}
+
+#[test]
+fn a_corpus_of_mutated_real_messages_is_refused_without_panic_and_the_round_completes() {
+    use fedshield_protocol::signed::{Downlink, HostSigned, open_downlink};
+    // Capture a clean round's uplink messages and the host's broadcasts, as wire bytes.
+    let mut clean = fleet(&[Fault::None; 3], 2);
+    let mut uplink: Vec<(DeviceId, Vec<u8>)> = Vec::new();
+    let topics = Topics::new("lab").unwrap();
+    let host = Identity::generate(&mut ChaCha20Rng::seed_from_u64(77));
+    let me = DeviceId("edge-0".into());
+    for _ in 0..10_000 {
+        if clean.uplink.is_empty() {
+            break;
+        }
+        let (from, msg) = clean.uplink[0].clone();
+        uplink.push((from, postcard::to_stdvec(&msg).unwrap()));
+        clean.deliver_one();
+    }
+    // The round's broadcasts and edge-0's share delivery, sealed as the host driver does,
+    // and a global update part in its zstd envelope.
+    let mut downlink: Vec<(String, Vec<u8>)> = clean
+        .downlink
+        .iter()
+        .filter(|(t, _)| *t == topics.round() || *t == topics.down(&me))
+        .map(|(t, p)| (t.clone(), HostSigned::seal(&host, t, p.clone())))
+        .collect();
+    let part = &fedshield_protocol::messages::GlobalPart::split(
+        1,
+        std::slice::from_ref(&me),
+        &[0.5; 900],
+        4096,
+    )[0];
+    let envelope = fedshield_wire::compress_if_smaller(&postcard::to_stdvec(part).unwrap());
+    downlink.push((
+        topics.global(0),
+        HostSigned::seal_message(&host, &topics.global(0), &envelope),
+    ));
+    assert!(downlink.len() >= 6, "{}", downlink.len());
+    assert!(uplink.len() > 20);
+    // The corpus: 2,000 mutations from a seed, fed to a fresh round between its real
+    // messages. Every mutant either fails to decode or is refused; none panics, and the
+    // round still decrypts the exact mean.
+    let mut rng = ChaCha20Rng::seed_from_u64(2026);
+    let mut f = fleet(&[Fault::None; 3], 2);
+    let mut mutants = 0;
+    let mut accepted = 0;
+    let mut refused_by_round = 0;
+    for _ in 0..200 {
+        for _ in 0..10 {
+            use rand::Rng;
+            let (from, bytes) = &uplink[rng.random_range(0..uplink.len())];
+            let other = &uplink[rng.random_range(0..uplink.len())].1;
+            let bad = mutate(bytes, other, &mut rng);
+            mutants += 1;
+            let decoded = decode::<EdgeMessage>(&bad, 1 << 20);
+            let outcome = decoded
+                .as_ref()
+                .ok()
+                .map(|msg| f.host.on_message(from, msg.clone(), f.now));
+            if matches!(outcome, Some(Err(_))) {
+                refused_by_round += 1;
+            }
+            if let (Ok(msg), Some(Ok(_))) = (decoded, outcome) {
+                // Only a mutant that decodes to a message identical to a genuine one (a
+                // no-op mutation of padding) may pass, and then it is a duplicate.
+                accepted += 1;
+                assert!(
+                    uplink.iter().any(
+                        |(d, b)| d == from && decode::<EdgeMessage>(b, 1 << 20).unwrap() == msg
+                    ),
+                    "a mutated message was accepted: {msg:?}"
+                );
+            }
+            // Mutated host broadcasts never open.
+            let (topic, down) = &downlink[rng.random_range(0..downlink.len())];
+            let bad = mutate(down, other, &mut rng);
+            if bad != *down {
+                let opened = open_downlink(&topics, &host.public_key(), &me, topic, &bad, 1 << 20);
+                assert!(matches!(opened, Some(Err(_))), "{opened:?}");
+            }
+        }
+        if !f.uplink.is_empty() {
+            f.deliver_one();
+        }
+    }
+    assert_eq!(mutants, 2000);
+    // Many mutants decode and reach the state machine, which refuses them.
+    assert!(
+        refused_by_round > 200,
+        "{refused_by_round} refused by the round"
+    );
+    assert!(accepted <= 10, "{accepted} mutants accepted");
+    eprintln!(
+        "corpus: {mutants} mutants, {refused_by_round} refused by the round, {accepted} no-op duplicates accepted"
+    );
+    // The genuine messages open; the same bytes on another topic or under another key do
+    // not, and other devices' topics are not for this one.
+    for (topic, bytes) in &downlink {
+        let opened = open_downlink(&topics, &host.public_key(), &me, topic, bytes, 1 << 20);
+        assert!(
+            matches!(
+                opened,
+                Some(Ok(Downlink::Round(_)
+                    | Downlink::Down(_)
+                    | Downlink::Global(_)))
+            ),
+            "{topic}: {opened:?}"
+        );
+    }
+    let stranger = Identity::generate(&mut rng);
+    let round_state = &downlink[0].1;
+    for (topic, key) in [
+        (topics.global(0), host.public_key()),
+        (topics.down(&me), host.public_key()),
+        (topics.round(), stranger.public_key()),
+    ] {
+        assert!(matches!(
+            open_downlink(&topics, &key, &me, &topic, round_state, 1 << 20),
+            Some(Err(ProtocolError::HostSignature(_)))
+        ));
+    }
+    let other_device = topics.down(&DeviceId("edge-1".into()));
+    assert!(
+        open_downlink(
+            &topics,
+            &host.public_key(),
+            &me,
+            &other_device,
+            round_state,
+            1 << 20
+        )
+        .is_none()
+    );
+    f.run();
+    f.check_mean(&[0, 1, 2]);
+}
+
+#[test]
+fn replayed_round_states_of_an_earlier_round_or_incarnation_are_refused() {
+    let mut rng = ChaCha20Rng::seed_from_u64(9);
+    let authority = Identity::generate(&mut rng);
+    let mut s = EdgeSession::new(
+        EdgeIdentity {
+            id: DeviceId("a".into()),
+            secret: [1; 32],
+            authority: authority.public_key(),
+        },
+        [7; 32],
+    );
+    let state = |round, incarnation, phase| RoundState {
+        config: config(round, 2),
+        phase,
+        incarnation,
+    };
+    let announce = || Phase::Announce { deadline_ms: 5 };
+    assert_eq!(
+        s.on_round(state(2, 1, announce()), 1, None, &mut rng)
+            .unwrap()
+            .len(),
+        1
+    );
+    // The same round under an older incarnation, and an earlier round's outcome: refused.
+    for old in [
+        state(2, 0, announce()),
+        state(1, 3, Phase::Failed { reason: "x".into() }),
+    ] {
+        let e = s.on_round(old, 1, None, &mut rng).unwrap_err();
+        assert!(matches!(e, ProtocolError::Stale { .. }), "{e}");
+    }
+    // A device restored after round 5's global update never joins round 5 again.
+    s.resume_after(5);
+    assert!(
+        s.on_round(state(5, 0, announce()), 1, None, &mut rng)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.on_round(state(6, 0, announce()), 1, None, &mut rng)
+            .unwrap()
+            .len(),
+        1
+    );
 }

@@ -62,12 +62,14 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Starts a session: fresh X25519 keys and self-mask seed; returns the signed advert.
+    /// Starts a session: fresh X25519 keys and self-mask seed; returns the signed advert,
+    /// which carries the client's claimed aggregation `weight`.
     pub fn new(
         identity: Identity,
         id: DeviceId,
         config: SecAggConfig,
         authority: [u8; 32],
+        weight: u64,
         rng: &mut impl CryptoRng,
     ) -> (Self, SignedMessage) {
         let mut bytes = [0u8; 32];
@@ -80,6 +82,7 @@ impl Client {
         let advert = Advert {
             c_pk: PublicKey::from(&c_sk).to_bytes(),
             s_pk: PublicKey::from(&s_sk).to_bytes(),
+            weight,
         };
         let message = SignedMessage::sign(
             &identity,

@@ -66,6 +66,10 @@ pub struct Advert {
     pub c_pk: [u8; 32],
     /// X25519 public key for pairwise masks.
     pub s_pk: [u8; 32],
+    /// The client's claimed aggregation weight (FedShield: its training sample count).
+    /// Signed with the advert and broadcast in the roster, so that every member can
+    /// recompute every member's weight and refuse a server that announces others.
+    pub weight: u64,
 }
 
 /// A share sent from one client to another, encrypted end to end.
@@ -238,6 +242,9 @@ pub enum SecAggError {
     /// The enrolment certificate is not signed by the fleet authority.
     #[error("enrolment of {0} is not signed by the fleet authority")]
     BadEnrolment(DeviceId),
+    /// The host certificate is not signed by the fleet authority, or is for another fleet.
+    #[error("host certificate of fleet {0:?} is not signed by the fleet authority")]
+    BadHostCertificate(String),
     /// A message for another round (a replay from an earlier one, or a stale client).
     #[error("message for round {got}, this is round {expected}")]
     WrongRound {

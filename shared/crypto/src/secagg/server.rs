@@ -136,8 +136,12 @@ impl Server {
             .map(|i| i as u32 + 1)
     }
 
-    /// Checks and records one client message. A refused message changes nothing.
-    pub fn receive(&mut self, msg: SignedMessage) -> Result<(), SecAggError> {
+    /// Checks one client message as [`Server::receive`] would, without recording it: its
+    /// round, the sender's enrolment and signature, the stage, the sender's part in it,
+    /// duplicates and the content's shape. A driver that must hold a message before
+    /// handing it over (the host holds a masked input until its upload is complete) checks
+    /// it first, so that nothing forged or replayed ever takes a genuine message's place.
+    pub fn check(&self, msg: &SignedMessage) -> Result<(), SecAggError> {
         if msg.round != self.config.round {
             return Err(SecAggError::WrongRound {
                 expected: self.config.round,
@@ -146,58 +150,41 @@ impl Server {
         }
         let enrolment = self.registry.enrolment(&msg.sender)?;
         msg.verify(&enrolment.public_key)?;
-        let wrong_stage = SecAggError::WrongStage {
-            expected: self.stage.expects(),
-            got: msg.body.kind(),
-        };
-        let sender = msg.sender.clone();
+        let sender = &msg.sender;
         let duplicate = |kind| SecAggError::Duplicate {
             sender: sender.clone(),
             kind,
         };
         match (&self.stage, &msg.body) {
             (Stage::Advertise, ClientBody::Advertise(_)) => {
-                if self.adverts.contains_key(&sender) {
+                if self.adverts.contains_key(sender) {
                     return Err(duplicate("advertise"));
                 }
-                let entry = RosterEntry {
-                    enrolment: enrolment.clone(),
-                    advert: msg,
-                };
-                self.adverts.insert(sender, entry);
             }
             (Stage::ShareKeys, ClientBody::Shares(shares)) => {
-                if self.x_of(&sender).is_none() {
-                    return Err(SecAggError::NotAParticipant(sender));
+                if self.x_of(sender).is_none() {
+                    return Err(SecAggError::NotAParticipant(sender.clone()));
                 }
-                if self.shares.contains_key(&sender) {
+                if self.shares.contains_key(sender) {
                     return Err(duplicate("shares"));
                 }
                 let recipients: BTreeSet<&DeviceId> = shares.iter().map(|s| &s.to).collect();
                 let valid = shares.len() == self.u1.len() - 1
                     && recipients.len() == shares.len()
-                    && shares
-                        .iter()
-                        .all(|s| s.from == sender && s.to != sender && self.x_of(&s.to).is_some());
+                    && shares.iter().all(|s| {
+                        &s.from == sender && &s.to != sender && self.x_of(&s.to).is_some()
+                    });
                 if !valid {
                     return Err(SecAggError::Malformed(format!(
                         "shares from {sender}: need one per other roster member"
                     )));
                 }
-                let shares = shares.clone();
-                self.shares.insert(sender, shares);
             }
-            (
-                Stage::MaskedInput,
-                ClientBody::MaskedInput {
-                    masked,
-                    update_digest,
-                },
-            ) => {
-                if !self.shares.contains_key(&sender) {
-                    return Err(SecAggError::NotAParticipant(sender));
+            (Stage::MaskedInput, ClientBody::MaskedInput { masked, .. }) => {
+                if !self.shares.contains_key(sender) {
+                    return Err(SecAggError::NotAParticipant(sender.clone()));
                 }
-                if self.digests.contains_key(&sender) {
+                if self.digests.contains_key(sender) {
                     return Err(duplicate("masked-input"));
                 }
                 if masked.len() != self.config.vector_len {
@@ -207,16 +194,12 @@ impl Server {
                         self.config.vector_len
                     )));
                 }
-                for (s, m) in self.masked_sum.iter_mut().zip(masked) {
-                    *s = s.wrapping_add(*m);
-                }
-                self.digests.insert(sender, *update_digest);
             }
             (Stage::Consistency, ClientBody::Consistency(list)) => {
-                if !self.u3.contains(&sender) {
-                    return Err(SecAggError::NotAParticipant(sender));
+                if !self.u3.contains(sender) {
+                    return Err(SecAggError::NotAParticipant(sender.clone()));
                 }
-                if self.consistency.contains_key(&sender) {
+                if self.consistency.contains_key(sender) {
                     return Err(duplicate("consistency"));
                 }
                 if list != &self.u3 {
@@ -224,7 +207,6 @@ impl Server {
                         "{sender} signed another survivor list"
                     )));
                 }
-                self.consistency.insert(sender, msg);
             }
             (
                 Stage::Unmask,
@@ -235,13 +217,13 @@ impl Server {
             ) => {
                 let Some(x) = self
                     .consistency
-                    .contains_key(&sender)
-                    .then(|| self.x_of(&sender))
+                    .contains_key(sender)
+                    .then(|| self.x_of(sender))
                     .flatten()
                 else {
-                    return Err(SecAggError::NotAParticipant(sender));
+                    return Err(SecAggError::NotAParticipant(sender.clone()));
                 };
-                if self.unmask.contains_key(&sender) {
+                if self.unmask.contains_key(sender) {
                     return Err(duplicate("unmask"));
                 }
                 let dropped: Vec<&DeviceId> = self
@@ -265,10 +247,57 @@ impl Server {
                         "unmask response from {sender}: shares must cover U3 and U2 \\ U3"
                     )));
                 }
+            }
+            _ => {
+                return Err(SecAggError::WrongStage {
+                    expected: self.stage.expects(),
+                    got: msg.body.kind(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks ([`Server::check`]) and records one client message. A refused message
+    /// changes nothing.
+    pub fn receive(&mut self, msg: SignedMessage) -> Result<(), SecAggError> {
+        self.check(&msg)?;
+        let sender = msg.sender.clone();
+        match &msg.body {
+            ClientBody::Advertise(_) => {
+                let enrolment = self.registry.enrolment(&sender)?.clone();
+                self.adverts.insert(
+                    sender,
+                    RosterEntry {
+                        enrolment,
+                        advert: msg,
+                    },
+                );
+            }
+            ClientBody::Shares(shares) => {
+                let shares = shares.clone();
+                self.shares.insert(sender, shares);
+            }
+            ClientBody::MaskedInput {
+                masked,
+                update_digest,
+            } => {
+                for (s, m) in self.masked_sum.iter_mut().zip(masked) {
+                    *s = s.wrapping_add(*m);
+                }
+                let digest = *update_digest;
+                self.digests.insert(sender, digest);
+            }
+            ClientBody::Consistency(_) => {
+                self.consistency.insert(sender, msg);
+            }
+            ClientBody::Unmask {
+                self_mask,
+                mask_key,
+            } => {
                 let shares = (self_mask.clone(), mask_key.clone());
                 self.unmask.insert(sender, shares);
             }
-            _ => return Err(wrong_stage),
         }
         Ok(())
     }

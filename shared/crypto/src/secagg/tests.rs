@@ -52,6 +52,7 @@ impl Fleet {
             id.clone(),
             config,
             self.authority.public_key(),
+            10 + i as u64,
             rng,
         )
     }
@@ -284,7 +285,7 @@ fn tampered_replayed_wrong_round_unsigned_and_unknown_messages_are_rejected() {
     );
     // Unknown device, signed by a key the registry never saw.
     let stranger = Identity::generate(&mut rng);
-    let (_, unknown) = Client::new(stranger, "edge-999".into(), cfg, [0; 32], &mut rng);
+    let (_, unknown) = Client::new(stranger, "edge-999".into(), cfg, [0; 32], 1, &mut rng);
     assert!(matches!(
         server.receive(unknown),
         Err(SecAggError::UnknownDevice(_))
