@@ -166,8 +166,11 @@ impl Mosquitto {
             .stderr(Stdio::null())
             .spawn()
             .context("starting mosquitto")?;
+        // A probe that connected to itself (TCP simultaneous open on a loopback port nobody
+        // listens on yet) does not count.
         let ready = wait_until("mosquitto", Duration::from_secs(10), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+            TcpStream::connect_timeout(&addr, Duration::from_millis(100))
+                .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
         });
         if let Some(status) = child.try_wait()? {
             bail!("mosquitto exited at start: {status}");

@@ -58,7 +58,7 @@ impl EmbeddedBroker {
             })
             .map_err(|e| HostError::Broker(e.to_string()))?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err() {
+        while !answers_mqtt(&listen) {
             if Instant::now() > deadline {
                 return Err(HostError::Broker(format!(
                     "not listening on {listen} after 10 s"
@@ -73,4 +73,32 @@ impl EmbeddedBroker {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+}
+
+/// Whether an MQTT broker answers on `addr`: a CONNECT gets a CONNACK that accepts it. A
+/// bare TCP connect is not enough: to a loopback port in the ephemeral range that nobody
+/// listens on yet, the kernel may connect the probe to itself (TCP simultaneous open),
+/// which then holds the port that the broker is about to bind.
+fn answers_mqtt(addr: &SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = TcpStream::connect_timeout(addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    if stream.local_addr().ok() == stream.peer_addr().ok() {
+        return false; // connected to itself; dropping it frees the port
+    }
+    // MQTT 3.1.1 CONNECT: clean session, keep-alive 10 s, client id "fedshield-probe".
+    let id = b"fedshield-probe";
+    let mut connect = vec![0x10, (10 + 2 + id.len()) as u8];
+    connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10]);
+    connect.extend_from_slice(&[0, id.len() as u8]);
+    connect.extend_from_slice(id);
+    let mut connack = [0u8; 4];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .is_ok()
+        && stream.write_all(&connect).is_ok()
+        && stream.read_exact(&mut connack).is_ok()
+        && connack == [0x20, 0x02, 0x00, 0x00]
+        && stream.write_all(&[0xe0, 0x00]).is_ok() // DISCONNECT
 }
