@@ -240,8 +240,10 @@ impl<'a> FleetClient<'a> {
         mut self,
         path: std::path::PathBuf,
     ) -> Result<(Self, Option<String>), crate::EdgeError> {
-        let restored = match std::fs::read(&path) {
-            Ok(bytes) => {
+        let read = fedshield_store::read_existing(&path)
+            .map_err(|e| crate::EdgeError::Shape(e.to_string()))?;
+        let restored = match read {
+            Some(bytes) => {
                 let bad = |why: String| {
                     crate::EdgeError::Shape(format!("state file {}: {why}", path.display()))
                 };
@@ -280,13 +282,7 @@ impl<'a> FleetClient<'a> {
                     }
                 ))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(crate::EdgeError::Shape(format!(
-                    "state file {}: {e}",
-                    path.display()
-                )));
-            }
+            None => None,
         };
         self.state_path = Some(path);
         Ok((self, restored))
@@ -307,23 +303,13 @@ impl<'a> FleetClient<'a> {
             pending: self.prepared.as_ref().map(Cow::Borrowed),
             eval_loss: self.eval_loss,
         };
-        let tmp = path.with_extension("state.tmp");
         // Owner-only: the residual and the pending upload derive from the private data.
         let written = postcard::to_stdvec(&state)
-            .map_err(std::io::Error::other)
+            .map_err(|e| e.to_string())
             .and_then(|bytes| {
-                use std::io::Write;
-                std::os::unix::fs::OpenOptionsExt::mode(
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true),
-                    0o600,
-                )
-                .open(&tmp)?
-                .write_all(&bytes)
-            })
-            .and_then(|()| std::fs::rename(&tmp, path));
+                fedshield_store::write_atomic(path, &bytes, fedshield_store::Access::Private)
+                    .map_err(|e| e.to_string())
+            });
         if let Err(e) = written {
             log.push(format!("state not saved to {}: {e}", path.display()));
         }

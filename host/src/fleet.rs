@@ -17,6 +17,7 @@ use anyhow::Context;
 use fedshield_crypto::identity::{DeviceId, HostCertificate, Identity, Registry};
 use fedshield_protocol::keyfile::{DeviceKey, HostKeyEntry, hex};
 use fedshield_protocol::messages::check_level;
+use fedshield_store::{Access, read_existing, write_atomic};
 use std::path::{Path, PathBuf};
 
 /// The fleet directory.
@@ -57,9 +58,9 @@ impl FleetDir {
         let authority = self.authority()?;
         let host = read_or_create_key(&self.0, &self.host_key_path())?;
         let path = self.host_cert_path();
-        let cert = match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let cert: HostCertificate = serde_json::from_str(&text)
+        let cert = match read_existing(&path)? {
+            Some(text) => {
+                let cert: HostCertificate = serde_json::from_slice(&text)
                     .with_context(|| format!("parsing {}", path.display()))?;
                 anyhow::ensure!(
                     cert.fleet == fleet,
@@ -77,16 +78,12 @@ impl FleetDir {
                 );
                 cert
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            None => {
                 let cert = authority.certify_host(fleet, host.public_key());
-                write_atomic(
-                    &path,
-                    serde_json::to_string_pretty(&cert)?.as_bytes(),
-                    0o644,
-                )?;
+                let json = serde_json::to_string_pretty(&cert)?;
+                write_atomic(&path, json.as_bytes(), Access::Public)?;
                 cert
             }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         Ok((host, cert))
     }
@@ -95,9 +92,9 @@ impl FleetDir {
     pub fn registry(&self) -> anyhow::Result<Registry> {
         let authority = self.authority()?;
         let path = self.registry_path();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let registry: Registry = serde_json::from_str(&text)
+        match read_existing(&path)? {
+            Some(text) => {
+                let registry: Registry = serde_json::from_slice(&text)
                     .with_context(|| format!("parsing {}", path.display()))?;
                 anyhow::ensure!(
                     registry.authority == authority.public_key(),
@@ -107,10 +104,7 @@ impl FleetDir {
                 );
                 Ok(registry)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(Registry::new(authority.public_key()))
-            }
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+            None => Ok(Registry::new(authority.public_key())),
         }
     }
 
@@ -127,7 +121,7 @@ impl FleetDir {
         write_atomic(
             &self.registry_path(),
             serde_json::to_string_pretty(&registry)?.as_bytes(),
-            0o644,
+            Access::Public,
         )?;
         let key = DeviceKey {
             device: id,
@@ -137,45 +131,30 @@ impl FleetDir {
         };
         let path = self.device_key_path(device);
         std::fs::create_dir_all(path.parent().expect("devices folder"))?;
-        write_atomic(&path, serde_json::to_string_pretty(&key)?.as_bytes(), 0o600)?;
+        write_atomic(
+            &path,
+            serde_json::to_string_pretty(&key)?.as_bytes(),
+            Access::Private,
+        )?;
         Ok(path)
     }
 }
 
 /// The ed25519 key in `path`, created (owner-only) when the file does not exist.
 fn read_or_create_key(dir: &Path, path: &Path) -> anyhow::Result<Identity> {
-    match std::fs::read(path) {
-        Ok(bytes) => {
+    match read_existing(path)? {
+        Some(bytes) => {
             let secret: [u8; 32] = bytes
                 .as_slice()
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("{}: not a 32-byte key", path.display()))?;
             Ok(Identity::from_secret(secret))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        None => {
             std::fs::create_dir_all(dir)?;
             let id = Identity::generate(&mut rand::rng());
-            write_atomic(path, &id.secret(), 0o600)?;
+            write_atomic(path, &id.secret(), Access::Private)?;
             Ok(id)
         }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
-}
-
-/// Writes `bytes` to `path` atomically (temporary file with `mode`, fsync, rename).
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }

@@ -166,8 +166,8 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let state_path = cfg.out.join("state.bin");
     let (signer, _) = cfg.fleet_dir.host(&cfg.fleet)?;
     let registry = cfg.fleet_dir.registry()?;
-    let state = match std::fs::read(&state_path) {
-        Ok(bytes) => {
+    let state = match fedshield_store::read_existing(&state_path)? {
+        Some(bytes) => {
             let s: HostState = postcard::from_bytes(&bytes).context("reading state.bin")?;
             anyhow::ensure!(
                 s.layout_digest == cfg.layout.digest(),
@@ -181,10 +181,7 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
             );
             s
         }
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("reading {}", state_path.display()));
-        }
-        Err(_) => HostState {
+        None => HostState {
             round: 0,
             announced: 0,
             global: init_adapter(&cfg.layout, cfg.seed),
@@ -690,9 +687,11 @@ impl Host {
     }
 
     fn save_state(&self) -> anyhow::Result<()> {
-        let tmp = self.cfg.out.join("state.bin.tmp");
-        std::fs::write(&tmp, postcard::to_stdvec(&self.state)?)?;
-        std::fs::rename(&tmp, self.cfg.out.join("state.bin"))?;
+        fedshield_store::write_atomic(
+            &self.cfg.out.join("state.bin"),
+            &postcard::to_stdvec(&self.state)?,
+            fedshield_store::Access::Private,
+        )?;
         Ok(())
     }
 

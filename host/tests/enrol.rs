@@ -80,3 +80,35 @@ fn unreadable_fleet_files_are_reported_and_never_replaced() {
     std::fs::write(dir.path().join("authority.key"), &authority).unwrap();
     assert!(fleet.host("lab").is_ok());
 }
+
+#[test]
+fn serve_refuses_a_corrupt_state_file_and_leaves_it_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = FleetDir(dir.path().join("fleet"));
+    fleet.enrol("lab", "edge-0").unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let garbage = b"\xffnot a host state".to_vec();
+    std::fs::write(out.join("state.bin"), &garbage).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fedshield-host"))
+        .args([
+            "serve",
+            "--fleet",
+            "lab",
+            "--rounds",
+            "1",
+            "--broker",
+            "127.0.0.1:9",
+        ])
+        .args(["--rank", "2", "--targets", "v_proj", "--fleet-dir"])
+        .arg(&fleet.0)
+        .arg("--out")
+        .arg(&out)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("state.bin"), "{stderr}");
+    assert_eq!(std::fs::read(out.join("state.bin")).unwrap(), garbage);
+}
