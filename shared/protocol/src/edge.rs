@@ -138,11 +138,6 @@ impl EdgeSession {
         actions
     }
 
-    /// The last round this device joined (0: none).
-    pub fn last_round(&self) -> u64 {
-        self.last_round
-    }
-
     fn identity(&self) -> Identity {
         Identity::from_secret(self.me.secret)
     }

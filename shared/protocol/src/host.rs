@@ -25,7 +25,7 @@ use fedshield_crypto::packed::{Aggregate, BodyBits, EncryptedUpdate, MaskSeed};
 use fedshield_crypto::params::POLYNOMIAL_SIZE;
 use fedshield_crypto::params::max_clients;
 use fedshield_crypto::secagg::{
-    ClientBody, SecAggConfig, Server, ShareDelivery, SignedMessage, Stage, update_digest,
+    ClientBody, SecAggConfig, Server, ShareDelivery, SignedMessage, update_digest,
 };
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -618,11 +618,6 @@ impl HostRound {
             }
             HostPhase::Done => Ok(vec![]),
         }
-    }
-
-    /// The secure aggregation's stage (for logs).
-    pub fn stage(&self) -> Stage {
-        self.server.stage()
     }
 }
 
