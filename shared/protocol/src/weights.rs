@@ -139,7 +139,7 @@ pub fn check_announced(
     let (mut a, mut c) = (names(announced), names(&computed));
     a.sort();
     c.sort();
-    if a != c || announced.len() != computed.len() {
+    if a != c {
         return Err(WeightRefusal::Members {
             announced: names(announced),
             roster: names(&computed),
