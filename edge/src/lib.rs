@@ -34,6 +34,14 @@ pub enum EdgeError {
     /// Two shapes that must agree do not.
     #[error("shape mismatch: {0}")]
     Shape(String),
+    /// The device's state file cannot be used (it is left as it is).
+    #[error("state file {}: {why}; move it away to start this device afresh", path.display())]
+    State {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        why: String,
+    },
     /// The peer did not answer in time.
     #[error("no answer from {0} within the timeout")]
     Timeout(String),

@@ -307,32 +307,16 @@ impl Lora {
             .iter()
             .map(|m| m.peft_name())
             .collect();
-        let config = serde_json::json!({
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model,
-            "r": self.config.r,
-            "lora_alpha": self.config.alpha,
-            "lora_dropout": self.config.dropout,
-            "target_modules": targets,
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "inference_mode": true,
-            "init_lora_weights": true,
-            "use_rslora": false,
-            "use_dora": false,
-            "modules_to_save": null,
-            "layers_to_transform": null,
-            "layers_pattern": null,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "revision": null,
-            "fedshield_freeze_a": self.config.freeze_a,
-        });
-        std::fs::write(
-            dir.join("adapter_config.json"),
-            serde_json::to_string_pretty(&config)?,
-        )?;
+        let config = fedshield_codec::PeftConfig {
+            base_model,
+            r: self.config.r as usize,
+            alpha: self.config.alpha,
+            dropout: self.config.dropout,
+            targets: &targets,
+            freeze_a: self.config.freeze_a,
+            round: None,
+        };
+        std::fs::write(dir.join("adapter_config.json"), config.to_json())?;
         Ok(())
     }
 

@@ -25,10 +25,7 @@ use crate::llama::Llama;
 use crate::lora::{Lora, LoraConfig};
 use crate::sft::{LocalRun, Sequence, train_local};
 use crate::train::{Batch, TrainConfig, Trainer, evaluate};
-use fedshield_codec::{
-    ErrorFeedback, History, Layout, PlainSum, PruneConfig, Schedule, Structure, apply,
-    decode_values, select,
-};
+use fedshield_codec::{ErrorFeedback, Global, Layout, PlainSum, PruneConfig, Schedule, Structure};
 use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::packed::{Aggregate, BodyBits, ClientKey, Encryptor, MaskSeed};
 use fedshield_crypto::params::{POLYNOMIAL_SIZE, finest_scale};
@@ -318,16 +315,16 @@ impl Setup<'_> {
         .expect("positive clip");
         let samples: Vec<usize> = self.clients.iter().map(Vec::len).collect();
         let total: usize = samples.iter().sum();
-        let mut global = lora.flatten();
+        let mut global = Global::starting_from(lora.flatten());
         let mut feedback = vec![ErrorFeedback::new(layout.len()); self.clients.len()];
-        let mut history = History::new(layout.len());
         let mut noise = DeterministicSeeder::<DefaultRandomGenerator>::new(Seed(cfg.seed as u128));
         let masked = cfg.local == LocalTraining::Masked && rho < 1.0;
         let lr = if masked { cfg.lr / rho } else { cfg.lr };
         let (mut losses, mut uploaded, mut crypto, mut clipped) = (Vec::new(), 0usize, 0.0, 0);
         for round in 1..=cfg.rounds {
-            let selection =
-                select(&layout, &prune, &history, round as u64, cfg.seed).expect("valid mask");
+            let selection = global
+                .mask(&layout, &prune, round as u64, cfg.seed)
+                .expect("valid mask");
             let mask_seed = MaskSeed(((cfg.seed as u128) << 64) | round as u128);
             let mut plain = PlainSum::new(selection.len());
             let mut encrypted =
@@ -337,14 +334,14 @@ impl Setup<'_> {
             lora.restrict_training(masked.then_some(selection.indices.as_slice()))
                 .expect("selection in layout");
             for (k, data) in self.clients.iter().enumerate() {
-                lora.load_flat(&global).expect("same layout");
+                lora.load_flat(global.values()).expect("same layout");
                 let stream = stream_id(k, round);
                 let mut trainer = self.trainer_lr(&lora, lr, cfg, stream);
                 self.local(&lora, &mut trainer, data, cfg.local_steps, cfg, stream);
                 let delta: Vec<f32> = lora
                     .flatten()
                     .iter()
-                    .zip(&global)
+                    .zip(global.values())
                     .map(|(l, g)| l - g)
                     .collect();
                 let weight = samples[k] as f64 / total as f64;
@@ -385,13 +382,13 @@ impl Setup<'_> {
                     sums
                 }
             };
-            let values = decode_values(&selection, &sums, &encoding, 1.0).expect("sums");
-            apply(&mut global, &selection, &values).expect("selection in layout");
-            history.observe(&selection, &values).expect("next round");
+            global
+                .apply_sums(&selection, &sums, &encoding, 1.0)
+                .expect("sums of the selection, next round");
             for (f, p) in feedback.iter_mut().zip(prepared) {
                 f.settle(p, true);
             }
-            lora.load_flat(&global).expect("same layout");
+            lora.load_flat(global.values()).expect("same layout");
             losses.push(self.eval(&lora));
             log(&format!(
                 "{name} round {round}: held-out loss {:.4}, {} of {} values sent",

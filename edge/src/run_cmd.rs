@@ -2,17 +2,19 @@
 
 use crate::{LoraArgs, ModelArgs};
 use anyhow::Context;
-use fedshield_edge::fleet::{Device, FleetClient, Log};
+use fedshield_edge::fleet::{
+    Audit, Device, EdgeFleet, EdgeOutput, Event, TorchPlatform, open_state,
+};
 use fedshield_edge::lora::Lora;
 use fedshield_edge::sft;
 use fedshield_models::Assets;
 use fedshield_models::data::{read_instruction_jsonl, split_by_category};
 use fedshield_protocol::edge::EdgeIdentity;
 use fedshield_protocol::keyfile::DeviceKey;
-use fedshield_protocol::messages::{Phase, Topics};
+use fedshield_protocol::messages::{EdgeMessage, Phase, Topics};
 use fedshield_protocol::signed::{Downlink, open_downlink};
+use fedshield_store::JsonLines;
 use fedshield_transport::{Incoming, Link};
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -71,25 +73,70 @@ pub struct RunArgs {
     events: Option<PathBuf>,
 }
 
-/// The device's output: log lines on stderr, events in the event file.
+/// Where a device's output goes: log lines on stderr, the state file, audit records and
+/// events.
 struct Output {
-    me: String,
-    events: Option<std::fs::File>,
+    state: PathBuf,
+    audit_dir: Option<PathBuf>,
+    events: Option<JsonLines>,
 }
 
 impl Output {
-    fn emit(&mut self, log: &mut Log) -> anyhow::Result<()> {
-        for line in log.lines.drain(..) {
-            eprintln!("{}: {line}", self.me);
-        }
-        if let Some(file) = &mut self.events {
-            for event in log.events.drain(..) {
-                let mut line = serde_json::to_vec(&event)?;
-                line.push(b'\n');
-                file.write_all(&line).context("writing the event file")?;
+    /// Carries out `out` up to its messages: the state first (an upload is on disk before
+    /// it leaves), then audits, log lines and events; returns the messages to publish.
+    fn carry_out(
+        &mut self,
+        fleet: &EdgeFleet,
+        out: EdgeOutput,
+    ) -> anyhow::Result<Vec<EdgeMessage>> {
+        if out.persist {
+            let written = fedshield_store::write_atomic(
+                &self.state,
+                &fleet.state_bytes(),
+                // Owner-only: the residual and the pending upload derive from private data.
+                fedshield_store::Access::Private,
+            );
+            if let Err(e) = written {
+                tracing::warn!("state not saved to {}: {e}", self.state.display());
             }
         }
-        log.events.clear();
+        for audit in &out.audits {
+            if let Err(e) = self.write_audit(audit) {
+                tracing::warn!("round {}: audit file not written: {e}", audit.round);
+            }
+        }
+        for line in &out.lines {
+            tracing::info!("{line}");
+        }
+        for event in &out.events {
+            self.event(event);
+        }
+        Ok(out.send)
+    }
+
+    /// Records an event; a failure to write it is logged and the device goes on.
+    fn event(&mut self, event: &Event) {
+        if let Some(file) = &mut self.events
+            && let Err(e) = file.append(event)
+        {
+            tracing::warn!("event not recorded: {e}");
+        }
+    }
+
+    /// Writes a round's encoded update (before encryption) and its weight to
+    /// `DIR/round-{r}-{device}.json`: the device's own data, for audits and for the
+    /// end-to-end tests to recompute the aggregate.
+    fn write_audit(&self, audit: &Audit) -> anyhow::Result<()> {
+        let Some(dir) = &self.audit_dir else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("round-{}-{}.json", audit.round, audit.device));
+        fedshield_store::write_atomic(
+            &path,
+            serde_json::to_string(audit)?.as_bytes(),
+            fedshield_store::Access::Private,
+        )?;
         Ok(())
     }
 }
@@ -110,6 +157,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         )
     })?;
     let me = key.device.clone();
+    // Every log line of this device names it.
+    let _span = tracing::info_span!("edge", device = %me).entered();
     let (_path, _g, tok, model) = args.model.load()?;
     let examples = read_instruction_jsonl(&Assets::locate().faq_with_categories()?)?;
     let split = split_by_category(&examples, args.clients, 0.1, 0)?;
@@ -121,31 +170,40 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let eval_n = args.eval_examples.min(split.eval.len());
     let eval = sft::tokenize_all(&tok, &split.eval[..eval_n], args.max_len)?;
     let lora = Lora::new(&model, args.lora.config(false)?, 0);
-    let client = FleetClient::new(
-        Device {
-            model: &model,
-            lora,
-            train,
-            eval: sft::batches(&eval, 8, tok.eos_id, model.device),
-            lr: args.lr,
-            batch_size: args.batch,
-            pad: tok.eos_id,
-            seed: args.seed ^ (args.client as u64) << 32,
-        },
+    let layout = lora.layout()?;
+    let mut platform = TorchPlatform::new(Device {
+        model: &model,
+        lora,
+        train,
+        eval: sft::batches(&eval, 8, tok.eos_id, model.device),
+        lr: args.lr,
+        batch_size: args.batch,
+        pad: tok.eos_id,
+        seed: args.seed ^ (args.client as u64) << 32,
+    });
+    let mut fleet = EdgeFleet::new(
         EdgeIdentity {
             id: me.clone(),
             secret,
             authority,
         },
-    )?
-    .with_audit_dir(args.audit_dir);
-    let (mut client, restored) = client.with_state(
-        args.state
-            .clone()
-            .unwrap_or_else(|| args.key.with_extension("state")),
-    )?;
-    if let Some(line) = restored {
-        eprintln!("{me}: {line}");
+        layout,
+        platform.initial(),
+        platform.samples(),
+    );
+    let state_path = args
+        .state
+        .clone()
+        .unwrap_or_else(|| args.key.with_extension("state"));
+    let mut resumed = None;
+    // Only a missing state file starts fresh; one that cannot be read or is not this
+    // device's stops the device and stays as it is.
+    if let Some(line) = open_state(&mut fleet, &state_path)? {
+        tracing::info!("resumed from {}: {line}", state_path.display());
+        resumed = Some(Event::Resumed {
+            applied: fleet.global().round(),
+            pending: fleet.pending_round(),
+        });
     }
     let topics = Topics::new(&args.fleet)?;
     let link = Link::start(args.link.link_config(
@@ -155,25 +213,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some((topics.status(&me), b"online".to_vec())),
     )?)?;
     let max_packet_bytes = args.link.max_packet_bytes;
-    eprintln!(
-        "{me}: {} training examples, {eval_n} held out; waiting for rounds on {}:{}",
-        client.samples(),
+    tracing::info!(
+        "{} training examples, {eval_n} held out; waiting for rounds on {}:{}",
+        fleet.samples(),
         args.link.broker,
         args.fleet
     );
-    let mut out_log = Output {
-        me: me.0.clone(),
-        events: args
-            .events
-            .as_ref()
-            .map(|p| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .with_context(|| format!("opening {}", p.display()))
-            })
-            .transpose()?,
+    let mut output = Output {
+        state: state_path,
+        audit_dir: args.audit_dir.clone(),
+        events: args.events.as_deref().map(JsonLines::open).transpose()?,
+    };
+    if let Some(event) = resumed {
+        output.event(&event);
+    }
+    let publish = |messages: Vec<EdgeMessage>| -> anyhow::Result<()> {
+        for msg in messages {
+            link.publish(&topics.up(&me), postcard::to_stdvec(&msg)?, false)?;
+        }
+        Ok(())
     };
     let mut done_round = 0u64;
     let mut snapshot_subscribed = false;
@@ -181,19 +239,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let Some(incoming) = link.recv(Duration::from_millis(500))? else {
             continue;
         };
-        let mut log = Log::new();
-        let out = match incoming {
+        let mut out = EdgeOutput::default();
+        match incoming {
             Incoming::Connected => {
-                eprintln!("{me}: connected to the broker");
+                tracing::info!("connected to the broker");
                 snapshot_subscribed = false; // a restarted broker forgot it: subscribe again
-                vec![]
             }
             Incoming::Disconnected(e) => {
-                eprintln!("{me}: broker connection lost ({e}); reconnecting");
-                vec![]
+                tracing::warn!("broker connection lost ({e}); reconnecting");
             }
             // An empty retained publish deletes a retained message: nothing to handle.
-            Incoming::Message { payload, .. } if payload.is_empty() => vec![],
+            Incoming::Message { payload, .. } if payload.is_empty() => {}
             Incoming::Message { topic, payload } => {
                 match open_downlink(
                     &topics,
@@ -203,59 +259,52 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     &payload,
                     max_packet_bytes,
                 ) {
-                    None => vec![],
-                    Some(Err(e)) => {
-                        log.refused(&topic, &e);
-                        vec![]
-                    }
+                    None => {}
+                    Some(Err(e)) => out.refused(&topic, &e),
                     Some(Ok(Downlink::Round(state))) => {
                         if let Phase::Failed { reason } = &state.phase
                             && state.config.round >= args.rounds
                             && args.rounds > 0
                         {
                             done_round = state.config.round;
-                            eprintln!("{me}: round {} failed: {reason}", state.config.round);
+                            tracing::warn!("round {} failed: {reason}", state.config.round);
                         }
-                        client.on_round(state, &mut log)
+                        out = fleet.on_round(state, &mut platform);
                     }
-                    Some(Ok(Downlink::Down(message))) => client.on_down(message, &mut log),
+                    Some(Ok(Downlink::Down(message))) => out = fleet.on_down(message),
                     Some(Ok(Downlink::Global(part))) => {
                         let round = part.round;
-                        let out = client.on_global(part, &mut log);
-                        if !out.is_empty() {
+                        out = fleet.on_global(part, &mut platform);
+                        if !out.send.is_empty() {
                             done_round = done_round.max(round);
                         }
-                        out
                     }
-                    Some(Ok(Downlink::Snapshot(part))) => client.on_snapshot(part, &mut log),
+                    Some(Ok(Downlink::Snapshot(part))) => {
+                        out = fleet.on_snapshot(part, &mut platform);
+                    }
                 }
             }
-        };
-        if client.needs_snapshot() != snapshot_subscribed {
-            snapshot_subscribed = client.needs_snapshot();
+        }
+        if fleet.needs_snapshot() != snapshot_subscribed {
+            snapshot_subscribed = fleet.needs_snapshot();
             if snapshot_subscribed {
                 link.subscribe(&topics.all_snapshot())?;
             } else {
                 link.unsubscribe(&topics.all_snapshot())?;
             }
         }
-        out_log.emit(&mut log)?;
-        for msg in out {
-            link.publish(&topics.up(&me), postcard::to_stdvec(&msg)?, false)?;
-        }
+        publish(output.carry_out(&fleet, out)?)?;
         // Training comes after publishing what preceded it (the round's shares).
-        if client.has_training() {
-            let out = client.train_ready(&mut log);
-            out_log.emit(&mut log)?;
-            for msg in out {
-                link.publish(&topics.up(&me), postcard::to_stdvec(&msg)?, false)?;
-            }
+        if fleet.has_training() {
+            let out = fleet.train_ready(&mut platform);
+            publish(output.carry_out(&fleet, out)?)?;
         }
         if args.rounds > 0 && done_round >= args.rounds {
             // Let the last messages leave before disconnecting.
             std::thread::sleep(Duration::from_millis(500));
             link.disconnect();
-            eprintln!("{me}: done after round {done_round}");
+            tracing::info!("done after round {done_round}");
+            output.event(&Event::Done { round: done_round });
             return Ok(());
         }
     }

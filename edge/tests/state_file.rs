@@ -2,14 +2,19 @@
 //! refused and left byte for byte as it was; a missing one starts fresh.
 
 use fedshield_crypto::identity::DeviceId;
-use fedshield_edge::fleet::{Device, FleetClient};
+use fedshield_edge::fleet::{Device, EdgeFleet, TorchPlatform, open_state};
 use fedshield_edge::llama::{Llama, Module};
 use fedshield_edge::lora::{Lora, LoraConfig};
 use fedshield_models::gguf::Gguf;
 use fedshield_protocol::edge::EdgeIdentity;
 use std::path::PathBuf;
 
-fn client(model: &Llama) -> FleetClient<'_> {
+/// A device of the tiny model, as `fedshield-edge run` builds it.
+fn client(model: &Llama) -> EdgeFleet {
+    device(model, "edge-0")
+}
+
+fn device(model: &Llama, id: &str) -> EdgeFleet {
     let lora = Lora::new(
         model,
         LoraConfig {
@@ -21,24 +26,27 @@ fn client(model: &Llama) -> FleetClient<'_> {
         },
         0,
     );
-    FleetClient::new(
-        Device {
-            model,
-            lora,
-            train: Vec::new(),
-            eval: Vec::new(),
-            lr: 1e-3,
-            batch_size: 1,
-            pad: 0,
-            seed: 0,
-        },
+    let layout = lora.layout().unwrap();
+    let platform = TorchPlatform::new(Device {
+        model,
+        lora,
+        train: Vec::new(),
+        eval: Vec::new(),
+        lr: 1e-3,
+        batch_size: 1,
+        pad: 0,
+        seed: 0,
+    });
+    EdgeFleet::new(
         EdgeIdentity {
-            id: DeviceId("edge-0".into()),
+            id: DeviceId(id.into()),
             secret: [1; 32],
             authority: [2; 32],
         },
+        layout,
+        platform.initial(),
+        platform.samples(),
     )
-    .unwrap()
 }
 
 #[test]
@@ -49,19 +57,30 @@ fn a_corrupt_or_foreign_state_file_is_refused_and_left_intact() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("edge-0.state");
     // Missing: a fresh start, nothing written yet.
-    let (_, restored) = client(&model).with_state(state.clone()).unwrap();
-    assert!(restored.is_none());
+    assert!(open_state(&mut client(&model), &state).unwrap().is_none());
     assert!(!state.exists());
     // Garbage, a truncated file, a directory: refused, naming the file; untouched.
     for bytes in [b"\xff\xffgarbage".to_vec(), vec![0x06, b'e', b'd']] {
         std::fs::write(&state, &bytes).unwrap();
-        let e = client(&model).with_state(state.clone()).err().unwrap();
+        let e = open_state(&mut client(&model), &state).unwrap_err();
         assert!(e.to_string().contains("edge-0.state"), "{e}");
         assert_eq!(std::fs::read(&state).unwrap(), bytes);
     }
     std::fs::remove_file(&state).unwrap();
     std::fs::create_dir(&state).unwrap();
-    let e = client(&model).with_state(state.clone()).err().unwrap();
+    let e = open_state(&mut client(&model), &state).unwrap_err();
     assert!(e.to_string().contains("edge-0.state"), "{e}");
     assert!(state.is_dir());
+    std::fs::remove_dir(&state).unwrap();
+    // A state of this device's own making restores; another device's is refused, intact.
+    let mine = client(&model);
+    std::fs::write(&state, mine.state_bytes()).unwrap();
+    let line = open_state(&mut client(&model), &state).unwrap().unwrap();
+    assert!(line.contains("round 0 applied"), "{line}");
+    let other = device(&model, "edge-1");
+    let bytes = other.state_bytes();
+    std::fs::write(&state, &bytes).unwrap();
+    let e = open_state(&mut client(&model), &state).unwrap_err();
+    assert!(e.to_string().contains("edge-1"), "{e}");
+    assert_eq!(std::fs::read(&state).unwrap(), bytes);
 }

@@ -12,11 +12,11 @@
 //! - An edge is killed right after preparing its upload and restarted: it settles that
 //!   upload from its state file as the round decided and takes part in the next round.
 
+use fedshield_crypto::identity::DeviceId;
 use fedshield_hil_tests::Mosquitto;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// A workspace binary built by the same `cargo test` run (target/<profile>/<name>).
@@ -40,9 +40,9 @@ impl Drop for Killed {
     }
 }
 
-/// Forwards a child's output lines to a channel (and to the test's stderr).
-fn lines_of(child: &mut Child, tag: String, stdout: bool) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
+/// Copies a child's output lines to the test's stderr, tagged (for people reading a failed
+/// run; the tests wait on event files, never on log wording).
+fn echo(child: &mut Child, tag: String, stdout: bool) {
     let stream: Box<dyn std::io::Read + Send> = if stdout {
         Box::new(child.stdout.take().unwrap())
     } else {
@@ -51,26 +51,54 @@ fn lines_of(child: &mut Child, tag: String, stdout: bool) -> mpsc::Receiver<Stri
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             eprintln!("[{tag}] {line}");
-            let _ = tx.send(line);
         }
     });
-    rx
 }
 
-fn wait_for(rx: &mpsc::Receiver<String>, what: &str, secs: u64) {
-    wait_for_line(rx, what, secs);
+/// A process's event file (`--events`), read as it grows.
+struct Events<T> {
+    path: PathBuf,
+    seen: usize,
+    _of: std::marker::PhantomData<T>,
 }
 
-/// The first line containing `what` within `secs` seconds.
-fn wait_for_line(rx: &mpsc::Receiver<String>, what: &str, secs: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("never saw {what:?}"));
-        if line.contains(what) {
-            return line;
+impl<T: serde::de::DeserializeOwned + std::fmt::Debug> Events<T> {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            seen: 0,
+            _of: std::marker::PhantomData,
         }
+    }
+
+    /// Every event in the file so far.
+    fn all(&self) -> Vec<T> {
+        fedshield_store::read_json_lines(&self.path).unwrap()
+    }
+
+    /// The first event after those already waited past that `pick` accepts, within `secs`.
+    fn wait<R>(&mut self, what: &str, secs: u64, pick: impl Fn(&T) -> Option<R>) -> R {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let all = self.all();
+            for e in &all[self.seen.min(all.len())..] {
+                self.seen += 1;
+                if let Some(r) = pick(e) {
+                    return r;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: never saw {what} in {secs} s; events: {all:#?}",
+                self.path.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for an event that `is` accepts.
+    fn until(&mut self, what: &str, secs: u64, is: impl Fn(&T) -> bool) {
+        self.wait(what, secs, |e| is(e).then_some(()))
     }
 }
 
@@ -115,8 +143,17 @@ impl Fleet {
         }
     }
 
-    /// `fedshield-host serve` with `args`; its stdout lines.
-    fn host(&self, args: &[&str]) -> (Killed, mpsc::Receiver<String>) {
+    /// `fedshield-host serve` with `args`; its event file (one per start).
+    fn host(&self, args: &[&str]) -> (Killed, Events<HostEvent>) {
+        std::fs::create_dir_all(&self.out).unwrap();
+        let starts = std::fs::read_dir(&self.out)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("events-host")
+            })
+            .count();
+        let events = self.out.join(format!("events-host-{starts}.jsonl"));
         let mut child = Command::new(workspace_bin("fedshield-host"))
             .args(["serve", "--fleet", self.name, "--broker", &self.addr])
             .args(args)
@@ -125,17 +162,25 @@ impl Fleet {
             .arg(&self.fleet)
             .arg("--out")
             .arg(&self.out)
+            .arg("--events")
+            .arg(&events)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let rx = lines_of(&mut child, "host".into(), true);
-        (Killed(child), rx)
+        echo(&mut child, "host".into(), true);
+        (Killed(child), Events::new(events))
     }
 
-    /// `fedshield-edge run` for device `i` with `args`; its stderr lines.
-    fn edge(&self, i: usize, args: &[&str]) -> (Killed, mpsc::Receiver<String>) {
+    /// Device `i`'s event file (appended by each of its runs).
+    fn edge_events(&self, i: usize) -> PathBuf {
+        self.out.join(format!("events-edge-{i}.jsonl"))
+    }
+
+    /// `fedshield-edge run` for device `i` with `args`; its event file.
+    fn edge(&self, i: usize, args: &[&str]) -> (Killed, Events<Event>) {
+        std::fs::create_dir_all(&self.out).unwrap();
         let mut child = Command::new(workspace_bin("fedshield-edge"))
             .args([
                 "run",
@@ -151,11 +196,14 @@ impl Fleet {
             .args(self.lora)
             .arg("--key")
             .arg(self.fleet.join(format!("devices/edge-{i}.json")))
+            .arg("--events")
+            .arg(self.edge_events(i))
+            .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let rx = lines_of(&mut child, format!("edge-{i}"), false);
-        (Killed(child), rx)
+        echo(&mut child, format!("edge-{i}"), false);
+        (Killed(child), Events::new(self.edge_events(i)))
     }
 
     fn rounds(&self) -> Vec<serde_json::Value> {
@@ -163,6 +211,18 @@ impl Fleet {
         let metrics: serde_json::Value = serde_json::from_str(&text).unwrap();
         metrics["rounds"].as_array().unwrap().clone()
     }
+}
+
+fn is_encrypted(round: u64) -> impl Fn(&Event) -> bool {
+    move |e| matches!(e, Event::Encrypted { round: r, .. } if *r == round)
+}
+
+fn is_done(round: u64) -> impl Fn(&Event) -> bool {
+    move |e| *e == Event::Done { round }
+}
+
+fn is_finished(e: &HostEvent) -> bool {
+    matches!(e, HostEvent::Finished { .. })
 }
 
 /// The settings of the three-device tests: (host args, edge args).
@@ -362,11 +422,7 @@ fn unsealed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
 
 /// The events a device wrote to its event file.
 fn events(path: &std::path::Path) -> Vec<Event> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    fedshield_store::read_json_lines(path).unwrap()
 }
 
 /// Whether `events` hold a refusal of `kind` for a message on `topic`.
@@ -377,6 +433,7 @@ fn refused(events: &[Event], topic: &str, kind: &str) -> bool {
 }
 
 use fedshield_edge::fleet::Event;
+use fedshield_protocol::fleet::host::HostEvent;
 use fedshield_protocol::messages::{EdgeMessage, GlobalPart, Phase, RoundState};
 use fedshield_protocol::signed::{Evaluation, HostSigned};
 use fedshield_protocol::weights::weight_floor;
@@ -387,7 +444,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     let rogue = Rogue::new(&fleet);
     let host_audit = fleet.out.join("audit-host");
     let edge_audit = fleet.out.join("audit-edges");
-    let (mut host, host_rx) = fleet.host(
+    let (mut host, mut host_events) = fleet.host(
         &[
             &HOST_TINY[..],
             // The dead edge never joins round 2: a shorter join window (flags given twice:
@@ -397,21 +454,13 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         ]
         .concat(),
     );
-    let event_file = |i: usize| fleet.out.join(format!("events-edge-{i}.jsonl"));
-    std::fs::create_dir_all(&fleet.out).unwrap();
-    let event_paths: Vec<String> = (0..3)
-        .map(|i| event_file(i).to_str().unwrap().to_string())
-        .collect();
-    let edge_args = |i: usize| {
-        [
-            &EDGE_TINY[..],
-            &["--rounds", "3", "--alpha", "8", "--audit-dir"],
-            &[edge_audit.to_str().unwrap(), "--events"],
-            &[event_paths[i].as_str()],
-        ]
-        .concat()
-    };
-    let mut edges: Vec<_> = (0..3).map(|i| fleet.edge(i, &edge_args(i))).collect();
+    let edge_args = [
+        &EDGE_TINY[..],
+        &["--rounds", "3", "--alpha", "8", "--audit-dir"],
+        &[edge_audit.to_str().unwrap()],
+    ]
+    .concat();
+    let mut edges: Vec<_> = (0..3).map(|i| fleet.edge(i, &edge_args)).collect();
     let is = |p: &[u8], f: fn(&EdgeMessage) -> bool| {
         postcard::from_bytes::<EdgeMessage>(p)
             .ok()
@@ -422,9 +471,13 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         is(p, |m| matches!(m, EdgeMessage::Manifest(_)))
     });
     // Kill edge-2 once it has applied round 1's global update.
-    wait_for(&edges[2].1, "round 1: applied the global update", 400);
+    edges[2].1.until("round 1 applied", 400, |e| {
+        matches!(e, Event::Evaluated { round: 1, .. })
+    });
     drop(edges.pop());
-    wait_for(&host_rx, "round 2: announcing", 60);
+    host_events.until("round 2 announced", 60, |e| {
+        matches!(e, HostEvent::Announced { round: 2, .. })
+    });
     // Round 2's joins are in: while the devices wait for the roster, a forged round state
     // with a valid roster (the devices' own signed adverts, captured on the broker) and
     // skewed weights, signed by the rogue's key and unsigned; a forged global update.
@@ -471,10 +524,9 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         &global_topic,
         HostSigned::seal(&rogue.key, &global_topic, fake),
     );
-    // Round 2's uploads are open: forgeries on the devices' uplinks, and forged evaluation
-    // reports (a loss of 3.09e77 under a junk signature, a real report with its loss or
-    // round changed).
-    wait_for(&host_rx, "uploads open", 120);
+    // While round 2 runs: forgeries on the devices' uplinks (the host refuses a manifest's
+    // round and signature in any phase), and forged evaluation reports (a loss of 3.09e77
+    // under a junk signature, a real report with its loss or round changed).
     rogue.publish(&fleet, "edge-0", round1_manifest.clone()); // replayed from round 1
     let Ok(EdgeMessage::Manifest(mut unsigned)) = postcard::from_bytes(&round1_manifest) else {
         unreachable!()
@@ -515,35 +567,35 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
             postcard::to_stdvec(&EdgeMessage::Evaluated(r)).unwrap(),
         );
     }
-    let mut refusals = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let line = host_rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the host finished");
-        if line.contains("refused a message") {
-            refusals.push(line.clone());
+    host_events.until("round 3 announced", 600, |e| {
+        matches!(e, HostEvent::Announced { round: 3, .. })
+    });
+    // edge-2 comes back having missed round 2, and the broker lost its session (restarted
+    // meanwhile) with the round-2 messages queued for it: round 2's global update cannot be
+    // applied without that round's configuration, so the edge catches up from the snapshot,
+    // while the rogue replays round 1's genuine, host-signed snapshot parts.
+    let old_snapshot = rogue.recorded(&format!("fedshield/{}/snapshot/0", fleet.name));
+    fleet.broker.restart(Duration::from_millis(500)).unwrap();
+    edges.push(fleet.edge(2, &edge_args));
+    for _ in 0..20 {
+        for p in &old_snapshot {
+            rogue.publish_on(&format!("fedshield/{}/snapshot/0", fleet.name), p.clone());
         }
-        if line.contains("round 3: announcing") {
-            // edge-2 comes back having missed round 2, and the broker lost its session
-            // (restarted meanwhile) with the round-2 messages queued for it: round 2's
-            // global update cannot be applied without that round's configuration, so the
-            // edge catches up from the snapshot, while the rogue replays round 1's
-            // genuine, host-signed snapshot parts.
-            let old_snapshot = rogue.recorded(&format!("fedshield/{}/snapshot/0", fleet.name));
-            fleet.broker.restart(Duration::from_millis(500)).unwrap();
-            edges.push(fleet.edge(2, &edge_args(2)));
-            for _ in 0..20 {
-                for p in &old_snapshot {
-                    rogue.publish_on(&format!("fedshield/{}/snapshot/0", fleet.name), p.clone());
-                }
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        }
-        if line.contains("metrics") {
-            break;
-        }
+        std::thread::sleep(Duration::from_millis(250));
     }
+    host_events.until("the end", 600, |e| matches!(e, HostEvent::Finished { .. }));
+    let refusals: Vec<(DeviceId, String)> = host_events
+        .all()
+        .into_iter()
+        .filter_map(|e| match e {
+            HostEvent::Refused {
+                device: Some(d),
+                detail,
+                ..
+            } => Some((d, detail)),
+            _ => None,
+        })
+        .collect();
     for (device, reason) in [
         ("edge-0", "manifest for round 1"),
         ("edge-0", "signature does not verify"),
@@ -553,7 +605,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         assert!(
             refusals
                 .iter()
-                .any(|l| l.contains(&format!("from {device}")) && l.contains(reason)),
+                .any(|(d, detail)| d.0 == device && detail.contains(reason)),
             "no refusal of {device} for {reason:?} in {refusals:#?}"
         );
     }
@@ -563,15 +615,15 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         [(1, 3), (2, 2), (3, 3)],
         "the dead edge is dropped, and back once caught up"
     );
-    wait_for(
-        &edges[2].1,
-        "caught up from the fleet snapshot of round 2",
-        60,
-    );
+    edges[2]
+        .1
+        .until("caught up from round 2's snapshot", 60, |e| {
+            matches!(e, Event::CaughtUp { round: 2 })
+        });
     // Both devices of round 2 refused the forged round states and the forged global update
     // (structured events), and neither encrypted under any weight but its verified one.
     for i in 0..2 {
-        let ev = events(&event_file(i));
+        let ev = events(&fleet.edge_events(i));
         assert!(
             refused(&ev, &round_topic, "host-signature"),
             "edge-{i}: {ev:#?}"
@@ -581,7 +633,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
             "edge-{i}: {ev:#?}"
         );
         for e in &ev {
-            if let Event::Encrypted { round, weight } = e {
+            if let Event::Encrypted { round, weight, .. } = e {
                 assert!(
                     *weight >= weight_floor(3) && *weight < 1.0 - weight_floor(3),
                     "edge-{i} encrypted round {round} under weight {weight}"
@@ -593,7 +645,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     // exactly what that device evaluated, and the round's loss is their mean.
     let real_losses: Vec<(String, u64, f64)> = (0..3)
         .flat_map(|i| {
-            events(&event_file(i))
+            events(&fleet.edge_events(i))
                 .into_iter()
                 .filter_map(move |e| match e {
                     Event::Evaluated { round, eval_loss } => {
@@ -632,7 +684,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     );
 }
 
-fn three_edges(fleet: &Fleet) -> Vec<(Killed, mpsc::Receiver<String>)> {
+fn three_edges(fleet: &Fleet) -> Vec<(Killed, Events<Event>)> {
     (0..3)
         .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "2"]].concat()))
         .collect()
@@ -642,52 +694,70 @@ fn three_edges(fleet: &Fleet) -> Vec<(Killed, mpsc::Receiver<String>)> {
 fn a_host_killed_mid_upload_resumes_the_same_round_from_its_journal() {
     let fleet = Fleet::new("restart", ["--rank", "2", "--targets", "v_proj"]);
     let host_args = [&HOST_TINY[..], &["--rounds", "2"]].concat();
-    let (first, first_rx) = fleet.host(&host_args);
-    let edges = three_edges(&fleet);
+    let (first, mut first_events) = fleet.host(&host_args);
+    let mut edges = three_edges(&fleet);
     // Kill the host once round 1's uploads have started arriving.
-    wait_for(&first_rx, "round 1: announcing", 60);
-    wait_for(&edges[0].1, "round 1: trained", 300);
+    first_events.until("round 1 announced", 60, |e| {
+        matches!(e, HostEvent::Announced { round: 1, .. })
+    });
+    edges[0].1.until("round 1 encrypted", 300, is_encrypted(1));
     drop(first);
     assert!(fleet.out.join("round.journal").exists());
-    let (mut second, second_rx) = fleet.host(&host_args);
-    wait_for(&second_rx, "round 1: resumed after a host restart", 60);
-    wait_for(&second_rx, "metrics", 400);
+    let (mut second, mut second_events) = fleet.host(&host_args);
+    second_events.until("round 1 resumed", 60, |e| {
+        matches!(e, HostEvent::Resumed { round: 1, .. })
+    });
+    second_events.until("the end", 400, is_finished);
     assert!(second.0.wait().unwrap().success());
     assert_eq!(contributors(&fleet), [(1, 3), (2, 3)]);
-    for (_, rx) in &edges {
-        wait_for(rx, "done after round 2", 120);
+    for (_, events) in &mut edges {
+        events.until("done after round 2", 120, is_done(2));
     }
 }
 
 #[test]
 fn a_broker_restarted_mid_upload_loses_nothing_the_round_needs() {
     let mut fleet = Fleet::new("brokerdown", ["--rank", "2", "--targets", "v_proj"]);
-    let (mut host, host_rx) = fleet.host(&[&HOST_TINY[..], &["--rounds", "2"]].concat());
-    let edges = three_edges(&fleet);
-    wait_for(&host_rx, "round 1: announcing", 60);
-    wait_for(&edges[0].1, "round 1: trained", 300);
+    let (mut host, mut host_events) = fleet.host(&[&HOST_TINY[..], &["--rounds", "2"]].concat());
+    let mut edges = three_edges(&fleet);
+    host_events.until("round 1 announced", 60, |e| {
+        matches!(e, HostEvent::Announced { round: 1, .. })
+    });
+    edges[0].1.until("round 1 encrypted", 300, is_encrypted(1));
     fleet.broker.restart(Duration::from_secs(1)).unwrap();
-    wait_for(&host_rx, "re-publishing the round", 60);
-    wait_for(&host_rx, "metrics", 400);
+    host_events.until("round 1 re-published", 60, |e| {
+        matches!(e, HostEvent::Republished { round: 1 })
+    });
+    host_events.until("the end", 400, is_finished);
     assert!(host.0.wait().unwrap().success());
     assert_eq!(contributors(&fleet), [(1, 3), (2, 3)]);
-    for (_, rx) in &edges {
-        wait_for(rx, "done after round 2", 120);
+    for (_, events) in &mut edges {
+        events.until("done after round 2", 120, is_done(2));
     }
 }
 
 #[test]
 fn an_edge_restarted_mid_round_settles_its_upload_from_its_state_file_and_rejoins() {
     let fleet = Fleet::new("edgerestart", ["--rank", "2", "--targets", "v_proj"]);
-    let (mut host, host_rx) = fleet.host(&[&HOST_TINY[..], &["--rounds", "2"]].concat());
+    let (mut host, mut host_events) = fleet.host(&[&HOST_TINY[..], &["--rounds", "2"]].concat());
     let edge_args = [&EDGE_TINY[..], &["--rounds", "2"]].concat();
     let mut edges = three_edges(&fleet);
     // Kill edge-1 as soon as it has prepared its round-1 upload, and start it again.
-    wait_for(&edges[1].1, "round 1: trained", 300);
+    edges[1].1.until("round 1 encrypted", 300, is_encrypted(1));
     drop(edges.remove(1));
     edges.insert(1, fleet.edge(1, &edge_args));
-    wait_for(&edges[1].1, "round 1's upload awaiting its outcome", 60);
-    wait_for(&host_rx, "metrics", 400);
+    edges[1]
+        .1
+        .until("resumed with round 1's upload pending", 60, |e| {
+            matches!(
+                e,
+                Event::Resumed {
+                    pending: Some(1),
+                    ..
+                }
+            )
+        });
+    host_events.until("the end", 400, is_finished);
     assert!(host.0.wait().unwrap().success());
     let rounds = contributors(&fleet);
     assert_eq!(
@@ -697,14 +767,14 @@ fn an_edge_restarted_mid_round_settles_its_upload_from_its_state_file_and_rejoin
     );
     // Its round-1 upload is settled as the round decided: counted if the host folded it
     // (it may have gone out before the kill), kept in the residual otherwise.
-    let want = if rounds[0].1 == 3 {
-        "before the restart counted"
-    } else {
-        "before the restart did not count"
-    };
-    wait_for(&edges[1].1, want, 60);
-    for (_, rx) in &edges {
-        wait_for(rx, "done after round 2", 120);
+    let counted = rounds[0].1 == 3;
+    edges[1]
+        .1
+        .until("round 1 settled as the round decided", 60, |e| {
+            *e == Event::Settled { round: 1, counted }
+        });
+    for (_, events) in &mut edges {
+        events.until("done after round 2", 120, is_done(2));
     }
 }
 
@@ -713,7 +783,7 @@ fn an_edge_restarted_mid_round_settles_its_upload_from_its_state_file_and_rejoin
 #[test]
 fn shares_are_sent_before_local_training_so_a_short_share_phase_loses_nobody() {
     let fleet = Fleet::new("slowtrain", ["--rank", "2", "--targets", "v_proj"]);
-    let (mut host, host_rx) = fleet.host(&[
+    let (mut host, mut host_events) = fleet.host(&[
         "--rounds",
         "1",
         "--local-steps",
@@ -731,28 +801,28 @@ fn shares_are_sent_before_local_training_so_a_short_share_phase_loses_nobody() {
         "--rho",
         "0.5",
     ]);
-    let edges: Vec<_> = (0..3)
+    let mut edges: Vec<_> = (0..3)
         .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "1"]].concat()))
         .collect();
-    let trained = edges
-        .iter()
-        .map(|(_, rx)| {
-            let line = wait_for_line(rx, "round 1: trained", 300);
-            let secs: f64 = line
-                .split(" in ")
-                .nth(1)
-                .and_then(|s| s.split(" s").next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no training time in {line:?}"));
-            secs
+    let trained: Vec<f64> = edges
+        .iter_mut()
+        .map(|(_, events)| {
+            events.wait("round 1 encrypted", 300, |e| match e {
+                Event::Encrypted {
+                    round: 1,
+                    train_seconds,
+                    ..
+                } => Some(*train_seconds),
+                _ => None,
+            })
         })
-        .collect::<Vec<_>>();
+        .collect();
     // The test means something only when training outlasts the share phase.
     assert!(
         trained.iter().all(|&s| s > 5.0),
         "training took {trained:?} s"
     );
-    wait_for(&host_rx, "metrics", 300);
+    host_events.until("the end", 300, is_finished);
     assert!(host.0.wait().unwrap().success());
     assert_eq!(contributors(&fleet), [(1, 3)]);
 }

@@ -48,7 +48,7 @@ fn sample_payload() -> Vec<u8> {
         millivolts: 5_000,
         milliamps: 900,
     };
-    let mut p = fedshield_wire::to_payload(&frame);
+    let mut p = postcard::to_stdvec(&frame).unwrap();
     p.extend((0..200_000u32).map(|i| (i % 251) as u8)); // a chunk-sized message
     p
 }

@@ -140,6 +140,11 @@ struct ServeArgs {
     /// Write each round's decrypted sums to DIR/round-{r}.json (audits, end-to-end tests).
     #[arg(long)]
     audit_dir: Option<PathBuf>,
+    /// Append what the host did and refused to FILE, one JSON object per line
+    /// (`fedshield_protocol::fleet::host::HostEvent`: announced, resumed, republished,
+    /// uploads-open, upload-dropped, refused, reported, closed, failed, finished).
+    #[arg(long)]
+    events: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -315,6 +320,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         out: args.out,
         report_wait: Duration::from_secs(600),
         audit_dir: args.audit_dir,
+        events: args.events,
     })?;
     println!("adapter   : {}", adapter.display());
     println!("plot      : {}", plot.display());

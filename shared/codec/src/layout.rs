@@ -205,6 +205,62 @@ pub fn to_safetensors(layout: &Layout, values: &[f32]) -> Result<Vec<u8>, CodecE
     Ok(out)
 }
 
+/// The devices' default LoRA dropout (`fedshield-edge --dropout`), recorded in the host's
+/// federated adapter.
+pub const DEFAULT_LORA_DROPOUT: f64 = 0.05;
+
+/// A PEFT `adapter_config.json` for a LoRA adapter: one writer for the trainer's adapters
+/// and the host's federated one, so that PEFT and `fedshield-edge generate` read both.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeftConfig<'a> {
+    /// The base model's name or path.
+    pub base_model: &'a str,
+    /// LoRA rank.
+    pub r: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// LoRA dropout used while training (PEFT ignores it in inference mode).
+    pub dropout: f64,
+    /// Target modules, PEFT names.
+    pub targets: &'a [&'a str],
+    /// Whether A stayed at its seeded initial value (FFA-LoRA).
+    pub freeze_a: bool,
+    /// The federated round the adapter is the global adapter of.
+    pub round: Option<u64>,
+}
+
+impl PeftConfig<'_> {
+    /// The file's text.
+    pub fn to_json(&self) -> String {
+        let mut config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": self.targets,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "use_rslora": false,
+            "use_dora": false,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null,
+            "fedshield_freeze_a": self.freeze_a,
+        });
+        if let Some(round) = self.round {
+            config["fedshield_round"] = round.into();
+        }
+        serde_json::to_string_pretty(&config).expect("JSON values encode")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

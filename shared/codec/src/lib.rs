@@ -6,17 +6,23 @@
 //!   schedules and structured options.
 //! - [`codec`]: error feedback (nothing unsent is lost), clipping and fixed-point encoding
 //!   shared by the encrypted path and the plaintext baseline.
+//! - [`global`]: the global adapter and its history: each round's mask, and the global
+//!   update decoded and applied (one place for host, devices and experiments).
 //! - [`plot`]: SVG line plots for experiment and run reports.
 //!
 //! No I/O, no global state.
 
 pub mod codec;
+pub mod global;
 pub mod layout;
 pub mod plot;
 pub mod select;
 
 pub use codec::{ErrorFeedback, PlainSum, Prepared, apply, decode_values};
-pub use layout::{Layout, PairSpec, init_adapter, to_safetensors};
+pub use global::Global;
+pub use layout::{
+    DEFAULT_LORA_DROPOUT, Layout, PairSpec, PeftConfig, init_adapter, to_safetensors,
+};
 pub use select::{History, PruneConfig, Schedule, Selection, Structure, select};
 
 /// Errors of the codec.

@@ -207,9 +207,7 @@ impl EdgeSession {
                 return Ok(vec![]); // a retained copy of a round already joined
             }
             if state.config.layout_digest != self.layout_digest {
-                return Err(ProtocolError::Refused(format!(
-                    "round {round} is for another adapter layout"
-                )));
+                return Err(crate::Refusal::OtherLayout(round).into());
             }
             let mut actions = self.abandon();
             self.sent.clear();

@@ -14,12 +14,12 @@
 //! contributor set, so the sum decrypts. Memory: the sum (one u32 per value) plus the
 //! uploads still in flight.
 
-use crate::ProtocolError;
 use crate::messages::{
     Chunk, EdgeMessage, Manifest, Phase, RoundConfig, RoundState, UploadRefusal,
 };
 use crate::signed::{MAX_REPORTED_LOSS, ReportRefusal, check_value, join_report_bytes};
 use crate::weights::{check_claim, fedavg_weights};
+use crate::{ProtocolError, Refusal};
 use fedshield_crypto::identity::{DeviceId, Registry};
 use fedshield_crypto::packed::{Aggregate, BodyBits, EncryptedUpdate, MaskSeed};
 use fedshield_crypto::params::POLYNOMIAL_SIZE;
@@ -91,6 +91,19 @@ enum HostPhase {
     Consistency,
     Unmasking,
     Done,
+}
+
+impl HostPhase {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Joining => "Joining",
+            Self::Sharing => "Sharing",
+            Self::Uploading => "Uploading",
+            Self::Consistency => "Consistency",
+            Self::Unmasking => "Unmasking",
+            Self::Done => "Done",
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -262,10 +275,11 @@ impl HostRound {
             _ => None,
         };
         if sender.is_some_and(|s| s != from) {
-            return Err(ProtocolError::Refused(format!(
-                "message signed by {} on the uplink of {from}",
-                sender.expect("checked")
-            )));
+            return Err(Refusal::Impersonation {
+                signer: sender.expect("checked").clone(),
+                uplink: from.clone(),
+            }
+            .into());
         }
         if let Some(reason) = self.refused.get(from)
             && matches!(
@@ -289,9 +303,7 @@ impl HostRound {
             } => {
                 self.expect(HostPhase::Joining, "join")?;
                 let ClientBody::Advertise(claim) = &advert.body else {
-                    return Err(ProtocolError::Refused(format!(
-                        "{from}: a join must carry an advert"
-                    )));
+                    return Err(Refusal::NotAnAdvert(from.clone()).into());
                 };
                 check_claim(from, claim.weight)?;
                 // Signature, round, enrolment and duplicates of the advert first.
@@ -307,10 +319,12 @@ impl HostRound {
                 // The noise and rounding budget holds for at most `cap` contributions.
                 let cap = max_clients(self.config.body_bits, self.config.scale_log2);
                 if self.server.collected() >= cap {
-                    return Err(ProtocolError::Refused(format!(
-                        "{from}: the round is full ({cap} clients, the most {}-bit bodies can sum)",
-                        self.config.body_bits
-                    )));
+                    return Err(Refusal::RoundFull {
+                        device: from.clone(),
+                        cap,
+                        body_bits: self.config.body_bits,
+                    }
+                    .into());
                 }
                 self.server.receive(advert)?;
                 if let Some(l) = eval_loss {
@@ -325,9 +339,7 @@ impl HostRound {
                         .get(from)
                         .is_some_and(|u| u.masked_input.is_some());
                     if held || self.folded.contains(from) {
-                        return Err(ProtocolError::Refused(format!(
-                            "duplicate masked input from {from}"
-                        )));
+                        return Err(Refusal::DuplicateMaskedInput(from.clone()).into());
                     }
                     // Checked before it is held: a forged or replayed masked input never
                     // takes the slot of the device's real one.
@@ -346,9 +358,7 @@ impl HostRound {
                 actions = self.try_fold(from)?;
             }
             EdgeMessage::Evaluated(_) => {
-                return Err(ProtocolError::Refused(
-                    "evaluation reports are the driver's, not the round's".into(),
-                ));
+                return Err(Refusal::ReportInRound.into());
             }
         }
         actions.extend(self.advance(now, false));
@@ -360,52 +370,54 @@ impl HostRound {
         self.advance(now, true)
     }
 
-    fn expect(&self, phase: HostPhase, what: &str) -> Result<(), ProtocolError> {
+    fn expect(&self, phase: HostPhase, what: &'static str) -> Result<(), ProtocolError> {
         if self.phase == phase {
             Ok(())
         } else {
-            Err(ProtocolError::Refused(format!(
-                "{what} in phase {:?} of round {}",
-                self.phase, self.config.round
-            )))
+            Err(Refusal::WrongPhase {
+                what,
+                phase: self.phase.name(),
+                round: self.config.round,
+            }
+            .into())
         }
     }
 
     fn on_manifest(&mut self, from: &DeviceId, m: Manifest) -> Result<(), ProtocolError> {
-        self.expect(HostPhase::Uploading, "manifest")?;
-        if !self.weights.contains_key(from) {
-            return Err(ProtocolError::Refused(format!(
-                "{from} is not in the roster"
-            )));
-        }
+        // Round and signature first, in any phase: a replayed or forged manifest is refused
+        // as what it is (a security event in the host's log), not as merely late or early.
         if m.round != self.config.round {
-            return Err(ProtocolError::Refused(format!(
-                "manifest for round {}",
-                m.round
-            )));
+            return Err(Refusal::WrongRound {
+                what: "manifest",
+                got: m.round,
+            }
+            .into());
         }
         let key = self.registry.enrolment(from)?.public_key;
         if !fedshield_crypto::identity::verify(&key, &m.signed_bytes(from), &m.signature) {
-            return Err(ProtocolError::Refused(format!(
-                "manifest from {from} is unsigned or its signature does not verify"
-            )));
+            return Err(Refusal::ManifestSignature(from.clone()).into());
+        }
+        self.expect(HostPhase::Uploading, "manifest")?;
+        if !self.weights.contains_key(from) {
+            return Err(Refusal::NotInRoster(from.clone()).into());
         }
         // The only valid size: the postcard encoding of an update of `selected` values.
         let expected = expected_update_bytes(self.config.selected, self.config.body_bits);
         let chunks = expected.div_ceil(self.config.chunk_bytes as u64);
         if m.total_bytes != expected || m.chunk_hashes.len() as u64 != chunks {
-            return Err(ProtocolError::Refused(format!(
-                "{from}: manifest of {} bytes in {} chunks, this round takes {expected} in {chunks}",
-                m.total_bytes,
-                m.chunk_hashes.len()
-            )));
+            return Err(Refusal::ManifestSize {
+                device: from.clone(),
+                bytes: m.total_bytes,
+                chunks: m.chunk_hashes.len(),
+                expected,
+                expected_chunks: chunks,
+            }
+            .into());
         }
         let upload = self.uploads.entry(from.clone()).or_default();
         match &upload.manifest {
             Some(old) if *old == m => Ok(()), // a QoS 1 duplicate
-            Some(_) => Err(ProtocolError::Refused(format!(
-                "{from} sent a second, different manifest"
-            ))),
+            Some(_) => Err(Refusal::SecondManifest(from.clone()).into()),
             None => {
                 upload.manifest = Some(m);
                 Ok(())
@@ -416,29 +428,30 @@ impl HostRound {
     fn on_chunk(&mut self, from: &DeviceId, c: Chunk) -> Result<(), ProtocolError> {
         self.expect(HostPhase::Uploading, "chunk")?;
         if c.round != self.config.round {
-            return Err(ProtocolError::Refused(format!(
-                "chunk for round {}",
-                c.round
-            )));
+            return Err(Refusal::WrongRound {
+                what: "chunk",
+                got: c.round,
+            }
+            .into());
         }
         let chunk_bytes = self.config.chunk_bytes;
         let upload = self
             .uploads
             .get_mut(from)
             .filter(|u| u.manifest.is_some())
-            .ok_or_else(|| {
-                ProtocolError::Refused(format!("chunk from {from} before its manifest"))
-            })?;
+            .ok_or_else(|| Refusal::ChunkBeforeManifest(from.clone()))?;
         let m = upload.manifest.as_ref().expect("filtered");
-        let hash = m.chunk_hashes.get(c.index as usize).ok_or_else(|| {
-            ProtocolError::Refused(format!("chunk index {} out of range", c.index))
-        })?;
+        let hash = m
+            .chunk_hashes
+            .get(c.index as usize)
+            .ok_or(Refusal::ChunkIndex(c.index))?;
         let want_len = chunk_bytes.min(m.total_bytes as usize - c.index as usize * chunk_bytes);
         if c.bytes.len() != want_len || <[u8; 32]>::from(Sha256::digest(&c.bytes)) != *hash {
-            return Err(ProtocolError::Refused(format!(
-                "chunk {} from {from} does not match its manifest",
-                c.index
-            )));
+            return Err(Refusal::ChunkMismatch {
+                device: from.clone(),
+                index: c.index,
+            }
+            .into());
         }
         upload.chunks.insert(c.index, c.bytes);
         Ok(())

@@ -4,6 +4,8 @@
 //! - [`host`]: the host's round ([`host::HostRound`]): joins, secure key aggregation,
 //!   chunked uploads folded into the encrypted sum, decryption of the sum only;
 //! - [`edge`]: a device's round ([`edge::EdgeSession`]);
+//! - [`fleet`]: the host and a device across rounds ([`fleet::host::HostFleet`],
+//!   [`fleet::edge::EdgeFleet`]): global adapter, history, snapshots, restarts;
 //! - [`journal`]: the host's round journal, replayed by a restarted host to resume its round;
 //! - [`weights`]: the FedAvg weights every member recomputes from the signed roster;
 //! - [`signed`]: the host's signed broadcasts ([`signed::HostSigned`], opened by
@@ -13,6 +15,7 @@
 //! the actions they return.
 
 pub mod edge;
+pub mod fleet;
 pub mod host;
 pub mod journal;
 pub mod keyfile;
@@ -29,7 +32,7 @@ pub enum ProtocolError {
     SecAgg(#[from] fedshield_crypto::secagg::SecAggError),
     /// Refused by the round protocol.
     #[error("refused: {0}")]
-    Refused(String),
+    Refused(#[from] Refusal),
     /// A fleet or device name that is not one MQTT topic level.
     #[error("invalid name {0:?}: one topic level without '/', '+', '#' or control characters")]
     BadName(String),
@@ -64,6 +67,14 @@ pub enum ProtocolError {
     /// A device report (join loss, evaluation) with a bad signature or value.
     #[error("report refused: {0}")]
     Report(#[from] signed::ReportRefusal),
+    /// A round built on a global update other than the one this history has applied.
+    #[error("out of sync: this history is of round {have}, the round was built on {built_on}")]
+    OutOfSync {
+        /// The round of the history at hand.
+        have: u64,
+        /// The round the configuration was built on.
+        built_on: u64,
+    },
     /// The host dropped a device's upload of the round (told to the device).
     #[error("upload of {device} in round {round} refused: {reason}")]
     UploadRefused {
@@ -81,7 +92,7 @@ impl ProtocolError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::SecAgg(_) => "secagg",
-            Self::Refused(_) => "refused",
+            Self::Refused(r) => r.kind(),
             Self::BadName(_) => "bad-name",
             Self::Config(_) => "config",
             Self::Malformed(_) => "malformed",
@@ -89,7 +100,127 @@ impl ProtocolError {
             Self::Stale { .. } => "stale",
             Self::Weights(_) => "weights",
             Self::Report(_) => "report",
+            Self::OutOfSync { .. } => "out-of-sync",
             Self::UploadRefused { .. } => "upload-refused",
+        }
+    }
+}
+
+/// Why the round protocol refused a message (a [`ProtocolError::Refused`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    /// A message signed by one device on another's uplink.
+    #[error("message signed by {signer} on the uplink of {uplink}")]
+    Impersonation {
+        /// Who signed it.
+        signer: fedshield_crypto::identity::DeviceId,
+        /// Whose uplink carried it.
+        uplink: fedshield_crypto::identity::DeviceId,
+    },
+    /// A join without an advert.
+    #[error("{0}: a join must carry an advert")]
+    NotAnAdvert(fedshield_crypto::identity::DeviceId),
+    /// More joins than the body width can sum.
+    #[error("{device}: the round is full ({cap} clients, the most {body_bits}-bit bodies can sum)")]
+    RoundFull {
+        /// The device turned away.
+        device: fedshield_crypto::identity::DeviceId,
+        /// The most contributions the width sums within its budget.
+        cap: usize,
+        /// The round's body width.
+        body_bits: fedshield_crypto::params::BodyBits,
+    },
+    /// A message that belongs to another phase.
+    #[error("{what} in phase {phase} of round {round}")]
+    WrongPhase {
+        /// The message.
+        what: &'static str,
+        /// The round's phase.
+        phase: &'static str,
+        /// The round.
+        round: u64,
+    },
+    /// A message of another round.
+    #[error("{what} for round {got}")]
+    WrongRound {
+        /// The message.
+        what: &'static str,
+        /// Its round.
+        got: u64,
+    },
+    /// A second masked input.
+    #[error("duplicate masked input from {0}")]
+    DuplicateMaskedInput(fedshield_crypto::identity::DeviceId),
+    /// An upload from a device outside the roster.
+    #[error("{0} is not in the roster")]
+    NotInRoster(fedshield_crypto::identity::DeviceId),
+    /// A manifest without a valid signature.
+    #[error("manifest from {0} is unsigned or its signature does not verify")]
+    ManifestSignature(fedshield_crypto::identity::DeviceId),
+    /// A manifest of the wrong size.
+    #[error(
+        "{device}: manifest of {bytes} bytes in {chunks} chunks, this round takes {expected} in {expected_chunks}"
+    )]
+    ManifestSize {
+        /// The device.
+        device: fedshield_crypto::identity::DeviceId,
+        /// Bytes announced.
+        bytes: u64,
+        /// Chunks announced.
+        chunks: usize,
+        /// Bytes the round takes.
+        expected: u64,
+        /// Chunks the round takes.
+        expected_chunks: u64,
+    },
+    /// A second manifest that differs from the first.
+    #[error("{0} sent a second, different manifest")]
+    SecondManifest(fedshield_crypto::identity::DeviceId),
+    /// A chunk before its manifest.
+    #[error("chunk from {0} before its manifest")]
+    ChunkBeforeManifest(fedshield_crypto::identity::DeviceId),
+    /// A chunk index the manifest does not have.
+    #[error("chunk index {0} out of range")]
+    ChunkIndex(u32),
+    /// A chunk whose length or hash is not the manifest's.
+    #[error("chunk {index} from {device} does not match its manifest")]
+    ChunkMismatch {
+        /// The device.
+        device: fedshield_crypto::identity::DeviceId,
+        /// The chunk.
+        index: u32,
+    },
+    /// An evaluation report handed to the round machine (reports are the fleet's).
+    #[error("evaluation reports are the fleet's, not the round's")]
+    ReportInRound,
+    /// An evaluation report of a round that has not finished.
+    #[error("evaluation report of round {0}, which has not finished")]
+    UnfinishedRound(u64),
+    /// A round announced for another adapter layout.
+    #[error("round {0} is for another adapter layout")]
+    OtherLayout(u64),
+}
+
+impl Refusal {
+    /// A stable, machine-readable name of the refusal.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Impersonation { .. } => "impersonation",
+            Self::NotAnAdvert(_) => "not-an-advert",
+            Self::RoundFull { .. } => "round-full",
+            Self::WrongPhase { .. } => "wrong-phase",
+            Self::WrongRound { .. } => "wrong-round",
+            Self::DuplicateMaskedInput(_) => "duplicate-masked-input",
+            Self::NotInRoster(_) => "not-in-roster",
+            Self::ManifestSignature(_) => "manifest-signature",
+            Self::ManifestSize { .. } => "manifest-size",
+            Self::SecondManifest(_) => "second-manifest",
+            Self::ChunkBeforeManifest(_) => "chunk-before-manifest",
+            Self::ChunkIndex(_) => "chunk-index",
+            Self::ChunkMismatch { .. } => "chunk-mismatch",
+            Self::ReportInRound => "report-in-round",
+            Self::UnfinishedRound(_) => "unfinished-round",
+            Self::OtherLayout(_) => "other-layout",
         }
     }
 }

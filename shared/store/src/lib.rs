@@ -7,6 +7,8 @@
 //! - [`read_existing`]: `None` only when the file does not exist. Any other failure is an
 //!   error naming the file, so that a caller never mistakes an unreadable file for a missing
 //!   one and writes a fresh state over it.
+//! - [`JsonLines`]: an append-only file of JSON lines, a process's event file (what it did
+//!   and refused, for tools and tests).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -88,6 +90,55 @@ pub fn read_existing(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     }
 }
 
+/// An append-only file of JSON lines. Each value is one `write` of its line, newline
+/// included, so a reader sees whole lines (a process killed mid-write leaves at most one
+/// torn last line, which readers skip).
+#[derive(Debug)]
+pub struct JsonLines {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl JsonLines {
+    /// Opens `path` for appending, creating it (readable by everyone) when missing.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(Access::Public.mode())
+            .open(path)
+            .map_err(fail("opening", path))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Appends `value` as one line.
+    pub fn append<T: serde::Serialize>(&mut self, value: &T) -> Result<(), StoreError> {
+        let mut line = serde_json::to_vec(value)
+            .map_err(|e| fail("encoding a line of", &self.path)(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .map_err(fail("appending to", &self.path))
+    }
+}
+
+/// The values of a JSON-lines file that decode as `T`, in order (a torn last line and
+/// lines of other shapes are skipped).
+pub fn read_json_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, StoreError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(fail("reading", path)(e)),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +172,31 @@ mod tests {
         // A write into a missing directory fails with the temporary file's name.
         let e = write_atomic(&dir.path().join("no/such/file"), b"x", Access::Public).unwrap_err();
         assert!(e.to_string().contains("file.tmp"), "{e}");
+    }
+
+    #[test]
+    fn json_lines_append_and_read_back_skipping_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        assert!(read_json_lines::<u32>(&path).unwrap().is_empty());
+        let mut log = JsonLines::open(&path).unwrap();
+        log.append(&1u32).unwrap();
+        log.append(&2u32).unwrap();
+        drop(log);
+        // A second run appends; a torn last line is skipped.
+        let mut log = JsonLines::open(&path).unwrap();
+        log.append(&3u32).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"4")
+            .unwrap();
+        let mut torn = std::fs::read(&path).unwrap();
+        torn.pop();
+        torn.extend(b"{\"x");
+        std::fs::write(&path, &torn).unwrap();
+        assert_eq!(read_json_lines::<u32>(&path).unwrap(), vec![1, 2, 3]);
+        assert!(JsonLines::open(dir.path()).is_err());
     }
 }

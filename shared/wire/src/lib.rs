@@ -15,8 +15,6 @@ pub mod rig;
 
 pub use frame::{FrameDecoder, MAX_FRAME_LEN, encode_frame};
 
-use serde::{Serialize, de::DeserializeOwned};
-
 /// Errors of the wire format. None of them is fatal to a long-running process: the driver
 /// drops the offending bytes, logs the reason and goes on.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,27 +31,6 @@ pub enum WireError {
     /// A compressed envelope did not decompress, or decompressed past its limit.
     #[error("bad compressed envelope: {0}")]
     Compression(String),
-}
-
-/// Encodes a value as a postcard payload.
-pub fn to_payload<T: Serialize>(value: &T) -> Vec<u8> {
-    // postcard only fails on types serde cannot represent (maps with non-string keys are
-    // fine, but e.g. sequences of unknown length are not); none of ours are such.
-    postcard::to_stdvec(value).expect("postcard can encode every FedShield wire type")
-}
-
-/// Decodes a postcard payload, rejecting trailing bytes so that a truncated or padded
-/// message never passes as a valid one.
-pub fn from_payload<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
-    let (value, rest) =
-        postcard::take_from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(WireError::Malformed(format!(
-            "{} trailing bytes",
-            rest.len()
-        )));
-    }
-    Ok(value)
 }
 
 /// A payload that may have been zstd-compressed by its sender.
@@ -129,20 +106,6 @@ impl Compressed {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn payload_rejects_trailing_bytes() {
-        let mut bytes = to_payload(&(7u32, String::from("x")));
-        assert_eq!(
-            from_payload::<(u32, String)>(&bytes).unwrap(),
-            (7, "x".into())
-        );
-        bytes.push(0);
-        assert!(matches!(
-            from_payload::<(u32, String)>(&bytes),
-            Err(WireError::Malformed(_))
-        ));
-    }
 
     #[test]
     fn compression_is_kept_only_when_it_pays() {
