@@ -34,6 +34,14 @@ pub enum EdgeError {
     /// Two shapes that must agree do not.
     #[error("shape mismatch: {0}")]
     Shape(String),
+    /// A PEFT adapter directory that cannot be written or read as this model's adapter.
+    #[error("adapter {}: {why}", dir.display())]
+    Adapter {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// The device's state file cannot be used (it is left as it is).
     #[error("state file {}: {why}; move it away to start this device afresh", path.display())]
     State {

@@ -293,8 +293,12 @@ impl Lora {
 
     /// Saves `adapter_model.safetensors` (PEFT's tensor names) and `adapter_config.json` in
     /// `dir`, recording `base_model` (the base model's name or path).
-    pub fn save_peft(&self, dir: &Path, base_model: &str) -> anyhow::Result<()> {
-        std::fs::create_dir_all(dir)?;
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<(), EdgeError> {
+        let bad = |why: String| EdgeError::Adapter {
+            dir: dir.to_path_buf(),
+            why,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| bad(e.to_string()))?;
         let tensors: Vec<(String, Tensor)> = self
             .named_tensors()
             .into_iter()
@@ -316,33 +320,38 @@ impl Lora {
             freeze_a: self.config.freeze_a,
             round: None,
         };
-        std::fs::write(dir.join("adapter_config.json"), config.to_json())?;
-        Ok(())
+        std::fs::write(dir.join("adapter_config.json"), config.to_json())
+            .map_err(|e| bad(format!("adapter_config.json: {e}")))
     }
 
     /// Loads a PEFT adapter directory for `model`. Every expected tensor must be present with
     /// its shape; extra tensors are an error (the adapter belongs to another model).
-    pub fn load_peft(dir: &Path, model: &Llama) -> anyhow::Result<Self> {
+    pub fn load_peft(dir: &Path, model: &Llama) -> Result<Self, EdgeError> {
+        let bad = |why: String| EdgeError::Adapter {
+            dir: dir.to_path_buf(),
+            why,
+        };
         let text = std::fs::read_to_string(dir.join("adapter_config.json"))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("adapter_config.json").display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text)?;
+            .map_err(|e| bad(format!("adapter_config.json: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("adapter_config.json: {e}")))?;
         let targets = json["target_modules"]
             .as_array()
-            .ok_or_else(|| anyhow::anyhow!("adapter_config.json: target_modules missing"))?
+            .ok_or_else(|| bad("adapter_config.json: target_modules missing".into()))?
             .iter()
             .map(|v| {
                 v.as_str()
                     .and_then(Module::from_peft_name)
-                    .ok_or_else(|| anyhow::anyhow!("unknown target module {v}"))
+                    .ok_or_else(|| bad(format!("unknown target module {v}")))
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let config = LoraConfig {
             r: json["r"]
                 .as_i64()
-                .ok_or_else(|| anyhow::anyhow!("r missing"))?,
+                .ok_or_else(|| bad("adapter_config.json: r missing".into()))?,
             alpha: json["lora_alpha"]
                 .as_f64()
-                .ok_or_else(|| anyhow::anyhow!("lora_alpha missing"))?,
+                .ok_or_else(|| bad("adapter_config.json: lora_alpha missing".into()))?,
             dropout: json["lora_dropout"].as_f64().unwrap_or(0.0),
             target_modules: targets,
             freeze_a: json["fedshield_freeze_a"].as_bool().unwrap_or(false),
@@ -352,17 +361,17 @@ impl Lora {
             Tensor::read_safetensors(dir.join("adapter_model.safetensors"))?
                 .into_iter()
                 .collect();
-        tch::no_grad(|| -> anyhow::Result<()> {
+        tch::no_grad(|| -> Result<(), EdgeError> {
             for (name, t) in lora.named_tensors() {
                 let src = stored
                     .remove(&name)
-                    .ok_or_else(|| anyhow::anyhow!("adapter has no tensor {name}"))?;
+                    .ok_or_else(|| bad(format!("no tensor {name}")))?;
                 if src.size() != t.size() {
-                    anyhow::bail!(
+                    return Err(bad(format!(
                         "{name}: shape {:?}, the model needs {:?}",
                         src.size(),
                         t.size()
-                    );
+                    )));
                 }
                 let mut dst = t.shallow_clone();
                 dst.copy_(&src.to_kind(Kind::Float).to_device(t.device()));
@@ -370,7 +379,7 @@ impl Lora {
             Ok(())
         })?;
         if let Some(extra) = stored.keys().next() {
-            anyhow::bail!("adapter has a tensor this model does not: {extra}");
+            return Err(bad(format!("a tensor this model does not have: {extra}")));
         }
         Ok(lora)
     }

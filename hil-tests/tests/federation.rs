@@ -485,6 +485,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     let announce: RoundState = rogue.wait_for("/round", 60, |p| {
         unsealed::<RoundState>(p).filter(|s| s.config.round == 2)
     });
+    let epoch = announce.config.epoch;
     let mut entries = Vec::new();
     for d in ["edge-0", "edge-1"] {
         let advert = rogue.wait_for(&format!("/up/{d}"), 60, |p| match postcard::from_bytes(p) {
@@ -515,7 +516,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     };
     rogue.publish_on(&round_topic, postcard::to_stdvec(&unsigned).unwrap());
     let global_topic = format!("fedshield/{}/global/0", fleet.name);
-    let fake = GlobalPart::split(2, &["edge-0".into()], &[9.0; 64], 1 << 20).remove(0);
+    let fake = GlobalPart::split(epoch, 2, &["edge-0".into()], &[9.0; 64], 1 << 20).remove(0);
     let fake = postcard::to_stdvec(&fedshield_wire::compress_if_smaller(
         &postcard::to_stdvec(&fake).unwrap(),
     ))

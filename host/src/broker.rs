@@ -49,16 +49,25 @@ impl EmbeddedBroker {
             ..Default::default()
         };
         let mut broker = rumqttd::Broker::new(config);
+        // rumqttd only logs a failure to bind its port, and its start returns once its
+        // server thread ended: a start that returns at all is a broker that is not running.
+        let (stopped_tx, stopped) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
-                if let Err(e) = broker.start() {
-                    tracing::error!("embedded broker stopped: {e}");
-                }
+                let why = match broker.start() {
+                    Ok(()) => "its server stopped (is the port in use?)".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!("embedded broker stopped: {why}");
+                let _ = stopped_tx.send(why);
             })
             .map_err(|e| HostError::Broker(e.to_string()))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !answers_mqtt(&listen) {
+            if let Ok(why) = stopped.try_recv() {
+                return Err(HostError::Broker(format!("on {listen}: {why}")));
+            }
             if Instant::now() > deadline {
                 return Err(HostError::Broker(format!(
                     "not listening on {listen} after 10 s"

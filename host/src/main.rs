@@ -1,16 +1,19 @@
 //! `fedshield-host`: the host aggregator's single binary.
 
+mod records;
+mod serve;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedshield_codec::{PruneConfig, Schedule, Structure};
 use fedshield_crypto::params::BodyBits;
 use fedshield_host::broker::{DEFAULT_MAX_PACKET_BYTES, EmbeddedBroker};
 use fedshield_host::fleet::FleetDir;
-use fedshield_host::serve::{ServeConfig, serve};
 use fedshield_models::Assets;
 use fedshield_models::config::LlamaConfig;
 use fedshield_models::gguf::Gguf;
 use fedshield_protocol::host::Deadlines;
+use serve::{ServeConfig, serve};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -61,6 +61,14 @@ pub enum ProtocolError {
         /// The latest incarnation seen of that round.
         incarnation: u32,
     },
+    /// A host broadcast of an older federation epoch than the one this device follows.
+    #[error("stale host epoch {got}: this device follows epoch {have}")]
+    StaleEpoch {
+        /// The broadcast's epoch.
+        got: u64,
+        /// The device's.
+        have: u64,
+    },
     /// The round's announced FedAvg weights are not the ones the signed claims give.
     #[error("weights refused: {0}")]
     Weights(#[from] weights::WeightRefusal),
@@ -98,6 +106,7 @@ impl ProtocolError {
             Self::Malformed(_) => "malformed",
             Self::HostSignature(_) => "host-signature",
             Self::Stale { .. } => "stale",
+            Self::StaleEpoch { .. } => "stale-epoch",
             Self::Weights(_) => "weights",
             Self::Report(_) => "report",
             Self::OutOfSync { .. } => "out-of-sync",

@@ -133,6 +133,10 @@ pub fn check_level(name: &str) -> Result<(), crate::ProtocolError> {
 /// The public configuration of one round, announced with it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoundConfig {
+    /// The host's federation epoch: when its state began (ms since the Unix epoch). A
+    /// device that follows an older epoch (the host's state was wiped) starts over with
+    /// this one; a broadcast of an older epoch than the device's is a replay and refused.
+    pub epoch: u64,
     /// The round (1, 2, ...).
     pub round: u64,
     /// Seed of the ciphertexts' shared masks.
@@ -342,6 +346,8 @@ pub struct Chunk {
 /// public configuration and the history). Parts stay under the chunk size.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GlobalPart {
+    /// The host's federation epoch (see [`RoundConfig::epoch`]).
+    pub epoch: u64,
     /// The round.
     pub round: u64,
     /// Whose updates it averages.
@@ -359,6 +365,7 @@ pub struct GlobalPart {
 impl GlobalPart {
     /// Splits a round's global update into parts of at most `chunk_bytes` of values.
     pub fn split(
+        epoch: u64,
         round: u64,
         contributors: &[DeviceId],
         values: &[f32],
@@ -371,6 +378,7 @@ impl GlobalPart {
                 let start = i as usize * per;
                 let end = (start + per).min(values.len());
                 Self {
+                    epoch,
                     round,
                     contributors: contributors.to_vec(),
                     index: i,
@@ -427,6 +435,8 @@ impl GlobalAssembler {
 /// [`SnapshotPart`]s; zstd-compressed postcard inside.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
+    /// The host's federation epoch (see [`RoundConfig::epoch`]).
+    pub epoch: u64,
     /// The last completed round (the history's round).
     pub round: u64,
     /// The global adapter, in layout order.

@@ -205,6 +205,7 @@ impl Sim {
                 topics.clone(),
                 Identity::from_secret(host_id.secret()),
                 None,
+                1_000,
             )
             .unwrap(),
             running: None,
@@ -305,6 +306,7 @@ impl Sim {
             self.topics.clone(),
             Identity::from_secret(self.signer),
             self.host.disk_state.as_deref(),
+            self.now,
         )
         .unwrap();
         self.host.fleet = fleet;
@@ -813,6 +815,7 @@ fn another_adapter_layout_is_refused_by_devices_and_by_the_host_state() {
         sim.topics.clone(),
         Identity::from_secret(sim.signer),
         Some(&state),
+        0,
     )
     .unwrap_err();
     assert_eq!(refused, HostStateRefusal::OtherLayout);
@@ -827,4 +830,50 @@ fn another_adapter_layout_is_refused_by_devices_and_by_the_host_state() {
     assert!(fresh.restore(&sim.edges[0].fleet.state_bytes()).is_err());
     assert!(fresh.restore(b"\x01\x02garbage").is_err());
     assert_eq!(fresh.state_bytes(), before);
+}
+
+#[test]
+fn devices_ahead_of_a_wiped_host_start_over_with_its_new_epoch_and_refuse_the_old_one() {
+    let mut sim = Sim::new(3, 2).online();
+    sim.run(|_| {});
+    assert_eq!(sim.contributors(), vec![3, 3]);
+    let old_round = sim.retained[&sim.topics.round()].clone();
+    let old_epoch = sim.host.fleet.epoch();
+    // The host's state and journal are lost; it starts a new federation later on.
+    sim.now += 60_000;
+    sim.host.disk_state = None;
+    sim.host.disk_journal = None;
+    sim.settings.rounds = 2;
+    sim.restart_host();
+    assert!(sim.host.fleet.epoch() > old_epoch);
+    sim.run(|_| {});
+    // Every device dropped the old federation and took part in both new rounds.
+    assert_eq!(sim.contributors(), vec![3, 3]);
+    sim.assert_agreement();
+    for e in &sim.edges {
+        assert!(
+            e.events.iter().any(|ev| *ev
+                == Event::Reset {
+                    from: old_epoch,
+                    to: sim.host.fleet.epoch()
+                }),
+            "{}: {:?}",
+            e.me.id,
+            e.events
+        );
+    }
+    // A replay of the old federation's round state is refused; nothing changes.
+    let before = sim.edges[0].fleet.state_bytes();
+    let topic = sim.topics.round();
+    sim.edges[0].inbox.push_back((topic.clone(), old_round));
+    sim.edge_step(0);
+    let e = &sim.edges[0];
+    assert!(
+        e.events
+            .iter()
+            .any(|ev| matches!(ev, Event::Refused { kind, .. } if kind == "stale-epoch")),
+        "{:?}",
+        e.events
+    );
+    assert_eq!(e.fleet.state_bytes(), before);
 }

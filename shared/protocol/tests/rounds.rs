@@ -83,6 +83,7 @@ struct Fleet {
 
 fn config(round: u64, threshold: usize) -> RoundConfig {
     RoundConfig {
+        epoch: 1,
         round,
         mask_seed: 77,
         select_seed: 5,
@@ -711,6 +712,7 @@ fn every_host_message_round_trips_through_postcard() {
         }
     }
     let parts = fedshield_protocol::messages::GlobalPart::split(
+        1,
         4,
         &[DeviceId("a".into())],
         &(0..10).map(|i| i as f32).collect::<Vec<_>>(),
@@ -746,6 +748,7 @@ fn snapshots_reassemble_from_parts_in_any_order_and_refuse_mixed_or_corrupt_ones
         .collect();
     history.observe(&selection, &values).unwrap();
     let snapshot = Snapshot {
+        epoch: 1,
         round: 1,
         global: (0..len).map(|i| (i as f32 * 0.37).cos() * 0.01).collect(),
         history,
@@ -1118,6 +1121,7 @@ fn a_corpus_of_mutated_real_messages_is_refused_without_panic_and_the_round_comp
         .map(|(t, p)| (t.clone(), HostSigned::seal(&host, t, p.clone())))
         .collect();
     let part = &fedshield_protocol::messages::GlobalPart::split(
+        1,
         1,
         std::slice::from_ref(&me),
         &[0.5; 900],

@@ -157,6 +157,14 @@ pub enum Event {
         /// The round of an upload awaiting its outcome.
         pending: Option<u64>,
     },
+    /// The host's state began anew (a new federation epoch): the device dropped its global
+    /// adapter, residual and pending upload of the old epoch and starts over.
+    Reset {
+        /// The epoch left (0: none recorded).
+        from: u64,
+        /// The epoch followed now.
+        to: u64,
+    },
     /// The device left after the last round it was asked to run (written by the driver).
     Done {
         /// That round.
@@ -178,6 +186,8 @@ struct Persisted<'a> {
     /// round's retained outcome, its global update's contributor list or the snapshot.
     pending: Option<Cow<'a, Prepared>>,
     eval_loss: Option<f64>,
+    /// The host's federation epoch this state belongs to.
+    epoch: Option<u64>,
 }
 
 /// Why a state file was refused.
@@ -224,6 +234,9 @@ pub struct EdgeFleet {
     /// subscribes to the snapshot while this is set.
     needs_snapshot: bool,
     snapshot: SnapshotAssembler,
+    /// The host's federation epoch followed (see `RoundConfig::epoch`).
+    epoch: Option<u64>,
+    me: EdgeIdentity,
 }
 
 impl std::fmt::Debug for EdgeFleet {
@@ -244,7 +257,9 @@ impl EdgeFleet {
         Self {
             id: me.id.clone(),
             signer: Identity::from_secret(me.secret),
-            session: EdgeSession::new(me, layout.digest()),
+            session: EdgeSession::new(me.clone(), layout.digest()),
+            me,
+            epoch: None,
             global: Global::starting_from(initial),
             feedback: ErrorFeedback::new(len),
             layout,
@@ -273,6 +288,7 @@ impl EdgeFleet {
             feedback: Cow::Borrowed(&self.feedback),
             pending: self.prepared.as_ref().map(Cow::Borrowed),
             eval_loss: self.eval_loss,
+            epoch: self.epoch,
         };
         postcard::to_stdvec(&state).expect("the state encodes")
     }
@@ -299,6 +315,7 @@ impl EdgeFleet {
         self.prepared = p.pending.map(Cow::into_owned);
         self.restored_pending = self.prepared.as_ref().map(Prepared::round);
         self.eval_loss = p.eval_loss;
+        self.epoch = p.epoch;
         // Never join the applied round or an earlier one again (a replay of an old
         // announcement after a restart).
         self.session.resume_after(self.global.round());
@@ -375,10 +392,54 @@ impl EdgeFleet {
         }
     }
 
+    /// Follows the host's federation epoch `epoch`: an older one is a replay; a newer one
+    /// means the host's state began anew, and this device starts over with it (its global
+    /// adapter, history, residual and any pending upload belong to a federation that no
+    /// longer exists).
+    fn follow_epoch(&mut self, epoch: u64, out: &mut EdgeOutput) -> Result<(), ProtocolError> {
+        match self.epoch {
+            Some(have) if epoch < have => {
+                return Err(ProtocolError::StaleEpoch { got: epoch, have });
+            }
+            Some(have) if epoch == have => return Ok(()),
+            None if self.global.round() == 0 && self.prepared.is_none() => {}
+            from => {
+                let from = from.unwrap_or(0);
+                out.line(format!(
+                    "the host's federation began anew (epoch {from} -> {epoch}): dropping the global update of round {} and the residual, starting over",
+                    self.global.round()
+                ));
+                out.events.push(Event::Reset { from, to: epoch });
+                let len = self.layout.len();
+                self.session = EdgeSession::new(self.me.clone(), self.layout.digest());
+                self.global = Global::starting_from(self.global.values().to_vec());
+                self.feedback = ErrorFeedback::new(len);
+                self.prepared = None;
+                self.restored_pending = None;
+                self.configs.clear();
+                self.assembler = GlobalAssembler::default();
+                self.snapshot = SnapshotAssembler::default();
+                self.waiting = None;
+                self.ready = None;
+                self.eval_loss = None;
+                self.encrypt_seconds.clear();
+                self.init_seed = None;
+                self.needs_snapshot = false;
+            }
+        }
+        self.epoch = Some(epoch);
+        out.persist = true;
+        Ok(())
+    }
+
     /// The (host-signed, verified) round state.
     pub fn on_round(&mut self, state: RoundState, platform: &mut dyn Platform) -> EdgeOutput {
         let mut out = EdgeOutput::default();
         let round = state.config.round;
+        if let Err(e) = self.follow_epoch(state.config.epoch, &mut out) {
+            out.refused(&format!("round {round} state"), &e);
+            return out;
+        }
         if self.init_seed.is_none() && self.global.round() == 0 {
             // The fleet's initial adapter: identical on every device and on the host.
             self.global = Global::initial(&self.layout, state.config.init_seed);
@@ -431,6 +492,9 @@ impl EdgeFleet {
     /// A part of a global update arrived.
     pub fn on_global(&mut self, part: GlobalPart, platform: &mut dyn Platform) -> EdgeOutput {
         let mut out = EdgeOutput::default();
+        if Some(part.epoch) != self.epoch {
+            return out; // another federation's update (or one before any round state)
+        }
         let applied = self.global.round();
         let Some((round, contributors, values)) = self.assembler.add(part, applied) else {
             return out;
@@ -529,6 +593,9 @@ impl EdgeFleet {
         out: &mut EdgeOutput,
     ) {
         let round = snapshot.round;
+        if Some(snapshot.epoch) != self.epoch {
+            return; // another federation's snapshot
+        }
         if round <= self.global.round() {
             self.needs_snapshot = false;
             return;

@@ -101,6 +101,8 @@ struct HostState {
     last_global: Vec<Vec<u8>>,
     /// Contributors of the most recent completed rounds (for the snapshot).
     recent: Vec<(u64, Vec<DeviceId>)>,
+    /// When this state began (see `RoundConfig::epoch`).
+    epoch: u64,
 }
 
 /// Why the host's state was refused.
@@ -291,13 +293,16 @@ impl std::fmt::Debug for HostFleet {
 
 impl HostFleet {
     /// The host of `topics`' fleet, signing with `signer`: from its saved state (bytes of
-    /// [`HostFleet::state_bytes`]) or, when there is none, from the initial adapter.
+    /// [`HostFleet::state_bytes`]) or, when there is none, from the initial adapter in a new
+    /// federation epoch `now` (ms since the Unix epoch: devices of an older epoch start over
+    /// with this one).
     pub fn new(
         settings: FleetSettings,
         layout: Layout,
         topics: Topics,
         signer: Identity,
         saved: Option<&[u8]>,
+        now: u64,
     ) -> Result<Self, HostStateRefusal> {
         let state = match saved {
             Some(bytes) => {
@@ -316,6 +321,7 @@ impl HostFleet {
                 layout_digest: layout.digest(),
                 last_global: Vec::new(),
                 recent: Vec::new(),
+                epoch: now,
             },
         };
         let mut fleet = Self {
@@ -343,6 +349,11 @@ impl HostFleet {
     /// Whether every round has run.
     pub fn finished(&self) -> bool {
         self.state.round >= self.settings.rounds
+    }
+
+    /// The federation epoch.
+    pub fn epoch(&self) -> u64 {
+        self.state.epoch
     }
 
     /// The global adapter.
@@ -397,6 +408,7 @@ impl HostFleet {
             .unwrap_or(BodyBits::FULL);
         let scale_log2 = finest_scale(body_bits, enrolled.max(1)).unwrap_or(DEFAULT_SCALE_LOG2);
         let config = RoundConfig {
+            epoch: self.state.epoch,
             round,
             mask_seed: (u128::from(select_seed) << 64) | u128::from(entropy),
             select_seed,
@@ -520,6 +532,7 @@ impl HostFleet {
                 // in a `Compressed` envelope, raw when compression would not shrink it.
                 self.state.last_global.clear();
                 for part in GlobalPart::split(
+                    self.state.epoch,
                     round,
                     &result.contributors,
                     &values,
@@ -587,6 +600,7 @@ impl HostFleet {
             return;
         }
         let snapshot = Snapshot {
+            epoch: self.state.epoch,
             round: global.round(),
             global: global.values().to_vec(),
             history: global.history().clone(),
