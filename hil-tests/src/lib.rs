@@ -81,23 +81,33 @@ impl Mosquitto {
         listener_options: &str,
         max_packet_size: usize,
     ) -> anyhow::Result<Self> {
-        let addr = free_local_addr();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\n{listener_options}allow_anonymous true\n\
-                 max_packet_size {max_packet_size}\npersistence false\n",
-                addr.port()
-            ),
-        )?;
-        let child = Self::spawn(&conf, addr)?;
-        Ok(Self {
-            child,
-            addr,
-            conf,
-            _dir: dir,
-        })
+        // A port another process took between the check and mosquitto's bind: another port.
+        let mut attempts = 0;
+        loop {
+            let addr = free_local_addr();
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {} 127.0.0.1\n{listener_options}allow_anonymous true\n\
+                     max_packet_size {max_packet_size}\npersistence false\n",
+                    addr.port()
+                ),
+            )?;
+            attempts += 1;
+            match Self::spawn(&conf, addr) {
+                Ok(child) => {
+                    return Ok(Self {
+                        child,
+                        addr,
+                        conf,
+                        _dir: dir,
+                    });
+                }
+                Err(e) if attempts >= 5 => return Err(e),
+                Err(_) => {}
+            }
+        }
     }
 
     /// Starts mosquitto with a TLS listener: a fresh private CA (written to
@@ -188,14 +198,26 @@ impl Mosquitto {
             .context("starting mosquitto")?;
         // A probe that connected to itself (TCP simultaneous open on a loopback port nobody
         // listens on yet) does not count.
+        // And the listener must be this mosquitto's: when another test's broker took the
+        // same port first, this one exits and the probe would find the other.
+        let pid = child.id();
         let ready = wait_until("mosquitto", Duration::from_secs(10), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(100))
-                .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+            child.try_wait().is_ok_and(|s| s.is_some())
+                || (TcpStream::connect_timeout(&addr, Duration::from_millis(100))
+                    .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+                    && fedshield_transport::holds_listener(pid, addr))
         });
         if let Some(status) = child.try_wait()? {
-            bail!("mosquitto exited at start: {status}");
+            bail!(
+                "mosquitto exited at start (port {} taken?): {status}",
+                addr.port()
+            );
         }
-        ready?;
+        if let Err(e) = ready {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
         Ok(child)
     }
 

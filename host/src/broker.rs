@@ -75,6 +75,11 @@ impl EmbeddedBroker {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        if !fedshield_transport::holds_listener(std::process::id(), listen) {
+            return Err(HostError::Broker(format!(
+                "{listen} is held by another process (the embedded broker could not bind it)"
+            )));
+        }
         Ok(Self { addr: listen })
     }
 

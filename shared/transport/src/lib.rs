@@ -327,6 +327,34 @@ fn forward(
     }
 }
 
+/// Whether process `pid` holds the listening TCP socket on `addr`'s port (Linux, from
+/// `/proc/net/tcp` and `/proc/{pid}/fd`; false where those cannot be read). A broker that
+/// answers on a port is not proof that it is the broker just started: when two processes
+/// pick the same free port, the one whose bind failed may find the other's broker there.
+pub fn holds_listener(pid: u32, addr: std::net::SocketAddr) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let port = format!("{:04X}", addr.port());
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local = f.get(1)?;
+            (local.rsplit(':').next() == Some(port.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9).map(|i| format!("socket:[{i}]")))
+                .flatten()
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +373,16 @@ mod tests {
             assert!(parse_broker(bad).is_err(), "{bad}");
         }
         assert_eq!(credentials(None).unwrap(), None);
+    }
+
+    #[test]
+    fn the_holder_of_a_listening_port_is_found() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert!(holds_listener(std::process::id(), addr));
+        // Not the parent's (nor any other process's) socket.
+        assert!(!holds_listener(std::os::unix::process::parent_id(), addr));
+        drop(l);
+        assert!(!holds_listener(std::process::id(), addr));
     }
 }
