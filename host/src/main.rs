@@ -12,6 +12,7 @@ use fedshield_host::fleet::FleetDir;
 use fedshield_models::Assets;
 use fedshield_models::config::LlamaConfig;
 use fedshield_models::gguf::Gguf;
+use fedshield_protocol::fleet::host::FleetSettings;
 use fedshield_protocol::host::Deadlines;
 use serve::{ServeConfig, serve};
 use std::ffi::OsString;
@@ -298,28 +299,30 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         base_model: model.display().to_string(),
         layout,
-        rounds: args.rounds,
-        prune,
-        clip: args.clip,
-        body_bits: match args.body_bits.as_str() {
-            "auto" => None,
-            b => Some(
-                b.parse::<u32>()
-                    .map_err(anyhow::Error::from)
-                    .and_then(|b| Ok(BodyBits::new(b)?))
-                    .with_context(|| format!("--body-bits {b}: 8, 16, 24, 32 or auto"))?,
-            ),
+        settings: FleetSettings {
+            seed: args.seed,
+            rounds: args.rounds,
+            prune,
+            clip: args.clip,
+            body_bits: match args.body_bits.as_str() {
+                "auto" => None,
+                b => Some(
+                    b.parse::<u32>()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|b| Ok(BodyBits::new(b)?))
+                        .with_context(|| format!("--body-bits {b}: 8, 16, 24, 32 or auto"))?,
+                ),
+            },
+            local_steps: args.local_steps,
+            threshold: args.threshold,
+            chunk_bytes: args.chunk_bytes,
         },
-        local_steps: args.local_steps,
-        threshold: args.threshold,
         deadlines: Deadlines {
             join_ms: args.join_seconds * 1000,
             shares_ms: phase,
             upload_ms: args.upload_seconds * 1000,
             finish_ms: phase,
         },
-        chunk_bytes: args.chunk_bytes,
-        seed: args.seed,
         out: args.out,
         report_wait: Duration::from_secs(600),
         audit_dir: args.audit_dir,

@@ -4,10 +4,9 @@
 //! writes the PEFT adapter, `metrics.json` and a loss plot after every round.
 
 use crate::records::{JournalFile, write_audit};
-use fedshield_codec::{DEFAULT_LORA_DROPOUT, Layout, PeftConfig, PruneConfig};
+use fedshield_codec::{DEFAULT_LORA_DROPOUT, Layout, PeftConfig};
 use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::identity::{DeviceId, Registry};
-use fedshield_crypto::params::BodyBits;
 use fedshield_host::fleet::FleetDir;
 use fedshield_protocol::ProtocolError;
 use fedshield_protocol::fleet::host::{
@@ -38,25 +37,11 @@ pub struct ServeConfig {
     pub peft: (usize, f64, Vec<String>),
     /// Base model name or path recorded in the adapter.
     pub base_model: String,
-    /// Rounds to run in all.
-    pub rounds: u64,
-    /// Pruning.
-    pub prune: PruneConfig,
-    /// Clip value.
-    pub clip: f32,
-    /// Width of the ciphertext bodies; `None`: the narrowest that suits the enrolled fleet
-    /// (`fedshield_crypto::params::narrowest_body`).
-    pub body_bits: Option<BodyBits>,
-    /// Local steps per round.
-    pub local_steps: usize,
-    /// Minimum contributors.
-    pub threshold: usize,
+    /// The federation's settings (rounds, pruning, clip, body width, local steps,
+    /// threshold, chunk size, seed).
+    pub settings: FleetSettings,
     /// Phase deadlines.
     pub deadlines: Deadlines,
-    /// Upload chunk size.
-    pub chunk_bytes: usize,
-    /// Seed of the initial adapter and the masks' exploration.
-    pub seed: u64,
     /// Output folder: adapter/, metrics.json, loss.svg, state.bin.
     pub out: PathBuf,
     /// Seconds to wait for the last round's evaluation reports.
@@ -102,21 +87,11 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let (signer, _) = cfg.fleet_dir.host(&cfg.fleet)?;
     let registry = cfg.fleet_dir.registry()?;
     // Checked here so that a bad clip stops the host before any round.
-    FixedPoint::new(cfg.clip)?;
-    let settings = FleetSettings {
-        seed: cfg.seed,
-        rounds: cfg.rounds,
-        prune: cfg.prune.clone(),
-        clip: cfg.clip,
-        body_bits: cfg.body_bits,
-        local_steps: cfg.local_steps,
-        threshold: cfg.threshold,
-        chunk_bytes: cfg.chunk_bytes,
-    };
+    FixedPoint::new(cfg.settings.clip)?;
     // Only a missing state starts fresh; one that does not read stops the host, untouched.
     let saved = fedshield_store::read_existing(&state_path)?;
     let fleet = HostFleet::new(
-        settings,
+        cfg.settings.clone(),
         cfg.layout.clone(),
         topics.clone(),
         signer,
