@@ -1,24 +1,30 @@
 //! The device's [`Platform`] for the federation ([`fedshield_protocol::fleet::edge`]):
-//! local training and held-out evaluation of the LoRA adapter with libtorch, the monotonic
-//! clock and the OS's entropy. Everything across rounds (global adapter, history, residual,
-//! pending uploads, snapshots) is the protocol's `EdgeFleet`; the MQTT link and the files
-//! are `fedshield-edge run`'s.
+//! local training and held-out evaluation of the LoRA adapter with libtorch on a worker
+//! thread of its own (so that the MQTT driver keeps draining its link, verifying what comes
+//! and answering its downlink while a round trains), the monotonic clock and the OS's
+//! entropy. Everything across rounds (global adapter, history, residual, pending uploads,
+//! snapshots) is the protocol's `EdgeFleet`; the MQTT link and the files are
+//! `fedshield-edge run`'s.
 
 use crate::llama::Llama;
 use crate::lora::Lora;
 use crate::sft::{LocalRun, Sequence, train_local};
 use crate::train::{Batch, TrainConfig, Trainer, evaluate};
+#[cfg(doc)]
+use fedshield_protocol::fleet::edge::Training;
 use fedshield_protocol::fleet::edge::{Platform, Trained};
 use fedshield_protocol::messages::RoundConfig;
 use rand::RngCore;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::Instant;
 
 pub use fedshield_protocol::fleet::edge::{Audit, EdgeFleet, EdgeOutput, Event};
 
-/// What the device trains with.
-pub struct Device<'a> {
+/// What the device trains with (moved onto the worker thread: every libtorch object of
+/// the device lives there).
+pub struct Device {
     /// The base model.
-    pub model: &'a Llama,
+    pub model: Llama,
     /// The adapter (holds the values being trained or evaluated).
     pub lora: Lora,
     /// Local training data.
@@ -33,70 +39,46 @@ pub struct Device<'a> {
     pub pad: u32,
     /// Seed of data order and dropout.
     pub seed: u64,
+    /// libtorch CPU threads (OpenMP's setting is per thread: set again on the worker).
+    pub threads: i32,
 }
 
-/// [`Device`] as the federation's platform.
-pub struct TorchPlatform<'a> {
-    device: Device<'a>,
-    clock: Instant,
-}
-
-impl<'a> TorchPlatform<'a> {
-    /// The platform of `device`.
-    pub fn new(device: Device<'a>) -> Self {
-        Self {
-            device,
-            clock: Instant::now(),
-        }
-    }
-
-    /// The adapter's values at start (its layout and seeded initial values).
-    pub fn initial(&self) -> Vec<f32> {
-        self.device.lora.flatten()
-    }
-
-    /// The adapter.
-    pub fn lora(&self) -> &Lora {
-        &self.device.lora
-    }
-
-    /// Samples on this device.
-    pub fn samples(&self) -> u64 {
-        self.device.train.len() as u64
-    }
-
+impl Device {
     fn load(&self, global: &[f32]) -> Result<(), String> {
-        self.device
-            .lora
-            .load_flat(global)
-            .map_err(|e| e.to_string())
+        self.lora.load_flat(global).map_err(|e| e.to_string())
     }
-}
 
-impl Platform for TorchPlatform<'_> {
-    fn train(&mut self, config: &RoundConfig, global: &[f32]) -> Result<Trained, String> {
-        let d = &self.device;
+    fn train(&self, config: &RoundConfig, global: &[f32]) -> Result<Trained, String> {
         let round = config.round;
+        if self.train.is_empty() {
+            return Err("this device has no training examples".into());
+        }
         self.load(global)?;
         let t = Instant::now();
         let mut trainer = Trainer::new(
-            &d.lora,
-            TrainConfig::constant(d.lr, (d.seed ^ round) as i64),
+            &self.lora,
+            TrainConfig::constant(self.lr, (self.seed ^ round) as i64),
         )
         .map_err(|e| e.to_string())?;
         let run = LocalRun {
             steps: config.local_steps,
-            batch_size: d.batch_size,
+            batch_size: self.batch_size,
             grad_accum: 1,
             eval_every: 0,
-            seed: d.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            pad: d.pad,
+            seed: self.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            pad: self.pad,
         };
         let mut last_loss = f64::NAN;
-        train_local(d.model, &d.lora, &mut trainer, &d.train, &[], &run, |p| {
-            last_loss = p.stats.loss
-        });
-        let delta = d
+        train_local(
+            &self.model,
+            &self.lora,
+            &mut trainer,
+            &self.train,
+            &[],
+            &run,
+            |p| last_loss = p.stats.loss,
+        );
+        let delta = self
             .lora
             .flatten()
             .iter()
@@ -111,14 +93,153 @@ impl Platform for TorchPlatform<'_> {
         })
     }
 
-    fn evaluate(&mut self, global: &[f32]) -> f64 {
+    fn evaluate(&self, global: &[f32]) -> f64 {
         match self.load(global) {
-            Ok(()) => evaluate(
-                self.device.model,
-                Some(&self.device.lora),
-                &self.device.eval,
-            ),
+            Ok(()) => evaluate(&self.model, Some(&self.lora), &self.eval),
             Err(_) => f64::NAN, // not reportable: the fleet logs it and sends nothing
+        }
+    }
+}
+
+enum Request {
+    Train(RoundConfig, Vec<f32>),
+    Evaluate(Vec<f32>),
+}
+
+enum Reply {
+    Trained(Result<Trained, String>),
+    Evaluated(f64),
+}
+
+/// The text of a panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// [`Device`] on its worker thread, as the federation's platform. A panic in libtorch (out
+/// of memory, for one) fails that request, not the device.
+pub struct TorchPlatform {
+    requests: Sender<Request>,
+    replies: Receiver<Reply>,
+    clock: Instant,
+    training: bool,
+    initial: Vec<f32>,
+    samples: u64,
+}
+
+impl TorchPlatform {
+    /// Moves `device` onto a worker thread.
+    pub fn spawn(device: Device) -> Result<Self, crate::EdgeError> {
+        let initial = device.lora.flatten();
+        let samples = device.train.len() as u64;
+        let (requests, work) = channel::<Request>();
+        let (done, replies) = channel();
+        std::thread::Builder::new()
+            .name("trainer".into())
+            .spawn(move || {
+                tch::set_num_threads(device.threads);
+                for request in work {
+                    let reply =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &request {
+                            Request::Train(config, global) => {
+                                Reply::Trained(device.train(config, global))
+                            }
+                            Request::Evaluate(global) => Reply::Evaluated(device.evaluate(global)),
+                        }))
+                        .unwrap_or_else(|panic| {
+                            let why = panic_text(panic.as_ref());
+                            match request {
+                                Request::Train(..) => {
+                                    Reply::Trained(Err(format!("training panicked: {why}")))
+                                }
+                                Request::Evaluate(_) => Reply::Evaluated(f64::NAN),
+                            }
+                        });
+                    if done.send(reply).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| crate::EdgeError::Thread {
+                what: "trainer",
+                source,
+            })?;
+        Ok(Self {
+            requests,
+            replies,
+            clock: Instant::now(),
+            training: false,
+            initial,
+            samples,
+        })
+    }
+
+    /// The adapter's values at start (its layout and seeded initial values).
+    pub fn initial(&self) -> Vec<f32> {
+        self.initial.clone()
+    }
+
+    /// Samples on this device.
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+
+    /// Starts training `config` from `global` (a [`Training`]'s) on the worker;
+    /// [`TorchPlatform::trained`] has the result. Until then, requests that need the
+    /// model are refused (the fleet defers them).
+    pub fn start(&mut self, config: &RoundConfig, global: &[f32]) {
+        // A worker that is gone answers through `trained` (disconnected).
+        let _ = self
+            .requests
+            .send(Request::Train(config.clone(), global.to_vec()));
+        self.training = true;
+    }
+
+    /// The result of the training started last, once it is there.
+    pub fn trained(&mut self) -> Option<Result<Trained, String>> {
+        if !self.training {
+            return None;
+        }
+        match self.replies.try_recv() {
+            Ok(Reply::Trained(result)) => {
+                self.training = false;
+                Some(result)
+            }
+            Ok(Reply::Evaluated(_)) => None, // cannot happen: one request at a time
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => {
+                self.training = false;
+                Some(Err("the training thread stopped".into()))
+            }
+        }
+    }
+
+    /// Sends `request` and waits for its reply; `None` if the worker is gone or busy.
+    fn ask(&mut self, request: Request) -> Option<Reply> {
+        if self.training {
+            return None; // the fleet defers what needs the model while it trains
+        }
+        self.requests.send(request).ok()?;
+        self.replies.recv().ok()
+    }
+}
+
+impl Platform for TorchPlatform {
+    fn train(&mut self, config: &RoundConfig, global: &[f32]) -> Result<Trained, String> {
+        match self.ask(Request::Train(config.clone(), global.to_vec())) {
+            Some(Reply::Trained(result)) => result,
+            _ => Err("the training thread is busy or stopped".into()),
+        }
+    }
+
+    fn evaluate(&mut self, global: &[f32]) -> f64 {
+        match self.ask(Request::Evaluate(global.to_vec())) {
+            Some(Reply::Evaluated(loss)) => loss,
+            _ => f64::NAN,
         }
     }
 

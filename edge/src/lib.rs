@@ -50,6 +50,14 @@ pub enum EdgeError {
         /// Why.
         why: String,
     },
+    /// A thread could not be started.
+    #[error("starting the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The peer did not answer in time.
     #[error("no answer from {0} within the timeout")]
     Timeout(String),

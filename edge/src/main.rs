@@ -65,7 +65,7 @@ struct ModelArgs {
     model: Option<PathBuf>,
     /// libtorch CPU threads.
     #[arg(long, default_value_t = 2)]
-    threads: i32,
+    pub threads: i32,
 }
 
 impl ModelArgs {

@@ -10,6 +10,7 @@ use fedshield_edge::sft;
 use fedshield_models::Assets;
 use fedshield_models::data::{read_instruction_jsonl, split_by_category};
 use fedshield_protocol::edge::EdgeIdentity;
+use fedshield_protocol::fleet::edge::Platform;
 use fedshield_protocol::keyfile::DeviceKey;
 use fedshield_protocol::messages::{EdgeMessage, Phase, Topics};
 use fedshield_protocol::signed::{Downlink, open_downlink};
@@ -171,16 +172,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let eval = sft::tokenize_all(&tok, &split.eval[..eval_n], args.max_len)?;
     let lora = Lora::new(&model, args.lora.config(false)?, 0);
     let layout = lora.layout()?;
-    let mut platform = TorchPlatform::new(Device {
-        model: &model,
+    let eval = sft::batches(&eval, 8, tok.eos_id, model.device);
+    // libtorch works on a thread of its own; this one keeps the link drained.
+    let mut platform = TorchPlatform::spawn(Device {
+        model,
         lora,
         train,
-        eval: sft::batches(&eval, 8, tok.eos_id, model.device),
+        eval,
         lr: args.lr,
         batch_size: args.batch,
         pad: tok.eos_id,
         seed: args.seed ^ (args.client as u64) << 32,
-    });
+        threads: args.model.threads,
+    })?;
     let mut fleet = EdgeFleet::new(
         EdgeIdentity {
             id: me.clone(),
@@ -235,22 +239,40 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut done_round = 0u64;
     let mut snapshot_subscribed = false;
+    let mut training = None;
+    let mut drops = Drops::default();
     loop {
-        let Some(incoming) = link.recv(Duration::from_millis(500))? else {
-            continue;
-        };
+        // Short waits while training: its end is polled.
+        let wait = Duration::from_millis(if training.is_some() { 50 } else { 500 });
+        let incoming = link.recv(wait)?;
+        let idle = incoming.is_none();
         let mut out = EdgeOutput::default();
+        if let Some(result) = platform.trained()
+            && let Some(job) = training.take()
+        {
+            out.extend(fleet.finish_training(job, result, &mut platform));
+        }
         match incoming {
-            Incoming::Connected => {
+            None => {
+                if drops.resubscribe {
+                    // Idle again after drops: the retained messages come back.
+                    drops.resubscribe = false;
+                    link.resubscribe()?;
+                    if snapshot_subscribed {
+                        link.subscribe(&topics.all_snapshot())?;
+                    }
+                }
+            }
+            Some(Incoming::Connected) => {
                 tracing::info!("connected to the broker");
                 snapshot_subscribed = false; // a restarted broker forgot it: subscribe again
             }
-            Incoming::Disconnected(e) => {
+            Some(Incoming::Disconnected(e)) => {
                 tracing::warn!("broker connection lost ({e}); reconnecting");
             }
             // An empty retained publish deletes a retained message: nothing to handle.
-            Incoming::Message { payload, .. } if payload.is_empty() => {}
-            Incoming::Message { topic, payload } => {
+            Some(Incoming::Message { payload, .. }) if payload.is_empty() => {}
+            Some(Incoming::Message { topic, payload }) => {
                 match open_downlink(
                     &topics,
                     &host.public_key,
@@ -261,29 +283,28 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 ) {
                     None => {}
                     Some(Err(e)) => out.refused(&topic, &e),
-                    Some(Ok(Downlink::Round(state))) => {
-                        if let Phase::Failed { reason } = &state.phase
+                    Some(Ok(message)) => {
+                        if let Downlink::Round(state) = &message
+                            && let Phase::Failed { reason } = &state.phase
                             && state.config.round >= args.rounds
                             && args.rounds > 0
                         {
                             done_round = state.config.round;
                             tracing::warn!("round {} failed: {reason}", state.config.round);
                         }
-                        out = fleet.on_round(state, &mut platform);
-                    }
-                    Some(Ok(Downlink::Down(message))) => out = fleet.on_down(message),
-                    Some(Ok(Downlink::Global(part))) => {
-                        let round = part.round;
-                        out = fleet.on_global(part, &mut platform);
-                        if !out.send.is_empty() {
-                            done_round = done_round.max(round);
-                        }
-                    }
-                    Some(Ok(Downlink::Snapshot(part))) => {
-                        out = fleet.on_snapshot(part, &mut platform);
+                        out.extend(fleet.on_downlink(message, &mut platform));
                     }
                 }
             }
+        }
+        if let Some(total) = drops.check(link.dropped(), platform.seconds(), idle) {
+            tracing::warn!(
+                "{total} incoming messages dropped so far: more than the link's budget of {} bytes came at once",
+                args.link
+                    .incoming_budget
+                    .unwrap_or(max_packet_bytes * fedshield_transport::INCOMING_BUDGET_PACKETS)
+            );
+            output.event(&Event::LinkDropped { total });
         }
         if fleet.needs_snapshot() != snapshot_subscribed {
             snapshot_subscribed = fleet.needs_snapshot();
@@ -293,10 +314,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 link.unsubscribe(&topics.all_snapshot())?;
             }
         }
+        for event in &out.events {
+            if let Event::Evaluated { round, .. } = event {
+                done_round = done_round.max(*round);
+            }
+        }
         publish(output.carry_out(&fleet, out)?)?;
-        // Training comes after publishing what preceded it (the round's shares).
-        if fleet.has_training() {
-            let out = fleet.train_ready(&mut platform);
+        // Training starts after publishing what preceded it (the round's shares).
+        if training.is_none() && fleet.has_training() {
+            let (job, out) = fleet.take_training();
+            if let Some(job) = &job {
+                platform.start(&job.config, &job.global);
+            }
+            training = job;
             publish(output.carry_out(&fleet, out)?)?;
         }
         if args.rounds > 0 && done_round >= args.rounds {
@@ -307,5 +337,60 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             output.event(&Event::Done { round: done_round });
             return Ok(());
         }
+    }
+}
+
+/// The link's dropped messages as the driver reports them: at most one report per
+/// [`Drops::EVERY`] seconds under a flood and the final total once the link is idle, and
+/// one re-subscription once it is over.
+#[derive(Default)]
+struct Drops {
+    seen: u64,
+    reported: u64,
+    at: Option<f64>,
+    resubscribe: bool,
+}
+
+impl Drops {
+    const EVERY: f64 = 10.0;
+
+    /// The total to report now (seconds `now` on the device's clock; `idle`: nothing came
+    /// in the last wait), if any.
+    fn check(&mut self, total: u64, now: f64, idle: bool) -> Option<u64> {
+        if total > self.seen {
+            self.seen = total;
+            self.resubscribe = true;
+        }
+        let recent = self.at.is_some_and(|at| now - at < Self::EVERY);
+        if total == self.reported || (recent && !idle) {
+            return None;
+        }
+        self.reported = total;
+        self.at = Some(now);
+        Some(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Drops;
+
+    #[test]
+    fn drops_are_reported_at_most_every_ten_seconds_and_finally_when_idle() {
+        let mut d = Drops::default();
+        assert_eq!(d.check(0, 0.0, false), None);
+        assert!(!d.resubscribe);
+        assert_eq!(d.check(3, 1.0, false), Some(3));
+        assert!(d.resubscribe);
+        d.resubscribe = false;
+        assert_eq!(d.check(9, 2.0, false), None, "within ten seconds");
+        assert!(d.resubscribe, "but the retained messages are fetched again");
+        assert_eq!(d.check(12, 11.5, false), Some(12));
+        assert_eq!(
+            d.check(15, 12.0, true),
+            Some(15),
+            "the final total when idle"
+        );
+        assert_eq!(d.check(15, 30.0, true), None, "nothing new");
     }
 }

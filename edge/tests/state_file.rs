@@ -2,7 +2,7 @@
 //! refused and left byte for byte as it was; a missing one starts fresh.
 
 use fedshield_crypto::identity::DeviceId;
-use fedshield_edge::fleet::{Device, EdgeFleet, TorchPlatform, open_state};
+use fedshield_edge::fleet::{EdgeFleet, open_state};
 use fedshield_edge::llama::{Llama, Module};
 use fedshield_edge::lora::{Lora, LoraConfig};
 use fedshield_models::gguf::Gguf;
@@ -26,26 +26,15 @@ fn device(model: &Llama, id: &str) -> EdgeFleet {
         },
         0,
     );
-    let layout = lora.layout().unwrap();
-    let platform = TorchPlatform::new(Device {
-        model,
-        lora,
-        train: Vec::new(),
-        eval: Vec::new(),
-        lr: 1e-3,
-        batch_size: 1,
-        pad: 0,
-        seed: 0,
-    });
     EdgeFleet::new(
         EdgeIdentity {
             id: DeviceId(id.into()),
             secret: [1; 32],
             authority: [2; 32],
         },
-        layout,
-        platform.initial(),
-        platform.samples(),
+        lora.layout().unwrap(),
+        lora.flatten(),
+        0,
     )
 }
 

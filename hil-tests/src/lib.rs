@@ -90,7 +90,8 @@ impl Mosquitto {
                 &conf,
                 format!(
                     "listener {} 127.0.0.1\n{listener_options}allow_anonymous true\n\
-                     max_packet_size {max_packet_size}\npersistence false\n",
+                     max_packet_size {max_packet_size}\npersistence false\n\
+                     max_queued_messages 10000\n",
                     addr.port()
                 ),
             )?;

@@ -11,6 +11,9 @@
 //!   and restarted; the round completes with every device.
 //! - An edge is killed right after preparing its upload and restarted: it settles that
 //!   upload from its state file as the round decided and takes part in the next round.
+//! - Devices train on a worker thread: their shares leave before training, so a share
+//!   phase shorter than training loses nobody, and a flood on a training device's downlink
+//!   is refused as it comes (during training) with the device's memory bounded.
 
 use fedshield_crypto::identity::DeviceId;
 use fedshield_hil_tests::Mosquitto;
@@ -347,6 +350,7 @@ fn rogue_link(fleet: &Fleet, id: &str, subscriptions: Vec<String>) -> fedshield_
         last_will: None,
         birth: None,
         tls: None,
+        incoming_budget: 64 << 20,
     })
     .unwrap()
 }
@@ -779,10 +783,36 @@ fn an_edge_restarted_mid_round_settles_its_upload_from_its_state_file_and_rejoin
     }
 }
 
-/// The round's shares leave before local training: with a share phase far shorter than the
-/// training, every device still makes it into the round.
+/// The peak resident memory (`VmHWM`) of a process, sampled every 100 ms until it exits:
+/// the last value read.
+fn peak_rss(pid: u32) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = peak.clone();
+    std::thread::spawn(move || {
+        while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let kib = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            match kib {
+                Some(kib) => seen.store(kib << 10, std::sync::atomic::Ordering::Release),
+                None => return, // a zombie: it has exited
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    peak
+}
+
+/// Devices train on a worker thread while their driver keeps the link drained:
+/// - the round's shares leave before local training, so with a share phase far shorter than
+///   the training every device still makes it into the round;
+/// - a flood of 256 MiB of garbage on a training device's downlink is refused as it comes,
+///   before the device's upload, and its peak memory stays within the link's budget of
+///   that of a device that was not flooded (an unbounded queue would hold the whole flood
+///   until training ended).
 #[test]
-fn shares_are_sent_before_local_training_so_a_short_share_phase_loses_nobody() {
+fn devices_train_off_the_link_so_a_short_share_phase_or_a_flood_loses_nobody() {
     let fleet = Fleet::new("slowtrain", ["--rank", "2", "--targets", "v_proj"]);
     let (mut host, mut host_events) = fleet.host(&[
         "--rounds",
@@ -805,6 +835,21 @@ fn shares_are_sent_before_local_training_so_a_short_share_phase_loses_nobody() {
     let mut edges: Vec<_> = (0..3)
         .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "1"]].concat()))
         .collect();
+    let peaks: Vec<_> = edges
+        .iter()
+        .map(|(child, _)| peak_rss(child.0.id()))
+        .collect();
+    edges[0].1.until("edge-0 training round 1", 300, |e| {
+        *e == Event::Training { round: 1 }
+    });
+    let flooder = rogue_link(&fleet, "flooder", vec![]);
+    let flood_topic = format!("fedshield/{}/down/edge-0", fleet.name);
+    let flood = 2_000;
+    for i in 0..flood {
+        let mut garbage = vec![0xa5u8; 128 << 10];
+        garbage[..4].copy_from_slice(&(i as u32).to_le_bytes());
+        flooder.publish(&flood_topic, garbage, false).unwrap();
+    }
     let trained: Vec<f64> = edges
         .iter_mut()
         .map(|(_, events)| {
@@ -823,7 +868,52 @@ fn shares_are_sent_before_local_training_so_a_short_share_phase_loses_nobody() {
         trained.iter().all(|&s| s > 5.0),
         "training took {trained:?} s"
     );
+    // Every flood message was refused or dropped by the link (counted), none kept.
+    let accounted = |events: &[Event]| {
+        let refused = events
+            .iter()
+            .filter(|e| matches!(e, Event::Refused { source, .. } if *source == flood_topic))
+            .count() as u64;
+        let dropped = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::LinkDropped { total } => Some(*total),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        (refused, dropped)
+    };
+    edges[0]
+        .1
+        .until("the whole flood refused or dropped", 120, |_| {
+            let (refused, dropped) = accounted(&events(&fleet.edge_events(0)));
+            refused + dropped == flood
+        });
     host_events.until("the end", 300, is_finished);
     assert!(host.0.wait().unwrap().success());
     assert_eq!(contributors(&fleet), [(1, 3)]);
+    for (_, events) in &mut edges {
+        events.until("done after round 1", 120, is_done(1));
+    }
+    let all = events(&fleet.edge_events(0));
+    let (refused, dropped) = accounted(&all);
+    eprintln!("flood of {flood}: {refused} refused, {dropped} dropped by the link");
+    // Handled while training: the first refusal comes before the round's upload.
+    let first_refusal = all
+        .iter()
+        .position(|e| matches!(e, Event::Refused { source, .. } if *source == flood_topic))
+        .unwrap();
+    let encrypted = all.iter().position(is_encrypted(1)).unwrap();
+    assert!(first_refusal < encrypted, "the flood waited for training");
+    drop(edges);
+    let peak = |i: usize| peaks[i].load(std::sync::atomic::Ordering::Acquire) >> 20;
+    let (flooded, calm) = (peak(0), peak(1).max(peak(2)));
+    eprintln!("peak memory: flooded edge {flooded} MiB, others up to {calm} MiB");
+    assert!(calm > 0, "no memory reading");
+    // The link holds at most 32 MiB (64 packets of 512 KiB); the flood is 256 MiB.
+    assert!(
+        flooded < calm + 128,
+        "the flooded edge peaked at {flooded} MiB, the others at {calm} MiB"
+    );
 }

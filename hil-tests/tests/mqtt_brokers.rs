@@ -90,6 +90,7 @@ fn tls_link(
         last_will: None,
         birth: None,
         tls: Some(tls),
+        incoming_budget: 64 << 20,
     })
     .unwrap()
 }
@@ -163,7 +164,88 @@ fn links_speak_tls_to_mosquitto_and_refuse_a_broker_their_ca_did_not_sign() {
             ca_file: "/nonexistent/ca.pem".into(),
             client_auth: None,
         }),
+        incoming_budget: 64 << 20,
     })
     .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+}
+
+/// A plain link to `broker` with a budget of `budget` bytes for 256 KiB packets.
+fn plain_link(
+    broker: &Mosquitto,
+    id: &str,
+    subscriptions: Vec<String>,
+    budget: usize,
+) -> fedshield_transport::Link {
+    fedshield_transport::Link::start(fedshield_transport::LinkConfig {
+        host: "127.0.0.1".into(),
+        port: broker.addr().port(),
+        client_id: id.into(),
+        credentials: None,
+        max_packet_bytes: 256 << 10,
+        subscriptions,
+        last_will: None,
+        birth: None,
+        tls: None,
+        incoming_budget: budget,
+    })
+    .unwrap()
+}
+
+/// The next message on `link` (hang guard: 20 s).
+fn next_message(link: &fedshield_transport::Link) -> (String, Vec<u8>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Some(fedshield_transport::Incoming::Message { topic, payload }) =
+            link.recv(Duration::from_millis(200)).unwrap()
+        {
+            return (topic, payload);
+        }
+    }
+    panic!("no message within 20 s");
+}
+
+/// A flood on a link whose driver does not read holds at most the incoming budget, counts
+/// the rest as dropped, and leaves the link working: later messages arrive, and the retained
+/// ones come back on a new subscription.
+#[test]
+fn a_flood_on_an_unread_link_holds_at_most_its_budget_and_the_link_recovers() {
+    let broker = Mosquitto::start(1 << 20).expect("mosquitto");
+    let topic = "fedshield/flood/t";
+    let budget = 1 << 20;
+    let publisher = plain_link(&broker, "flooder", vec![], 1 << 20);
+    publisher
+        .publish(topic, b"retained marker".to_vec(), true)
+        .unwrap();
+    let link = plain_link(&broker, "flooded", vec![topic.into()], budget);
+    // The retained marker proves the subscription is in place.
+    assert_eq!(next_message(&link).1, b"retained marker");
+    let flood = 40;
+    let payload = vec![0x5a; 200 << 10];
+    for _ in 0..flood {
+        publisher.publish(topic, payload.clone(), false).unwrap();
+    }
+    // 200 KiB messages, 1 MiB budget: five fit, the other 35 are dropped.
+    let fit = budget / (topic.len() + payload.len() + 64);
+    assert_eq!(fit, 5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while link.dropped() < (flood - fit) as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} dropped",
+            link.dropped()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(link.held_bytes() <= budget, "{} held", link.held_bytes());
+    for _ in 0..fit {
+        assert_eq!(next_message(&link).1, payload);
+    }
+    assert_eq!(link.held_bytes(), 0);
+    assert_eq!(link.dropped(), (flood - fit) as u64);
+    publisher.publish(topic, b"after".to_vec(), false).unwrap();
+    assert_eq!(next_message(&link).1, b"after");
+    link.resubscribe().unwrap();
+    assert_eq!(next_message(&link).1, b"retained marker");
+    publisher.publish(topic, Vec::new(), true).unwrap();
 }

@@ -77,6 +77,7 @@ struct Host {
     registry: Registry,
     /// The event file, if any.
     events: Option<JsonLines>,
+    drops: Drops,
 }
 
 /// Runs the federation; returns the paths of the adapter, the plot and metrics.json.
@@ -124,6 +125,7 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
         fleet,
         registry,
         events,
+        drops: Drops::default(),
     };
     host.wait_connected()?;
     host.publish(host.fleet.retained())?;
@@ -139,7 +141,32 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     Ok(paths)
 }
 
+/// The link's dropped messages: the total reported, and whether the round still has to be
+/// re-published for them.
+#[derive(Default)]
+struct Drops {
+    total: u64,
+    recover: bool,
+}
+
 impl Host {
+    /// Reports messages the link dropped since the last call (once per flood: until the
+    /// round is re-published) and marks the round for re-publishing.
+    fn check_drops(&mut self, round: u64) {
+        let total = self.link.dropped();
+        if total == self.drops.total {
+            return;
+        }
+        self.drops.total = total;
+        if !self.drops.recover {
+            self.drops.recover = true;
+            tracing::warn!(
+                "round {round}: {total} incoming messages dropped so far (more than the link's budget came at once)"
+            );
+            self.event(HostEvent::LinkDropped { round, total });
+        }
+    }
+
     /// Records an event; a failure to write it is logged and the host goes on.
     fn event(&mut self, event: HostEvent) {
         if let Some(file) = &mut self.events
@@ -387,8 +414,18 @@ impl Host {
                     self.event(HostEvent::Republished { round });
                     machine.republish()
                 }
+                // Idle again after the link dropped messages: the round is re-published
+                // under a new incarnation, and its devices send this phase's messages again.
+                None if self.drops.recover => {
+                    self.drops.recover = false;
+                    tracing::info!("round {round}: re-publishing the round after dropped messages");
+                    journal.append(&Entry::Republish)?;
+                    self.event(HostEvent::Republished { round });
+                    machine.republish()
+                }
                 None => vec![],
             };
+            self.check_drops(round);
             let now = now_ms();
             if machine.due(now) {
                 let w = Instant::now();

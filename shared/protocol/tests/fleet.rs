@@ -6,14 +6,16 @@
 use fedshield_codec::{Layout, PairSpec, PruneConfig, Schedule, Structure};
 use fedshield_crypto::identity::{DeviceId, Identity, Registry};
 use fedshield_protocol::edge::EdgeIdentity;
-use fedshield_protocol::fleet::edge::{EdgeFleet, EdgeOutput, Event, Platform, Trained};
+use fedshield_protocol::fleet::edge::{
+    EdgeFleet, EdgeOutput, Event, MAX_DEFERRED, Platform, Trained, Training,
+};
 use fedshield_protocol::fleet::host::{
     FleetSettings, HostFleet, HostStateRefusal, Publish, Uplink,
 };
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
 use fedshield_protocol::journal::{self, Entry};
 use fedshield_protocol::messages::{RoundConfig, Route, Topics};
-use fedshield_protocol::signed::{Downlink, open_downlink};
+use fedshield_protocol::signed::open_downlink;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use std::collections::{BTreeMap, VecDeque};
@@ -111,6 +113,14 @@ struct Edge {
     inbox: VecDeque<(String, Vec<u8>)>,
     events: Vec<Event>,
     snapshot_subscribed: bool,
+    /// Turns of the simulation a training takes (0: trained at once, in the device's step),
+    /// for the device's first trainings; the ones after are instantaneous.
+    train_steps: Vec<usize>,
+    trainings: usize,
+    /// A training in progress and the turns it still takes.
+    job: Option<(Training, usize)>,
+    /// Verified host messages that came while the device trained.
+    received_while_training: usize,
 }
 
 /// The host's driver, as `fedshield-host serve` runs it, with its files in memory.
@@ -142,6 +152,8 @@ struct Sim {
     uplinks_seen: usize,
     /// Host steps taken (one per message handled or tick).
     steps: usize,
+    /// The clock ticks while devices train (else training holds it).
+    clock_runs: bool,
 }
 
 fn truth(targets: &[Vec<f32>]) -> Vec<f32> {
@@ -194,6 +206,10 @@ impl Sim {
                 inbox: VecDeque::new(),
                 events: Vec::new(),
                 snapshot_subscribed: false,
+                train_steps: Vec::new(),
+                trainings: 0,
+                job: None,
+                received_while_training: 0,
             });
         }
         let topics = Topics::new("lab").unwrap();
@@ -229,6 +245,7 @@ impl Sim {
             drop_every: None,
             uplinks_seen: 0,
             steps: 0,
+            clock_runs: false,
         }
     }
 
@@ -295,6 +312,7 @@ impl Sim {
             e.fleet.restore(bytes).unwrap();
         }
         e.inbox.clear();
+        e.job = None; // the training dies with the process
         self.connect(i);
     }
 
@@ -487,10 +505,12 @@ impl Sim {
                 out.refused(&topic, &err);
                 out
             }
-            Some(Ok(Downlink::Round(state))) => e.fleet.on_round(state, &mut e.platform),
-            Some(Ok(Downlink::Down(m))) => e.fleet.on_down(m),
-            Some(Ok(Downlink::Global(p))) => e.fleet.on_global(p, &mut e.platform),
-            Some(Ok(Downlink::Snapshot(p))) => e.fleet.on_snapshot(p, &mut e.platform),
+            Some(Ok(message)) => {
+                if e.fleet.is_training() {
+                    e.received_while_training += 1;
+                }
+                e.fleet.on_downlink(message, &mut e.platform)
+            }
         };
         self.carry_out(i, out);
         let e = &mut self.edges[i];
@@ -504,11 +524,43 @@ impl Sim {
                 .collect();
             self.edges[i].inbox.extend(parts);
         }
-        if self.edges[i].fleet.has_training() {
-            let e = &mut self.edges[i];
-            let out = e.fleet.train_ready(&mut e.platform);
+        let e = &mut self.edges[i];
+        if e.fleet.has_training() {
+            let steps = e.train_steps.get(e.trainings).copied().unwrap_or(0);
+            e.trainings += 1;
+            let out = match steps {
+                0 => e.fleet.train_ready(&mut e.platform),
+                steps => {
+                    // Trained elsewhere (as `fedshield-edge run` does on its worker) for
+                    // `steps` turns of the simulation.
+                    let (job, out) = e.fleet.take_training();
+                    e.job = job.map(|j| (j, steps));
+                    out
+                }
+            };
             self.carry_out(i, out);
         }
+    }
+
+    /// One turn of the devices' worker threads: a training that is due finishes. True while
+    /// any device trains.
+    fn train_step(&mut self) -> bool {
+        let mut busy = false;
+        for i in 0..self.edges.len() {
+            let e = &mut self.edges[i];
+            let Some((job, left)) = e.job.take() else {
+                continue;
+            };
+            busy = true;
+            if left > 1 {
+                e.job = Some((job, left - 1));
+                continue;
+            }
+            let trained = e.platform.train(&job.config, &job.global);
+            let out = e.fleet.finish_training(job, trained, &mut e.platform);
+            self.carry_out(i, out);
+        }
+        busy
     }
 
     /// Runs until the host has finished every round, calling `hook` before each host step
@@ -532,6 +584,10 @@ impl Sim {
                 self.host_step(msg);
                 progressed = true;
             }
+            // A device still training holds the clock (its round waits for it) unless the
+            // clock runs while devices train.
+            let training = self.train_step();
+            progressed |= training && !self.clock_runs;
             if !progressed {
                 self.tick();
                 idle += 1;
@@ -634,6 +690,112 @@ fn duplicated_messages_change_nothing() {
 
 /// Drops one uplink message in this many (a device's upload is a dozen messages).
 const DROP_EVERY: usize = 29;
+
+/// Devices that train off their message loop (as `fedshield-edge run` does, on a worker
+/// thread) for several turns of the simulation, with messages arriving once or twice: what
+/// comes meanwhile waits, and the fleet ends exactly where it ends when training is
+/// instantaneous.
+#[test]
+fn devices_training_while_messages_arrive_end_exactly_where_instant_training_ends() {
+    let mut clean = Sim::new(3, 3).online();
+    clean.run(|_| {});
+    for duplicate in [false, true] {
+        let mut slow = Sim::new(3, 3).online();
+        slow.duplicate = duplicate;
+        for (e, steps) in slow.edges.iter_mut().zip([1, 7, 40]) {
+            e.train_steps = vec![steps; 3];
+        }
+        slow.run(|_| {});
+        slow.assert_agreement();
+        assert_eq!(slow.contributors(), vec![3, 3, 3], "duplicate: {duplicate}");
+        assert_eq!(slow.host.fleet.global(), clean.host.fleet.global());
+        assert_eq!(slow.losses(), clean.losses());
+        for e in &slow.edges {
+            let trained = e
+                .events
+                .iter()
+                .filter(|ev| matches!(ev, Event::Training { .. }))
+                .count();
+            assert_eq!(trained, 3, "{}", e.me.id);
+        }
+        assert!(
+            slow.edges[2].received_while_training > 0,
+            "the slowest device got nothing while it trained"
+        );
+    }
+}
+
+/// A device whose first training outlasts the upload deadline: the round closes without
+/// it while it trains, and what the host publishes meanwhile (the closed round, its global
+/// update) waits for the end of training; the device then keeps its update in the residual,
+/// applies the global update it held (no snapshot needed) and contributes to the next rounds.
+#[test]
+fn a_device_slower_than_the_upload_deadline_sits_that_round_out_and_goes_on() {
+    let mut sim = Sim::new(3, 3).online();
+    sim.clock_runs = true;
+    // 40 turns: past round 1's upload deadline (the clock ticks 0.5 s on idle turns), and
+    // over before round 2's join phase closes.
+    sim.edges[2].train_steps = vec![40];
+    sim.run(|_| {});
+    sim.assert_agreement();
+    assert_eq!(sim.contributors(), vec![2, 3, 3]);
+    let events = &sim.edges[2].events;
+    assert!(
+        events.contains(&Event::Settled {
+            round: 1,
+            counted: false
+        }),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::CaughtUp { .. })),
+        "the device needed the snapshot: {events:?}"
+    );
+    assert!(sim.edges[2].received_while_training > 0);
+}
+
+/// More host messages than a training device holds (replays, or a host far ahead): the
+/// newest beyond [`MAX_DEFERRED`] are dropped, counted in an event, and the fleet finishes.
+#[test]
+fn a_training_device_holds_at_most_max_deferred_messages_and_counts_the_rest() {
+    let mut sim = Sim::new(3, 2).online();
+    sim.edges[0].train_steps = vec![20];
+    let extra = 10;
+    let mut flooded = false;
+    sim.run(|sim| {
+        let e = &mut sim.edges[0];
+        if flooded || !e.fleet.is_training() {
+            return;
+        }
+        flooded = true;
+        for index in 0..(MAX_DEFERRED + extra) as u32 {
+            // Parts of another federation: held, then ignored once training is over.
+            let part = fedshield_protocol::messages::GlobalPart {
+                epoch: 1,
+                round: 1,
+                contributors: vec![],
+                index,
+                parts: u32::MAX,
+                offset: 0,
+                values: vec![0.0],
+            };
+            let out = e.fleet.on_global(part, &mut e.platform);
+            assert!(out.send.is_empty() && out.events.is_empty());
+        }
+    });
+    assert!(flooded, "device 0 never trained");
+    sim.assert_agreement();
+    assert_eq!(sim.contributors(), vec![3, 3]);
+    let dropped: u64 = sim.edges[0]
+        .events
+        .iter()
+        .filter_map(|ev| match ev {
+            Event::DeferredDropped { count } => Some(*count),
+            _ => None,
+        })
+        .sum();
+    assert!(dropped >= extra as u64, "{dropped} dropped");
+}
 
 #[test]
 fn lost_uplink_messages_fail_rounds_but_never_the_fleet() {

@@ -2,15 +2,33 @@
 //! own thread (plain TCP or TLS), reconnects with back-off, re-subscribes after every connection, and hands
 //! incoming publishes to the driver over a channel. The driver stays a plain loop: receive
 //! with a timeout, feed the state machine, publish what it returns.
+//!
+//! The channel is bounded in bytes ([`LinkConfig::incoming_budget`]): a driver that falls
+//! behind, or a flood on a subscribed topic, never grows the process's memory past the
+//! budget. A message that does not fit is dropped and counted ([`Link::dropped`]); the
+//! event loop itself never blocks (a blocked loop would stop answering the broker's
+//! keep-alive and, with the driver blocked on a full publish queue, deadlock). Retained
+//! messages come back by subscribing again ([`Link::resubscribe`]); the rest is the
+//! protocol's to re-send.
 
 use rumqttc::{
     Client, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::Duration;
 
 /// A link accepts incoming packets up to this many times its `max_packet_bytes`.
 pub const INCOMING_FACTOR: usize = 4;
+
+/// The default incoming budget, in units of `max_packet_bytes` (32 MiB at the default
+/// 512 KiB packets: a whole global update of the demo, 9 MB, with room to spare).
+pub const INCOMING_BUDGET_PACKETS: usize = 64;
+
+/// Bytes a queued message is counted for besides its topic and payload (so that a flood of
+/// empty messages is bounded too).
+const MESSAGE_OVERHEAD: usize = 64;
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -33,6 +51,9 @@ pub struct LinkConfig {
     pub birth: Option<(String, Vec<u8>)>,
     /// TLS to the broker (`None`: plain TCP).
     pub tls: Option<Tls>,
+    /// Most bytes of incoming messages held for the driver (at least one packet of
+    /// `INCOMING_FACTOR * max_packet_bytes`); what does not fit is dropped and counted.
+    pub incoming_budget: usize,
 }
 
 /// TLS settings: the broker's certificate must chain to `ca_file`; `client_auth` adds a
@@ -113,6 +134,10 @@ pub struct BrokerArgs {
     /// TLS client private key (PEM).
     #[arg(long)]
     pub client_key: Option<std::path::PathBuf>,
+    /// Most bytes of incoming messages held while the driver is busy (default: 64 packets);
+    /// a message beyond it is dropped, counted and reported.
+    #[arg(long)]
+    pub incoming_budget: Option<usize>,
 }
 
 impl BrokerArgs {
@@ -140,6 +165,10 @@ impl BrokerArgs {
                 self.client_cert.as_deref(),
                 self.client_key.as_deref(),
             )?,
+            incoming_budget: self.incoming_budget.unwrap_or(
+                self.max_packet_bytes
+                    .saturating_mul(INCOMING_BUDGET_PACKETS),
+            ),
         })
     }
 }
@@ -194,10 +223,41 @@ pub enum LinkError {
     Closed,
 }
 
+/// How much of the incoming budget is held, and how many messages did not fit.
+#[derive(Debug, Default)]
+struct Budget {
+    limit: usize,
+    held: AtomicUsize,
+    dropped: AtomicU64,
+}
+
+impl Budget {
+    fn cost(topic: &str, payload: &[u8]) -> usize {
+        topic.len() + payload.len() + MESSAGE_OVERHEAD
+    }
+
+    /// Reserves `cost` bytes; false (and counted) when they do not fit. Only the event
+    /// loop's thread reserves, so check-then-add does not race with another reservation.
+    fn reserve(&self, cost: usize) -> bool {
+        if self.held.load(Ordering::Acquire).saturating_add(cost) > self.limit {
+            self.dropped.fetch_add(1, Ordering::AcqRel);
+            return false;
+        }
+        self.held.fetch_add(cost, Ordering::AcqRel);
+        true
+    }
+
+    fn release(&self, cost: usize) {
+        self.held.fetch_sub(cost, Ordering::AcqRel);
+    }
+}
+
 /// A running link.
 pub struct Link {
     client: Client,
     incoming: Receiver<Incoming>,
+    budget: Arc<Budget>,
+    subscriptions: Vec<String>,
 }
 
 impl std::fmt::Debug for Link {
@@ -209,6 +269,17 @@ impl std::fmt::Debug for Link {
 impl Link {
     /// Starts the link; connection happens in the background (see [`Incoming::Connected`]).
     pub fn start(config: LinkConfig) -> Result<Self, LinkError> {
+        let largest = config.max_packet_bytes.saturating_mul(INCOMING_FACTOR);
+        if config.incoming_budget < largest {
+            return Err(LinkError::Config(format!(
+                "an incoming budget of {} bytes cannot hold one packet of {largest}",
+                config.incoming_budget
+            )));
+        }
+        let budget = Arc::new(Budget {
+            limit: config.incoming_budget,
+            ..Budget::default()
+        });
         let mut opts = MqttOptions::new(&config.client_id, &config.host, config.port);
         opts.set_keep_alive(Duration::from_secs(10));
         // Incoming packets may be larger than what the protocol accepts (the driver's
@@ -237,12 +308,14 @@ impl Link {
         let (client, mut connection) = Client::new(opts, 256);
         let (tx, rx) = channel();
         let subscriber = client.clone();
+        let subscriptions = config.subscriptions.clone();
+        let held = budget.clone();
         std::thread::Builder::new()
             .name(format!("mqtt-{}", config.client_id))
             .spawn(move || {
                 let mut backoff = Duration::from_millis(100);
                 for event in connection.iter() {
-                    if !forward(event, &tx, &subscriber, &config, &mut backoff) {
+                    if !forward(event, &tx, &subscriber, &config, &held, &mut backoff) {
                         return;
                     }
                 }
@@ -251,7 +324,27 @@ impl Link {
         Ok(Self {
             client,
             incoming: rx,
+            budget,
+            subscriptions,
         })
+    }
+
+    /// Messages dropped so far because the incoming budget was full.
+    pub fn dropped(&self) -> u64 {
+        self.budget.dropped.load(Ordering::Acquire)
+    }
+
+    /// Bytes of incoming messages held now (at most the budget).
+    pub fn held_bytes(&self) -> usize {
+        self.budget.held.load(Ordering::Acquire)
+    }
+
+    /// Subscribes again to the link's own subscriptions, so that the broker sends their
+    /// retained messages again (after drops).
+    pub fn resubscribe(&self) -> Result<(), LinkError> {
+        self.subscriptions
+            .iter()
+            .try_for_each(|f| self.subscribe(f))
     }
 
     /// Publishes with QoS 1 (queued; the event loop sends it when connected).
@@ -278,7 +371,12 @@ impl Link {
     /// The next incoming event, waiting at most `timeout` (`None` on timeout).
     pub fn recv(&self, timeout: Duration) -> Result<Option<Incoming>, LinkError> {
         match self.incoming.recv_timeout(timeout) {
-            Ok(i) => Ok(Some(i)),
+            Ok(i) => {
+                if let Incoming::Message { topic, payload } = &i {
+                    self.budget.release(Budget::cost(topic, payload));
+                }
+                Ok(Some(i))
+            }
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(LinkError::Closed),
         }
@@ -296,6 +394,7 @@ fn forward(
     tx: &Sender<Incoming>,
     client: &Client,
     config: &LinkConfig,
+    budget: &Budget,
     backoff: &mut Duration,
 ) -> bool {
     match event {
@@ -311,12 +410,16 @@ fn forward(
             }
             tx.send(Incoming::Connected).is_ok()
         }
-        Ok(Event::Incoming(Packet::Publish(p))) => tx
-            .send(Incoming::Message {
+        Ok(Event::Incoming(Packet::Publish(p))) => {
+            if !budget.reserve(Budget::cost(&p.topic, &p.payload)) {
+                return true; // counted; the driver reports it
+            }
+            tx.send(Incoming::Message {
                 topic: p.topic,
                 payload: p.payload.to_vec(),
             })
-            .is_ok(),
+            .is_ok()
+        }
         Ok(_) => true,
         Err(e) => {
             let alive = tx.send(Incoming::Disconnected(e.to_string())).is_ok();
@@ -373,6 +476,46 @@ mod tests {
             assert!(parse_broker(bad).is_err(), "{bad}");
         }
         assert_eq!(credentials(None).unwrap(), None);
+    }
+
+    #[test]
+    fn the_budget_holds_what_fits_and_counts_what_does_not() {
+        let budget = Budget {
+            limit: 1000,
+            ..Budget::default()
+        };
+        let cost = Budget::cost("t", &[0; 400]);
+        assert_eq!(cost, 465);
+        assert!(budget.reserve(cost));
+        assert!(budget.reserve(cost));
+        assert!(!budget.reserve(cost), "a third does not fit");
+        let empty = Budget::cost("t", &[]);
+        assert!(
+            budget.reserve(empty),
+            "an empty one still fits (995 of 1000)"
+        );
+        assert!(!budget.reserve(empty), "empty messages are bounded too");
+        assert_eq!(budget.dropped.load(Ordering::Acquire), 2);
+        budget.release(cost);
+        assert!(budget.reserve(cost), "room again once the driver took one");
+        assert_eq!(budget.held.load(Ordering::Acquire), 2 * cost + empty);
+    }
+
+    #[test]
+    fn a_budget_smaller_than_one_packet_is_refused() {
+        let config = LinkConfig {
+            host: "127.0.0.1".into(),
+            port: 1,
+            client_id: "t".into(),
+            credentials: None,
+            max_packet_bytes: 1024,
+            subscriptions: vec![],
+            last_will: None,
+            birth: None,
+            tls: None,
+            incoming_budget: 4095,
+        };
+        assert!(matches!(Link::start(config), Err(LinkError::Config(_))));
     }
 
     #[test]

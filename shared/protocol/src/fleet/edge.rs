@@ -13,7 +13,7 @@ use crate::messages::{
     DownMessage, EdgeMessage, GlobalAssembler, GlobalPart, Phase, RoundConfig, RoundState,
     Snapshot, SnapshotAssembler, SnapshotPart,
 };
-use crate::signed::{Evaluation, MAX_REPORTED_LOSS, check_value};
+use crate::signed::{Downlink, Evaluation, MAX_REPORTED_LOSS, check_value};
 use fedshield_codec::{ErrorFeedback, Global, Layout, Prepared, Selection};
 use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::identity::{DeviceId, Identity};
@@ -131,6 +131,23 @@ pub enum Event {
         /// Seconds of local training before it.
         train_seconds: f64,
     },
+    /// Local training of `round` began (on the driver's worker; the link is still served).
+    Training {
+        /// The round.
+        round: u64,
+    },
+    /// Incoming messages dropped by the link because its budget was full (a flood, or a
+    /// driver far behind): the running total. Written by the driver.
+    LinkDropped {
+        /// Messages dropped since start.
+        total: u64,
+    },
+    /// Host messages dropped because more than [`MAX_DEFERRED`] came while the device
+    /// trained.
+    DeferredDropped {
+        /// How many.
+        count: u64,
+    },
     /// A round settled for this device.
     Settled {
         /// The round.
@@ -225,6 +242,11 @@ pub struct EdgeFleet {
     /// round's shares must leave before minutes of training, or the share phase closes
     /// without this device): see [`EdgeFleet::train_ready`].
     ready: Option<Pending>,
+    /// The round being trained by the driver (see [`EdgeFleet::take_training`]).
+    training: Option<u64>,
+    /// Host messages that came while training, handled after it.
+    deferred: std::collections::VecDeque<Downlink>,
+    deferred_dropped: u64,
     eval_loss: Option<f64>,
     encrypt_seconds: BTreeMap<u64, f64>,
     init_seed: Option<u64>,
@@ -269,6 +291,9 @@ impl EdgeFleet {
             assembler: GlobalAssembler::default(),
             waiting: None,
             ready: None,
+            training: None,
+            deferred: Default::default(),
+            deferred_dropped: 0,
             eval_loss: None,
             encrypt_seconds: BTreeMap::new(),
             init_seed: None,
@@ -434,6 +459,9 @@ impl EdgeFleet {
 
     /// The (host-signed, verified) round state.
     pub fn on_round(&mut self, state: RoundState, platform: &mut dyn Platform) -> EdgeOutput {
+        if self.training.is_some() {
+            return self.defer(Downlink::Round(state));
+        }
         let mut out = EdgeOutput::default();
         let round = state.config.round;
         if let Err(e) = self.follow_epoch(state.config.epoch, &mut out) {
@@ -491,6 +519,9 @@ impl EdgeFleet {
 
     /// A part of a global update arrived.
     pub fn on_global(&mut self, part: GlobalPart, platform: &mut dyn Platform) -> EdgeOutput {
+        if self.training.is_some() {
+            return self.defer(Downlink::Global(part));
+        }
         let mut out = EdgeOutput::default();
         if Some(part.epoch) != self.epoch {
             return out; // another federation's update (or one before any round state)
@@ -571,6 +602,9 @@ impl EdgeFleet {
     /// A part of the fleet snapshot arrived (heeded only while
     /// [`EdgeFleet::needs_snapshot`]).
     pub fn on_snapshot(&mut self, part: SnapshotPart, platform: &mut dyn Platform) -> EdgeOutput {
+        if self.training.is_some() {
+            return self.defer(Downlink::Snapshot(part));
+        }
         let mut out = EdgeOutput::default();
         if !self.needs_snapshot {
             return out;
@@ -687,38 +721,85 @@ impl EdgeFleet {
     }
 
     /// Trains the round that the last call made ready, once the driver has published what
-    /// that call returned (the round's shares); then encodes, encrypts and uploads.
+    /// that call returned (the round's shares); then encodes, encrypts and uploads. The
+    /// driver that trains elsewhere (on a worker, answering the link meanwhile) calls
+    /// [`EdgeFleet::take_training`] and [`EdgeFleet::finish_training`] instead.
     pub fn train_ready(&mut self, platform: &mut dyn Platform) -> EdgeOutput {
-        let mut out = EdgeOutput::default();
-        if let Some((config, weight)) = self.ready.take() {
-            self.train_round(config, weight, platform, &mut out);
+        let (job, mut out) = self.take_training();
+        if let Some(job) = job {
+            let trained = platform.train(&job.config, &job.global);
+            out.extend(self.finish_training(job, trained, platform));
         }
         out
     }
 
-    fn train_round(
-        &mut self,
-        config: RoundConfig,
-        weight: f64,
-        platform: &mut dyn Platform,
-        out: &mut EdgeOutput,
-    ) {
+    /// The round that the last call made ready, as a job for the platform's training
+    /// (`None`, with the reason in the output, when the round cannot be trained: its mask
+    /// or encoding is refused). Until [`EdgeFleet::finish_training`] the driver may feed
+    /// the fleet messages that need no platform ([`EdgeFleet::on_down`]).
+    pub fn take_training(&mut self) -> (Option<Training>, EdgeOutput) {
+        let mut out = EdgeOutput::default();
+        let Some((config, weight)) = self.ready.take() else {
+            return (None, out);
+        };
         let round = config.round;
         let selection = match self.round_mask(&config) {
             Ok(s) => s,
             Err(why) => {
                 out.line(format!("round {round}: {why}; sitting it out"));
-                return;
+                return (None, out);
             }
         };
         let encoding = match FixedPoint::with_scale(config.clip, config.scale_log2) {
             Ok(e) => e,
             Err(e) => {
                 out.line(format!("round {round}: {e}"));
-                return;
+                return (None, out);
             }
         };
-        let trained = match platform.train(&config, self.global.values()) {
+        out.events.push(Event::Training { round });
+        self.training = Some(round);
+        let job = Training {
+            global: self.global.values().to_vec(),
+            config,
+            weight,
+            selection,
+            encoding,
+        };
+        (Some(job), out)
+    }
+
+    /// The platform's result of `job`: encodes, encrypts and uploads it, then handles the
+    /// host messages deferred while the device trained, in the order they came.
+    pub fn finish_training(
+        &mut self,
+        job: Training,
+        trained: Result<Trained, String>,
+        platform: &mut dyn Platform,
+    ) -> EdgeOutput {
+        self.training = None;
+        let mut out = self.upload(job, trained, platform);
+        self.replay_deferred(platform, &mut out);
+        out
+    }
+
+    /// Encodes, encrypts and uploads a round's training result.
+    fn upload(
+        &mut self,
+        job: Training,
+        trained: Result<Trained, String>,
+        platform: &mut dyn Platform,
+    ) -> EdgeOutput {
+        let mut out = EdgeOutput::default();
+        let Training {
+            config,
+            weight,
+            selection,
+            encoding,
+            ..
+        } = job;
+        let round = config.round;
+        let trained = match trained {
             Ok(t) if t.delta.len() == self.layout.len() => t,
             Ok(t) => {
                 out.line(format!(
@@ -726,13 +807,13 @@ impl EdgeFleet {
                     t.delta.len(),
                     self.layout.len()
                 ));
-                return;
+                return out;
             }
             Err(e) => {
                 out.line(format!(
                     "round {round}: training failed: {e}; sitting it out"
                 ));
-                return;
+                return out;
             }
         };
         let mut prepared =
@@ -743,7 +824,7 @@ impl EdgeFleet {
                 Ok(p) => p,
                 Err(e) => {
                     out.line(format!("round {round}: {e}"));
-                    return;
+                    return out;
                 }
             };
         let t = platform.seconds();
@@ -762,7 +843,7 @@ impl EdgeFleet {
         // The body rounding stays in the residual (lengths match by construction).
         if let Err(e) = prepared.record_delivery(&delivered, &encoding, weight) {
             out.line(format!("round {round}: {e}"));
-            return;
+            return out;
         }
         out.events.push(Event::Encrypted {
             round,
@@ -795,10 +876,81 @@ impl EdgeFleet {
             .session
             .on_trained(round, bytes, key.coefficients().to_vec())
         {
-            Ok(actions) => self.execute(actions, out),
+            Ok(actions) => self.execute(actions, &mut out),
             Err(e) => out.line(format!("round {round}: {e}")),
         }
+        out
     }
+
+    /// The deferred host messages, in the order they came, once training is over.
+    fn replay_deferred(&mut self, platform: &mut dyn Platform, out: &mut EdgeOutput) {
+        if self.deferred_dropped > 0 {
+            out.line(format!(
+                "{} host messages that came while this device trained were dropped (more than {MAX_DEFERRED}); the host re-publishes what a round needs",
+                self.deferred_dropped
+            ));
+            out.events.push(Event::DeferredDropped {
+                count: self.deferred_dropped,
+            });
+            self.deferred_dropped = 0;
+        }
+        while self.training.is_none()
+            && let Some(message) = self.deferred.pop_front()
+        {
+            out.extend(self.on_downlink(message, platform));
+        }
+    }
+
+    /// Holds `message` until training is over: a duplicate of one held is ignored, and
+    /// beyond [`MAX_DEFERRED`] messages the newest is dropped and counted.
+    fn defer(&mut self, message: Downlink) -> EdgeOutput {
+        if !self.deferred.contains(&message) {
+            if self.deferred.len() < MAX_DEFERRED {
+                self.deferred.push_back(message);
+            } else {
+                self.deferred_dropped += 1;
+            }
+        }
+        EdgeOutput::default()
+    }
+
+    /// A verified host message ([`open_downlink`](crate::signed::open_downlink)'s), to
+    /// the handler of its kind. While the device trains ([`EdgeFleet::take_training`] until
+    /// [`EdgeFleet::finish_training`]) only its own downlink is handled; round states,
+    /// global updates and snapshot parts, which need the platform, wait for the end of
+    /// training.
+    pub fn on_downlink(&mut self, message: Downlink, platform: &mut dyn Platform) -> EdgeOutput {
+        match message {
+            Downlink::Round(state) => self.on_round(state, platform),
+            Downlink::Down(message) => self.on_down(message),
+            Downlink::Global(part) => self.on_global(part, platform),
+            Downlink::Snapshot(part) => self.on_snapshot(part, platform),
+        }
+    }
+
+    /// Whether a round is being trained (between [`EdgeFleet::take_training`] and
+    /// [`EdgeFleet::finish_training`]).
+    pub fn is_training(&self) -> bool {
+        self.training.is_some()
+    }
+}
+
+/// Most host messages held while a device trains (each at most one packet): round states,
+/// global update and snapshot parts. The host sends far fewer in one round; more means
+/// replays.
+pub const MAX_DEFERRED: usize = 256;
+
+/// A round's local training handed to the driver ([`EdgeFleet::take_training`]): the
+/// platform trains `config` from `global`, wherever the driver runs it.
+#[derive(Debug, Clone)]
+pub struct Training {
+    /// The round's configuration.
+    pub config: RoundConfig,
+    /// The global adapter the round starts from.
+    pub global: Vec<f32>,
+    weight: f64,
+    selection: Selection,
+    encoding: FixedPoint,
 }
 
 /// The mask of the round `config` announced, computed from `global`'s history: refused

@@ -191,11 +191,19 @@ pub enum HostEvent {
         /// Journalled messages replayed.
         messages: usize,
     },
-    /// The round, the last global update and the snapshot re-published after a
-    /// reconnection to the broker.
+    /// The round re-published after a reconnection to the broker (with the last global
+    /// update and the snapshot) or after dropped messages.
     Republished {
         /// The round under way.
         round: u64,
+    },
+    /// Incoming messages dropped by the link (its budget was full): the running total; the
+    /// round is re-published once the link is idle again.
+    LinkDropped {
+        /// The round under way.
+        round: u64,
+        /// Messages dropped since start.
+        total: u64,
     },
     /// Share deliveries published: uploads are open.
     UploadsOpen {
