@@ -8,7 +8,10 @@ use fedshield_edge::serial_link::SerialLink;
 use fedshield_models::{Assets, fixtures};
 use std::time::Duration;
 
-pub fn doctor() -> anyhow::Result<()> {
+pub fn doctor(root: &std::path::Path) -> anyhow::Result<()> {
+    for line in crate::telemetry_cmd::summary(root) {
+        println!("{line}");
+    }
     let assets = Assets::locate();
     let target = ComputeTarget::detect();
     println!("compute   : {}", target.describe());

@@ -23,9 +23,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check that this box can train and infer: libtorch, the compute device, ONNX Runtime
-    /// and the fetched model files.
-    Doctor,
+    /// Check that this box can train and infer: its telemetry (memory, temperatures, power,
+    /// GPU, power mode), libtorch, the compute device, ONNX Runtime and the fetched model
+    /// files.
+    Doctor {
+        /// Root under which proc/ and sys/ are read.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Stream the box's telemetry as JSON lines.
+    Telemetry(telemetry_cmd::TelemetryArgs),
     /// Ping an attached board or test rig over a serial port.
     RigPing {
         /// Serial device, for example /dev/ttyTHS0.
@@ -56,6 +63,7 @@ mod doctor_cmd;
 mod generate_cmd;
 mod quality_cmd;
 mod run_cmd;
+mod telemetry_cmd;
 mod train_cmd;
 
 #[derive(clap::Args)]
@@ -143,7 +151,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Doctor => doctor_cmd::doctor(),
+        Command::Doctor { root } => doctor_cmd::doctor(&root),
+        Command::Telemetry(args) => telemetry_cmd::telemetry(args),
         Command::Train(args) => train_cmd::train(args),
         Command::Quality(args) => quality_cmd::quality(args),
         Command::Run(args) => run_cmd::run(*args),
