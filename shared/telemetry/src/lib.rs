@@ -12,6 +12,8 @@
 //! [`Reading::lacks`], what could not be read this time in [`Reading::faults`], and an
 //! offline sensor reads as `None`.
 
+pub mod governor;
+
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
