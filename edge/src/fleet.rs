@@ -41,6 +41,8 @@ pub struct Device {
     pub seed: u64,
     /// libtorch CPU threads (OpenMP's setting is per thread: set again on the worker).
     pub threads: i32,
+    /// Paces training by the box's sensors.
+    pub pacer: crate::pacing::Pacer,
 }
 
 impl Device {
@@ -48,7 +50,7 @@ impl Device {
         self.lora.load_flat(global).map_err(|e| e.to_string())
     }
 
-    fn train(&self, config: &RoundConfig, global: &[f32]) -> Result<Trained, String> {
+    fn train(&mut self, config: &RoundConfig, global: &[f32]) -> Result<Trained, String> {
         let round = config.round;
         if self.train.is_empty() {
             return Err("this device has no training examples".into());
@@ -69,15 +71,37 @@ impl Device {
             pad: self.pad,
         };
         let mut last_loss = f64::NAN;
+        let before = self.pacer.report();
         train_local(
             &self.model,
             &self.lora,
             &mut trainer,
-            &self.train,
-            &[],
+            crate::sft::Data {
+                train: &self.train,
+                eval: &[],
+            },
             &run,
+            &mut self.pacer,
             |p| last_loss = p.stats.loss,
         );
+        let after = self.pacer.report();
+        if after.slowed_steps > before.slowed_steps
+            || after.paused_s > before.paused_s
+            || after.stops > before.stops
+        {
+            tracing::info!(
+                "round {round}: pacing: {} of {} steps slowed ({:.1} s of sleep), {:.1} s paused{}",
+                after.slowed_steps - before.slowed_steps,
+                after.steps - before.steps,
+                after.slept_s - before.slept_s,
+                after.paused_s - before.paused_s,
+                if after.stops > before.stops {
+                    "; a long pause ended the round's training early"
+                } else {
+                    ""
+                }
+            );
+        }
         let delta = self
             .lora
             .flatten()
@@ -138,6 +162,7 @@ impl TorchPlatform {
         let samples = device.train.len() as u64;
         let (requests, work) = channel::<Request>();
         let (done, replies) = channel();
+        let mut device = device;
         std::thread::Builder::new()
             .name("trainer".into())
             .spawn(move || {

@@ -98,6 +98,46 @@ impl ModelArgs {
     }
 }
 
+/// How the box's sensors pace training, shared by `train` and `run`.
+#[derive(clap::Args)]
+struct PacingArgs {
+    /// Root under which the sensors are read (proc/, sys/; a fixture tree in tests).
+    #[arg(long, default_value = "/")]
+    telemetry_root: PathBuf,
+    /// Keep the module's power (the rails' total) under this many watts.
+    #[arg(long)]
+    power_cap_watts: Option<f64>,
+    /// A thermal pause longer than this many seconds ends local training (the steps done
+    /// are kept).
+    #[arg(long, default_value_t = 600.0)]
+    max_pause_seconds: f64,
+    /// Train at full speed whatever the sensors say.
+    #[arg(long)]
+    no_pacing: bool,
+}
+
+impl PacingArgs {
+    fn pacer(&self) -> anyhow::Result<fedshield_edge::pacing::Pacer> {
+        use fedshield_edge::pacing::{Pacer, Time};
+        use fedshield_telemetry::governor::GovernorConfig;
+        if self.no_pacing {
+            return Ok(Pacer::off());
+        }
+        let config = GovernorConfig {
+            power_cap: self.power_cap_watts.map(fedshield_telemetry::Watts),
+            ..GovernorConfig::default()
+        };
+        anyhow::ensure!(
+            self.max_pause_seconds >= 0.0,
+            "--max-pause-seconds must not be negative"
+        );
+        let mut pacer = Pacer::new(&self.telemetry_root, config, Time::real())
+            .map_err(|e| anyhow::anyhow!("pacing: {e}"))?;
+        pacer.max_pause_s = self.max_pause_seconds;
+        Ok(pacer)
+    }
+}
+
 /// LoRA hyper-parameters shared by `train`, `quality` and `run` (a fleet's devices and host
 /// must agree on rank and targets).
 #[derive(clap::Args)]

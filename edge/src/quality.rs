@@ -220,7 +220,18 @@ impl Setup<'_> {
             seed: cfg.seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             pad: cfg.pad,
         };
-        train_local(self.model, lora, trainer, data, &[], &run, |_| {});
+        train_local(
+            self.model,
+            lora,
+            trainer,
+            crate::sft::Data {
+                train: data,
+                eval: &[],
+            },
+            &run,
+            &mut crate::pacing::Pacer::off(),
+            |_| {},
+        );
     }
 
     fn eval(&self, lora: &Lora) -> f64 {

@@ -1,6 +1,6 @@
 //! `fedshield-edge run`: the MQTT driver of one fleet device (engine: `fleet.rs`).
 
-use crate::{LoraArgs, ModelArgs};
+use crate::{LoraArgs, ModelArgs, PacingArgs};
 use anyhow::Context;
 use fedshield_edge::fleet::{
     Audit, Device, EdgeFleet, EdgeOutput, Event, TorchPlatform, open_state,
@@ -26,6 +26,8 @@ pub struct RunArgs {
     // Rank and targets must match the host's.
     #[command(flatten)]
     lora: LoraArgs,
+    #[command(flatten)]
+    pacing: PacingArgs,
     /// The device's key file (from `fedshield-host enrol`).
     #[arg(long)]
     key: PathBuf,
@@ -184,6 +186,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         pad: tok.eos_id,
         seed: args.seed ^ (args.client as u64) << 32,
         threads: args.model.threads,
+        pacer: args.pacing.pacer()?,
     })?;
     let mut fleet = EdgeFleet::new(
         EdgeIdentity {

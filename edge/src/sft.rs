@@ -3,6 +3,7 @@
 
 use crate::llama::Llama;
 use crate::lora::Lora;
+use crate::pacing::Pacer;
 use crate::train::{Batch, StepStats, Trainer, evaluate};
 use fedshield_models::data::Example;
 use fedshield_models::tokenizer::{Message, Tokenizer, TokenizerError};
@@ -117,23 +118,38 @@ pub struct Progress {
     pub eval_loss: Option<f64>,
 }
 
-/// Trains `lora` on `train` for `run.steps` optimizer steps, cycling through the data in a
-/// seeded shuffled order, and reports progress. Returns the held-out loss at the end.
+/// A local run's data: training sequences and held-out batches.
+#[derive(Debug, Clone, Copy)]
+pub struct Data<'a> {
+    /// Sequences to train on.
+    pub train: &'a [Sequence],
+    /// Held-out batches (evaluated every `eval_every` steps and at the end).
+    pub eval: &'a [Batch],
+}
+
+/// Trains `lora` on `data.train` for `run.steps` optimizer steps, cycling through the data
+/// in a seeded shuffled order, paced by `pacer` (fewer steps when it ends the run), and
+/// reports progress. Returns the held-out loss at the end.
 pub fn train_local(
     model: &Llama,
     lora: &Lora,
     trainer: &mut Trainer,
-    train: &[Sequence],
-    eval: &[Batch],
+    data: Data<'_>,
     run: &LocalRun,
+    pacer: &mut Pacer,
     mut report: impl FnMut(&Progress),
 ) -> f64 {
+    let Data { train, eval } = data;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(run.seed);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut cursor = order.len();
     let start = std::time::Instant::now();
     let mut tokens = 0usize;
     for step in 1..=run.steps {
+        // The box's sensors may slow, pause or (after a long pause) end the run.
+        if !pacer.before_step() {
+            break;
+        }
         let mut micro = Vec::with_capacity(run.grad_accum.max(1));
         for _ in 0..run.grad_accum.max(1) {
             let mut chunk = Vec::with_capacity(run.batch_size);

@@ -1,7 +1,7 @@
 //! `fedshield-edge train`: fine-tunes a LoRA adapter locally (no federation) and saves it in
 //! PEFT format.
 
-use crate::{LoraArgs, ModelArgs};
+use crate::{LoraArgs, ModelArgs, PacingArgs};
 use fedshield_edge::lora::Lora;
 use fedshield_edge::sft::{self, LocalRun};
 use fedshield_edge::train::{TrainConfig, Trainer, evaluate};
@@ -15,6 +15,8 @@ pub struct TrainArgs {
     model: ModelArgs,
     #[command(flatten)]
     lora: LoraArgs,
+    #[command(flatten)]
+    pacing: PacingArgs,
     /// Instruction JSONL (alpaca instruction/input/output, or FAQ q/a/category); default: the
     /// fetched FAQ with categories.
     #[arg(long, conflicts_with = "text")]
@@ -162,34 +164,59 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         pad,
     };
-    let after = sft::train_local(&model, &lora, &mut trainer, &train_seqs, &eval, &run, |p| {
-        bar.set_position(p.step as u64);
-        bar.set_message(format!(
-            "loss {:.4} lr {:.1e} {:.0} tok/s",
-            p.stats.loss, p.stats.lr, p.tokens_per_s
-        ));
-        if !interactive && (p.step % 10 == 0 || p.step == 1) {
-            eprintln!(
-                "step {:>5}/{}: loss {:.4} lr {:.1e} {:.0} tok/s",
-                p.step, args.steps, p.stats.loss, p.stats.lr, p.tokens_per_s
-            );
-        }
-        if let Some(e) = p.eval_loss {
-            let line = format!("step {:>5}: held-out loss {e:.4}", p.step);
-            if interactive {
-                bar.println(line)
-            } else {
-                eprintln!("{line}")
+    let mut pacer = args.pacing.pacer()?;
+    let after = sft::train_local(
+        &model,
+        &lora,
+        &mut trainer,
+        sft::Data {
+            train: &train_seqs,
+            eval: &eval,
+        },
+        &run,
+        &mut pacer,
+        |p| {
+            bar.set_position(p.step as u64);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.1e} {:.0} tok/s",
+                p.stats.loss, p.stats.lr, p.tokens_per_s
+            ));
+            if !interactive && (p.step % 10 == 0 || p.step == 1) {
+                eprintln!(
+                    "step {:>5}/{}: loss {:.4} lr {:.1e} {:.0} tok/s",
+                    p.step, args.steps, p.stats.loss, p.stats.lr, p.tokens_per_s
+                );
             }
-        }
-    });
+            if let Some(e) = p.eval_loss {
+                let line = format!("step {:>5}: held-out loss {e:.4}", p.step);
+                if interactive {
+                    bar.println(line)
+                } else {
+                    eprintln!("{line}")
+                }
+            }
+        },
+    );
     bar.finish();
+    eprintln!("pacing    : {}", pacing_line(&pacer.report()));
     eprintln!(
         "eval      : held-out loss {before:.4} -> {after:.4} (perplexity {:.2} -> {:.2})",
         before.exp(),
         after.exp()
     );
     lora.save_peft(&args.out, &model_path.display().to_string())?;
+    // What the run did, for scripts and tests (the log lines are for people).
+    let report = serde_json::json!({
+        "eval_loss_before": before,
+        "eval_loss_after": after,
+        "steps": args.steps,
+        "pacing": pacer.report(),
+    });
+    fedshield_store::write_atomic(
+        &args.out.join("train_report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+        fedshield_store::Access::Public,
+    )?;
     println!("{}", args.out.join("adapter_model.safetensors").display());
     Ok(())
 }
@@ -214,6 +241,26 @@ fn hold_out(docs: Vec<String>, fraction: f64) -> anyhow::Result<(Vec<String>, Ve
         }
     }
     Ok((train, eval))
+}
+
+/// One line on what pacing did to a run.
+pub fn pacing_line(r: &fedshield_edge::pacing::PaceReport) -> String {
+    let energy = r
+        .joules
+        .map(|j| format!(", {j:.1} J from the rails"))
+        .unwrap_or_default();
+    format!(
+        "{} steps, {} slowed ({:.1} s of sleep), {:.1} s paused{}{energy}",
+        r.steps,
+        r.slowed_steps,
+        r.slept_s,
+        r.paused_s,
+        if r.stops > 0 {
+            ", stopped by a long pause"
+        } else {
+            ""
+        }
+    )
 }
 
 #[cfg(test)]

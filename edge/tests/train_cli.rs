@@ -69,3 +69,88 @@ fn plain_text_fine_tune_lowers_the_held_out_loss() {
     assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A copy of the telemetry fixture `name` (shared/telemetry/fixtures).
+fn fixture_copy(name: &str) -> tempfile::TempDir {
+    fn walk(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let target = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                walk(&e.path(), &target);
+            } else {
+                std::fs::copy(e.path(), target).unwrap();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/telemetry/fixtures")
+            .join(name),
+        dir.path(),
+    );
+    dir
+}
+
+/// On a box 4 C below its passive trip point every step is slowed; a box past it for
+/// longer than --max-pause-seconds ends training before the first step, and the adapter is
+/// still written. Both recorded in train_report.json.
+#[test]
+fn training_on_a_hot_box_is_slowed_or_stopped_as_its_sensors_say() {
+    let hot = fixture_copy("orin-nano-jp6");
+    let cpu = hot
+        .path()
+        .join("sys/devices/virtual/thermal/thermal_zone0/temp");
+    let out = tempfile::tempdir().unwrap();
+    let data = out.path().join("docs.txt");
+    std::fs::write(
+        &data,
+        "one short document\n\nanother short document\n\na third\n",
+    )
+    .unwrap();
+    let train = |celsius: i64, adapter: &str| {
+        std::fs::write(&cpu, format!("{}\n", celsius * 1000)).unwrap();
+        let run = Command::new(env!("CARGO_BIN_EXE_fedshield-edge"))
+            .args(["train", "--text"])
+            .arg(&data)
+            .args(["--steps", "2", "--batch", "1", "--max-len", "16"])
+            .args(["--eval-every", "0", "--rank", "2", "--targets", "v_proj"])
+            .args(["--max-pause-seconds", "0", "--telemetry-root"])
+            .arg(hot.path())
+            .arg("--out")
+            .arg(out.path().join(adapter))
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let report =
+            std::fs::read_to_string(out.path().join(adapter).join("train_report.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&report).unwrap()
+    };
+    let warm = train(95, "warm");
+    let pacing = &warm["pacing"];
+    assert_eq!(pacing["steps"], 2);
+    assert_eq!(pacing["slowed_steps"], 2);
+    assert!(
+        (pacing["slept_s"].as_f64().unwrap() - 2.4).abs() < 1e-9,
+        "{pacing}"
+    );
+    assert_eq!(pacing["throttles"][0]["cause"], "thermal");
+    assert!(
+        pacing["joules"].as_f64().unwrap() > 0.0,
+        "the fixture's rails draw power"
+    );
+    let tripped = train(100, "tripped");
+    assert_eq!(tripped["pacing"]["steps"], 0);
+    assert_eq!(tripped["pacing"]["stops"], 1);
+    assert!(
+        out.path()
+            .join("tripped/adapter_model.safetensors")
+            .exists()
+    );
+}

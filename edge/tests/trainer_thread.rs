@@ -72,6 +72,7 @@ fn platform(train: usize) -> TorchPlatform {
         pad: 0,
         seed: 3,
         threads: 1,
+        pacer: fedshield_edge::pacing::Pacer::off(),
     })
     .unwrap()
 }

@@ -1,0 +1,242 @@
+//! Paces local training by the box's telemetry: before every optimizer step the
+//! [`Pacer`] reads the sensors (`fedshield_telemetry`), asks the governor for the pace, and
+//! sleeps, waits out a pause, or tells the trainer to stop (a pause longer than
+//! [`Pacer::max_pause_s`]: the steps done so far are kept). The clock and the sleep are
+//! passed in, so tests drive it over simulated time.
+
+use fedshield_telemetry::Telemetry;
+use fedshield_telemetry::governor::{
+    EnergyMeter, Governor, GovernorConfig, Observation, Pace, Throttle,
+};
+use serde::Serialize;
+
+/// The clock (seconds, monotonic) and the sleep a [`Pacer`] uses.
+pub struct Time {
+    /// Seconds since some fixed start.
+    pub now: Box<dyn FnMut() -> f64 + Send>,
+    /// Sleeps this many seconds.
+    pub sleep: Box<dyn FnMut(f64) + Send>,
+}
+
+impl Time {
+    /// The real monotonic clock and `thread::sleep`.
+    pub fn real() -> Self {
+        let start = std::time::Instant::now();
+        Self {
+            now: Box::new(move || start.elapsed().as_secs_f64()),
+            sleep: Box::new(|s| std::thread::sleep(std::time::Duration::from_secs_f64(s))),
+        }
+    }
+}
+
+/// What pacing did to a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PaceReport {
+    /// Steps allowed to run.
+    pub steps: usize,
+    /// Of them, steps that were slowed.
+    pub slowed_steps: usize,
+    /// Seconds slept between steps.
+    pub slept_s: f64,
+    /// Seconds spent paused.
+    pub paused_s: f64,
+    /// Runs that a pause longer than `max_pause_s` ended early.
+    pub stops: u32,
+    /// The governor's throttle intervals.
+    pub throttles: Vec<Throttle>,
+    /// Energy drawn while training, from the rails (where the box has them).
+    pub joules: Option<f64>,
+}
+
+/// The training pacer.
+pub struct Pacer {
+    telemetry: Option<Telemetry>,
+    governor: Governor,
+    energy: EnergyMeter,
+    time: Time,
+    /// While paused, the sensors are read again this often (seconds).
+    pub poll_s: f64,
+    /// A pause longer than this stops the run (seconds).
+    pub max_pause_s: f64,
+    report: PaceReport,
+}
+
+impl Pacer {
+    /// No pacing: every step runs at once (a box without sensors, or pacing turned off).
+    pub fn off() -> Self {
+        Self {
+            telemetry: None,
+            governor: Governor::new(GovernorConfig::default()).expect("the defaults are valid"),
+            energy: EnergyMeter::default(),
+            time: Time::real(),
+            poll_s: 1.0,
+            max_pause_s: 600.0,
+            report: PaceReport::default(),
+        }
+    }
+
+    /// Paces by the sensors under `root` with `config`.
+    pub fn new(root: &std::path::Path, config: GovernorConfig, time: Time) -> Result<Self, String> {
+        Ok(Self {
+            telemetry: Some(Telemetry::discover(root)),
+            governor: Governor::new(config)?,
+            time,
+            ..Self::off()
+        })
+    }
+
+    /// Waits as the governor says before the next step; false: stop training (paused for
+    /// longer than `max_pause_s`).
+    pub fn before_step(&mut self) -> bool {
+        let Some(telemetry) = &self.telemetry else {
+            self.report.steps += 1;
+            return true;
+        };
+        let mut paused_since = None;
+        loop {
+            let now = (self.time.now)();
+            let reading = telemetry.read();
+            let had_power = reading.power.as_ref().map(|p| p.total);
+            if let Some(w) = had_power {
+                self.energy.add(now, w);
+                self.report.joules = Some(self.energy.joules);
+            }
+            match self.governor.observe(&Observation::of(&reading, now)) {
+                Pace::Full => {}
+                Pace::Slow { sleep_s, .. } => {
+                    (self.time.sleep)(sleep_s);
+                    self.report.slept_s += sleep_s;
+                    self.report.slowed_steps += 1;
+                }
+                Pace::Pause { .. } => {
+                    let since = *paused_since.get_or_insert(now);
+                    if now - since >= self.max_pause_s {
+                        self.report.paused_s += now - since;
+                        self.report.stops += 1;
+                        return false;
+                    }
+                    (self.time.sleep)(self.poll_s);
+                    continue;
+                }
+            }
+            if let Some(since) = paused_since {
+                self.report.paused_s += now - since;
+            }
+            self.report.steps += 1;
+            return true;
+        }
+    }
+
+    /// What pacing did so far.
+    pub fn report(&self) -> PaceReport {
+        PaceReport {
+            throttles: self.governor.throttles().to_vec(),
+            ..self.report.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A copy of the Orin Nano fixture whose CPU zone the test heats.
+    fn orin() -> tempfile::TempDir {
+        fn walk(from: &std::path::Path, to: &std::path::Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                let target = to.join(e.file_name());
+                if e.file_type().unwrap().is_dir() {
+                    walk(&e.path(), &target);
+                } else {
+                    std::fs::copy(e.path(), target).unwrap();
+                }
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/telemetry/fixtures/orin-nano-jp6"),
+            dir.path(),
+        );
+        dir
+    }
+
+    fn set_cpu(root: &std::path::Path, celsius: f64) {
+        let temp = root.join("sys/devices/virtual/thermal/thermal_zone0/temp");
+        std::fs::write(temp, format!("{}\n", (celsius * 1000.0) as i64)).unwrap();
+    }
+
+    /// Simulated time: sleeping advances the clock, and `on_sleep` sees the new time.
+    fn simulated(on_sleep: impl FnMut(f64) + Send + 'static) -> (Time, Arc<Mutex<f64>>) {
+        let clock = Arc::new(Mutex::new(0.0));
+        let (c1, c2) = (clock.clone(), clock.clone());
+        let on_sleep = Arc::new(Mutex::new(on_sleep));
+        let time = Time {
+            now: Box::new(move || *c1.lock().unwrap()),
+            sleep: Box::new(move |s| {
+                let mut t = c2.lock().unwrap();
+                *t += s;
+                (on_sleep.lock().unwrap())(*t);
+            }),
+        };
+        (time, clock)
+    }
+
+    #[test]
+    fn a_hot_box_slows_pauses_until_it_cools_and_counts_the_energy() {
+        let dir = orin();
+        let root = dir.path().to_path_buf();
+        set_cpu(&root, 95.0);
+        // The zone cools to 90 C once 30 simulated seconds have passed.
+        let cooling = root.clone();
+        let (time, clock) = simulated(move |t| {
+            if t >= 30.0 {
+                set_cpu(&cooling, 90.0);
+            }
+        });
+        let mut p = Pacer::new(&root, GovernorConfig::default(), time).unwrap();
+        // 95 C: 4 C below the passive trip: slowed by 1.2 s.
+        assert!(p.before_step());
+        assert!((*clock.lock().unwrap() - 1.2).abs() < 1e-9);
+        // 99.5 C: paused, polled every second until it cools (30 s), then slowed (90 C is
+        // 9 C below the trip: 0.2 s).
+        set_cpu(&root, 99.5);
+        assert!(p.before_step());
+        let r = p.report();
+        assert_eq!((r.steps, r.slowed_steps, r.stops), (2, 2, 0));
+        assert!((r.paused_s - 29.0).abs() < 1e-6, "{r:?}");
+        assert!((r.slept_s - 1.4).abs() < 1e-9, "{r:?}");
+        assert_eq!(r.throttles.len(), 3, "slow, pause, slow: {:?}", r.throttles);
+        // VDD_IN draws 6.77 W throughout: about 30.2 s of it.
+        let joules = r.joules.unwrap();
+        assert!((joules - 6.765_504 * 30.2).abs() < 1e-6, "{joules}");
+    }
+
+    #[test]
+    fn a_pause_longer_than_the_limit_stops_training() {
+        let dir = orin();
+        set_cpu(dir.path(), 104.0);
+        let (time, clock) = simulated(|_| {});
+        let mut p = Pacer::new(dir.path(), GovernorConfig::default(), time).unwrap();
+        p.max_pause_s = 10.0;
+        assert!(!p.before_step());
+        assert_eq!(p.report().stops, 1);
+        assert_eq!(*clock.lock().unwrap(), 10.0);
+    }
+
+    #[test]
+    fn no_sensors_or_no_pacing_never_waits() {
+        let mut off = Pacer::off();
+        assert!(off.before_step() && off.before_step());
+        assert_eq!(off.report().steps, 2);
+        let empty = tempfile::tempdir().unwrap();
+        let (time, clock) = simulated(|_| panic!("slept"));
+        let mut p = Pacer::new(empty.path(), GovernorConfig::default(), time).unwrap();
+        assert!(p.before_step());
+        assert_eq!(*clock.lock().unwrap(), 0.0);
+        assert_eq!(p.report().joules, None);
+    }
+}
