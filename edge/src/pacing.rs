@@ -143,24 +143,9 @@ mod tests {
 
     /// A copy of the Orin Nano fixture whose CPU zone the test heats.
     fn orin() -> tempfile::TempDir {
-        fn walk(from: &std::path::Path, to: &std::path::Path) {
-            std::fs::create_dir_all(to).unwrap();
-            for e in std::fs::read_dir(from).unwrap() {
-                let e = e.unwrap();
-                let target = to.join(e.file_name());
-                if e.file_type().unwrap().is_dir() {
-                    walk(&e.path(), &target);
-                } else {
-                    std::fs::copy(e.path(), target).unwrap();
-                }
-            }
-        }
+        use fedshield_telemetry::fixtures;
         let dir = tempfile::tempdir().unwrap();
-        walk(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../shared/telemetry/fixtures/orin-nano-jp6"),
-            dir.path(),
-        );
+        fixtures::copy_tree(&fixtures::path("orin-nano-jp6"), dir.path()).unwrap();
         dir
     }
 

@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/telemetry/fixtures")
-        .join(name)
+    fedshield_telemetry::fixtures::path(name)
 }
 
 #[test]

@@ -72,25 +72,9 @@ fn plain_text_fine_tune_lowers_the_held_out_loss() {
 
 /// A copy of the telemetry fixture `name` (shared/telemetry/fixtures).
 fn fixture_copy(name: &str) -> tempfile::TempDir {
-    fn walk(from: &std::path::Path, to: &std::path::Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            let target = to.join(e.file_name());
-            if e.file_type().unwrap().is_dir() {
-                walk(&e.path(), &target);
-            } else {
-                std::fs::copy(e.path(), target).unwrap();
-            }
-        }
-    }
+    use fedshield_telemetry::fixtures;
     let dir = tempfile::tempdir().unwrap();
-    walk(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/telemetry/fixtures")
-            .join(name),
-        dir.path(),
-    );
+    fixtures::copy_tree(&fixtures::path(name), dir.path()).unwrap();
     dir
 }
 

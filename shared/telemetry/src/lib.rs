@@ -759,3 +759,32 @@ impl Telemetry {
         Cpu { online, freqs }
     }
 }
+
+/// The fixture trees shipped with this crate (`fixtures/`: `orin-nano-jp6`,
+/// `agx-orin-jp5`, `nano-jp4`, `x86-server`), for tests and demos (`fedshield-edge doctor
+/// --root`).
+pub mod fixtures {
+    use std::path::{Path, PathBuf};
+
+    /// The fixture tree `name`.
+    pub fn path(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name)
+    }
+
+    /// Copies the tree `from` into `to` (created), so that a test can rewrite its files.
+    pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            let target = to.join(e.file_name());
+            if e.file_type()?.is_dir() {
+                copy_tree(&e.path(), &target)?;
+            } else {
+                std::fs::copy(e.path(), target)?;
+            }
+        }
+        Ok(())
+    }
+}

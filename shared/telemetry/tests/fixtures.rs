@@ -3,12 +3,10 @@
 //! JetPack 4, a plain x86 server), and on broken copies of them.
 
 use fedshield_telemetry::{Bytes, Celsius, Hertz, Reading, Telemetry, Watts};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
+    fedshield_telemetry::fixtures::path(name)
 }
 
 fn read(name: &str) -> Reading {
@@ -161,20 +159,8 @@ fn an_empty_root_reads_as_a_box_with_nothing() {
 
 /// Copies fixture `name` into a temporary directory.
 fn copy(name: &str) -> tempfile::TempDir {
-    fn walk(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            let target = to.join(e.file_name());
-            if e.file_type().unwrap().is_dir() {
-                walk(&e.path(), &target);
-            } else {
-                std::fs::copy(e.path(), target).unwrap();
-            }
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
-    walk(&fixture(name), dir.path());
+    fedshield_telemetry::fixtures::copy_tree(&fixture(name), dir.path()).unwrap();
     dir
 }
 

@@ -8,23 +8,12 @@ use fedshield_telemetry::{Telemetry, Watts};
 use std::path::{Path, PathBuf};
 
 fn copy_fixture(name: &str) -> tempfile::TempDir {
-    fn walk(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            let target = to.join(e.file_name());
-            if e.file_type().unwrap().is_dir() {
-                walk(&e.path(), &target);
-            } else {
-                std::fs::copy(e.path(), target).unwrap();
-            }
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
-    let from = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name);
-    walk(&from, dir.path());
+    fedshield_telemetry::fixtures::copy_tree(
+        &fedshield_telemetry::fixtures::path(name),
+        dir.path(),
+    )
+    .unwrap();
     dir
 }
 
