@@ -243,7 +243,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut done_round = 0u64;
     let mut snapshot_subscribed = false;
     let mut training = None;
-    let mut drops = Drops::default();
+    let mut drops = fedshield_transport::DropMonitor::default();
     loop {
         // Short waits while training: its end is polled.
         let wait = Duration::from_millis(if training.is_some() { 50 } else { 500 });
@@ -256,16 +256,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             out.extend(fleet.finish_training(job, result, &mut platform));
         }
         match incoming {
-            None => {
-                if drops.resubscribe {
-                    // Idle again after drops: the retained messages come back.
-                    drops.resubscribe = false;
-                    link.resubscribe()?;
-                    if snapshot_subscribed {
-                        link.subscribe(&topics.all_snapshot())?;
-                    }
-                }
-            }
+            None => {}
             Some(Incoming::Connected) => {
                 tracing::info!("connected to the broker");
                 snapshot_subscribed = false; // a restarted broker forgot it: subscribe again
@@ -300,14 +291,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        if let Some(total) = drops.check(link.dropped(), platform.seconds(), idle) {
+        let check = drops.check(link.dropped(), platform.seconds(), idle);
+        if let Some(total) = check.report {
             tracing::warn!(
-                "{total} incoming messages dropped so far: more than the link's budget of {} bytes came at once",
-                args.link
-                    .incoming_budget
-                    .unwrap_or(max_packet_bytes * fedshield_transport::INCOMING_BUDGET_PACKETS)
+                "{total} incoming messages dropped so far: more than the link's budget came at once"
             );
             output.event(&Event::LinkDropped { total });
+        }
+        if check.recover {
+            // Idle again after drops: the retained messages come back.
+            link.resubscribe()?;
+            if snapshot_subscribed {
+                link.subscribe(&topics.all_snapshot())?;
+            }
         }
         if fleet.needs_snapshot() != snapshot_subscribed {
             snapshot_subscribed = fleet.needs_snapshot();
@@ -340,60 +336,5 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             output.event(&Event::Done { round: done_round });
             return Ok(());
         }
-    }
-}
-
-/// The link's dropped messages as the driver reports them: at most one report per
-/// [`Drops::EVERY`] seconds under a flood and the final total once the link is idle, and
-/// one re-subscription once it is over.
-#[derive(Default)]
-struct Drops {
-    seen: u64,
-    reported: u64,
-    at: Option<f64>,
-    resubscribe: bool,
-}
-
-impl Drops {
-    const EVERY: f64 = 10.0;
-
-    /// The total to report now (seconds `now` on the device's clock; `idle`: nothing came
-    /// in the last wait), if any.
-    fn check(&mut self, total: u64, now: f64, idle: bool) -> Option<u64> {
-        if total > self.seen {
-            self.seen = total;
-            self.resubscribe = true;
-        }
-        let recent = self.at.is_some_and(|at| now - at < Self::EVERY);
-        if total == self.reported || (recent && !idle) {
-            return None;
-        }
-        self.reported = total;
-        self.at = Some(now);
-        Some(total)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Drops;
-
-    #[test]
-    fn drops_are_reported_at_most_every_ten_seconds_and_finally_when_idle() {
-        let mut d = Drops::default();
-        assert_eq!(d.check(0, 0.0, false), None);
-        assert!(!d.resubscribe);
-        assert_eq!(d.check(3, 1.0, false), Some(3));
-        assert!(d.resubscribe);
-        d.resubscribe = false;
-        assert_eq!(d.check(9, 2.0, false), None, "within ten seconds");
-        assert!(d.resubscribe, "but the retained messages are fetched again");
-        assert_eq!(d.check(12, 11.5, false), Some(12));
-        assert_eq!(
-            d.check(15, 12.0, true),
-            Some(15),
-            "the final total when idle"
-        );
-        assert_eq!(d.check(15, 30.0, true), None, "nothing new");
     }
 }

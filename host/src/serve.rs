@@ -77,7 +77,9 @@ struct Host {
     registry: Registry,
     /// The event file, if any.
     events: Option<JsonLines>,
-    drops: Drops,
+    drops: fedshield_transport::DropMonitor,
+    /// When serving began (the drop reports' clock).
+    started: Instant,
 }
 
 /// Runs the federation; returns the paths of the adapter, the plot and metrics.json.
@@ -125,7 +127,8 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
         fleet,
         registry,
         events,
-        drops: Drops::default(),
+        drops: Default::default(),
+        started: Instant::now(),
     };
     host.wait_connected()?;
     host.publish(host.fleet.retained())?;
@@ -141,30 +144,19 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     Ok(paths)
 }
 
-/// The link's dropped messages: the total reported, and whether the round still has to be
-/// re-published for them.
-#[derive(Default)]
-struct Drops {
-    total: u64,
-    recover: bool,
-}
-
 impl Host {
-    /// Reports messages the link dropped since the last call (once per flood: until the
-    /// round is re-published) and marks the round for re-publishing.
-    fn check_drops(&mut self, round: u64) {
-        let total = self.link.dropped();
-        if total == self.drops.total {
-            return;
-        }
-        self.drops.total = total;
-        if !self.drops.recover {
-            self.drops.recover = true;
+    /// Reports the link's drops (see `DropMonitor`); true when the round should be
+    /// re-published for them now.
+    fn check_drops(&mut self, round: u64, idle: bool) -> bool {
+        let now = self.started.elapsed().as_secs_f64();
+        let check = self.drops.check(self.link.dropped(), now, idle);
+        if let Some(total) = check.report {
             tracing::warn!(
                 "round {round}: {total} incoming messages dropped so far (more than the link's budget came at once)"
             );
             self.event(HostEvent::LinkDropped { round, total });
         }
+        check.recover
     }
 
     /// Records an event; a failure to write it is logged and the host goes on.
@@ -375,6 +367,7 @@ impl Host {
         let mut host_time = Duration::ZERO;
         while outcome.is_none() {
             let incoming = self.link.recv(Duration::from_millis(200))?;
+            let recover = self.check_drops(round, incoming.is_none());
             let t = Instant::now();
             // Journal writes are disk I/O, not crypto: kept out of the host's crypto time.
             let mut io = Duration::ZERO;
@@ -416,8 +409,7 @@ impl Host {
                 }
                 // Idle again after the link dropped messages: the round is re-published
                 // under a new incarnation, and its devices send this phase's messages again.
-                None if self.drops.recover => {
-                    self.drops.recover = false;
+                None if recover => {
                     tracing::info!("round {round}: re-publishing the round after dropped messages");
                     journal.append(&Entry::Republish)?;
                     self.event(HostEvent::Republished { round });
@@ -425,7 +417,6 @@ impl Host {
                 }
                 None => vec![],
             };
-            self.check_drops(round);
             let now = now_ms();
             if machine.due(now) {
                 let w = Instant::now();

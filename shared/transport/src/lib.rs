@@ -430,6 +430,49 @@ fn forward(
     }
 }
 
+/// How a driver reports the link's drops and when it recovers from them: a report at most
+/// every [`DropMonitor::REPORT_EVERY_S`] seconds under a flood and the final total once the
+/// link is idle; one recovery (the edge subscribes again for the retained messages, the host
+/// re-publishes the round) once idle after new drops.
+#[derive(Debug, Default)]
+pub struct DropMonitor {
+    seen: u64,
+    reported: u64,
+    at: Option<f64>,
+    recover: bool,
+}
+
+/// What to do after [`DropMonitor::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropCheck {
+    /// Report this running total now.
+    pub report: Option<u64>,
+    /// Recover now (new drops since the last recovery, and the link is idle).
+    pub recover: bool,
+}
+
+impl DropMonitor {
+    /// Least seconds between two reports while messages keep coming.
+    pub const REPORT_EVERY_S: f64 = 10.0;
+
+    /// `total` messages dropped so far ([`Link::dropped`]) at `now_s` seconds; `idle`:
+    /// nothing came in the last wait.
+    pub fn check(&mut self, total: u64, now_s: f64, idle: bool) -> DropCheck {
+        if total > self.seen {
+            self.seen = total;
+            self.recover = true;
+        }
+        let recent = self.at.is_some_and(|at| now_s - at < Self::REPORT_EVERY_S);
+        let report = (total != self.reported && (idle || !recent)).then(|| {
+            self.reported = total;
+            self.at = Some(now_s);
+            total
+        });
+        let recover = idle && std::mem::take(&mut self.recover);
+        DropCheck { report, recover }
+    }
+}
+
 /// Whether process `pid` holds the listening TCP socket on `addr`'s port (Linux, from
 /// `/proc/net/tcp` and `/proc/{pid}/fd`; false where those cannot be read). A broker that
 /// answers on a port is not proof that it is the broker just started: when two processes
@@ -499,6 +542,36 @@ mod tests {
         budget.release(cost);
         assert!(budget.reserve(cost), "room again once the driver took one");
         assert_eq!(budget.held.load(Ordering::Acquire), 2 * cost + empty);
+    }
+
+    #[test]
+    fn drops_are_reported_at_most_every_ten_seconds_and_recovered_from_once_idle() {
+        let mut d = DropMonitor::default();
+        let check = |report, recover| DropCheck { report, recover };
+        assert_eq!(d.check(0, 0.0, false), check(None, false));
+        assert_eq!(d.check(0, 0.5, true), check(None, false), "nothing dropped");
+        assert_eq!(
+            d.check(3, 1.0, false),
+            check(Some(3), false),
+            "busy: no recovery"
+        );
+        assert_eq!(
+            d.check(9, 2.0, false),
+            check(None, false),
+            "within ten seconds"
+        );
+        assert_eq!(d.check(12, 11.5, false), check(Some(12), false));
+        assert_eq!(
+            d.check(15, 12.0, true),
+            check(Some(15), true),
+            "idle: final total"
+        );
+        assert_eq!(d.check(15, 12.5, true), check(None, false), "once");
+        assert_eq!(
+            d.check(16, 13.0, true),
+            check(Some(16), true),
+            "new drops, idle"
+        );
     }
 
     #[test]
