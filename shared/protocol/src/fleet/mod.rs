@@ -5,3 +5,4 @@
 
 pub mod edge;
 pub mod host;
+pub mod steps;
