@@ -7,6 +7,7 @@
 pub mod config;
 pub mod data;
 pub mod gguf;
+pub mod nbits;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
