@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 
 static ORT_ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
-fn environment(assets: &Assets) -> Result<&'static ort::environment::Environment, EdgeError> {
+/// The process's ONNX Runtime environment, initialised from `assets` on first use.
+pub fn environment(assets: &Assets) -> Result<&'static ort::environment::Environment, EdgeError> {
     ORT_ENV
         .get_or_init(|| {
             let lib = assets.onnxruntime_dylib().map_err(|e| e.to_string())?;

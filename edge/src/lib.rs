@@ -6,6 +6,7 @@ pub mod fleet;
 pub mod inference;
 pub mod llama;
 pub mod lora;
+pub mod onnx_graph;
 pub mod pacing;
 pub mod quality;
 pub mod serial_link;

@@ -1,0 +1,334 @@
+//! The base model as an ONNX Runtime graph, built in memory from the loaded [`Llama`] with
+//! `ort`'s model editor (no `.onnx` file, no Python): token ids `[1, t]` in, logits
+//! `[1, t, vocab]` out, for a fixed prompt length `t` (prefill). 4-bit projections stay
+//! 4-bit as `com.microsoft.MatMulNBits` ([`fedshield_models::nbits`]; Q4_1's block offsets
+//! added as block sums times the offsets), other weights are f32 `MatMul`s; standard ops
+//! for RMSNorm, rotate-half RoPE, grouped-query attention with a causal mask, and SwiGLU.
+//! The KV-cached decoding graph and the adapter are the next steps (issue 15).
+
+use crate::llama::weight::Weight;
+use crate::llama::{Block, Llama};
+use fedshield_models::gguf::GgmlType;
+use fedshield_models::nbits::{BLOB, BLOCK, NBits};
+use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
+use ort::operator::Attribute;
+use ort::session::Session;
+use ort::value::{
+    Outlet, PrimitiveTensorElementType, Shape, SymbolicDimensions, Tensor, TensorElementType,
+    ValueType,
+};
+use tch::Kind;
+
+/// Builds a graph node by node, naming every value.
+struct Builder {
+    graph: Graph,
+    next: usize,
+}
+
+impl Builder {
+    /// Adds `op` over `inputs`; returns the name of its (single) output.
+    fn op(
+        &mut self,
+        op: &str,
+        domain: &str,
+        inputs: &[&str],
+        attributes: Vec<Attribute>,
+    ) -> ort::Result<String> {
+        self.next += 1;
+        let out = format!("v{}_{op}", self.next);
+        self.graph.add_node(Node::new(
+            op,
+            domain,
+            format!("n{}", self.next),
+            inputs,
+            [&out],
+            attributes,
+        )?)?;
+        Ok(out)
+    }
+
+    fn std(&mut self, op: &str, inputs: &[&str]) -> ort::Result<String> {
+        self.op(op, ONNX_DOMAIN, inputs, Vec::new())
+    }
+
+    /// A constant of `shape` (the editor takes only tensors it allocated).
+    fn constant<T: PrimitiveTensorElementType + Copy + std::fmt::Debug>(
+        &mut self,
+        shape: &[i64],
+        data: &[T],
+    ) -> ort::Result<String> {
+        self.next += 1;
+        let name = format!("c{}", self.next);
+        let mut t = Tensor::<T>::new(&ort::memory::Allocator::default(), shape.to_vec())?;
+        t.extract_tensor_mut().1.copy_from_slice(data);
+        self.graph.add_initializer(&name, t, false)?;
+        Ok(name)
+    }
+
+    fn floats(&mut self, shape: &[i64], data: &[f32]) -> ort::Result<String> {
+        self.constant(shape, data)
+    }
+
+    fn ints(&mut self, data: &[i64]) -> ort::Result<String> {
+        self.constant(&[data.len() as i64], data)
+    }
+
+    /// RMSNorm of `x` over its last axis with weight `w`.
+    fn rms_norm(&mut self, x: &str, w: &tch::Tensor, eps: f64) -> ort::Result<String> {
+        let w = tensor_f32(w);
+        let w = self.floats(&[w.len() as i64], &w)?;
+        let axes = self.ints(&[-1])?;
+        let eps = self.floats(&[], &[eps as f32])?;
+        let sq = self.std("Mul", &[x, x])?;
+        let mean = self.op(
+            "ReduceMean",
+            ONNX_DOMAIN,
+            &[&sq, &axes],
+            vec![Attribute::new("keepdims", 1i64)?],
+        )?;
+        let var = self.std("Add", &[&mean, &eps])?;
+        let rms = self.std("Sqrt", &[&var])?;
+        let n = self.std("Div", &[x, &rms])?;
+        self.std("Mul", &[&n, &w])
+    }
+
+    /// `x @ w^T` for a `[out, in]` weight.
+    fn linear(&mut self, x: &str, w: &Weight) -> ort::Result<String> {
+        let (rows, cols) = w.shape();
+        match w {
+            Weight::Quant { ty, packed, .. } if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) => {
+                let bytes = Vec::<u8>::try_from(packed.flatten(0, -1))
+                    .map_err(|e| ort::Error::new(e.to_string()))?;
+                let nb = NBits::from_gguf(*ty, &bytes, rows as usize, cols as usize)
+                    .map_err(|e| ort::Error::new(e.to_string()))?;
+                let blocks = cols / BLOCK as i64;
+                let b = self.constant(&[rows, blocks, BLOB as i64], &nb.codes)?;
+                let scales = self.floats(&[rows, blocks], &nb.scales)?;
+                let mut inputs = vec![x.to_string(), b, scales];
+                if nb.zero_point == 0 {
+                    let per_row = (blocks as usize).div_ceil(2);
+                    inputs.push(self.constant(
+                        &[rows * per_row as i64],
+                        &vec![0u8; rows as usize * per_row],
+                    )?);
+                }
+                let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                let y = self.op(
+                    "MatMulNBits",
+                    "com.microsoft",
+                    &refs,
+                    vec![
+                        Attribute::new("K", cols)?,
+                        Attribute::new("N", rows)?,
+                        Attribute::new("bits", 4i64)?,
+                        Attribute::new("block_size", BLOCK as i64)?,
+                    ],
+                )?;
+                let Some(mins) = &nb.mins else {
+                    return Ok(y);
+                };
+                // + (block sums of x) @ mins^T.
+                let shape = self.ints(&[0, 0, blocks, BLOCK as i64])?;
+                let grouped = self.std("Reshape", &[x, &shape])?;
+                let axes = self.ints(&[-1])?;
+                let sums = self.op(
+                    "ReduceSum",
+                    ONNX_DOMAIN,
+                    &[&grouped, &axes],
+                    vec![Attribute::new("keepdims", 0i64)?],
+                )?;
+                let mut mins_t = vec![0f32; mins.len()];
+                for r in 0..rows as usize {
+                    for b in 0..blocks as usize {
+                        mins_t[b * rows as usize + r] = mins[r * blocks as usize + b];
+                    }
+                }
+                let m = self.floats(&[blocks, rows], &mins_t)?;
+                let offsets = self.std("MatMul", &[&sums, &m])?;
+                self.std("Add", &[&y, &offsets])
+            }
+            _ => {
+                let wt = tensor_f32(&w.dequantize(Kind::Float).tr().contiguous());
+                let wt = self.floats(&[cols, rows], &wt)?;
+                self.std("MatMul", &[x, &wt])
+            }
+        }
+    }
+
+    /// `[1, t, heads * hd]` -> `[1, heads, t, hd]`.
+    fn heads(&mut self, x: &str, heads: i64, hd: i64) -> ort::Result<String> {
+        let shape = self.ints(&[0, 0, heads, hd])?;
+        let split = self.std("Reshape", &[x, &shape])?;
+        self.op(
+            "Transpose",
+            ONNX_DOMAIN,
+            &[&split],
+            vec![Attribute::new("perm", vec![0i64, 2, 1, 3])?],
+        )
+    }
+
+    /// Rotate-half RoPE of `x` `[1, heads, t, hd]` with tables `cos`, `sin` `[t, hd]`.
+    fn rope(&mut self, x: &str, cos: &str, sin: &str, hd: i64) -> ort::Result<String> {
+        let axes = self.ints(&[-1])?;
+        let (zero, half, end) = (self.ints(&[0])?, self.ints(&[hd / 2])?, self.ints(&[hd])?);
+        let x1 = self.std("Slice", &[x, &zero, &half, &axes])?;
+        let x2 = self.std("Slice", &[x, &half, &end, &axes])?;
+        let neg = self.std("Neg", &[&x2])?;
+        let rotated = self.op(
+            "Concat",
+            ONNX_DOMAIN,
+            &[&neg, &x1],
+            vec![Attribute::new("axis", -1i64)?],
+        )?;
+        let a = self.std("Mul", &[x, cos])?;
+        let b = self.std("Mul", &[&rotated, sin])?;
+        self.std("Add", &[&a, &b])
+    }
+
+    /// `[1, kv, t, hd]` -> `[1, kv * rep, t, hd]`, each head repeated `rep` times in place.
+    fn repeat_kv(&mut self, x: &str, kv: i64, rep: i64, t: i64, hd: i64) -> ort::Result<String> {
+        if rep == 1 {
+            return Ok(x.to_string());
+        }
+        let s5 = self.ints(&[1, kv, 1, t, hd])?;
+        let x5 = self.std("Reshape", &[x, &s5])?;
+        let e = self.ints(&[1, kv, rep, t, hd])?;
+        let expanded = self.std("Expand", &[&x5, &e])?;
+        let s4 = self.ints(&[1, kv * rep, t, hd])?;
+        self.std("Reshape", &[&expanded, &s4])
+    }
+
+    fn block(
+        &mut self,
+        model: &Llama,
+        b: &Block,
+        x: &str,
+        tables: (&str, &str, &str),
+        t: i64,
+    ) -> ort::Result<String> {
+        let c = &model.config;
+        let (h, kv, hd) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim() as i64,
+        );
+        let (cos, sin, mask) = tables;
+        let n = self.rms_norm(x, &b.attn_norm, c.rms_norm_eps)?;
+        let q = self.linear(&n, &b.q_proj)?;
+        let k = self.linear(&n, &b.k_proj)?;
+        let v = self.linear(&n, &b.v_proj)?;
+        let q = self.heads(&q, h, hd)?;
+        let k = self.heads(&k, kv, hd)?;
+        let v = self.heads(&v, kv, hd)?;
+        let q = self.rope(&q, cos, sin, hd)?;
+        let k = self.rope(&k, cos, sin, hd)?;
+        let k = self.repeat_kv(&k, kv, h / kv, t, hd)?;
+        let v = self.repeat_kv(&v, kv, h / kv, t, hd)?;
+        let kt = self.op(
+            "Transpose",
+            ONNX_DOMAIN,
+            &[&k],
+            vec![Attribute::new("perm", vec![0i64, 1, 3, 2])?],
+        )?;
+        let scores = self.std("MatMul", &[&q, &kt])?;
+        let scale = self.floats(&[], &[1.0 / (hd as f32).sqrt()])?;
+        let scores = self.std("Mul", &[&scores, &scale])?;
+        let scores = self.std("Add", &[&scores, mask])?;
+        let p = self.op(
+            "Softmax",
+            ONNX_DOMAIN,
+            &[&scores],
+            vec![Attribute::new("axis", -1i64)?],
+        )?;
+        let attn = self.std("MatMul", &[&p, &v])?;
+        let attn = self.op(
+            "Transpose",
+            ONNX_DOMAIN,
+            &[&attn],
+            vec![Attribute::new("perm", vec![0i64, 2, 1, 3])?],
+        )?;
+        let merged = self.ints(&[0, 0, h * hd])?;
+        let attn = self.std("Reshape", &[&attn, &merged])?;
+        let o = self.linear(&attn, &b.o_proj)?;
+        let x = self.std("Add", &[x, &o])?;
+        let n = self.rms_norm(&x, &b.ffn_norm, c.rms_norm_eps)?;
+        let gate = self.linear(&n, &b.gate_proj)?;
+        let sig = self.std("Sigmoid", &[&gate])?;
+        let gate = self.std("Mul", &[&gate, &sig])?;
+        let up = self.linear(&n, &b.up_proj)?;
+        let prod = self.std("Mul", &[&gate, &up])?;
+        let down = self.linear(&prod, &b.down_proj)?;
+        self.std("Add", &[&x, &down])
+    }
+}
+
+fn tensor_f32(t: &tch::Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default()
+}
+
+fn outlet(name: &str, ty: TensorElementType, dims: &[i64]) -> Outlet {
+    Outlet::new(
+        name,
+        ValueType::Tensor {
+            ty,
+            shape: Shape::new(dims.to_vec()),
+            dimension_symbols: SymbolicDimensions::empty(dims.len()),
+        },
+    )
+}
+
+/// A session computing `model`'s logits `[1, t, vocab]` ("logits") for token ids `[1, t]`
+/// ("ids", int64).
+pub fn prefill_session(
+    env: &ort::environment::Environment,
+    model: &Llama,
+    t: usize,
+) -> ort::Result<Session> {
+    let c = &model.config;
+    let t = t as i64;
+    let (hidden, vocab) = (c.hidden_size as i64, c.vocab_size as i64);
+    let mut g = Builder {
+        graph: Graph::new()?,
+        next: 0,
+    };
+    g.graph
+        .set_inputs([outlet("ids", TensorElementType::Int64, &[1, t])])?;
+    g.graph
+        .set_outputs([outlet("logits", TensorElementType::Float32, &[1, t, vocab])])?;
+    let embed = tensor_f32(&model.embed.dequantize(Kind::Float));
+    let embed = g.floats(&[vocab, hidden], &embed)?;
+    let mut x = g.op(
+        "Gather",
+        ONNX_DOMAIN,
+        &[&embed, "ids"],
+        vec![Attribute::new("axis", 0i64)?],
+    )?;
+    let (cos, sin) = model.rope_tables(t, Kind::Float);
+    let hd = c.head_dim() as i64;
+    let cos = g.floats(&[t, hd], &tensor_f32(&cos))?;
+    let sin = g.floats(&[t, hd], &tensor_f32(&sin))?;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = g.floats(&[t, t], &mask)?;
+    for b in &model.blocks {
+        x = g.block(model, b, &x, (&cos, &sin, &mask), t)?;
+    }
+    let n = g.rms_norm(&x, &model.norm, c.rms_norm_eps)?;
+    let head = model.lm_head.as_ref().unwrap_or(&model.embed);
+    let logits = g.linear(&n, head)?;
+    g.graph.add_node(Node::new(
+        "Identity",
+        ONNX_DOMAIN,
+        "out",
+        [logits.as_str()],
+        ["logits"],
+        [],
+    )?)?;
+    let mut m = Model::new([
+        Opset::new(ONNX_DOMAIN, 21)?,
+        Opset::new("com.microsoft", 1)?,
+    ])?;
+    m.set_graph(g.graph)?;
+    m.into_session(&Session::builder(env)?)
+}
