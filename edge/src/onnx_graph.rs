@@ -4,7 +4,8 @@
 //! 4-bit as `com.microsoft.MatMulNBits` ([`fedshield_models::nbits`]; Q4_1's block offsets
 //! added as block sums times the offsets), other weights are f32 `MatMul`s; standard ops
 //! for RMSNorm, rotate-half RoPE, grouped-query attention with a causal mask, and SwiGLU.
-//! The KV-cached decoding graph and the adapter are the next steps (issue 15).
+//! [`decode_session`] decodes one token at a time with a KV cache. The adapter is the next
+//! step (issue 15).
 
 use crate::llama::weight::Weight;
 use crate::llama::{Block, Llama};
@@ -185,26 +186,31 @@ impl Builder {
         self.std("Add", &[&a, &b])
     }
 
-    /// `[1, kv, t, hd]` -> `[1, kv * rep, t, hd]`, each head repeated `rep` times in place.
-    fn repeat_kv(&mut self, x: &str, kv: i64, rep: i64, t: i64, hd: i64) -> ort::Result<String> {
+    /// `[1, kv, t, hd]` -> `[1, kv * rep, t, hd]`, each head repeated `rep` times in place
+    /// (any `t`).
+    fn repeat_kv(&mut self, x: &str, kv: i64, rep: i64, hd: i64) -> ort::Result<String> {
         if rep == 1 {
             return Ok(x.to_string());
         }
-        let s5 = self.ints(&[1, kv, 1, t, hd])?;
+        let s5 = self.ints(&[1, kv, 1, -1, hd])?;
         let x5 = self.std("Reshape", &[x, &s5])?;
-        let e = self.ints(&[1, kv, rep, t, hd])?;
+        let e = self.ints(&[1, 1, rep, 1, 1])?;
         let expanded = self.std("Expand", &[&x5, &e])?;
-        let s4 = self.ints(&[1, kv * rep, t, hd])?;
+        let s4 = self.ints(&[1, kv * rep, -1, hd])?;
         self.std("Reshape", &[&expanded, &s4])
     }
 
+    /// One decoder layer over `x`; `rope` are the positions' cos and sin, `mask` the causal
+    /// mask (none when one new token attends to everything), `cache` the layer's past keys
+    /// and values (graph inputs) and the names to give the present ones (graph outputs).
     fn block(
         &mut self,
         model: &Llama,
         b: &Block,
         x: &str,
-        tables: (&str, &str, &str),
-        t: i64,
+        rope: (&str, &str),
+        mask: Option<&str>,
+        cache: Option<[&str; 4]>,
     ) -> ort::Result<String> {
         let c = &model.config;
         let (h, kv, hd) = (
@@ -212,7 +218,7 @@ impl Builder {
             c.num_key_value_heads as i64,
             c.head_dim() as i64,
         );
-        let (cos, sin, mask) = tables;
+        let (cos, sin) = rope;
         let n = self.rms_norm(x, &b.attn_norm, c.rms_norm_eps)?;
         let q = self.linear(&n, &b.q_proj)?;
         let k = self.linear(&n, &b.k_proj)?;
@@ -221,9 +227,31 @@ impl Builder {
         let k = self.heads(&k, kv, hd)?;
         let v = self.heads(&v, kv, hd)?;
         let q = self.rope(&q, cos, sin, hd)?;
-        let k = self.rope(&k, cos, sin, hd)?;
-        let k = self.repeat_kv(&k, kv, h / kv, t, hd)?;
-        let v = self.repeat_kv(&v, kv, h / kv, t, hd)?;
+        let mut k = self.rope(&k, cos, sin, hd)?;
+        let mut v = v;
+        if let Some([past_k, past_v, present_k, present_v]) = cache {
+            let concat = |g: &mut Self, past: &str, new: &str, name: &str| -> ort::Result<String> {
+                let all = g.op(
+                    "Concat",
+                    ONNX_DOMAIN,
+                    &[past, new],
+                    vec![Attribute::new("axis", 2i64)?],
+                )?;
+                g.graph.add_node(Node::new(
+                    "Identity",
+                    ONNX_DOMAIN,
+                    format!("{name}_out"),
+                    [all.as_str()],
+                    [name],
+                    [],
+                )?)?;
+                Ok(all)
+            };
+            k = concat(self, past_k, &k, present_k)?;
+            v = concat(self, past_v, &v, present_v)?;
+        }
+        let k = self.repeat_kv(&k, kv, h / kv, hd)?;
+        let v = self.repeat_kv(&v, kv, h / kv, hd)?;
         let kt = self.op(
             "Transpose",
             ONNX_DOMAIN,
@@ -233,7 +261,10 @@ impl Builder {
         let scores = self.std("MatMul", &[&q, &kt])?;
         let scale = self.floats(&[], &[1.0 / (hd as f32).sqrt()])?;
         let scores = self.std("Mul", &[&scores, &scale])?;
-        let scores = self.std("Add", &[&scores, mask])?;
+        let scores = match mask {
+            Some(mask) => self.std("Add", &[&scores, mask])?,
+            None => scores,
+        };
         let p = self.op(
             "Softmax",
             ONNX_DOMAIN,
@@ -312,23 +343,118 @@ pub fn prefill_session(
         .collect();
     let mask = g.floats(&[t, t], &mask)?;
     for b in &model.blocks {
-        x = g.block(model, b, &x, (&cos, &sin, &mask), t)?;
+        x = g.block(model, b, &x, (&cos, &sin), Some(&mask), None)?;
     }
-    let n = g.rms_norm(&x, &model.norm, c.rms_norm_eps)?;
-    let head = model.lm_head.as_ref().unwrap_or(&model.embed);
-    let logits = g.linear(&n, head)?;
-    g.graph.add_node(Node::new(
-        "Identity",
+    g.finish(env, model, &x)
+}
+
+impl Builder {
+    /// The final norm and the LM head into the output "logits"; the session.
+    fn finish(
+        mut self,
+        env: &ort::environment::Environment,
+        model: &Llama,
+        x: &str,
+    ) -> ort::Result<Session> {
+        let n = self.rms_norm(x, &model.norm, model.config.rms_norm_eps)?;
+        let head = model.lm_head.as_ref().unwrap_or(&model.embed);
+        let logits = self.linear(&n, head)?;
+        self.graph.add_node(Node::new(
+            "Identity",
+            ONNX_DOMAIN,
+            "out",
+            [logits.as_str()],
+            ["logits"],
+            [],
+        )?)?;
+        let mut m = Model::new([
+            Opset::new(ONNX_DOMAIN, 21)?,
+            Opset::new("com.microsoft", 1)?,
+        ])?;
+        m.set_graph(self.graph)?;
+        m.into_session(&Session::builder(env)?)
+    }
+}
+
+/// A session decoding one token with a KV cache: inputs "ids" `[1, 1]` (int64), "pos" `[1]`
+/// (int64, the token's position, below `max_positions`) and, per layer i, "past_k{i}" and
+/// "past_v{i}" `[1, kv_heads, past, head_dim]` (f32, `past` may be 0); outputs "logits"
+/// `[1, 1, vocab]` and "present_k{i}", "present_v{i}" `[1, kv_heads, past + 1, head_dim]`.
+pub fn decode_session(
+    env: &ort::environment::Environment,
+    model: &Llama,
+    max_positions: usize,
+) -> ort::Result<Session> {
+    let c = &model.config;
+    let (hidden, vocab) = (c.hidden_size as i64, c.vocab_size as i64);
+    let (kv, hd) = (c.num_key_value_heads as i64, c.head_dim() as i64);
+    let layers = model.blocks.len();
+    let mut g = Builder {
+        graph: Graph::new()?,
+        next: 0,
+    };
+    let cache = |name: String, symbol: &str| {
+        Outlet::new(
+            name,
+            ValueType::Tensor {
+                ty: TensorElementType::Float32,
+                shape: Shape::new([1, kv, -1, hd]),
+                dimension_symbols: SymbolicDimensions::new([
+                    String::new(),
+                    String::new(),
+                    symbol.to_string(),
+                    String::new(),
+                ]),
+            },
+        )
+    };
+    let mut inputs = vec![
+        outlet("ids", TensorElementType::Int64, &[1, 1]),
+        outlet("pos", TensorElementType::Int64, &[1]),
+    ];
+    let mut outputs = vec![outlet("logits", TensorElementType::Float32, &[1, 1, vocab])];
+    for i in 0..layers {
+        inputs.push(cache(format!("past_k{i}"), "past"));
+        inputs.push(cache(format!("past_v{i}"), "past"));
+        outputs.push(cache(format!("present_k{i}"), "total"));
+        outputs.push(cache(format!("present_v{i}"), "total"));
+    }
+    g.graph.set_inputs(inputs)?;
+    g.graph.set_outputs(outputs)?;
+    let embed = tensor_f32(&model.embed.dequantize(Kind::Float));
+    let embed = g.floats(&[vocab, hidden], &embed)?;
+    let mut x = g.op(
+        "Gather",
         ONNX_DOMAIN,
-        "out",
-        [logits.as_str()],
-        ["logits"],
-        [],
-    )?)?;
-    let mut m = Model::new([
-        Opset::new(ONNX_DOMAIN, 21)?,
-        Opset::new("com.microsoft", 1)?,
-    ])?;
-    m.set_graph(g.graph)?;
-    m.into_session(&Session::builder(env)?)
+        &[&embed, "ids"],
+        vec![Attribute::new("axis", 0i64)?],
+    )?;
+    let (cos, sin) = model.rope_tables(max_positions as i64, Kind::Float);
+    let cos = g.floats(&[max_positions as i64, hd], &tensor_f32(&cos))?;
+    let sin = g.floats(&[max_positions as i64, hd], &tensor_f32(&sin))?;
+    let gather = |g: &mut Builder, table: &str| {
+        g.op(
+            "Gather",
+            ONNX_DOMAIN,
+            &[table, "pos"],
+            vec![Attribute::new("axis", 0i64)?],
+        )
+    };
+    let (cos, sin) = (gather(&mut g, &cos)?, gather(&mut g, &sin)?);
+    for (i, b) in model.blocks.iter().enumerate() {
+        let names = [
+            format!("past_k{i}"),
+            format!("past_v{i}"),
+            format!("present_k{i}"),
+            format!("present_v{i}"),
+        ];
+        let cache = [
+            names[0].as_str(),
+            names[1].as_str(),
+            names[2].as_str(),
+            names[3].as_str(),
+        ];
+        x = g.block(model, b, &x, (&cos, &sin), None, Some(cache))?;
+    }
+    g.finish(env, model, &x)
 }
