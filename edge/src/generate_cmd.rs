@@ -28,6 +28,10 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where the model runs: `torch` (libtorch) or `onnx` (ONNX Runtime, the graph built in
+    /// memory from the same GGUF; no adapter yet).
+    #[arg(long, default_value = "torch")]
+    runtime: String,
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -45,18 +49,31 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         top_p: args.top_p,
         seed: args.seed,
     };
-    let out = match &args.adapter {
-        Some(dir) => {
+    let out = match (args.runtime.as_str(), &args.adapter) {
+        ("onnx", Some(_)) => {
+            anyhow::bail!("--runtime onnx does not take an adapter yet: use --runtime torch")
+        }
+        ("onnx", None) => {
+            let env = fedshield_edge::inference::environment(&fedshield_models::Assets::locate())?;
+            let mut decoder = fedshield_edge::onnx_graph::OnnxDecoder::new(
+                env,
+                &model,
+                ids.len() + args.max_new,
+            )?;
+            decoder.generate(&ids, args.max_new, tok.eos_id, &sampling)?
+        }
+        ("torch", Some(dir)) => {
             let lora = Lora::load_peft(dir, &model)?;
             model.generate(&lora, &ids, args.max_new, tok.eos_id, &sampling)
         }
-        None => model.generate(
+        ("torch", None) => model.generate(
             &fedshield_edge::llama::NoAdapter,
             &ids,
             args.max_new,
             tok.eos_id,
             &sampling,
         ),
+        (other, _) => anyhow::bail!("--runtime {other:?}: expected torch or onnx"),
     };
     println!("{}", tok.decode(&out)?);
     Ok(())

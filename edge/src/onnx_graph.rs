@@ -458,3 +458,116 @@ pub fn decode_session(
     }
     g.finish(env, model, &x)
 }
+
+/// Generation on ONNX Runtime: [`decode_session`] run one token at a time, the KV cache
+/// carried from each run's outputs to the next run's inputs.
+pub struct OnnxDecoder {
+    session: Session,
+    kv: i64,
+    head_dim: i64,
+    layers: usize,
+    max_positions: usize,
+}
+
+impl OnnxDecoder {
+    /// The decoder of `model` for sequences of at most `max_positions` tokens.
+    pub fn new(
+        env: &ort::environment::Environment,
+        model: &Llama,
+        max_positions: usize,
+    ) -> Result<Self, crate::EdgeError> {
+        let onnx = |e: ort::Error| crate::EdgeError::Onnx(e.to_string());
+        let c = &model.config;
+        Ok(Self {
+            session: decode_session(env, model, max_positions).map_err(onnx)?,
+            kv: c.num_key_value_heads as i64,
+            head_dim: c.head_dim() as i64,
+            layers: model.blocks.len(),
+            max_positions,
+        })
+    }
+
+    /// Up to `max_new` tokens after `prompt`, stopping at `eos`: greedy at temperature 0,
+    /// else nucleus sampling (as [`Llama::generate`]).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        eos: u32,
+        sampling: &crate::llama::Sampling,
+    ) -> Result<Vec<u32>, crate::EdgeError> {
+        use rand::{Rng, SeedableRng};
+        let onnx = |e: ort::Error| crate::EdgeError::Onnx(e.to_string());
+        if prompt.is_empty() || prompt.len() + max_new > self.max_positions {
+            return Err(crate::EdgeError::Shape(format!(
+                "{} prompt tokens and {max_new} new ones: the decoder holds 1 to {} positions",
+                prompt.len(),
+                self.max_positions
+            )));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
+        let mut past: Vec<(Vec<i64>, Vec<f32>)> = (0..2 * self.layers)
+            .map(|_| (vec![1, self.kv, 0, self.head_dim], Vec::new()))
+            .collect();
+        let name = |kind: &str, i: usize| format!("{kind}_{}{}", ["k", "v"][i % 2], i / 2);
+        let mut out = Vec::new();
+        let mut next = prompt[0];
+        for pos in 0..prompt.len() + max_new - 1 {
+            let mut inputs: Vec<(String, ort::session::SessionInputValue)> = vec![
+                (
+                    "ids".into(),
+                    Tensor::from_array(([1i64, 1], vec![i64::from(next)]))
+                        .map_err(onnx)?
+                        .into(),
+                ),
+                (
+                    "pos".into(),
+                    Tensor::from_array(([1i64], vec![pos as i64]))
+                        .map_err(onnx)?
+                        .into(),
+                ),
+            ];
+            for (i, (shape, data)) in past.drain(..).enumerate() {
+                inputs.push((
+                    name("past", i),
+                    Tensor::from_array((shape, data)).map_err(onnx)?.into(),
+                ));
+            }
+            let outputs = self.session.run(inputs).map_err(onnx)?;
+            for i in 0..2 * self.layers {
+                let (shape, data) = outputs[name("present", i).as_str()]
+                    .try_extract_tensor::<f32>()
+                    .map_err(onnx)?;
+                past.push((shape.to_vec(), data.to_vec()));
+            }
+            if pos + 1 < prompt.len() {
+                next = prompt[pos + 1];
+                continue;
+            }
+            let logits = outputs["logits"]
+                .try_extract_tensor::<f32>()
+                .map_err(onnx)?
+                .1;
+            let token = if sampling.temperature <= 0.0 {
+                (0..logits.len())
+                    .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+                    .unwrap_or(0)
+            } else {
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let exp: Vec<f32> = logits
+                    .iter()
+                    .map(|l| ((l - max) as f64 / sampling.temperature).exp() as f32)
+                    .collect();
+                let sum: f32 = exp.iter().sum();
+                let probs: Vec<f32> = exp.iter().map(|e| e / sum).collect();
+                crate::llama::top_p_sample(&probs, sampling.top_p, rng.random::<f64>())
+            } as u32;
+            if token == eos {
+                break;
+            }
+            out.push(token);
+            next = token;
+        }
+        Ok(out)
+    }
+}
