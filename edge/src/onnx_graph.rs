@@ -317,7 +317,7 @@ pub fn prefill_session(
 ) -> ort::Result<Session> {
     let c = &model.config;
     let t = t as i64;
-    let (hidden, vocab) = (c.hidden_size as i64, c.vocab_size as i64);
+    let vocab = c.vocab_size as i64;
     let mut g = Builder {
         graph: Graph::new()?,
         next: 0,
@@ -326,18 +326,7 @@ pub fn prefill_session(
         .set_inputs([outlet("ids", TensorElementType::Int64, &[1, t])])?;
     g.graph
         .set_outputs([outlet("logits", TensorElementType::Float32, &[1, t, vocab])])?;
-    let embed = tensor_f32(&model.embed.dequantize(Kind::Float));
-    let embed = g.floats(&[vocab, hidden], &embed)?;
-    let mut x = g.op(
-        "Gather",
-        ONNX_DOMAIN,
-        &[&embed, "ids"],
-        vec![Attribute::new("axis", 0i64)?],
-    )?;
-    let (cos, sin) = model.rope_tables(t, Kind::Float);
-    let hd = c.head_dim() as i64;
-    let cos = g.floats(&[t, hd], &tensor_f32(&cos))?;
-    let sin = g.floats(&[t, hd], &tensor_f32(&sin))?;
+    let (mut x, cos, sin) = g.embed_and_rope(model, t)?;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
@@ -349,6 +338,30 @@ pub fn prefill_session(
 }
 
 impl Builder {
+    /// The embedding of the input "ids" (f32 table, `Gather`) and the RoPE tables of
+    /// positions `0..positions`: the start of both graphs.
+    fn embed_and_rope(
+        &mut self,
+        model: &Llama,
+        positions: i64,
+    ) -> ort::Result<(String, String, String)> {
+        let c = &model.config;
+        let (hidden, vocab) = (c.hidden_size as i64, c.vocab_size as i64);
+        let embed = tensor_f32(&model.embed.dequantize(Kind::Float));
+        let embed = self.floats(&[vocab, hidden], &embed)?;
+        let x = self.op(
+            "Gather",
+            ONNX_DOMAIN,
+            &[&embed, "ids"],
+            vec![Attribute::new("axis", 0i64)?],
+        )?;
+        let (cos, sin) = model.rope_tables(positions, Kind::Float);
+        let hd = c.head_dim() as i64;
+        let cos = self.floats(&[positions, hd], &tensor_f32(&cos))?;
+        let sin = self.floats(&[positions, hd], &tensor_f32(&sin))?;
+        Ok((x, cos, sin))
+    }
+
     /// The final norm and the LM head into the output "logits"; the session.
     fn finish(
         mut self,
@@ -386,7 +399,7 @@ pub fn decode_session(
     max_positions: usize,
 ) -> ort::Result<Session> {
     let c = &model.config;
-    let (hidden, vocab) = (c.hidden_size as i64, c.vocab_size as i64);
+    let vocab = c.vocab_size as i64;
     let (kv, hd) = (c.num_key_value_heads as i64, c.head_dim() as i64);
     let layers = model.blocks.len();
     let mut g = Builder {
@@ -421,17 +434,7 @@ pub fn decode_session(
     }
     g.graph.set_inputs(inputs)?;
     g.graph.set_outputs(outputs)?;
-    let embed = tensor_f32(&model.embed.dequantize(Kind::Float));
-    let embed = g.floats(&[vocab, hidden], &embed)?;
-    let mut x = g.op(
-        "Gather",
-        ONNX_DOMAIN,
-        &[&embed, "ids"],
-        vec![Attribute::new("axis", 0i64)?],
-    )?;
-    let (cos, sin) = model.rope_tables(max_positions as i64, Kind::Float);
-    let cos = g.floats(&[max_positions as i64, hd], &tensor_f32(&cos))?;
-    let sin = g.floats(&[max_positions as i64, hd], &tensor_f32(&sin))?;
+    let (mut x, cos, sin) = g.embed_and_rope(model, max_positions as i64)?;
     let gather = |g: &mut Builder, table: &str| {
         g.op(
             "Gather",
