@@ -12,6 +12,7 @@
 
 use fedshield_edge::llama::{Llama, Module};
 use fedshield_edge::lora::{Lora, LoraConfig};
+use fedshield_edge::plan::{Plan, Workload};
 use fedshield_edge::train::{Batch, TrainConfig, Trainer};
 use fedshield_models::Assets;
 use fedshield_models::config::LlamaConfig;
@@ -36,6 +37,8 @@ fn arg(name: &str) -> Option<String> {
 fn main() {
     let result = match arg("--side").as_deref() {
         Some("ours") => measure_ours(&arg("--config").unwrap_or_default()).map(|v| println!("{v}")),
+        Some("plan") => measure_plan(&arg("--config").unwrap_or_default()).map(|v| println!("{v}")),
+        _ if std::env::args().any(|a| a == "--plans") => plans(),
         _ => orchestrate(),
     };
     if let Err(e) = result {
@@ -56,36 +59,96 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
-fn measure_ours(config: &str) -> Result<Value, String> {
-    tch::set_num_threads(THREADS);
-    let (model, checkpointing) = match config {
-        "small" => (
-            Llama::random(LlamaConfig::bench_small(), Device::Cpu, 0),
-            false,
-        ),
+/// Resident set of this process now (VmRSS), bytes.
+fn rss_bytes() -> u64 {
+    status_kib("VmRSS:") * 1024
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resets VmHWM to the current resident set (Linux >= 4.0), so that the peak measured next
+/// is the training's, not the model loading's.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The base model of a benchmark configuration: `small` random dense f32 (or, `packed`,
+/// quantized to Q4_0), `smollm2` from its GGUF (packed Q4_1 / Q8_0 as stored).
+fn load(config: &str, packed: bool) -> Result<Llama, String> {
+    match config {
+        "small" => {
+            let model = Llama::random(LlamaConfig::bench_small(), Device::Cpu, 0);
+            Ok(if packed {
+                model.quantized_q4_0()
+            } else {
+                model
+            })
+        }
         "smollm2" => {
             let path = Assets::locate().smollm2_gguf().map_err(|e| e.to_string())?;
             let g = Gguf::open(&path).map_err(|e| e.to_string())?;
-            (
-                Llama::from_gguf(&g, Device::Cpu).map_err(|e| e.to_string())?,
-                true,
-            )
+            Llama::from_gguf(&g, Device::Cpu).map_err(|e| e.to_string())
         }
-        other => return Err(format!("unknown config {other:?}")),
-    };
-    let lora = Lora::new(
-        &model,
-        LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.05,
-            target_modules: Module::ALL.to_vec(),
-            freeze_a: false,
-        },
-        0,
-    );
-    let mut trainer = Trainer::new(
-        &lora,
+        other => Err(format!("unknown config {other:?}")),
+    }
+}
+
+fn lora_config() -> LoraConfig {
+    LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.05,
+        target_modules: Module::ALL.to_vec(),
+        freeze_a: false,
+    }
+}
+
+/// Times `steps` optimizer steps (after `warmup`) of batch BATCH x SEQ random tokens in
+/// micro-batches of `micro`; returns tokens/s.
+fn time_steps(
+    model: &Llama,
+    lora: &Lora,
+    trainer: &mut Trainer,
+    micro: i64,
+    warmup: usize,
+    steps: usize,
+) -> f64 {
+    let vocab = model.config.vocab_size as i64;
+    tch::manual_seed(1);
+    let (mut tokens, mut elapsed) = (0i64, 0.0f64);
+    for step in 0..warmup + steps {
+        let ids = Tensor::randint(vocab, [BATCH, SEQ], (Kind::Int64, Device::Cpu));
+        let batches: Vec<Batch> = (0..BATCH / micro)
+            .map(|k| {
+                let ids = ids.narrow(0, k * micro, micro);
+                Batch {
+                    labels: ids.shallow_clone(),
+                    ids,
+                }
+            })
+            .collect();
+        let t0 = Instant::now();
+        trainer.step(model, lora, &batches);
+        if step >= warmup {
+            elapsed += t0.elapsed().as_secs_f64();
+            tokens += BATCH * SEQ;
+        }
+    }
+    tokens as f64 / elapsed
+}
+
+fn trainer(lora: &Lora, checkpointing: bool) -> Result<Trainer, String> {
+    Trainer::new(
+        lora,
         TrainConfig {
             lr: 1e-4,
             warmup_steps: 0,
@@ -95,33 +158,84 @@ fn measure_ours(config: &str) -> Result<Value, String> {
             ..TrainConfig::default()
         },
     )
-    .map_err(|e| e.to_string())?;
-    let (warmup, steps) = (1, 6);
-    let vocab = model.config.vocab_size as i64;
-    tch::manual_seed(1);
-    let (mut tokens, mut elapsed) = (0i64, 0.0f64);
-    for step in 0..warmup + steps {
-        let ids = Tensor::randint(vocab, [BATCH, SEQ], (Kind::Int64, Device::Cpu));
-        let batch = Batch {
-            labels: ids.shallow_clone(),
-            ids,
-        };
-        let t0 = Instant::now();
-        trainer.step(&model, &lora, &[batch]);
-        if step >= warmup {
-            elapsed += t0.elapsed().as_secs_f64();
-            tokens += BATCH * SEQ;
-        }
-    }
+    .map_err(|e| e.to_string())
+}
+
+/// The PEFT comparison's side: the small config dense without recomputation, SmolLM2 with
+/// its packed base under today's fixed plan.
+fn measure_ours(config: &str) -> Result<Value, String> {
+    tch::set_num_threads(THREADS);
+    let model = load(config, false)?;
+    let checkpointing = config == "smollm2";
+    let lora = Lora::new(&model, lora_config(), 0);
+    let mut trainer = trainer(&lora, checkpointing)?;
+    let tokens_per_s = time_steps(&model, &lora, &mut trainer, BATCH, 1, 6);
     Ok(json!({
-        "tokens_per_s": tokens as f64 / elapsed,
+        "tokens_per_s": tokens_per_s,
         "peak_rss_mib": peak_rss_mib(),
-        "steps": steps,
+        "steps": 6,
         "batch": BATCH,
         "seq": SEQ,
         "threads": THREADS,
         "checkpointing": checkpointing,
         "base_bytes": model.weight_bytes(),
+    }))
+}
+
+/// One plan on a packed base: `--plan NAME`, or `--budget-mib B` for the planner's choice
+/// under that budget. Prints the prediction, the measured peak and tokens/s.
+fn measure_plan(config: &str) -> Result<Value, String> {
+    tch::set_num_threads(THREADS);
+    let mut model = load(config, true)?;
+    let lc = lora_config();
+    let lora = Lora::new(&model, lc.clone(), 0);
+    let workload = Workload::new(
+        &model.config,
+        lc.r as u64,
+        &lc.target_modules,
+        lc.dropout > 0.0,
+        BATCH as usize,
+        SEQ as usize,
+        4,
+    );
+    let layers = model.config.num_hidden_layers;
+    // As the planner does: loading's freed memory handed back first.
+    fedshield_edge::train::release_free_memory();
+    let baseline = rss_bytes();
+    let (plan, chosen_for) = match (arg("--plan"), arg("--budget-mib")) {
+        (Some(name), _) if name == "smallest" => {
+            let c = workload.choose(0, baseline);
+            (c.plan, None)
+        }
+        (Some(name), _) => (Plan::parse(&name, layers)?, None),
+        (None, Some(b)) => {
+            let mib: f64 = b.parse().map_err(|e| format!("--budget-mib {b:?}: {e}"))?;
+            let budget = (mib * (1 << 20) as f64) as u64;
+            (workload.choose(budget, baseline).plan, Some(mib))
+        }
+        (None, None) => return Err("--plan NAME or --budget-mib B".into()),
+    };
+    let estimate = workload.predict(&plan, baseline);
+    let load_peak_mib = status_kib("VmHWM:") as f64 / 1024.0;
+    reset_peak();
+    model.set_residency(plan.resident_layers, plan.resident_head);
+    let mut trainer = trainer(&lora, plan.checkpointing)?;
+    let tokens_per_s = time_steps(&model, &lora, &mut trainer, plan.micro_batch as i64, 1, 3);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let measured_mib = status_kib("VmHWM:") as f64 / 1024.0;
+    Ok(json!({
+        "name": plan.name(layers),
+        "predicted_mib": mib(estimate.total),
+        "measured_mib": measured_mib,
+        // Loading included, as the PEFT side's peak is.
+        "peak_rss_mib": measured_mib.max(load_peak_mib),
+        "tokens_per_s": tokens_per_s,
+        "cost": workload.cost(&plan),
+        "baseline_mib": mib(estimate.baseline),
+        "resident_mib": mib(estimate.resident),
+        "step_mib": mib(estimate.step),
+        "optimizer_mib": mib(estimate.optimizer),
+        "chosen_for_budget_mib": chosen_for,
     }))
 }
 
@@ -176,11 +290,38 @@ fn orchestrate() -> Result<(), String> {
             peft["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
             ratio("peak_rss_mib"),
         );
+        // The planner's choice under PEFT's own peak as the budget, and the smallest plan,
+        // both on a packed base (the small config quantized to Q4_0).
+        let budget = format!("{:.0}", peft["peak_rss_mib"].as_f64().unwrap_or(0.0));
+        let mut planned = Vec::new();
+        for (label, extra) in [
+            ("planner at PEFT's peak", ["--budget-mib", budget.as_str()]),
+            ("smallest plan", ["--plan", "smallest"]),
+        ] {
+            eprintln!("[bench] {name}: {label} ...");
+            let v = run_plan_side(name, &extra)?;
+            let r =
+                |k: &str| v[k].as_f64().unwrap_or(f64::NAN) / peft[k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{name:<8} {label} ({}): tokens/s {:>8.1} ratio {:.2}x | peak RSS {:>7.0} MiB ratio {:.2}",
+                v["name"].as_str().unwrap_or("?"),
+                v["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+                r("tokens_per_s"),
+                v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+                r("peak_rss_mib"),
+            );
+            planned.push(json!({
+                "label": label,
+                "run": v,
+                "ratios": {"tokens_per_s": r("tokens_per_s"), "peak_rss": r("peak_rss_mib")},
+            }));
+        }
         configs.push(json!({
             "name": name,
             "ours": ours,
             "peft": peft,
             "ratios": {"tokens_per_s": ratio("tokens_per_s"), "peak_rss": ratio("peak_rss_mib")},
+            "planned": planned,
         }));
     }
     let out_dir = root.join("target/bench");
@@ -189,6 +330,76 @@ fn orchestrate() -> Result<(), String> {
     std::fs::write(
         &path,
         serde_json::to_string_pretty(&json!({ "configs": configs })).unwrap(),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Runs `--side plan` in a fresh process of this binary with `extra` arguments.
+fn run_plan_side(config: &str, extra: &[&str]) -> Result<Value, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = Command::new(&me)
+        .args(["--side", "plan", "--config", config])
+        .args(extra)
+        .env("OMP_NUM_THREADS", THREADS.to_string())
+        .output()
+        .map_err(|e| e.to_string())?;
+    last_json_line(&out, &format!("plan {extra:?} on {config}"))
+}
+
+/// `--plans`: the planner's predicted peak against the measured one for ten plans on each
+/// configuration (packed bases: SmolLM2's GGUF, the small config quantized to Q4_0), each
+/// plan in its own process. Writes `target/bench/plan.json`.
+fn plans() -> Result<(), String> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().unwrap_or(&manifest).to_path_buf();
+    let only = arg("--config");
+    let mut rows = Vec::new();
+    println!(
+        "{:<8} {:<22} {:>10} {:>10} {:>7} {:>9}",
+        "config", "plan", "predicted", "measured", "error", "tokens/s"
+    );
+    for (config, layers) in [("small", 6usize), ("smollm2", 30)] {
+        if only.as_deref().is_some_and(|o| o != config) {
+            continue;
+        }
+        let half = layers / 2;
+        let names = [
+            "ckpt-packed-mb4".to_string(),
+            "ckpt-packed-mb1".to_string(),
+            "ckpt-head-mb4".to_string(),
+            format!("ckpt-res{half}-mb4"),
+            format!("ckpt-res{half}+head-mb2"),
+            "ckpt-dense-mb4".to_string(),
+            "ckpt-dense-mb1".to_string(),
+            "full-dense-mb1".to_string(),
+            "full-dense-mb2".to_string(),
+            "full-dense-mb4".to_string(),
+        ];
+        for name in &names {
+            let mut v = run_plan_side(config, &["--plan", name])?;
+            let (p, m) = (
+                v["predicted_mib"].as_f64().unwrap_or(f64::NAN),
+                v["measured_mib"].as_f64().unwrap_or(f64::NAN),
+            );
+            let error = (p - m) / m;
+            println!(
+                "{config:<8} {name:<22} {p:>7.0} MiB {m:>6.0} MiB {:>+6.1}% {:>9.1}",
+                100.0 * error,
+                v["tokens_per_s"].as_f64().unwrap_or(f64::NAN)
+            );
+            v["config"] = json!(config);
+            v["error"] = json!(error);
+            rows.push(v);
+        }
+    }
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let path = out_dir.join("plan.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json!({ "plans": rows })).unwrap(),
     )
     .map_err(|e| e.to_string())?;
     println!("wrote {}", path.display());

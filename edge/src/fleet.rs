@@ -35,6 +35,8 @@ pub struct Device {
     pub lr: f64,
     /// Sequences per step.
     pub batch_size: usize,
+    /// How a step runs (the memory planner's choice, applied to `model` already).
+    pub plan: crate::plan::Plan,
     /// Padding token.
     pub pad: u32,
     /// Seed of data order and dropout.
@@ -59,13 +61,17 @@ impl Device {
         let t = Instant::now();
         let mut trainer = Trainer::new(
             &self.lora,
-            TrainConfig::constant(self.lr, (self.seed ^ round) as i64),
+            TrainConfig {
+                checkpointing: self.plan.checkpointing,
+                ..TrainConfig::constant(self.lr, (self.seed ^ round) as i64)
+            },
         )
         .map_err(|e| e.to_string())?;
+        let micro = self.plan.micro_batch.clamp(1, self.batch_size.max(1));
         let run = LocalRun {
             steps: config.local_steps,
-            batch_size: self.batch_size,
-            grad_accum: 1,
+            batch_size: micro,
+            grad_accum: self.batch_size.max(1).div_ceil(micro),
             eval_every: 0,
             seed: self.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             pad: self.pad,
@@ -136,7 +142,7 @@ enum Reply {
 }
 
 /// The text of a panic's payload.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

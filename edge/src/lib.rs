@@ -8,6 +8,8 @@ pub mod llama;
 pub mod lora;
 pub mod onnx_graph;
 pub mod pacing;
+pub mod plan;
+pub mod planner;
 pub mod quality;
 pub mod serial_link;
 pub mod sft;
@@ -33,6 +35,9 @@ pub enum EdgeError {
         /// What failed.
         source: std::io::Error,
     },
+    /// No training plan could be chosen or applied.
+    #[error("training plan: {0}")]
+    Plan(String),
     /// Two shapes that must agree do not.
     #[error("shape mismatch: {0}")]
     Shape(String),

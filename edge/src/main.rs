@@ -138,6 +138,51 @@ impl PacingArgs {
     }
 }
 
+/// How a training step is run (the memory planner), shared by `train` and `run`.
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Training plan: `auto` (the fastest that fits the memory budget), or a name such as
+    /// `ckpt-packed-mb4`, `ckpt-res15+head-mb2` or `full-dense-mb4` (recomputation or not,
+    /// dequantized weights kept, sequences per micro-batch; see ARCHITECTURE.md).
+    #[arg(long, default_value = "auto")]
+    plan: String,
+    /// Memory budget of the whole process, MiB (default: MemAvailable less 512 MiB, plus
+    /// what the process already holds).
+    #[arg(long)]
+    memory_budget: Option<f64>,
+    /// Skip the probe step that checks the chosen plan before training.
+    #[arg(long)]
+    no_probe: bool,
+}
+
+impl PlanArgs {
+    /// Plans training `lora` on `model` for `sequences`, `batch` per step.
+    fn apply(
+        &self,
+        model: &mut fedshield_edge::llama::Llama,
+        lora: &fedshield_edge::lora::Lora,
+        sequences: &[fedshield_edge::sft::Sequence],
+        pad: u32,
+        batch: usize,
+        telemetry_root: &std::path::Path,
+    ) -> anyhow::Result<fedshield_edge::planner::Planned> {
+        use fedshield_edge::planner::{PlanRequest, plan_training};
+        if let Some(b) = self.memory_budget {
+            anyhow::ensure!(b > 0.0, "--memory-budget must be positive (MiB)");
+        }
+        let request = PlanRequest {
+            plan: (self.plan != "auto").then_some(self.plan.as_str()),
+            budget: self
+                .memory_budget
+                .map(|mib| (mib * (1u64 << 20) as f64) as u64),
+            telemetry_root,
+            batch,
+            probe: !self.no_probe,
+        };
+        Ok(plan_training(model, lora, sequences, pad, &request)?)
+    }
+}
+
 /// LoRA hyper-parameters shared by `train`, `quality` and `run` (a fleet's devices and host
 /// must agree on rank and targets).
 #[derive(clap::Args)]

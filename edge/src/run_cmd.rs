@@ -1,6 +1,6 @@
 //! `fedshield-edge run`: the MQTT driver of one fleet device (engine: `fleet.rs`).
 
-use crate::{LoraArgs, ModelArgs, PacingArgs};
+use crate::{LoraArgs, ModelArgs, PacingArgs, PlanArgs};
 use anyhow::Context;
 use fedshield_edge::fleet::{
     Audit, Device, EdgeFleet, EdgeOutput, Event, TorchPlatform, open_state,
@@ -28,6 +28,8 @@ pub struct RunArgs {
     lora: LoraArgs,
     #[command(flatten)]
     pacing: PacingArgs,
+    #[command(flatten)]
+    plan: PlanArgs,
     /// The device's key file (from `fedshield-host enrol`).
     #[arg(long)]
     key: PathBuf,
@@ -162,7 +164,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let me = key.device.clone();
     // Every log line of this device names it.
     let _span = tracing::info_span!("edge", device = %me).entered();
-    let (_path, _g, tok, model) = args.model.load()?;
+    let (_path, _g, tok, mut model) = args.model.load()?;
     let examples = read_instruction_jsonl(&Assets::locate().faq_with_categories()?)?;
     let split = split_by_category(&examples, args.clients, 0.1, 0)?;
     anyhow::ensure!(
@@ -175,6 +177,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let lora = Lora::new(&model, args.lora.config(false)?, 0);
     let layout = lora.layout()?;
     let eval = sft::batches(&eval, 8, tok.eos_id, model.device);
+    anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    let planned = args.plan.apply(
+        &mut model,
+        &lora,
+        &train,
+        tok.eos_id,
+        args.batch,
+        &args.pacing.telemetry_root,
+    )?;
+    for line in planned.lines() {
+        tracing::info!("plan: {line}");
+    }
     // libtorch works on a thread of its own; this one keeps the link drained.
     let mut platform = TorchPlatform::spawn(Device {
         model,
@@ -183,6 +197,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         eval,
         lr: args.lr,
         batch_size: args.batch,
+        plan: planned.choice.plan,
         pad: tok.eos_id,
         seed: args.seed ^ (args.client as u64) << 32,
         threads: args.model.threads,
@@ -202,6 +217,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .state
         .clone()
         .unwrap_or_else(|| args.key.with_extension("state"));
+    // The plan in force, beside the device's state (for operators and the fleet's tools).
+    fedshield_store::write_atomic(
+        &state_path.with_extension("plan.json"),
+        serde_json::to_string_pretty(&planned)?.as_bytes(),
+        fedshield_store::Access::Public,
+    )?;
     let mut resumed = None;
     // Only a missing state file starts fresh; one that cannot be read or is not this
     // device's stops the device and stays as it is.

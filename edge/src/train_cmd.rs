@@ -1,7 +1,7 @@
 //! `fedshield-edge train`: fine-tunes a LoRA adapter locally (no federation) and saves it in
 //! PEFT format.
 
-use crate::{LoraArgs, ModelArgs, PacingArgs};
+use crate::{LoraArgs, ModelArgs, PacingArgs, PlanArgs};
 use fedshield_edge::lora::Lora;
 use fedshield_edge::sft::{self, LocalRun};
 use fedshield_edge::train::{TrainConfig, Trainer, evaluate};
@@ -17,6 +17,8 @@ pub struct TrainArgs {
     lora: LoraArgs,
     #[command(flatten)]
     pacing: PacingArgs,
+    #[command(flatten)]
+    plan: PlanArgs,
     /// Instruction JSONL (alpaca instruction/input/output, or FAQ q/a/category); default: the
     /// fetched FAQ with categories.
     #[arg(long, conflicts_with = "text")]
@@ -38,10 +40,10 @@ pub struct TrainArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 100)]
     steps: usize,
-    /// Sequences per micro-batch.
+    /// Sequences per optimizer step (the plan splits them into micro-batches).
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// Micro-batches per step.
+    /// Multiplies --batch: sequences per step = batch x accum.
     #[arg(long, default_value_t = 1)]
     accum: usize,
     /// Peak learning rate.
@@ -65,10 +67,6 @@ pub struct TrainArgs {
     /// Evaluate every this many steps.
     #[arg(long, default_value_t = 25)]
     eval_every: usize,
-    /// Keep the whole autograd graph instead of recomputing layer by layer (faster, holds
-    /// every dequantized weight until the backward pass).
-    #[arg(long)]
-    no_checkpointing: bool,
     /// Seed (adapter initialisation, shuffling, dropout).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -78,7 +76,7 @@ pub struct TrainArgs {
 }
 
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let (model_path, _g, tok, model) = args.model.load()?;
+    let (model_path, _g, tok, mut model) = args.model.load()?;
     let (data_path, train_seqs, eval_seqs) = match &args.text {
         Some(path) => {
             let (train_docs, eval_docs) = hold_out(read_plain_text(path)?, args.eval_fraction)?;
@@ -115,6 +113,23 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let pad = tok.eos_id;
     let eval = sft::batches(&eval_seqs, 8, pad, model.device);
     let lora = Lora::new(&model, args.lora.config(args.freeze_a)?, args.seed as i64);
+    anyhow::ensure!(
+        args.batch >= 1 && args.accum >= 1,
+        "--batch and --accum must be at least 1"
+    );
+    let per_step = args.batch * args.accum;
+    let planned = args.plan.apply(
+        &mut model,
+        &lora,
+        &train_seqs,
+        pad,
+        per_step,
+        &args.pacing.telemetry_root,
+    )?;
+    for line in planned.lines() {
+        eprintln!("plan      : {line}");
+    }
+    let plan = planned.choice.plan;
     let mut trainer = Trainer::new(
         &lora,
         TrainConfig {
@@ -123,7 +138,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             warmup_steps: args.warmup,
             total_steps: args.steps,
             max_grad_norm: args.max_grad_norm,
-            checkpointing: !args.no_checkpointing,
+            checkpointing: plan.checkpointing,
             seed: args.seed as i64,
         },
     )?;
@@ -158,8 +173,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     );
     let run = LocalRun {
         steps: args.steps,
-        batch_size: args.batch,
-        grad_accum: args.accum,
+        batch_size: plan.micro_batch,
+        grad_accum: per_step.div_ceil(plan.micro_batch),
         eval_every: args.eval_every,
         seed: args.seed,
         pad,
@@ -211,6 +226,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "eval_loss_after": after,
         "steps": args.steps,
         "pacing": pacer.report(),
+        "plan": planned,
     });
     fedshield_store::write_atomic(
         &args.out.join("train_report.json"),

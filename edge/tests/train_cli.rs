@@ -138,3 +138,94 @@ fn training_on_a_hot_box_is_slowed_or_stopped_as_its_sensors_say() {
             .exists()
     );
 }
+
+/// The memory planner: with memory to spare the fastest plan is chosen, probed and
+/// recorded; a named plan is used as named; a budget no plan fits and a plan name that does
+/// not parse stop the run before training with a clear message.
+#[test]
+fn the_plan_is_chosen_probed_recorded_or_refused_with_a_reason() {
+    let out = tempfile::tempdir().unwrap();
+    let data = out.path().join("docs.txt");
+    std::fs::write(
+        &data,
+        "alpha beta gamma delta\n\nepsilon zeta eta theta\n\niota kappa\n",
+    )
+    .unwrap();
+    let train = |extra: &[&str], adapter: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fedshield-edge"))
+            .args(["train", "--text"])
+            .arg(&data)
+            .args([
+                "--steps",
+                "1",
+                "--batch",
+                "2",
+                "--max-len",
+                "16",
+                "--eval-every",
+                "0",
+            ])
+            .args([
+                "--rank",
+                "2",
+                "--targets",
+                "v_proj,down_proj",
+                "--no-pacing",
+            ])
+            .args(extra)
+            .arg("--out")
+            .arg(out.path().join(adapter))
+            .output()
+            .unwrap()
+    };
+    let report = |adapter: &str| -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(out.path().join(adapter).join("train_report.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let auto = train(&[], "auto");
+    let stderr = String::from_utf8_lossy(&auto.stderr);
+    assert!(auto.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("plan      : plan full-dense-mb2"),
+        "{stderr}"
+    );
+    let plan = &report("auto")["plan"];
+    assert_eq!(plan["choice"]["name"], "full-dense-mb2");
+    assert_eq!(plan["choice"]["fits"], true);
+    assert!(plan["probe_peak"].as_u64().unwrap() > 0, "{plan}");
+    assert!(
+        plan["budget_source"]
+            .as_str()
+            .unwrap()
+            .contains("MemAvailable")
+    );
+
+    let named = train(&["--plan", "ckpt-res10-mb1"], "named");
+    assert!(
+        named.status.success(),
+        "{}",
+        String::from_utf8_lossy(&named.stderr)
+    );
+    let plan = &report("named")["plan"]["choice"];
+    assert_eq!(plan["name"], "ckpt-res10-mb1");
+    assert_eq!(plan["plan"]["micro_batch"], 1);
+
+    let starved = train(&["--memory-budget", "1"], "starved");
+    let stderr = String::from_utf8_lossy(&starved.stderr);
+    assert!(!starved.status.success());
+    assert!(
+        stderr.contains("no training plan works on this box"),
+        "{stderr}"
+    );
+    assert!(
+        !out.path()
+            .join("starved/adapter_model.safetensors")
+            .exists()
+    );
+
+    let bad = train(&["--plan", "turbo"], "bad");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(stderr.contains("plan \"turbo\": expected"), "{stderr}");
+}

@@ -69,6 +69,7 @@ fn platform(train: usize) -> TorchPlatform {
         lora,
         lr: 1e-2,
         batch_size: 2,
+        plan: fedshield_edge::plan::Plan::packed(2),
         pad: 0,
         seed: 3,
         threads: 1,

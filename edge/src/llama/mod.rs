@@ -34,6 +34,32 @@ pub struct Block {
 }
 
 impl Block {
+    /// The seven projections.
+    pub fn weights(&self) -> [&Weight; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    /// The seven projections, mutably.
+    pub fn weights_mut(&mut self) -> [&mut Weight; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
+
     /// The weight of one projection.
     pub fn weight(&self, module: Module) -> &Weight {
         match module {
@@ -151,6 +177,26 @@ impl Llama {
         }
     }
 
+    /// The same model with every dense projection, the embedding and the LM head quantized
+    /// to packed Q4_0 ([`Weight::quantize_q4_0`]): a packed base from random weights.
+    pub fn quantized_q4_0(mut self) -> Self {
+        let quantize = |w: &mut Weight| {
+            if let Weight::Dense(t) = w {
+                *w = Weight::quantize_q4_0(t);
+            }
+        };
+        for b in &mut self.blocks {
+            for w in b.weights_mut() {
+                quantize(w);
+            }
+        }
+        quantize(&mut self.embed);
+        if let Some(head) = self.lm_head.as_mut() {
+            quantize(head);
+        }
+        self
+    }
+
     /// The same model computing its matmuls in `kind` (f32, bf16 or f16).
     pub fn with_compute_kind(mut self, kind: Kind) -> Self {
         self.compute_kind = kind;
@@ -162,21 +208,41 @@ impl Llama {
         let mut total = self.embed.bytes() + self.norm.numel() * 4;
         total += self.lm_head.as_ref().map_or(0, Weight::bytes);
         for b in &self.blocks {
-            total += [
-                &b.q_proj,
-                &b.k_proj,
-                &b.v_proj,
-                &b.o_proj,
-                &b.gate_proj,
-                &b.up_proj,
-                &b.down_proj,
-            ]
-            .iter()
-            .map(|w| w.bytes())
-            .sum::<usize>();
+            total += b.weights().iter().map(|w| w.bytes()).sum::<usize>();
             total += (b.attn_norm.numel() + b.ffn_norm.numel()) * 4;
         }
         total
+    }
+
+    /// Keeps the first `layers` decoder layers' projections (and, with `head`, the LM head,
+    /// or the embedding it is tied to) dequantized in the compute precision, and drops the
+    /// dequantized copies of the others: the weight residency of a training plan
+    /// (`crate::plan`). Results are unchanged; calls on resident weights skip the unpacking.
+    pub fn set_residency(&mut self, layers: usize, head: bool) {
+        let kind = self.compute_kind;
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let keep = (i < layers).then_some(kind);
+            for w in b.weights_mut() {
+                w.set_resident(keep);
+            }
+        }
+        let head_weight = self.lm_head.as_mut().unwrap_or(&mut self.embed);
+        head_weight.set_resident(head.then_some(kind));
+    }
+
+    /// Bytes of the resident dequantized copies ([`Llama::set_residency`]).
+    pub fn resident_bytes(&self) -> usize {
+        let head = self
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .resident_bytes();
+        head + self
+            .blocks
+            .iter()
+            .flat_map(Block::weights)
+            .map(Weight::resident_bytes)
+            .sum::<usize>()
     }
 
     /// cos and sin tables [t, head_dim] for positions 0..t (rotate-half layout).
