@@ -681,6 +681,21 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         assert!(r["crypto_seconds"].as_f64().unwrap() > 0.0);
     }
     check_audited_sums(&host_audit, &edge_audit, 3);
+    // Each device recorded the training plan it chose and probed beside its state.
+    for i in 0..3 {
+        let path = fleet.fleet.join(format!("devices/edge-{i}.plan.json"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        let planned: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(planned["choice"]["fits"], true, "{planned}");
+        assert!(
+            planned["choice"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-mb1"),
+            "{planned}"
+        );
+        assert!(planned["probe_peak"].as_u64().unwrap() > 0, "{planned}");
+    }
     assert!(fleet.out.join("adapter/adapter_model.safetensors").exists());
     assert!(fleet.out.join("loss.svg").exists());
     assert!(
