@@ -580,6 +580,20 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     // applied without that round's configuration, so the edge catches up from the snapshot,
     // while the rogue replays round 1's genuine, host-signed snapshot parts.
     let old_snapshot = rogue.recorded(&format!("fedshield/{}/snapshot/0", fleet.name));
+    // Not before edge-0's and edge-1's reports of round 2's global update are in: they are
+    // sent once the update is applied, which on a loaded machine can come after round 3's
+    // announcement, and a report published while the broker restarts is lost.
+    let reported = |d: &str| {
+        host_events
+            .all()
+            .iter()
+            .any(|e| matches!(e, HostEvent::Reported { round: 2, device, .. } if device.0 == d))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(reported("edge-0") && reported("edge-1")) {
+        assert!(Instant::now() < deadline, "round 2's reports never came");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     fleet.broker.restart(Duration::from_millis(500)).unwrap();
     edges.push(fleet.edge(2, &edge_args));
     for _ in 0..20 {
