@@ -13,6 +13,8 @@
 use fedshield_edge::llama::{Llama, Module};
 use fedshield_edge::lora::{Lora, LoraConfig};
 use fedshield_edge::plan::{Plan, Workload};
+use fedshield_edge::planner::{peak_bytes, reset_peak};
+use fedshield_edge::train::resident_set_bytes;
 use fedshield_edge::train::{Batch, TrainConfig, Trainer};
 use fedshield_models::Assets;
 use fedshield_models::config::LlamaConfig;
@@ -47,38 +49,9 @@ fn main() {
     }
 }
 
-/// Peak resident set of this process, MiB (VmHWM).
+/// Peak resident set of this process, MiB (VmHWM, since the last reset).
 fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
-/// Resident set of this process now (VmRSS), bytes.
-fn rss_bytes() -> u64 {
-    status_kib("VmRSS:") * 1024
-}
-
-fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Resets VmHWM to the current resident set (Linux >= 4.0), so that the peak measured next
-/// is the training's, not the model loading's.
-fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    peak_bytes().map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64)
 }
 
 /// The base model of a benchmark configuration: `small` random dense f32 (or, `packed`,
@@ -201,7 +174,7 @@ fn measure_plan(config: &str) -> Result<Value, String> {
     let layers = model.config.num_hidden_layers;
     // As the planner does: loading's freed memory handed back first.
     fedshield_edge::train::release_free_memory();
-    let baseline = rss_bytes();
+    let baseline = resident_set_bytes().unwrap_or(0);
     let (plan, chosen_for) = match (arg("--plan"), arg("--budget-mib")) {
         (Some(name), _) if name == "smallest" => {
             let c = workload.choose(0, baseline);
@@ -216,13 +189,13 @@ fn measure_plan(config: &str) -> Result<Value, String> {
         (None, None) => return Err("--plan NAME or --budget-mib B".into()),
     };
     let estimate = workload.predict(&plan, baseline);
-    let load_peak_mib = status_kib("VmHWM:") as f64 / 1024.0;
+    let load_peak_mib = peak_rss_mib();
     reset_peak();
     model.set_residency(plan.resident_layers, plan.resident_head);
     let mut trainer = trainer(&lora, plan.checkpointing)?;
     let tokens_per_s = time_steps(&model, &lora, &mut trainer, plan.micro_batch as i64, 1, 3);
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let measured_mib = status_kib("VmHWM:") as f64 / 1024.0;
+    let measured_mib = peak_rss_mib();
     Ok(json!({
         "name": plan.name(layers),
         "predicted_mib": mib(estimate.total),

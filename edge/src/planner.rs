@@ -84,7 +84,7 @@ pub fn workload(
 }
 
 /// Peak resident set since the last [`reset_peak`] (`VmHWM`), bytes.
-fn peak_bytes() -> Option<u64> {
+pub fn peak_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib: u64 = status
         .lines()
@@ -97,7 +97,7 @@ fn peak_bytes() -> Option<u64> {
 }
 
 /// Resets `VmHWM` to the current resident set (Linux 4.0 and later).
-fn reset_peak() -> bool {
+pub fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
