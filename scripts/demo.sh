@@ -48,4 +48,15 @@ for r in m["rounds"]:
     loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
     share = 100 * r["crypto_seconds"] / r["round_seconds"] if r["round_seconds"] else 0
     print(f"{r['round']:>5} {r['contributors']:>12} {loss:>10} {r['upload_bytes_per_client']:>16} {r['download_bytes_per_client']:>9} {r['round_seconds']:>8.1f} {r['crypto_seconds']:>9.2f} {share:>7.2f}%")
+print()
+print(f"{'round':>5} {'device':>8} {'plan':>18} {'budget MiB':>10} {'steps':>7} {'tokens':>7} {'tokens/s':>9} {'throttled s':>11} {'J/token':>8}")
+for r in m["rounds"]:
+    for device, d in sorted(r.get("devices", {}).items()):
+        s = d["status"]
+        a = d["assignment"]
+        t = (r.get("reports", {}).get(device) or {}).get("training") or {}
+        steps = f"{t['steps']}/{t['assigned']}" if t else (str(a["train"]["steps"]) if "train" in a else "out")
+        speed = f"{t['tokens'] / t['seconds']:.1f}" if t and t["seconds"] > 0 else "-"
+        jpt = f"{t['joules'] / t['tokens']:.4f}" if t and t.get("joules") is not None and t["tokens"] else "-"
+        print(f"{r['round']:>5} {device:>8} {s.get('plan') or '-':>18} {s.get('memory_budget_mib') or '-':>10} {steps:>7} {t.get('tokens', '-'):>7} {speed:>9} {t.get('throttled_seconds', 0.0):>11.1f} {jpt:>8}")
 PY

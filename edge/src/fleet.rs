@@ -13,7 +13,9 @@ use crate::train::{Batch, TrainConfig, Trainer, evaluate};
 #[cfg(doc)]
 use fedshield_protocol::fleet::edge::Training;
 use fedshield_protocol::fleet::edge::{Platform, Trained};
+use fedshield_protocol::fleet::steps::{DeviceStatus, Effort, Stopped, Task, Thermal};
 use fedshield_protocol::messages::RoundConfig;
+use fedshield_telemetry::{Reading, Telemetry};
 use rand::RngCore;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::Instant;
@@ -52,7 +54,12 @@ impl Device {
         self.lora.load_flat(global).map_err(|e| e.to_string())
     }
 
-    fn train(&mut self, config: &RoundConfig, global: &[f32]) -> Result<Trained, String> {
+    fn train(
+        &mut self,
+        config: &RoundConfig,
+        task: &Task,
+        global: &[f32],
+    ) -> Result<Trained, String> {
         let round = config.round;
         if self.train.is_empty() {
             return Err("this device has no training examples".into());
@@ -69,15 +76,16 @@ impl Device {
         .map_err(|e| e.to_string())?;
         let micro = self.plan.micro_batch.clamp(1, self.batch_size.max(1));
         let run = LocalRun {
-            steps: config.local_steps,
+            steps: task.steps,
             batch_size: micro,
             grad_accum: self.batch_size.max(1).div_ceil(micro),
             eval_every: 0,
             seed: self.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             pad: self.pad,
         };
-        let mut last_loss = f64::NAN;
+        let (mut last_loss, mut steps, mut tokens) = (f64::NAN, 0, 0);
         let before = self.pacer.report();
+        self.pacer.start_run(Some(task.train_seconds));
         train_local(
             &self.model,
             &self.lora,
@@ -88,7 +96,11 @@ impl Device {
             },
             &run,
             &mut self.pacer,
-            |p| last_loss = p.stats.loss,
+            |p| {
+                last_loss = p.stats.loss;
+                steps = p.step;
+                tokens = p.tokens;
+            },
         );
         let after = self.pacer.report();
         if after.slowed_steps > before.slowed_steps
@@ -108,6 +120,13 @@ impl Device {
                 }
             );
         }
+        if after.deadline_stops > before.deadline_stops {
+            tracing::info!(
+                "round {round}: the round's {:.0} s of training ran out after {steps} of {} steps; uploading those",
+                task.train_seconds,
+                task.steps
+            );
+        }
         let delta = self
             .lora
             .flatten()
@@ -116,10 +135,29 @@ impl Device {
             .map(|(l, g)| l - g)
             .collect();
         self.load(global)?;
+        let seconds = t.elapsed().as_secs_f64();
+        let effort = Effort {
+            assigned: task.steps as u32,
+            steps: steps as u32,
+            tokens: tokens as u64,
+            seconds,
+            throttled_seconds: (after.slept_s - before.slept_s)
+                + (after.paused_s - before.paused_s),
+            throttled_steps: (after.slowed_steps - before.slowed_steps) as u32,
+            joules: after.joules.map(|j| j - before.joules.unwrap_or(0.0)),
+            stopped: if after.deadline_stops > before.deadline_stops {
+                Some(Stopped::Deadline)
+            } else if after.stops > before.stops {
+                Some(Stopped::Paused)
+            } else {
+                None
+            },
+        };
         Ok(Trained {
             delta,
-            seconds: t.elapsed().as_secs_f64(),
+            seconds,
             last_loss,
+            effort,
         })
     }
 
@@ -132,7 +170,7 @@ impl Device {
 }
 
 enum Request {
-    Train(RoundConfig, Vec<f32>),
+    Train(Box<(RoundConfig, Task)>, Vec<f32>),
     Evaluate(Vec<f32>),
 }
 
@@ -159,11 +197,46 @@ pub struct TorchPlatform {
     training: bool,
     initial: Vec<f32>,
     samples: u64,
+    /// The plan and budget reported with each join.
+    status: DeviceStatus,
+    /// The box's sensors, read for each join's power mode and thermal state.
+    telemetry: Option<Telemetry>,
+}
+
+/// The status of a box from one reading: its power mode and the zone closest to its
+/// passive trip point; critical when that zone is at or past the trip point (the governor
+/// would pause training there, so the device sits the round out instead).
+pub fn status_of(reading: &Reading, mut status: DeviceStatus) -> DeviceStatus {
+    status.power_mode = reading
+        .power_mode
+        .as_ref()
+        .map(|m| m.name.clone().unwrap_or_else(|| format!("mode {}", m.id)));
+    status.thermal = reading.hottest().and_then(|(zone, headroom)| {
+        Some(Thermal {
+            zone: zone.name.clone(),
+            celsius: zone.temp?.0,
+            headroom: headroom.0,
+        })
+    });
+    status.critical = status.thermal.as_ref().and_then(|t| {
+        (t.headroom <= 0.0).then(|| {
+            format!(
+                "{} at {:.1} C, {:.1} C past its passive trip point",
+                t.zone, t.celsius, -t.headroom
+            )
+        })
+    });
+    status
 }
 
 impl TorchPlatform {
-    /// Moves `device` onto a worker thread.
-    pub fn spawn(device: Device) -> Result<Self, crate::EdgeError> {
+    /// Moves `device` onto a worker thread; `status` (its plan and memory budget) and the
+    /// readings of `telemetry` are what it reports when it joins a round.
+    pub fn spawn(
+        device: Device,
+        status: DeviceStatus,
+        telemetry: Option<Telemetry>,
+    ) -> Result<Self, crate::EdgeError> {
         let initial = device.lora.flatten();
         let samples = device.train.len() as u64;
         let (requests, work) = channel::<Request>();
@@ -176,8 +249,8 @@ impl TorchPlatform {
                 for request in work {
                     let reply =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &request {
-                            Request::Train(config, global) => {
-                                Reply::Trained(device.train(config, global))
+                            Request::Train(job, global) => {
+                                Reply::Trained(device.train(&job.0, &job.1, global))
                             }
                             Request::Evaluate(global) => Reply::Evaluated(device.evaluate(global)),
                         }))
@@ -206,6 +279,8 @@ impl TorchPlatform {
             training: false,
             initial,
             samples,
+            status,
+            telemetry,
         })
     }
 
@@ -222,11 +297,12 @@ impl TorchPlatform {
     /// Starts training `config` from `global` (a [`Training`]'s) on the worker;
     /// [`TorchPlatform::trained`] has the result. Until then, requests that need the
     /// model are refused (the fleet defers them).
-    pub fn start(&mut self, config: &RoundConfig, global: &[f32]) {
+    pub fn start(&mut self, config: &RoundConfig, task: &Task, global: &[f32]) {
         // A worker that is gone answers through `trained` (disconnected).
-        let _ = self
-            .requests
-            .send(Request::Train(config.clone(), global.to_vec()));
+        let _ = self.requests.send(Request::Train(
+            Box::new((config.clone(), task.clone())),
+            global.to_vec(),
+        ));
         self.training = true;
     }
 
@@ -260,10 +336,25 @@ impl TorchPlatform {
 }
 
 impl Platform for TorchPlatform {
-    fn train(&mut self, config: &RoundConfig, global: &[f32]) -> Result<Trained, String> {
-        match self.ask(Request::Train(config.clone(), global.to_vec())) {
+    fn train(
+        &mut self,
+        config: &RoundConfig,
+        task: &Task,
+        global: &[f32],
+    ) -> Result<Trained, String> {
+        match self.ask(Request::Train(
+            Box::new((config.clone(), task.clone())),
+            global.to_vec(),
+        )) {
             Some(Reply::Trained(result)) => result,
             _ => Err("the training thread is busy or stopped".into()),
+        }
+    }
+
+    fn status(&mut self) -> DeviceStatus {
+        match &self.telemetry {
+            Some(t) => status_of(&t.read(), self.status.clone()),
+            None => self.status.clone(),
         }
     }
 

@@ -1,8 +1,9 @@
 //! Paces local training by the box's telemetry: before every optimizer step the
 //! [`Pacer`] reads the sensors (`fedshield_telemetry`), asks the governor for the pace, and
 //! sleeps, waits out a pause, or tells the trainer to stop (a pause longer than
-//! [`Pacer::max_pause_s`]: the steps done so far are kept). The clock and the sleep are
-//! passed in, so tests drive it over simulated time.
+//! [`Pacer::max_pause_s`], or the run's deadline passed after at least one step: the steps
+//! done so far are kept). The clock and the sleep are passed in, so tests drive it over
+//! simulated time.
 
 use fedshield_telemetry::Telemetry;
 use fedshield_telemetry::governor::{
@@ -42,6 +43,8 @@ pub struct PaceReport {
     pub paused_s: f64,
     /// Runs that a pause longer than `max_pause_s` ended early.
     pub stops: u32,
+    /// Runs that their deadline ended early.
+    pub deadline_stops: u32,
     /// The governor's throttle intervals.
     pub throttles: Vec<Throttle>,
     /// Energy drawn while training, from the rails (where the box has them).
@@ -59,6 +62,9 @@ pub struct Pacer {
     /// A pause longer than this stops the run (seconds).
     pub max_pause_s: f64,
     report: PaceReport,
+    /// The current run's deadline (the clock's seconds) and steps allowed in it so far.
+    deadline: Option<f64>,
+    run_steps: usize,
 }
 
 impl Pacer {
@@ -72,7 +78,16 @@ impl Pacer {
             poll_s: 1.0,
             max_pause_s: 600.0,
             report: PaceReport::default(),
+            deadline: None,
+            run_steps: 0,
         }
+    }
+
+    /// Starts a run that may last `seconds` (`None`: no deadline): once they have passed,
+    /// [`Pacer::before_step`] ends the run, after its first step at least.
+    pub fn start_run(&mut self, seconds: Option<f64>) {
+        self.run_steps = 0;
+        self.deadline = seconds.map(|s| (self.time.now)() + s);
     }
 
     /// Paces by the sensors under `root` with `config`.
@@ -86,8 +101,33 @@ impl Pacer {
     }
 
     /// Waits as the governor says before the next step; false: stop training (paused for
-    /// longer than `max_pause_s`).
+    /// longer than `max_pause_s`, or past the run's deadline).
     pub fn before_step(&mut self) -> bool {
+        // Checked before and after the governor's wait (a sleep may cross the deadline).
+        if self.past_deadline() {
+            return false;
+        }
+        let go = self.pace();
+        if !go || self.past_deadline() {
+            return false;
+        }
+        self.run_steps += 1;
+        true
+    }
+
+    /// Whether the run has had its first step and its deadline has passed (counted once).
+    fn past_deadline(&mut self) -> bool {
+        match self.deadline {
+            Some(deadline) if self.run_steps > 0 && (self.time.now)() >= deadline => {
+                self.report.deadline_stops += 1;
+                self.deadline = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn pace(&mut self) -> bool {
         let Some(telemetry) = &self.telemetry else {
             self.report.steps += 1;
             return true;
@@ -210,6 +250,35 @@ mod tests {
         assert!(!p.before_step());
         assert_eq!(p.report().stops, 1);
         assert_eq!(*clock.lock().unwrap(), 10.0);
+    }
+
+    #[test]
+    fn a_run_ends_at_its_deadline_after_one_step_at_least() {
+        let dir = orin();
+        set_cpu(dir.path(), 95.0); // slowed by 1.2 s before each step
+        let (time, clock) = simulated(|_| {});
+        let mut p = Pacer::new(dir.path(), GovernorConfig::default(), time).unwrap();
+        // A deadline shorter than one step's sleep: the first step still runs.
+        p.start_run(Some(0.5));
+        assert!(p.before_step());
+        assert!(!p.before_step());
+        assert_eq!(p.report().deadline_stops, 1);
+        // 3 s from t = 1.2: steps after the sleeps ending at 2.4 and 3.6; the next sleep
+        // ends at 4.8, past the deadline (4.2), so no third step starts.
+        let start = *clock.lock().unwrap();
+        p.start_run(Some(3.0));
+        let mut steps = 0;
+        while p.before_step() {
+            steps += 1;
+        }
+        assert_eq!(steps, 2);
+        assert!((*clock.lock().unwrap() - start - 3.6).abs() < 1e-9);
+        assert_eq!(p.report().deadline_stops, 2);
+        // Without a deadline nothing stops.
+        p.start_run(None);
+        for _ in 0..5 {
+            assert!(p.before_step());
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use fedshield_models::Assets;
 use fedshield_models::data::{read_instruction_jsonl, split_by_category};
 use fedshield_protocol::edge::EdgeIdentity;
 use fedshield_protocol::fleet::edge::Platform;
+use fedshield_protocol::fleet::steps::DeviceStatus;
 use fedshield_protocol::keyfile::DeviceKey;
 use fedshield_protocol::messages::{EdgeMessage, Phase, Topics};
 use fedshield_protocol::signed::{Downlink, open_downlink};
@@ -189,20 +190,34 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     for line in planned.lines() {
         tracing::info!("plan: {line}");
     }
+    // What the device reports with each join: its plan and budget, and (from the sensors
+    // at that moment) its power mode and thermal state.
+    let status = DeviceStatus {
+        plan: Some(planned.choice.name.clone()),
+        memory_budget_mib: Some(planned.choice.budget >> 20),
+        ..DeviceStatus::default()
+    };
+    let telemetry = Some(fedshield_telemetry::Telemetry::discover(
+        &args.pacing.telemetry_root,
+    ));
     // libtorch works on a thread of its own; this one keeps the link drained.
-    let mut platform = TorchPlatform::spawn(Device {
-        model,
-        lora,
-        train,
-        eval,
-        lr: args.lr,
-        batch_size: args.batch,
-        plan: planned.choice.plan,
-        pad: tok.eos_id,
-        seed: args.seed ^ (args.client as u64) << 32,
-        threads: args.model.threads,
-        pacer: args.pacing.pacer()?,
-    })?;
+    let mut platform = TorchPlatform::spawn(
+        Device {
+            model,
+            lora,
+            train,
+            eval,
+            lr: args.lr,
+            batch_size: args.batch,
+            plan: planned.choice.plan,
+            pad: tok.eos_id,
+            seed: args.seed ^ (args.client as u64) << 32,
+            threads: args.model.threads,
+            pacer: args.pacing.pacer()?,
+        },
+        status,
+        telemetry,
+    )?;
     let mut fleet = EdgeFleet::new(
         EdgeIdentity {
             id: me.clone(),
@@ -344,7 +359,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if training.is_none() && fleet.has_training() {
             let (job, out) = fleet.take_training();
             if let Some(job) = &job {
-                platform.start(&job.config, &job.global);
+                platform.start(&job.config, &job.task, &job.global);
             }
             training = job;
             publish(output.carry_out(&fleet, out)?)?;

@@ -114,6 +114,8 @@ pub struct Progress {
     pub stats: StepStats,
     /// Tokens (inputs, padding excluded) processed per second since the start.
     pub tokens_per_s: f64,
+    /// Tokens processed since the start.
+    pub tokens: usize,
     /// Held-out loss, when evaluated at this step.
     pub eval_loss: Option<f64>,
 }
@@ -171,6 +173,7 @@ pub fn train_local(
             step,
             stats,
             tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64(),
+            tokens,
             eval_loss,
         });
     }

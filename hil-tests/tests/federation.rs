@@ -507,6 +507,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         phase: Phase::Roster {
             roster: fedshield_crypto::secagg::Roster { round: 2, entries },
             weights: vec![("edge-0".into(), 1.0), ("edge-1".into(), 1e-12)],
+            plan: Default::default(),
         },
         ..announce
     };
@@ -560,7 +561,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
             round: 2,
             ..real.clone()
         },
-        Evaluation::sign(&rogue.key, &"edge-1".into(), 1, -3.5, 1.0),
+        Evaluation::sign(&rogue.key, &"edge-1".into(), 1, -3.5, 1.0, None),
     ];
     for (d, r) in ["edge-0", "edge-1", "edge-1", "edge-1"]
         .iter()
@@ -709,6 +710,34 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
             "{planned}"
         );
         assert!(planned["probe_peak"].as_u64().unwrap() > 0, "{planned}");
+        // The host's metrics carry the plan each device joined with, its memory budget and
+        // its part; each report carries the round's training (no rails here: no joules).
+        let name = planned["choice"]["name"].as_str().unwrap();
+        let device = format!("edge-{i}");
+        let mut joined = 0;
+        for r in &fleet.rounds() {
+            let Some(d) = r["devices"].get(&device) else {
+                continue;
+            };
+            joined += 1;
+            assert_eq!(d["status"]["plan"], name, "{d}");
+            assert!(
+                d["status"]["memory_budget_mib"].as_u64().unwrap() > 0,
+                "{d}"
+            );
+            assert_eq!(d["assignment"]["train"]["steps"], 1, "{d}");
+            if let Some(report) = r["reports"].get(&device) {
+                let t = &report["training"];
+                assert_eq!(
+                    (t["assigned"].as_u64(), t["steps"].as_u64()),
+                    (Some(1), Some(1)),
+                    "{t}"
+                );
+                assert!(t["tokens"].as_u64().unwrap() > 0, "{t}");
+                assert!(t["joules"].is_null(), "{t}");
+            }
+        }
+        assert!(joined >= 1, "{device} is in no round's metrics");
     }
     assert!(fleet.out.join("adapter/adapter_model.safetensors").exists());
     assert!(fleet.out.join("loss.svg").exists());

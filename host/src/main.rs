@@ -116,9 +116,14 @@ struct ServeArgs {
     /// budget").
     #[arg(long, default_value = "auto")]
     body_bits: String,
-    /// Local optimizer steps per round.
+    /// Local optimizer steps per round: the most a device is given. A device that reports
+    /// its pace gets the steps that fit half the upload window (see ARCHITECTURE.md,
+    /// "Capability-aware rounds").
     #[arg(long, default_value_t = 3)]
     local_steps: usize,
+    /// A device that could train fewer steps than this in the round's time is left out.
+    #[arg(long, default_value_t = 1)]
+    min_local_steps: usize,
     /// Minimum contributors per round.
     #[arg(long, default_value_t = 2)]
     threshold: usize,
@@ -314,6 +319,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 ),
             },
             local_steps: args.local_steps,
+            min_local_steps: args.min_local_steps,
             threshold: args.threshold,
             chunk_bytes: args.chunk_bytes,
         },

@@ -200,8 +200,17 @@ impl Host {
             publish,
             deliveries,
             refused,
+            left_out,
             outcome,
         } = self.fleet.seal(actions);
+        for (device, reason) in left_out {
+            tracing::info!("round {round}: {device} sits this round out ({reason})");
+            self.event(HostEvent::LeftOut {
+                round,
+                device,
+                reason,
+            });
+        }
         self.publish(publish)?;
         if deliveries > 0 {
             tracing::info!("share deliveries published to {deliveries} members; uploads open");
@@ -250,6 +259,25 @@ impl Host {
                     report.eval_loss,
                     report.encrypt_seconds
                 );
+                if let Some(e) = &report.training {
+                    tracing::info!(
+                        "round {round}: {device} trained {} of {} steps, {} tokens in {:.1} s ({:.1} s throttled){}{}",
+                        e.steps,
+                        e.assigned,
+                        e.tokens,
+                        e.seconds,
+                        e.throttled_seconds,
+                        e.joules
+                            .map(|j| format!(
+                                ", {j:.1} J ({:.4} J/token)",
+                                e.joules_per_token().unwrap_or(0.0)
+                            ))
+                            .unwrap_or_default(),
+                        e.stopped
+                            .map(|s| format!(", stopped early: {s:?}"))
+                            .unwrap_or_default(),
+                    );
+                }
                 self.event(HostEvent::Reported {
                     round,
                     device,
@@ -449,6 +477,7 @@ impl Host {
         let closed = self.fleet.close(
             round,
             delivered,
+            machine.devices().clone(),
             outcome,
             host_time.as_secs_f64(),
             round_seconds,

@@ -5,6 +5,7 @@
 //! runs in the driver.
 
 use crate::ProtocolError;
+use crate::fleet::steps::{DeviceStatus, LeftOut, Task};
 use crate::messages::{DownMessage, EdgeMessage, Manifest, Phase, RoundConfig, RoundState};
 use crate::signed::{MAX_REPORTED_LOSS, check_value, join_report_bytes};
 use fedshield_crypto::identity::{DeviceId, Identity};
@@ -17,14 +18,25 @@ use rand::CryptoRng;
 pub enum EdgeAction {
     /// Publish on this device's uplink.
     Send(EdgeMessage),
-    /// Train locally for `config.local_steps`, encode with `weight`, encrypt under a fresh
-    /// key and call [`EdgeSession::on_trained`].
+    /// Train locally for `task.steps` (at most `task.train_seconds`), scale the delta by
+    /// `tau_eff / steps trained`, encode with `weight`, encrypt under a fresh key and call
+    /// [`EdgeSession::on_trained`].
     Train {
         /// The round's configuration.
         config: RoundConfig,
         /// This device's FedAvg weight, as the device computed it from the signed roster
         /// (`weights::check_announced`), never merely as announced.
         weight: f64,
+        /// Its steps, the round's `tau_eff` and the training time, from the roster's
+        /// checked plan.
+        task: Task,
+    },
+    /// The host left this device out of the round (it joined, but is not in the roster).
+    LeftOut {
+        /// The round.
+        round: u64,
+        /// The host's reason.
+        reason: LeftOut,
     },
     /// The round is over for this device: settle the residual (`counted`: the update is in
     /// the published aggregate).
@@ -152,8 +164,8 @@ impl EdgeSession {
     }
 
     /// Handles the (host-signed, verified) round state. `samples` (the device's FedAvg
-    /// claim, signed in its advert) and `eval_loss` are what the device reports when it
-    /// joins; a loss that is not a sane value is not reported. A state of the current round
+    /// claim, signed in its advert), `eval_loss` and `status` are what the device reports
+    /// when it joins; a loss that is not a sane value is not reported. A state of the current round
     /// under a higher incarnation (the host restarted or reconnected) first re-sends this
     /// device's messages of that phase; one under a lower incarnation, or of an earlier
     /// round, is a replay and refused.
@@ -162,6 +174,7 @@ impl EdgeSession {
         state: RoundState,
         samples: u64,
         eval_loss: Option<f64>,
+        status: &DeviceStatus,
         rng: &mut impl CryptoRng,
     ) -> Result<Vec<EdgeAction>, ProtocolError> {
         let round = state.config.round;
@@ -189,7 +202,7 @@ impl EdgeSession {
                 .map(|(_, m)| EdgeAction::Send(m.clone()))
                 .collect();
         }
-        let actions = self.on_round_inner(state, samples, eval_loss, rng)?;
+        let actions = self.on_round_inner(state, samples, eval_loss, status, rng)?;
         resend.extend(self.record(actions));
         Ok(resend)
     }
@@ -199,6 +212,7 @@ impl EdgeSession {
         state: RoundState,
         samples: u64,
         eval_loss: Option<f64>,
+        status: &DeviceStatus,
         rng: &mut impl CryptoRng,
     ) -> Result<Vec<EdgeAction>, ProtocolError> {
         let round = state.config.round;
@@ -213,7 +227,8 @@ impl EdgeSession {
             self.sent.clear();
             self.incarnation = state.incarnation;
             let identity = self.identity();
-            let signature = identity.sign(&join_report_bytes(&self.me.id, round, eval_loss));
+            let signature =
+                identity.sign(&join_report_bytes(&self.me.id, round, eval_loss, status));
             let (client, advert) = Client::new(
                 identity,
                 self.me.id.clone(),
@@ -231,6 +246,7 @@ impl EdgeSession {
             actions.push(EdgeAction::Send(EdgeMessage::Join {
                 advert,
                 eval_loss,
+                status: Box::new(status.clone()),
                 signature,
             }));
             return Ok(actions);
@@ -239,10 +255,27 @@ impl EdgeSession {
             return Ok(vec![]); // a round this device is not part of
         }
         match (std::mem::replace(&mut self.state, State::Idle), state.phase) {
-            (State::Joined(joined), Phase::Roster { roster, weights }) => {
+            (
+                State::Joined(joined),
+                Phase::Roster {
+                    roster,
+                    weights,
+                    plan,
+                },
+            ) => {
                 let (mut client, config) = *joined;
                 if !weights.iter().any(|(d, _)| *d == self.me.id) {
-                    return Ok(vec![]); // not admitted
+                    // Not admitted: left out by the host's step rule, or joined too late.
+                    return Ok(plan
+                        .left_out
+                        .iter()
+                        .find(|(d, _)| *d == self.me.id)
+                        .map(|(_, reason)| EdgeAction::LeftOut {
+                            round,
+                            reason: reason.clone(),
+                        })
+                        .into_iter()
+                        .collect());
                 }
                 // The adverts' signatures first (they carry the sample counts), then the
                 // weights: nothing leaves this device for a round whose weights it did not
@@ -254,6 +287,14 @@ impl EdgeSession {
                     .find(|(d, _)| *d == self.me.id)
                     .map(|(_, w)| *w)
                     .expect("a member of the announced weights is in the roster");
+                let (steps, effective_steps) = plan
+                    .check(&self.me.id, &computed, config.local_steps)
+                    .map_err(|why| ProtocolError::Config(format!("round {round}: {why}")))?;
+                let task = Task {
+                    steps,
+                    effective_steps,
+                    train_seconds: plan.train_seconds,
+                };
                 self.state = State::Member(Box::new(Member {
                     client,
                     config: config.clone(),
@@ -265,7 +306,11 @@ impl EdgeSession {
                 }));
                 Ok(vec![
                     EdgeAction::Send(EdgeMessage::SecAgg(shares)),
-                    EdgeAction::Train { config, weight },
+                    EdgeAction::Train {
+                        config,
+                        weight,
+                        task,
+                    },
                 ])
             }
             (State::Member(mut m), Phase::Survivors(list))

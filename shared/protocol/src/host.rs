@@ -14,6 +14,9 @@
 //! contributor set, so the sum decrypts. Memory: the sum (one u32 per value) plus the
 //! uploads still in flight.
 
+use crate::fleet::steps::{
+    Assignment, DeviceRound, LeftOut, RoundPlan, StepRule, TRAIN_SHARE, effective_steps,
+};
 use crate::messages::{
     Chunk, EdgeMessage, Manifest, Phase, RoundConfig, RoundState, UploadRefusal,
 };
@@ -60,6 +63,14 @@ pub enum HostAction {
         /// Why.
         reason: UploadRefusal,
     },
+    /// A device that joined sits the round out (its status is critical, or it is too slow
+    /// for the round's time); the roster's plan names it with the reason.
+    LeftOut {
+        /// The device.
+        device: DeviceId,
+        /// Why.
+        reason: LeftOut,
+    },
     /// The round is over: decoded sums of the contributors, to turn into the global update.
     Finished(RoundResult),
     /// The round failed; start the next.
@@ -81,6 +92,8 @@ pub struct RoundResult {
     pub eval_loss: Option<f64>,
     /// Bytes of encrypted updates received per contributor.
     pub upload_bytes: u64,
+    /// The round's `tau_eff` (the roster's plan).
+    pub effective_steps: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +147,9 @@ pub struct HostRound {
     registry: Registry,
     losses: BTreeMap<DeviceId, f64>,
     weights: BTreeMap<DeviceId, f64>,
+    rule: StepRule,
+    /// Each joined device's status and part in the round.
+    devices: BTreeMap<DeviceId, DeviceRound>,
     uploads: BTreeMap<DeviceId, Upload>,
     aggregate: Aggregate,
     folded: BTreeSet<DeviceId>,
@@ -145,6 +161,7 @@ pub struct HostRound {
     last_phase: Phase,
     deliveries: Vec<(DeviceId, ShareDelivery)>,
     incarnation: u32,
+    effective_steps: f64,
 }
 
 impl HostRound {
@@ -167,6 +184,12 @@ impl HostRound {
                 config.threshold, config.body_bits, config.scale_log2
             )));
         }
+        let rule = StepRule {
+            steps: config.local_steps,
+            min_steps: config.min_local_steps,
+            train_seconds: deadlines.upload_ms as f64 / 1000.0 * TRAIN_SHARE,
+        };
+        rule.check().map_err(ProtocolError::Config)?;
         let server = Server::new(
             SecAggConfig {
                 round: config.round,
@@ -186,6 +209,8 @@ impl HostRound {
             registry,
             losses: BTreeMap::new(),
             weights: BTreeMap::new(),
+            rule,
+            devices: BTreeMap::new(),
             uploads: BTreeMap::new(),
             folded: BTreeSet::new(),
             refused: BTreeMap::new(),
@@ -195,6 +220,7 @@ impl HostRound {
             },
             deliveries: Vec::new(),
             incarnation: 0,
+            effective_steps: 0.0,
         };
         let announce = round.broadcast(Phase::Announce {
             deadline_ms: deadline,
@@ -236,6 +262,18 @@ impl HostRound {
     /// [`HostRound::on_tick`] changes the round (the driver journals such ticks).
     pub fn due(&self, now: u64) -> bool {
         self.phase != HostPhase::Done && now >= self.deadline
+    }
+
+    /// Each device that joined: the status it reported and its part in the round.
+    pub fn devices(&self) -> &BTreeMap<DeviceId, DeviceRound> {
+        &self.devices
+    }
+
+    fn left_out(&self) -> usize {
+        self.devices
+            .values()
+            .filter(|d| matches!(d.assignment, Assignment::LeftOut(_)))
+            .count()
     }
 
     /// The round's configuration.
@@ -299,6 +337,7 @@ impl HostRound {
             EdgeMessage::Join {
                 advert,
                 eval_loss,
+                status,
                 signature,
             } => {
                 self.expect(HostPhase::Joining, "join")?;
@@ -309,12 +348,32 @@ impl HostRound {
                 // Signature, round, enrolment and duplicates of the advert first.
                 self.server.check(&advert)?;
                 let key = self.registry.enrolment(from)?.public_key;
-                let report = join_report_bytes(from, advert.round, eval_loss);
+                let report = join_report_bytes(from, advert.round, eval_loss, &status);
                 if !fedshield_crypto::identity::verify(&key, &report, &signature) {
                     return Err(ReportRefusal::BadSignature(from.clone()).into());
                 }
                 if let Some(l) = eval_loss {
                     check_value("held-out loss", l, MAX_REPORTED_LOSS)?;
+                }
+                status.check()?;
+                // The device's part depends on its own status only: a device left out is
+                // told (in the roster's plan) and never enters the secure aggregation.
+                let assignment = self.rule.assign(&status);
+                if let Assignment::LeftOut(reason) = &assignment {
+                    let reason = reason.clone();
+                    self.devices.insert(
+                        from.clone(),
+                        DeviceRound {
+                            status: *status,
+                            assignment,
+                        },
+                    );
+                    actions.push(HostAction::LeftOut {
+                        device: from.clone(),
+                        reason,
+                    });
+                    actions.extend(self.advance(now, false));
+                    return Ok(actions);
                 }
                 // The noise and rounding budget holds for at most `cap` contributions.
                 let cap = max_clients(self.config.body_bits, self.config.scale_log2);
@@ -327,6 +386,13 @@ impl HostRound {
                     .into());
                 }
                 self.server.receive(advert)?;
+                self.devices.insert(
+                    from.clone(),
+                    DeviceRound {
+                        status: *status,
+                        assignment,
+                    },
+                );
                 if let Some(l) = eval_loss {
                     self.losses.insert(from.clone(), l);
                 }
@@ -532,6 +598,11 @@ impl HostRound {
                     self.folded.len() + self.refused.len() == self.server.expected()
                         && self.server.expected() > 0
                 }
+                // Devices left out have answered too.
+                HostPhase::Joining => {
+                    self.server.collected() + self.left_out() == self.server.expected()
+                        && self.server.expected() > 0
+                }
                 _ => {
                     self.server.collected() == self.server.expected() && self.server.expected() > 0
                 }
@@ -553,6 +624,34 @@ impl HostRound {
         }
     }
 
+    /// The roster's step plan: each member's assigned steps, `tau_eff` over them, the
+    /// training time and the devices left out.
+    fn plan(&self, weights: &[(DeviceId, f64)]) -> RoundPlan {
+        let steps: Vec<(DeviceId, usize)> = weights
+            .iter()
+            .map(|(d, _)| {
+                let steps = match self.devices.get(d).map(|r| &r.assignment) {
+                    Some(Assignment::Train { steps }) => *steps,
+                    _ => self.config.local_steps,
+                };
+                (d.clone(), steps)
+            })
+            .collect();
+        RoundPlan {
+            effective_steps: effective_steps(weights, &steps),
+            steps,
+            train_seconds: self.rule.train_seconds,
+            left_out: self
+                .devices
+                .iter()
+                .filter_map(|(d, r)| match &r.assignment {
+                    Assignment::LeftOut(why) => Some((d.clone(), why.clone())),
+                    Assignment::Train { .. } => None,
+                })
+                .collect(),
+        }
+    }
+
     fn close_phase(&mut self, now: u64) -> Result<Vec<HostAction>, String> {
         let err = |e: fedshield_crypto::secagg::SecAggError| e.to_string();
         match self.phase {
@@ -565,8 +664,15 @@ impl HostRound {
                     .collect();
                 self.phase = HostPhase::Sharing;
                 self.deadline = now + self.deadlines.shares_ms;
-                let weights = self.weights.iter().map(|(d, w)| (d.clone(), *w)).collect();
-                Ok(vec![self.broadcast(Phase::Roster { roster, weights })])
+                let weights: Vec<(DeviceId, f64)> =
+                    self.weights.iter().map(|(d, w)| (d.clone(), *w)).collect();
+                let plan = self.plan(&weights);
+                self.effective_steps = plan.effective_steps;
+                Ok(vec![self.broadcast(Phase::Roster {
+                    roster,
+                    weights,
+                    plan: Box::new(plan),
+                })])
             }
             HostPhase::Sharing => {
                 let deliveries = self.server.close_shares().map_err(err)?;
@@ -625,6 +731,7 @@ impl HostRound {
                         eval_loss: (!losses.is_empty())
                             .then(|| losses.iter().sum::<f64>() / losses.len() as f64),
                         upload_bytes: self.upload_bytes / contributors.len().max(1) as u64,
+                        effective_steps: self.effective_steps,
                         contributors,
                     }),
                 ])

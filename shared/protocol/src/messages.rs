@@ -160,8 +160,10 @@ pub struct RoundConfig {
     pub history_round: u64,
     /// Seed of the fleet's initial adapter (`fedshield_codec::init_adapter`).
     pub init_seed: u64,
-    /// Local optimizer steps per round.
+    /// Local optimizer steps per round (the most a device is given).
     pub local_steps: usize,
+    /// A device that could train fewer steps in the round's time is left out.
+    pub min_local_steps: usize,
     /// Minimum contributors.
     pub threshold: usize,
     /// Largest upload chunk, in bytes of encrypted update.
@@ -183,6 +185,9 @@ pub enum Phase {
         /// Weight of each member, `weights::fedavg_weights` of the roster: every member
         /// recomputes them and refuses the round if they differ.
         weights: Vec<(DeviceId, f64)>,
+        /// Each member's local steps and training time, and who was left out
+        /// (`fleet::steps`): every member checks it against the weights.
+        plan: Box<crate::fleet::steps::RoundPlan>,
     },
     /// Sign the survivor list.
     Survivors(SurvivorList),
@@ -218,13 +223,16 @@ pub struct RoundState {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum EdgeMessage {
     /// Join a round: the signed secure-aggregation advert (it carries the device's sample
-    /// count, its FedAvg weight claim) and the held-out loss of the current global adapter,
-    /// signed by the device (`signed::join_report_bytes`).
+    /// count, its FedAvg weight claim), the held-out loss of the current global adapter
+    /// and the device's status (plan, speed, memory, power mode, thermal state), signed by
+    /// the device (`signed::join_report_bytes`).
     Join {
         /// The signed advert (its round is the round joined).
         advert: SignedMessage,
         /// Held-out loss of the current global adapter on the device's evaluation data.
         eval_loss: Option<f64>,
+        /// What the device says about itself (the host plans its steps from it).
+        status: Box<crate::fleet::steps::DeviceStatus>,
         /// The device's ed25519 signature of `signed::join_report_bytes`.
         signature: Vec<u8>,
     },

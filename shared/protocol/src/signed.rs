@@ -15,13 +15,14 @@
 //!   ([`MAX_REPORTED_LOSS`], [`MAX_REPORTED_SECONDS`]).
 
 use crate::ProtocolError;
+use crate::fleet::steps::{DeviceStatus, Effort};
 use crate::messages::{DownMessage, GlobalPart, RoundState, Route, SnapshotPart, Topics};
 use fedshield_crypto::identity::{DeviceId, Identity, verify};
 use sha2::{Digest, Sha256};
 
 const HOST_BROADCAST_DOMAIN: &[u8] = b"fedshield/host-broadcast/v1";
-const JOIN_REPORT_DOMAIN: &[u8] = b"fedshield/join-report/v1";
-const EVALUATION_DOMAIN: &[u8] = b"fedshield/evaluation/v1";
+const JOIN_REPORT_DOMAIN: &[u8] = b"fedshield/join-report/v2";
+const EVALUATION_DOMAIN: &[u8] = b"fedshield/evaluation/v2";
 
 /// The largest held-out loss (mean cross-entropy per token, in nats) a report may carry:
 /// a uniform guess over SmolLM2's 49,152 tokens costs 10.8; 100 is already nonsense.
@@ -45,6 +46,28 @@ pub enum ReportRefusal {
         value: f64,
         /// Its bound.
         bound: f64,
+    },
+    /// A value that is not finite or outside its interval.
+    #[error("{what} {value} outside {low}..={high}")]
+    OutOfInterval {
+        /// Which value.
+        what: &'static str,
+        /// The value.
+        value: f64,
+        /// Its lower bound.
+        low: f64,
+        /// Its upper bound.
+        high: f64,
+    },
+    /// A text longer than its bound.
+    #[error("{what} of {len} bytes, at most {max}")]
+    TextTooLong {
+        /// Which text.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// Its bound.
+        max: usize,
     },
 }
 
@@ -164,10 +187,15 @@ pub fn open_downlink(
 }
 
 /// What a device's join signature covers: a domain tag, the device, the round joined and
-/// the held-out loss it reports (its sample count is in the signed advert).
-pub fn join_report_bytes(device: &DeviceId, round: u64, eval_loss: Option<f64>) -> Vec<u8> {
+/// the held-out loss and the status it reports (its sample count is in the signed advert).
+pub fn join_report_bytes(
+    device: &DeviceId,
+    round: u64,
+    eval_loss: Option<f64>,
+    status: &DeviceStatus,
+) -> Vec<u8> {
     let mut m = JOIN_REPORT_DOMAIN.to_vec();
-    m.extend(postcard::to_stdvec(&(device, round, eval_loss)).expect("encodable"));
+    m.extend(postcard::to_stdvec(&(device, round, eval_loss, status)).expect("encodable"));
     m
 }
 
@@ -180,6 +208,9 @@ pub struct Evaluation {
     pub eval_loss: f64,
     /// Seconds the device spent encrypting its update in that round.
     pub encrypt_seconds: f64,
+    /// Its local training of that round (steps, tokens, throttling, energy), when it
+    /// trained the round.
+    pub training: Option<Effort>,
     /// The device's ed25519 signature of [`Evaluation::signed_bytes`].
     pub signature: Vec<u8>,
 }
@@ -189,8 +220,14 @@ impl Evaluation {
     pub fn signed_bytes(&self, device: &DeviceId) -> Vec<u8> {
         let mut m = EVALUATION_DOMAIN.to_vec();
         m.extend(
-            postcard::to_stdvec(&(device, self.round, self.eval_loss, self.encrypt_seconds))
-                .expect("encodable"),
+            postcard::to_stdvec(&(
+                device,
+                self.round,
+                self.eval_loss,
+                self.encrypt_seconds,
+                &self.training,
+            ))
+            .expect("encodable"),
         );
         m
     }
@@ -202,11 +239,13 @@ impl Evaluation {
         round: u64,
         eval_loss: f64,
         encrypt_seconds: f64,
+        training: Option<Effort>,
     ) -> Self {
         let mut e = Self {
             round,
             eval_loss,
             encrypt_seconds,
+            training,
             signature: Vec::new(),
         };
         e.signature = identity.sign(&e.signed_bytes(device));
@@ -223,6 +262,10 @@ impl Evaluation {
             "encryption seconds",
             self.encrypt_seconds,
             MAX_REPORTED_SECONDS,
-        )
+        )?;
+        match &self.training {
+            Some(effort) => effort.check(),
+            None => Ok(()),
+        }
     }
 }

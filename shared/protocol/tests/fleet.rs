@@ -12,6 +12,7 @@ use fedshield_protocol::fleet::edge::{
 use fedshield_protocol::fleet::host::{
     FleetSettings, HostFleet, HostStateRefusal, Publish, Uplink,
 };
+use fedshield_protocol::fleet::steps::{DeviceStatus, Effort, Stopped, Task};
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
 use fedshield_protocol::journal::{self, Entry};
 use fedshield_protocol::messages::{RoundConfig, Route, Topics};
@@ -52,33 +53,56 @@ fn settings(rounds: u64) -> FleetSettings {
         clip: 1.0,
         body_bits: None,
         local_steps: 1,
+        min_local_steps: 1,
         threshold: 2,
         chunk_bytes: 700,
     }
 }
 
-/// A device whose "training" moves its adapter half-way towards its own target, and whose
-/// held-out loss is the distance to the mean of all targets.
+/// A device whose "training" moves its adapter half-way towards its own target per step,
+/// and whose held-out loss is the distance to the mean of all targets. Each step takes
+/// `seconds_per_step`; it stops at the task's training time (after one step at least).
 struct Synthetic {
     target: Vec<f32>,
     truth: Vec<f32>,
     entropy: [u8; 32],
     clock: f64,
+    status: DeviceStatus,
+    seconds_per_step: f64,
 }
 
 impl Platform for Synthetic {
-    fn train(&mut self, _: &RoundConfig, global: &[f32]) -> Result<Trained, String> {
+    fn train(&mut self, _: &RoundConfig, task: &Task, global: &[f32]) -> Result<Trained, String> {
+        let fit = (task.train_seconds / self.seconds_per_step)
+            .floor()
+            .max(1.0) as usize;
+        let steps = task.steps.min(fit);
         let delta = self
             .target
             .iter()
             .zip(global)
-            .map(|(t, g)| 0.5 * (t - g))
+            .map(|(t, g)| 0.5 * (t - g) * steps as f32)
             .collect();
+        let seconds = steps as f64 * self.seconds_per_step;
         Ok(Trained {
             delta,
-            seconds: 1.0,
+            seconds,
             last_loss: 0.5,
+            effort: Effort {
+                assigned: task.steps as u32,
+                steps: steps as u32,
+                tokens: 100 * steps as u64,
+                seconds,
+                throttled_seconds: 0.0,
+                throttled_steps: 0,
+                joules: Some(3.0 * seconds),
+                stopped: (steps < task.steps).then_some(Stopped::Deadline),
+            },
         })
+    }
+
+    fn status(&mut self) -> DeviceStatus {
+        self.status.clone()
     }
 
     fn evaluate(&mut self, global: &[f32]) -> f64 {
@@ -165,6 +189,10 @@ fn truth(targets: &[Vec<f32>]) -> Vec<f32> {
 
 impl Sim {
     fn new(devices: usize, rounds: u64) -> Self {
+        Self::with_settings(devices, settings(rounds))
+    }
+
+    fn with_settings(devices: usize, settings: FleetSettings) -> Self {
         let layout = layout(16);
         let mut rng = ChaCha20Rng::seed_from_u64(5);
         let authority = Identity::generate(&mut rng);
@@ -200,6 +228,8 @@ impl Sim {
                     truth: truth.clone(),
                     entropy,
                     clock: 0.0,
+                    status: DeviceStatus::default(),
+                    seconds_per_step: 1.0,
                 },
                 disk: None,
                 online: false,
@@ -213,7 +243,6 @@ impl Sim {
             });
         }
         let topics = Topics::new("lab").unwrap();
-        let settings = settings(rounds);
         let host = Host {
             fleet: HostFleet::new(
                 settings.clone(),
@@ -411,10 +440,14 @@ impl Sim {
             (r, values)
         });
         let delivered = machine.delivered_to().cloned().collect();
-        let closed = self
-            .host
-            .fleet
-            .close(config.round, delivered, outcome, 0.0, 0.0);
+        let closed = self.host.fleet.close(
+            config.round,
+            delivered,
+            machine.devices().clone(),
+            outcome,
+            0.0,
+            0.0,
+        );
         self.publish(closed.publish);
         self.save_host();
         self.host.disk_journal = None;
@@ -556,7 +589,7 @@ impl Sim {
                 e.job = Some((job, left - 1));
                 continue;
             }
-            let trained = e.platform.train(&job.config, &job.global);
+            let trained = e.platform.train(&job.config, &job.task, &job.global);
             let out = e.fleet.finish_training(job, trained, &mut e.platform);
             self.carry_out(i, out);
         }
@@ -1038,4 +1071,84 @@ fn devices_ahead_of_a_wiped_host_start_over_with_its_new_epoch_and_refuse_the_ol
         e.events
     );
     assert_eq!(e.fleet.state_bytes(), before);
+}
+
+/// Devices of different speeds: a device slower than the round's training time stops at
+/// it (the deadline-aware stop) and uploads the steps it has; from its reported pace the
+/// host then gives it fewer steps; every member scales its delta by `tau_eff / steps` and
+/// the host's metrics record each device's status, part, tokens and energy.
+#[test]
+fn a_slow_device_stops_at_the_deadline_then_gets_fewer_steps_and_energy_is_recorded() {
+    let mut sim = Sim::with_settings(
+        3,
+        FleetSettings {
+            local_steps: 4,
+            ..settings(2)
+        },
+    )
+    .online();
+    for e in &mut sim.edges {
+        e.platform.status.plan = Some("full-dense-mb4".into());
+        e.platform.status.power_mode = Some("15W".into());
+    }
+    // 5 s of training per round (half the 10 s upload window): 4 steps at 1 s, 2 at 2 s.
+    sim.edges[2].platform.seconds_per_step = 2.0;
+    sim.run(|_| {});
+    sim.assert_agreement();
+    assert_eq!(sim.contributors(), vec![3, 3]);
+    let encrypted = |i: usize| -> Vec<(usize, f64)> {
+        sim.edges[i]
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Encrypted { steps, scaled, .. } => Some((*steps, *scaled)),
+                _ => None,
+            })
+            .collect()
+    };
+    // Round 1: everyone is given 4 steps (speeds unknown), edge-2 stops after 2 and counts
+    // them as the round's 4. Round 2: edge-2 is given 2 steps; tau_eff = (4 + 4 + 2) / 3.
+    let tau = 10.0 / 3.0;
+    assert_eq!(encrypted(0)[0], (4, 1.0));
+    assert_eq!(encrypted(2)[0], (2, 2.0));
+    assert_eq!(encrypted(0)[1].0, 4);
+    assert!((encrypted(0)[1].1 - tau / 4.0).abs() < 1e-12);
+    assert_eq!(encrypted(2)[1].0, 2);
+    assert!((encrypted(2)[1].1 - tau / 2.0).abs() < 1e-12);
+    let metrics = sim.host.fleet.metrics();
+    use fedshield_protocol::fleet::steps::Assignment;
+    let edge2 = DeviceId("edge-2".into());
+    assert_eq!(
+        metrics[0].devices[&edge2].assignment,
+        Assignment::Train { steps: 4 }
+    );
+    assert_eq!(
+        metrics[1].devices[&edge2].assignment,
+        Assignment::Train { steps: 2 }
+    );
+    assert_eq!(
+        metrics[1].devices[&edge2].status.seconds_per_step,
+        Some(2.0)
+    );
+    assert_eq!(
+        metrics[1].devices[&edge2].status.plan.as_deref(),
+        Some("full-dense-mb4")
+    );
+    assert_eq!(metrics[0].effective_steps, Some(4.0));
+    assert!((metrics[1].effective_steps.unwrap() - tau).abs() < 1e-12);
+    let r1 = &metrics[0].reports[&edge2];
+    assert_eq!(
+        r1.training.as_ref().unwrap().stopped,
+        Some(Stopped::Deadline)
+    );
+    // 3 W while training: 4 s, 4 s and 4 s in round 1; 400 + 400 + 200 tokens.
+    assert_eq!(metrics[0].trained_tokens, Some(1000));
+    assert!((metrics[0].joules.unwrap() - 36.0).abs() < 1e-9);
+    assert!((metrics[0].joules_per_token.unwrap() - 0.036).abs() < 1e-12);
+    let json: serde_json::Value =
+        serde_json::from_str(&sim.host.fleet.metrics_json("lab")).unwrap();
+    assert_eq!(
+        json["rounds"][1]["devices"]["edge-2"]["assignment"]["train"]["steps"],
+        2
+    );
 }

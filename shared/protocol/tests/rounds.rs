@@ -8,6 +8,7 @@ use fedshield_crypto::packed::{BodyBits, ClientKey, MaskSeed, encrypt};
 use fedshield_crypto::params::worst_case_error;
 use fedshield_crypto::secagg::SecAggError;
 use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
+use fedshield_protocol::fleet::steps::{DeviceStatus, LeftOut, Task};
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
 use fedshield_protocol::journal::{self, Entry};
 use fedshield_protocol::messages::{
@@ -50,6 +51,12 @@ struct Edge {
     values: Vec<f32>,
     fault: Fault,
     settled: Option<bool>,
+    /// What it reports when it joins.
+    status: DeviceStatus,
+    /// The task it was given.
+    task: Option<Task>,
+    /// Why the host left it out, if it did.
+    left_out: Option<LeftOut>,
 }
 
 struct Fleet {
@@ -96,6 +103,7 @@ fn config(round: u64, threshold: usize) -> RoundConfig {
         history_round: round - 1,
         init_seed: 0,
         local_steps: 1,
+        min_local_steps: 1,
         threshold,
         chunk_bytes: 5000,
     }
@@ -112,6 +120,21 @@ fn fleet_with(faults: &[Fault], round: RoundConfig) -> Fleet {
 
 /// A fleet whose devices claim `samples`.
 fn fleet_of(faults: &[Fault], round: RoundConfig, samples: &[u64]) -> Fleet {
+    fleet_reporting(
+        faults,
+        round,
+        samples,
+        &vec![DeviceStatus::default(); faults.len()],
+    )
+}
+
+/// A fleet whose devices claim `samples` and report `statuses` when they join.
+fn fleet_reporting(
+    faults: &[Fault],
+    round: RoundConfig,
+    samples: &[u64],
+    statuses: &[DeviceStatus],
+) -> Fleet {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let authority = Identity::generate(&mut rng);
     let mut registry = Registry::new(authority.public_key());
@@ -138,6 +161,9 @@ fn fleet_of(faults: &[Fault], round: RoundConfig, samples: &[u64]) -> Fleet {
                 .collect(),
             fault,
             settled: None,
+            status: statuses[i].clone(),
+            task: None,
+            left_out: None,
         });
     }
     let (host, actions) = HostRound::start(round.clone(), registry.clone(), DEADLINES, 0).unwrap();
@@ -199,6 +225,9 @@ impl Fleet {
                     let out = self.edges[i].session.on_down(notice).unwrap();
                     self.edge_actions(i, out);
                 }
+                HostAction::LeftOut { device, reason } => {
+                    self.refused.push(format!("{device} left out: {reason}"))
+                }
                 HostAction::Finished(r) => self.result = Some(r),
                 HostAction::Failed(why) => self.failed = Some(why),
             }
@@ -216,11 +245,12 @@ impl Fleet {
         // Retained: every edge sees it, twice for good measure (reconnection re-delivery).
         for i in 0..self.edges.len() {
             for _ in 0..2 {
-                let samples = self.edges[i].samples;
-                match self.edges[i].session.on_round(
+                let edge = &mut self.edges[i];
+                match edge.session.on_round(
                     state.clone(),
-                    samples,
+                    edge.samples,
                     Some(2.0 + i as f64),
+                    &edge.status,
                     &mut self.rng,
                 ) {
                     Ok(out) => self.edge_actions(i, out),
@@ -262,8 +292,14 @@ impl Fleet {
                     };
                     self.uplink.push((id.clone(), msg));
                 }
-                EdgeAction::Train { config, weight } => {
+                EdgeAction::LeftOut { reason, .. } => self.edges[i].left_out = Some(reason),
+                EdgeAction::Train {
+                    config,
+                    weight,
+                    task,
+                } => {
                     self.trained_with[i] = Some(weight);
+                    self.edges[i].task = Some(task);
                     let mut plain = vec![0u64; config.selected];
                     self.encoding
                         .encode_weighted(&self.edges[i].values, weight, &mut plain)
@@ -669,7 +705,10 @@ fn edges_refuse_rounds_for_another_layout_and_the_topic_tree_routes() {
         phase: Phase::Announce { deadline_ms: 5 },
         incarnation: 0,
     };
-    assert!(s.on_round(state, 1, None, &mut rng).is_err());
+    assert!(
+        s.on_round(state, 1, None, &DeviceStatus::default(), &mut rng)
+            .is_err()
+    );
     let t = Topics::new("lab").unwrap();
     use fedshield_protocol::messages::Route;
     assert_eq!(t.route(&t.round()), Some(Route::Round));
@@ -908,6 +947,7 @@ fn forged_joins_are_refused_and_the_weights_are_the_signed_claims() {
         EdgeMessage::Join {
             advert,
             eval_loss,
+            status,
             signature,
         },
     ) = joins[1].clone()
@@ -923,6 +963,7 @@ fn forged_joins_are_refused_and_the_weights_are_the_signed_claims() {
     let forged = EdgeMessage::Join {
         advert: inflated,
         eval_loss,
+        status: status.clone(),
         signature: signature.clone(),
     };
     let e = f.host.on_message(&from, forged, 0).unwrap_err();
@@ -935,6 +976,7 @@ fn forged_joins_are_refused_and_the_weights_are_the_signed_claims() {
         let forged = EdgeMessage::Join {
             advert: advert.clone(),
             eval_loss: loss,
+            status: status.clone(),
             signature: sig,
         };
         let e = f.host.on_message(&from, forged, 0).unwrap_err();
@@ -947,7 +989,7 @@ fn forged_joins_are_refused_and_the_weights_are_the_signed_claims() {
     for bad in [f64::NAN, -1.0, 1e77, f64::INFINITY] {
         let sig = f.edges[1]
             .identity
-            .sign(&join_report_bytes(&from, 1, Some(bad)));
+            .sign(&join_report_bytes(&from, 1, Some(bad), &status));
         let e = f
             .host
             .on_message(
@@ -955,6 +997,7 @@ fn forged_joins_are_refused_and_the_weights_are_the_signed_claims() {
                 EdgeMessage::Join {
                     advert: advert.clone(),
                     eval_loss: Some(bad),
+                    status: status.clone(),
                     signature: sig,
                 },
                 0,
@@ -1251,9 +1294,15 @@ fn replayed_round_states_of_an_earlier_round_or_incarnation_are_refused() {
     };
     let announce = || Phase::Announce { deadline_ms: 5 };
     assert_eq!(
-        s.on_round(state(2, 1, announce()), 1, None, &mut rng)
-            .unwrap()
-            .len(),
+        s.on_round(
+            state(2, 1, announce()),
+            1,
+            None,
+            &DeviceStatus::default(),
+            &mut rng
+        )
+        .unwrap()
+        .len(),
         1
     );
     // The same round under an older incarnation, and an earlier round's outcome: refused.
@@ -1261,20 +1310,140 @@ fn replayed_round_states_of_an_earlier_round_or_incarnation_are_refused() {
         state(2, 0, announce()),
         state(1, 3, Phase::Failed { reason: "x".into() }),
     ] {
-        let e = s.on_round(old, 1, None, &mut rng).unwrap_err();
+        let e = s
+            .on_round(old, 1, None, &DeviceStatus::default(), &mut rng)
+            .unwrap_err();
         assert!(matches!(e, ProtocolError::Stale { .. }), "{e}");
     }
     // A device restored after round 5's global update never joins round 5 again.
     s.resume_after(5);
     assert!(
-        s.on_round(state(5, 0, announce()), 1, None, &mut rng)
-            .unwrap()
-            .is_empty()
+        s.on_round(
+            state(5, 0, announce()),
+            1,
+            None,
+            &DeviceStatus::default(),
+            &mut rng
+        )
+        .unwrap()
+        .is_empty()
     );
     assert_eq!(
-        s.on_round(state(6, 0, announce()), 1, None, &mut rng)
-            .unwrap()
-            .len(),
+        s.on_round(
+            state(6, 0, announce()),
+            1,
+            None,
+            &DeviceStatus::default(),
+            &mut rng
+        )
+        .unwrap()
+        .len(),
         1
+    );
+}
+
+/// The host's step rule over a mixed fleet: a device in a critical state and one too slow
+/// for the round's time are left out (and told why in the roster's plan), joining closes
+/// as soon as every device has answered, the others get the steps that fit the training
+/// time, `tau_eff` is their weighted mean, and the round completes with them. A host that
+/// announces another `tau_eff` is refused by every member.
+#[test]
+fn the_step_plan_leaves_out_critical_and_slow_devices_and_fits_the_others_to_the_time() {
+    let round = RoundConfig {
+        local_steps: 8,
+        min_local_steps: 2,
+        ..config(1, 2)
+    };
+    let status = |sps: Option<f64>, critical: Option<&str>| DeviceStatus {
+        plan: Some("ckpt-packed-mb4".into()),
+        seconds_per_step: sps,
+        critical: critical.map(String::from),
+        ..DeviceStatus::default()
+    };
+    // The upload window is 10 s: 5 s of training (TRAIN_SHARE).
+    let statuses = [
+        status(None, None),
+        status(Some(1.0), None),
+        status(
+            Some(0.5),
+            Some("tj-therm 99.5 C at its passive trip point 99 C"),
+        ),
+        status(Some(4.0), None),
+    ];
+    let mut f = fleet_reporting(&[Fault::None; 4], round, &[10, 20, 30, 40], &statuses);
+    while !f.uplink.is_empty() {
+        f.deliver_one();
+    }
+    // Every device answered: the roster is out before the join deadline.
+    assert_eq!(f.now, 0);
+    assert!(f.edges[0].task.is_some(), "{:?}", f.refused);
+    assert_eq!(
+        f.edges[2].left_out,
+        Some(LeftOut::Critical(
+            "tj-therm 99.5 C at its passive trip point 99 C".into()
+        ))
+    );
+    assert_eq!(
+        f.edges[3].left_out,
+        Some(LeftOut::TooSlow {
+            seconds_per_step: 4.0,
+            can_do: 1
+        })
+    );
+    let (t0, t1) = (
+        f.edges[0].task.clone().unwrap(),
+        f.edges[1].task.clone().unwrap(),
+    );
+    assert_eq!((t0.steps, t1.steps), (8, 5));
+    // Weights 10:20 of the members: tau_eff = (8 + 2 * 5) / 3 = 6.
+    assert!((t0.effective_steps - 6.0).abs() < 1e-12, "{t0:?}");
+    assert_eq!(t0.effective_steps, t1.effective_steps);
+    assert_eq!(t0.train_seconds, 5.0);
+    f.run();
+    let result = f.result.clone().expect("the round completes");
+    assert_eq!(
+        result.contributors,
+        vec![DeviceId("edge-0".into()), DeviceId("edge-1".into())]
+    );
+    assert!((result.effective_steps - 6.0).abs() < 1e-12);
+    let parts = f.host.devices();
+    assert_eq!(parts.len(), 4);
+    assert_eq!(
+        parts[&DeviceId("edge-1".into())].assignment,
+        fedshield_protocol::fleet::steps::Assignment::Train { steps: 5 }
+    );
+    assert_eq!(
+        parts[&DeviceId("edge-0".into())].status.plan.as_deref(),
+        Some("ckpt-packed-mb4")
+    );
+
+    // A host that inflates tau_eff (to blow up one device's delta) is refused by all.
+    let mut f = fleet_reporting(
+        &[Fault::None; 2],
+        RoundConfig {
+            local_steps: 8,
+            ..config(1, 2)
+        },
+        &[10, 20],
+        &statuses[..2],
+    );
+    fn inflate(state: &mut RoundState) {
+        if let Phase::Roster { plan, .. } = &mut state.phase {
+            plan.effective_steps *= 4.0;
+        }
+    }
+    f.tamper = Some(inflate);
+    while !f.uplink.is_empty() {
+        f.deliver_one();
+    }
+    assert!(f.edges.iter().all(|e| e.task.is_none()));
+    // Each device refuses once (the retained copy after that finds it out of the round).
+    assert_eq!(f.edge_refused.len(), 2, "{:?}", f.edge_refused);
+    assert!(
+        f.edge_refused
+            .iter()
+            .all(|(_, e)| e.to_string().contains("effective steps")),
+        "{:?}",
+        f.edge_refused
     );
 }

@@ -9,6 +9,7 @@
 
 use crate::ProtocolError;
 use crate::edge::{EdgeAction, EdgeIdentity, EdgeSession};
+use crate::fleet::steps::{DeviceStatus, Effort, Task, normalisation};
 use crate::messages::{
     DownMessage, EdgeMessage, GlobalAssembler, GlobalPart, Phase, RoundConfig, RoundState,
     Snapshot, SnapshotAssembler, SnapshotPart,
@@ -25,11 +26,20 @@ use tfhe::core_crypto::commons::generators::DeterministicSeeder;
 use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, Seed};
 
 /// What the device provides: local training and evaluation (libtorch in `fedshield-edge`),
-/// a monotonic clock and entropy.
+/// its status, a monotonic clock and entropy.
 pub trait Platform {
-    /// Trains round `config`'s local steps starting from the adapter `global`; returns the
-    /// trained adapter minus `global`.
-    fn train(&mut self, config: &RoundConfig, global: &[f32]) -> Result<Trained, String>;
+    /// Trains `task.steps` local steps of round `config` starting from the adapter
+    /// `global`, stopping early once `task.train_seconds` have passed (after at least one
+    /// step); returns the trained adapter minus `global` and what the training took.
+    fn train(
+        &mut self,
+        config: &RoundConfig,
+        task: &Task,
+        global: &[f32],
+    ) -> Result<Trained, String>;
+    /// The device's plan, memory budget, power mode and thermal state as it joins a round
+    /// (its speed is the fleet's own measurement of its last round).
+    fn status(&mut self) -> DeviceStatus;
     /// The held-out loss of the adapter `global`.
     fn evaluate(&mut self, global: &[f32]) -> f64;
     /// Seconds on a monotonic clock (encryption time in the reports).
@@ -48,6 +58,8 @@ pub struct Trained {
     pub seconds: f64,
     /// The last step's training loss.
     pub last_loss: f64,
+    /// Steps, tokens, throttling and energy of the training.
+    pub effort: Effort,
 }
 
 /// What a call asks the driver to do, and what happened, in order: write the state file
@@ -130,6 +142,18 @@ pub enum Event {
         weight: f64,
         /// Seconds of local training before it.
         train_seconds: f64,
+        /// Local steps trained (of the round's plan's steps for this device).
+        steps: usize,
+        /// The factor the delta was scaled by (`tau_eff / steps`; 1 when every member
+        /// trains the same steps).
+        scaled: f64,
+    },
+    /// The host left this device out of `round`.
+    LeftOut {
+        /// The round.
+        round: u64,
+        /// The host's reason.
+        reason: crate::fleet::steps::LeftOut,
     },
     /// Local training of `round` began (on the driver's worker; the link is still served).
     Training {
@@ -221,8 +245,9 @@ pub enum StateRefusal {
     OtherLayout,
 }
 
-/// A round waiting to train: its configuration and this device's verified weight.
-type Pending = (RoundConfig, f64);
+/// A round waiting to train: its configuration, this device's verified weight and its
+/// task from the roster's plan.
+type Pending = (RoundConfig, f64, Task);
 
 /// One device's federation state across rounds.
 pub struct EdgeFleet {
@@ -249,6 +274,10 @@ pub struct EdgeFleet {
     deferred_dropped: u64,
     eval_loss: Option<f64>,
     encrypt_seconds: BTreeMap<u64, f64>,
+    /// Each recent round's training, reported with the round's evaluation.
+    efforts: BTreeMap<u64, Effort>,
+    /// Seconds per step and tokens per second of the last training (the join's status).
+    pace: Option<(f64, f64)>,
     init_seed: Option<u64>,
     /// The round of an upload restored from the state, still to settle.
     restored_pending: Option<u64>,
@@ -296,6 +325,8 @@ impl EdgeFleet {
             deferred_dropped: 0,
             eval_loss: None,
             encrypt_seconds: BTreeMap::new(),
+            efforts: BTreeMap::new(),
+            pace: None,
             init_seed: None,
             restored_pending: None,
             needs_snapshot: false,
@@ -448,6 +479,7 @@ impl EdgeFleet {
                 self.ready = None;
                 self.eval_loss = None;
                 self.encrypt_seconds.clear();
+                self.efforts.clear();
                 self.init_seed = None;
                 self.needs_snapshot = false;
             }
@@ -490,15 +522,31 @@ impl EdgeFleet {
         if let Phase::Failed { .. } = &state.phase {
             self.settle_restored(round, false, &mut out);
         }
+        let status = if matches!(state.phase, Phase::Announce { .. }) {
+            self.status(platform)
+        } else {
+            DeviceStatus::default()
+        };
         let mut rng = rand_chacha::ChaCha20Rng::from_seed(platform.entropy());
         match self
             .session
-            .on_round(state, self.samples, self.eval_loss, &mut rng)
+            .on_round(state, self.samples, self.eval_loss, &status, &mut rng)
         {
             Ok(actions) => self.execute(actions, &mut out),
             Err(e) => out.refused(&format!("round {round} state"), &e),
         }
         out
+    }
+
+    /// What this device reports as it joins: the platform's status with the pace this
+    /// fleet measured in the device's last training.
+    fn status(&self, platform: &mut dyn Platform) -> DeviceStatus {
+        let mut status = platform.status();
+        if let Some((seconds_per_step, tokens_per_second)) = self.pace {
+            status.seconds_per_step = Some(seconds_per_step);
+            status.tokens_per_second = Some(tokens_per_second);
+        }
+        status
     }
 
     /// The host's message on this device's downlink: its shares, or the notice that the
@@ -590,6 +638,7 @@ impl EdgeFleet {
             round,
             loss,
             self.encrypt_seconds.get(&round).copied().unwrap_or(0.0),
+            self.efforts.remove(&round),
         )));
         out
     }
@@ -669,7 +718,17 @@ impl EdgeFleet {
         for a in actions {
             match a {
                 EdgeAction::Send(m) => out.send.push(m),
-                EdgeAction::Train { config, weight } => {
+                EdgeAction::LeftOut { round, reason } => {
+                    out.line(format!(
+                        "round {round}: the host left this device out ({reason})"
+                    ));
+                    out.events.push(Event::LeftOut { round, reason });
+                }
+                EdgeAction::Train {
+                    config,
+                    weight,
+                    task,
+                } => {
                     let mine = self.global.round();
                     if config.history_round > mine {
                         // The previous round's global update is still on its way, unless
@@ -683,16 +742,20 @@ impl EdgeFleet {
                             ));
                             self.needs_snapshot = true;
                         }
-                        self.waiting = Some((config, weight));
+                        self.waiting = Some((config, weight, task));
                     } else {
-                        self.ready = Some((config, weight));
+                        self.ready = Some((config, weight, task));
                     }
                 }
                 EdgeAction::Settle { round, counted } => {
-                    if self.waiting.as_ref().is_some_and(|(c, _)| c.round == round) {
+                    if self
+                        .waiting
+                        .as_ref()
+                        .is_some_and(|(c, ..)| c.round == round)
+                    {
                         self.waiting = None;
                     }
-                    if self.ready.as_ref().is_some_and(|(c, _)| c.round == round) {
+                    if self.ready.as_ref().is_some_and(|(c, ..)| c.round == round) {
                         self.ready = None;
                     }
                     if let Some(p) = self.prepared.take_if(|p| p.round() == round) {
@@ -727,7 +790,7 @@ impl EdgeFleet {
     pub fn train_ready(&mut self, platform: &mut dyn Platform) -> EdgeOutput {
         let (job, mut out) = self.take_training();
         if let Some(job) = job {
-            let trained = platform.train(&job.config, &job.global);
+            let trained = platform.train(&job.config, &job.task, &job.global);
             out.extend(self.finish_training(job, trained, platform));
         }
         out
@@ -739,7 +802,7 @@ impl EdgeFleet {
     /// the fleet messages that need no platform ([`EdgeFleet::on_down`]).
     pub fn take_training(&mut self) -> (Option<Training>, EdgeOutput) {
         let mut out = EdgeOutput::default();
-        let Some((config, weight)) = self.ready.take() else {
+        let Some((config, weight, task)) = self.ready.take() else {
             return (None, out);
         };
         let round = config.round;
@@ -762,6 +825,7 @@ impl EdgeFleet {
         let job = Training {
             global: self.global.values().to_vec(),
             config,
+            task,
             weight,
             selection,
             encoding,
@@ -794,12 +858,20 @@ impl EdgeFleet {
         let Training {
             config,
             weight,
+            task,
             selection,
             encoding,
             ..
         } = job;
         let round = config.round;
-        let trained = match trained {
+        let mut trained = match trained {
+            Ok(t) if t.effort.steps == 0 => {
+                out.line(format!(
+                    "round {round}: no step trained ({:?}); sitting it out",
+                    t.effort.stopped
+                ));
+                return out;
+            }
             Ok(t) if t.delta.len() == self.layout.len() => t,
             Ok(t) => {
                 out.line(format!(
@@ -816,6 +888,22 @@ impl EdgeFleet {
                 return out;
             }
         };
+        // FedNova's normalisation: the delta of `steps` steps counts as `tau_eff` steps.
+        let steps = trained.effort.steps as usize;
+        let scaled = normalisation(task.effective_steps, steps);
+        if scaled != 1.0 {
+            for v in &mut trained.delta {
+                *v *= scaled as f32;
+            }
+        }
+        self.pace = Some((
+            trained.seconds / steps as f64,
+            trained.effort.tokens as f64 / trained.seconds.max(1e-9),
+        ));
+        self.efforts.insert(round, trained.effort.clone());
+        while self.efforts.len() > 8 {
+            self.efforts.pop_first();
+        }
         let mut prepared =
             match self
                 .feedback
@@ -849,6 +937,8 @@ impl EdgeFleet {
             round,
             weight,
             train_seconds: trained.seconds,
+            steps,
+            scaled,
         });
         out.audits.push(Audit {
             round,
@@ -861,10 +951,15 @@ impl EdgeFleet {
         let enc_s = (platform.seconds() - t).max(0.0);
         self.encrypt_seconds.insert(round, enc_s);
         out.line(format!(
-            "round {round}: trained {} steps in {:.1} s (last loss {:.4}); {} of {} values sent ({} clipped), {} bytes encrypted in {enc_s:.2} s",
-            config.local_steps,
+            "round {round}: trained {steps} of {} steps in {:.1} s (last loss {:.4}{}); {} of {} values sent ({} clipped), {} bytes encrypted in {enc_s:.2} s",
+            task.steps,
             trained.seconds,
             trained.last_loss,
+            if scaled == 1.0 {
+                String::new()
+            } else {
+                format!("; delta scaled by {scaled:.3} to the round's {:.2} effective steps", task.effective_steps)
+            },
             prepared.plaintexts.len(),
             self.layout.len(),
             prepared.clipped,
@@ -948,6 +1043,8 @@ pub struct Training {
     pub config: RoundConfig,
     /// The global adapter the round starts from.
     pub global: Vec<f32>,
+    /// This device's steps and training time.
+    pub task: Task,
     weight: f64,
     selection: Selection,
     encoding: FixedPoint,

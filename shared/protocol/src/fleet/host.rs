@@ -12,6 +12,7 @@
 
 use crate::ProtocolError;
 use crate::fleet::edge::round_mask;
+use crate::fleet::steps::{DeviceRound, Effort, LeftOut};
 use crate::host::{HostAction, RoundResult};
 use crate::messages::{
     DownMessage, EdgeMessage, GlobalPart, RoundConfig, Route, Snapshot, Topics, UploadRefusal,
@@ -38,8 +39,10 @@ pub struct FleetSettings {
     pub clip: f32,
     /// Width of the ciphertext bodies; `None`: the narrowest that suits the enrolled fleet.
     pub body_bits: Option<BodyBits>,
-    /// Local steps per round.
+    /// Local steps per round (the most a device is given).
     pub local_steps: usize,
+    /// Devices that could train fewer steps in the round's time are left out.
+    pub min_local_steps: usize,
     /// Minimum contributors.
     pub threshold: usize,
     /// Upload and publication chunk size in bytes.
@@ -73,15 +76,37 @@ pub struct RoundMetrics {
     /// The devices' signed, accepted evaluation reports of the round's global adapter.
     #[serde(default)]
     pub reports: BTreeMap<DeviceId, Report>,
+    /// Each device that joined: its reported status (plan, speed, memory budget, power
+    /// mode, thermal state) and its part (steps, or why it was left out).
+    #[serde(default)]
+    pub devices: BTreeMap<DeviceId, DeviceRound>,
+    /// The round's `tau_eff` (`fleet::steps::effective_steps`) over its members.
+    #[serde(default)]
+    pub effective_steps: Option<f64>,
+    /// Tokens the reporting devices trained.
+    #[serde(default)]
+    pub trained_tokens: Option<u64>,
+    /// Energy the reporting devices with power rails drew while training (joules).
+    #[serde(default)]
+    pub joules: Option<f64>,
+    /// `joules` per token trained by those devices.
+    #[serde(default)]
+    pub joules_per_token: Option<f64>,
+    /// Seconds the devices' governors slowed or paused training, summed.
+    #[serde(default)]
+    pub throttled_seconds: Option<f64>,
 }
 
 /// One device's accepted evaluation report.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     /// Held-out loss of the global adapter.
     pub eval_loss: f64,
     /// Seconds the device spent encrypting its update.
     pub encrypt_seconds: f64,
+    /// Its local training of the round (steps, tokens, throttling, energy).
+    #[serde(default)]
+    pub training: Option<Effort>,
 }
 
 /// What survives a host restart.
@@ -136,6 +161,8 @@ pub struct Sealed {
     pub deliveries: usize,
     /// Uploads dropped (each device was told on its downlink).
     pub refused: Vec<(DeviceId, u64, UploadRefusal)>,
+    /// Devices left out of the round (they learn it from the roster's plan).
+    pub left_out: Vec<(DeviceId, LeftOut)>,
     /// The round's outcome, when it ended.
     pub outcome: Option<Result<RoundResult, String>>,
 }
@@ -211,6 +238,16 @@ pub enum HostEvent {
         round: u64,
         /// Members delivered to.
         members: usize,
+    },
+    /// A device that joined left out of the round by the step rule (it learns why from
+    /// the roster's plan).
+    LeftOut {
+        /// The round.
+        round: u64,
+        /// The device.
+        device: DeviceId,
+        /// Why.
+        reason: LeftOut,
     },
     /// A device's upload dropped (the device was told).
     UploadDropped {
@@ -429,6 +466,7 @@ impl HostFleet {
             history_round: self.state.global.round(),
             init_seed: s.seed,
             local_steps: s.local_steps,
+            min_local_steps: s.min_local_steps,
             threshold: s.threshold,
             chunk_bytes: s.chunk_bytes,
         };
@@ -484,6 +522,7 @@ impl HostFleet {
                     });
                     sealed.refused.push((device, round, reason));
                 }
+                HostAction::LeftOut { device, reason } => sealed.left_out.push((device, reason)),
                 HostAction::Finished(r) => sealed.outcome = Some(Ok(r)),
                 HostAction::Failed(why) => sealed.outcome = Some(Err(why)),
             }
@@ -509,12 +548,15 @@ impl HostFleet {
 
     /// Records the end of round `round`: `outcome` is the result and the global update's
     /// values from [`HostFleet::apply`], or why the round failed. `delivered_to` are the
-    /// devices whose share deliveries are spent; `host_seconds` and `round_seconds` the
-    /// host's time in the round machine and the round's wall time.
+    /// devices whose share deliveries are spent, `devices` each joined device's status and
+    /// part (`HostRound::devices`); `host_seconds` and `round_seconds` the host's time in
+    /// the round machine and the round's wall time.
+    #[allow(clippy::too_many_arguments)]
     pub fn close(
         &mut self,
         round: u64,
         delivered_to: Vec<DeviceId>,
+        devices: BTreeMap<DeviceId, DeviceRound>,
         outcome: Result<(RoundResult, Vec<f32>), String>,
         host_seconds: f64,
         round_seconds: f64,
@@ -531,6 +573,7 @@ impl HostFleet {
             .collect();
         let mut metrics = RoundMetrics {
             round,
+            devices,
             ..RoundMetrics::default()
         };
         let mut raw_bytes = 0;
@@ -563,6 +606,7 @@ impl HostFleet {
                 metrics.download_bytes_per_client =
                     self.state.last_global.iter().map(Vec::len).sum::<usize>() as u64;
                 metrics.contributors = result.contributors.len();
+                metrics.effective_steps = Some(result.effective_steps);
                 metrics.upload_bytes_per_client = result.upload_bytes;
             }
             Err(why) => metrics.failure = Some(why),
@@ -672,8 +716,25 @@ impl HostFleet {
         let accepted = Report {
             eval_loss: report.eval_loss,
             encrypt_seconds: report.encrypt_seconds,
+            training: report.training.clone(),
         };
-        m.reports.insert(device.clone(), accepted);
+        m.reports.insert(device.clone(), accepted.clone());
+        let efforts: Vec<&Effort> = m
+            .reports
+            .values()
+            .filter_map(|r| r.training.as_ref())
+            .collect();
+        if !efforts.is_empty() {
+            m.trained_tokens = Some(efforts.iter().map(|e| e.tokens).sum());
+            m.throttled_seconds = Some(efforts.iter().map(|e| e.throttled_seconds).sum());
+            let metered: Vec<&&Effort> = efforts.iter().filter(|e| e.joules.is_some()).collect();
+            if !metered.is_empty() {
+                let joules: f64 = metered.iter().filter_map(|e| e.joules).sum();
+                let tokens: u64 = metered.iter().map(|e| e.tokens).sum();
+                m.joules = Some(joules);
+                m.joules_per_token = (tokens > 0).then(|| joules / tokens as f64);
+            }
+        }
         let n = m.reports.len() as f64;
         m.eval_loss = Some(m.reports.values().map(|r| r.eval_loss).sum::<f64>() / n);
         let enc = m.reports.values().map(|r| r.encrypt_seconds).sum::<f64>() / n;
