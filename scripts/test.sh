@@ -5,3 +5,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 cargo test --workspace --locked "$@"
+# The rig protocol builds without std, as rig firmware on a microcontroller uses it.
+cargo build --locked -q -p fedshield-rig --target thumbv7em-none-eabihf

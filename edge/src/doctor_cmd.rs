@@ -53,6 +53,11 @@ pub fn rig_ping(port: &str, baud: u32, count: u32, timeout: f64) -> anyhow::Resu
         .build()?;
     rt.block_on(async {
         let mut link = SerialLink::open(port, baud)?;
+        let rig = link.identify(Duration::from_secs_f64(timeout)).await?;
+        println!(
+            "rig {port}: firmware {:?}, rig protocol {}, {:?}",
+            rig.firmware, rig.protocol, rig.capabilities
+        );
         for seq in 0..count {
             let rtt = link.ping(seq, Duration::from_secs_f64(timeout)).await?;
             println!(

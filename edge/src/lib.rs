@@ -35,6 +35,14 @@ pub enum EdgeError {
         /// What failed.
         source: std::io::Error,
     },
+    /// The rig on a serial port broke its protocol (another version, a bad answer).
+    #[error("rig on {port}: {why}")]
+    Rig {
+        /// The port's path.
+        port: String,
+        /// What it did.
+        why: String,
+    },
     /// No training plan could be chosen or applied.
     #[error("training plan: {0}")]
     Plan(String),

@@ -43,12 +43,7 @@ async fn round_trip(addr: SocketAddr, topic: &str, payload: Vec<u8>) -> Vec<u8> 
 }
 
 fn sample_payload() -> Vec<u8> {
-    let frame = fedshield_wire::rig::RigFrame::Power {
-        seq: 7,
-        millivolts: 5_000,
-        milliamps: 900,
-    };
-    let mut p = postcard::to_stdvec(&frame).unwrap();
+    let mut p = postcard::to_stdvec(&(7u32, 5_000u32, 900u32)).unwrap();
     p.extend((0..200_000u32).map(|i| (i % 251) as u8)); // a chunk-sized message
     p
 }

@@ -1,19 +1,11 @@
 //! The FedShield wire format.
 //!
-//! Every payload that leaves a process is a [`postcard`] encoding of a serde type. Two
-//! transports carry them:
-//!
-//! * message transports (MQTT) carry one payload per message, optionally wrapped in a
-//!   [`Compressed`] zstd envelope when that pays (see [`compress_if_smaller`]);
-//! * byte streams (serial links to boards and test rigs) carry COBS-framed payloads
-//!   terminated by a zero byte, decoded incrementally by [`FrameDecoder`].
+//! Every payload that leaves a process is a [`postcard`] encoding of a serde type; MQTT
+//! carries one payload per message, optionally wrapped in a [`Compressed`] zstd envelope
+//! when that pays (see [`compress_if_smaller`]). Serial links to rigs use their own framing
+//! (`fedshield-rig`: COBS frames with a CRC-32, no_std for rig firmware).
 //!
 //! This crate does no I/O: drivers feed it bytes and take bytes from it.
-
-pub mod frame;
-pub mod rig;
-
-pub use frame::{FrameDecoder, MAX_FRAME_LEN, encode_frame};
 
 /// Errors of the wire format. None of them is fatal to a long-running process: the driver
 /// drops the offending bytes, logs the reason and goes on.
@@ -22,12 +14,6 @@ pub enum WireError {
     /// A payload did not decode as the expected type.
     #[error("malformed payload: {0}")]
     Malformed(String),
-    /// A frame grew past the configured limit before its terminator arrived.
-    #[error("frame longer than {limit} bytes was dropped")]
-    Oversized {
-        /// The limit in force.
-        limit: usize,
-    },
     /// A compressed envelope did not decompress, or decompressed past its limit.
     #[error("bad compressed envelope: {0}")]
     Compression(String),
