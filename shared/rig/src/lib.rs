@@ -16,6 +16,7 @@ pub mod cobs;
 pub mod crc;
 pub mod frame;
 pub mod messages;
+pub mod sim;
 
 pub use postcard_schema::key::Key;
 
