@@ -11,6 +11,7 @@ pub mod pacing;
 pub mod plan;
 pub mod planner;
 pub mod quality;
+pub mod rig_client;
 pub mod serial_link;
 pub mod sft;
 pub mod train;

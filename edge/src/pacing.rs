@@ -65,6 +65,8 @@ pub struct Pacer {
     /// The current run's deadline (the clock's seconds) and steps allowed in it so far.
     deadline: Option<f64>,
     run_steps: usize,
+    /// An attached rig's measurement of the supply, preferred to the on-board rails.
+    external: Option<crate::rig_client::ExternalPower>,
 }
 
 impl Pacer {
@@ -80,7 +82,15 @@ impl Pacer {
             report: PaceReport::default(),
             deadline: None,
             run_steps: 0,
+            external: None,
         }
+    }
+
+    /// Takes the power from `external` (an attached rig's supply measurement) while it is
+    /// fresh, in preference to the on-board rails (which miss the carrier board).
+    pub fn with_external_power(mut self, external: crate::rig_client::ExternalPower) -> Self {
+        self.external = Some(external);
+        self
     }
 
     /// Starts a run that may last `seconds` (`None`: no deadline): once they have passed,
@@ -136,12 +146,15 @@ impl Pacer {
         loop {
             let now = (self.time.now)();
             let reading = telemetry.read();
-            let had_power = reading.power.as_ref().map(|p| p.total);
-            if let Some(w) = had_power {
+            let mut observation = Observation::of(&reading, now);
+            if let Some(w) = self.external.as_ref().and_then(|e| e.fresh()) {
+                observation.power = Some(fedshield_telemetry::Watts(w));
+            }
+            if let Some(w) = observation.power {
                 self.energy.add(now, w);
                 self.report.joules = Some(self.energy.joules);
             }
-            match self.governor.observe(&Observation::of(&reading, now)) {
+            match self.governor.observe(&observation) {
                 Pace::Full => {}
                 Pace::Slow { sleep_s, .. } => {
                     (self.time.sleep)(sleep_s);
@@ -279,6 +292,30 @@ mod tests {
         for _ in 0..5 {
             assert!(p.before_step());
         }
+    }
+
+    #[test]
+    fn a_rigs_power_reading_is_preferred_to_the_rails_while_fresh() {
+        let dir = orin();
+        set_cpu(dir.path(), 50.0);
+        let (time, clock) = simulated(|_| {});
+        let external = crate::rig_client::ExternalPower::default();
+        let mut p = Pacer::new(dir.path(), GovernorConfig::default(), time)
+            .unwrap()
+            .with_external_power(external.clone());
+        // No rig reading yet: the rails' 6.77 W.
+        assert!(p.before_step());
+        *clock.lock().unwrap() = 10.0;
+        external.set(24.7); // 19 V x 1.3 A at the rig
+        assert!(p.before_step());
+        let j = p.report().joules.unwrap();
+        // Trapezoid from 6.77 W at t = 0 to 24.7 W at t = 10.
+        assert!((j - (6.765_504 + 24.7) / 2.0 * 10.0).abs() < 1e-6, "{j}");
+        external.clear();
+        *clock.lock().unwrap() = 20.0;
+        assert!(p.before_step());
+        let j2 = p.report().joules.unwrap() - j;
+        assert!((j2 - (24.7 + 6.765_504) / 2.0 * 10.0).abs() < 1e-6, "{j2}");
     }
 
     #[test]

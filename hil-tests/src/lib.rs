@@ -1,6 +1,8 @@
 //! Fixtures for whole-system tests: real external processes (mosquitto, socat) started on
 //! free resources and stopped when the guard drops. Nothing here is a mock.
 
+pub mod rig_sim;
+
 use anyhow::{Context, bail};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -191,3 +191,134 @@ async fn silence_is_a_timeout_not_a_hang() {
         "{err}"
     );
 }
+
+mod client {
+    use super::*;
+    use fedshield_edge::rig_client::{RigClient, RigEvent};
+    use fedshield_hil_tests::rig_sim::SimRig;
+    use fedshield_rig::sim::{Fault, Output, Rig, RigConfig, Step, Thermal, Trigger};
+    use std::time::Instant;
+
+    fn rig(scenario: Vec<Step>) -> Rig {
+        Rig::new(
+            RigConfig {
+                firmware: "rig-sim 0.1".into(),
+                supply_mv: 19_000,
+                idle_ma: 300,
+                busy_ma: 1_300,
+                thermal: Thermal {
+                    ambient_c: 30.0,
+                    rise_c: 50.0,
+                    tau_s: 60.0,
+                },
+                min_interval_ms: 20,
+            },
+            scenario,
+        )
+    }
+
+    fn status(step: u32) -> EdgeStatus {
+        EdgeStatus {
+            round: 1,
+            phase: EdgePhase::Training,
+            step,
+            persisted_round: 0,
+        }
+    }
+
+    fn until(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while !ok() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn next_event(client: &RigClient, secs: u64) -> RigEvent {
+        client
+            .event_within(Duration::from_secs(secs))
+            .expect("a rig event in time")
+    }
+
+    /// The edge's rig client against a simulated rig over a pty: it identifies the rig,
+    /// takes its supply power (19 V x 1.3 A while the device trains), reports the
+    /// device's status, and passes on the warning of a power cut the scenario fires at
+    /// training step 3, then the power's return.
+    #[test]
+    fn the_client_streams_power_reports_status_and_passes_on_a_power_cut() {
+        let pair = PtyPair::start().expect("socat pty pair");
+        let cut = Step {
+            when: Trigger::Step(1, 3),
+            fault: Fault::CutPower {
+                warn_ms: 800,
+                off_ms: 1_000,
+            },
+        };
+        let sim = SimRig::spawn(pair.b(), rig(vec![cut]), 1).unwrap();
+        let client = RigClient::start(pair.a().to_str().unwrap(), 115_200, 50).unwrap();
+        assert!(matches!(next_event(&client, 10), RigEvent::Connected(_)));
+        client.report(status(1));
+        until("the rig's training-load power", 10, || {
+            client
+                .power()
+                .fresh()
+                .is_some_and(|w| (w - 24.7).abs() < 1e-9)
+        });
+        assert_eq!(sim.with(|r| r.device_status()), Some(status(1)));
+        client.report(status(3));
+        assert_eq!(next_event(&client, 10), RigEvent::BrownOut { in_ms: 800 });
+        assert_eq!(
+            next_event(&client, 10),
+            RigEvent::Relay(RelayChanged {
+                relay: Relay::Power,
+                closed: true
+            })
+        );
+        let log = sim.log();
+        let at = |o: &Output| log.iter().find(|(_, x)| x == o).map(|(t, _)| *t);
+        let fired = at(&Output::Fired(0)).unwrap();
+        let (off, on) = (
+            at(&Output::Power(false)).unwrap(),
+            at(&Output::Power(true)).unwrap(),
+        );
+        // Cut after the 800 ms warning, back 1,000 ms after the cut was due.
+        assert!(off >= fired + 800 && on >= fired + 1_800, "{log:?}");
+        assert_eq!(client.stats().bad_frames, 0);
+    }
+
+    /// 1% byte errors on the rig's line for 3 s: corrupt frames are dropped and counted,
+    /// readings keep arriving; then the rig goes silent: the client says so once and the
+    /// power reading is dropped (on-board telemetry from then on); it comes back.
+    #[test]
+    fn a_noisy_then_silent_rig_never_stops_the_client_and_it_falls_back() {
+        let pair = PtyPair::start().expect("socat pty pair");
+        let noise = Step {
+            when: Trigger::Round(1),
+            fault: Fault::Noise {
+                per_million: 10_000,
+                for_ms: 3_000,
+            },
+        };
+        let sim = SimRig::spawn(pair.b(), rig(vec![noise]), 7).unwrap();
+        let client = RigClient::start(pair.a().to_str().unwrap(), 115_200, 20).unwrap();
+        assert!(matches!(next_event(&client, 10), RigEvent::Connected(_)));
+        client.report(status(1)); // starts the noise
+        until("the noise's end", 15, || {
+            sim.log().iter().any(|(_, o)| *o == Output::Noise(0))
+        });
+        let s = client.stats();
+        assert!(s.bad_frames > 0, "{s:?}");
+        assert!(s.messages > 20, "{s:?}");
+        eprintln!(
+            "1% noise for 3 s: {} messages delivered, {} frames dropped ({} CRC)",
+            s.messages, s.bad_frames, s.crc_errors
+        );
+        assert!(client.power().fresh().is_some());
+        sim.mute(true);
+        assert_eq!(next_event(&client, 10), RigEvent::Silent);
+        assert_eq!(client.power().fresh(), None);
+        sim.mute(false);
+        assert_eq!(next_event(&client, 10), RigEvent::Back);
+        until("power again", 10, || client.power().fresh().is_some());
+    }
+}
