@@ -6,6 +6,7 @@ use fedshield_edge::fleet::{
     Audit, Device, EdgeFleet, EdgeOutput, Event, TorchPlatform, open_state,
 };
 use fedshield_edge::lora::Lora;
+use fedshield_edge::rig_client::{RigClient, RigEvent};
 use fedshield_edge::sft;
 use fedshield_models::Assets;
 use fedshield_models::data::{read_instruction_jsonl, split_by_category};
@@ -15,6 +16,7 @@ use fedshield_protocol::fleet::steps::DeviceStatus;
 use fedshield_protocol::keyfile::DeviceKey;
 use fedshield_protocol::messages::{EdgeMessage, Phase, Topics};
 use fedshield_protocol::signed::{Downlink, open_downlink};
+use fedshield_rig::messages::{EdgePhase, EdgeStatus};
 use fedshield_store::JsonLines;
 use fedshield_transport::{Incoming, Link};
 use std::path::PathBuf;
@@ -77,6 +79,18 @@ pub struct RunArgs {
     /// (`fedshield_edge::fleet::Event`: refused, encrypted, settled, evaluated).
     #[arg(long)]
     events: Option<PathBuf>,
+    /// Serial port of an attached test rig (a USB-CDC `/dev/ttyACM0` or a UART
+    /// `/dev/ttyTHS1`): its supply measurement feeds the governor and the energy figures in
+    /// preference to the on-board rails, a power-cut warning makes the device save its
+    /// state and stop, and the device reports its state to the rig.
+    #[arg(long)]
+    rig: Option<String>,
+    /// The rig's baud rate.
+    #[arg(long, default_value_t = 115_200)]
+    rig_baud: u32,
+    /// Milliseconds between the rig's readings.
+    #[arg(long, default_value_t = 1_000)]
+    rig_interval_ms: u32,
 }
 
 /// Where a device's output goes: log lines on stderr, the state file, audit records and
@@ -118,6 +132,16 @@ impl Output {
             self.event(event);
         }
         Ok(out.send)
+    }
+
+    /// Writes the state file now (before a power cut).
+    fn persist(&self, fleet: &EdgeFleet) -> anyhow::Result<()> {
+        fedshield_store::write_atomic(
+            &self.state,
+            &fleet.state_bytes(),
+            fedshield_store::Access::Private,
+        )?;
+        Ok(())
     }
 
     /// Records an event; a failure to write it is logged and the device goes on.
@@ -200,6 +224,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let telemetry = Some(fedshield_telemetry::Telemetry::discover(
         &args.pacing.telemetry_root,
     ));
+    // An attached rig: its power reading goes to the pacer, its notices to this loop.
+    let rig = args
+        .rig
+        .as_deref()
+        .map(|port| {
+            tracing::info!("rig on {port} at {} baud", args.rig_baud);
+            RigClient::start(port, args.rig_baud, args.rig_interval_ms)
+        })
+        .transpose()?;
+    let mut pacer = args.pacing.pacer()?;
+    if let Some(rig) = &rig {
+        pacer = pacer.with_external_power(rig.power());
+    }
     // libtorch works on a thread of its own; this one keeps the link drained.
     let mut platform = TorchPlatform::spawn(
         Device {
@@ -213,7 +250,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             pad: tok.eos_id,
             seed: args.seed ^ (args.client as u64) << 32,
             threads: args.model.threads,
-            pacer: args.pacing.pacer()?,
+            pacer,
         },
         status,
         telemetry,
@@ -280,7 +317,39 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut snapshot_subscribed = false;
     let mut training = None;
     let mut drops = fedshield_transport::DropMonitor::default();
+    let mut status = EdgeStatus {
+        round: 0,
+        phase: EdgePhase::Idle,
+        step: 0,
+        persisted_round: fleet.global().round(),
+    };
+    if let Some(rig) = &rig {
+        rig.report(status);
+    }
     loop {
+        while let Some(event) = rig.as_ref().and_then(RigClient::try_event) {
+            if let RigEvent::BrownOut { in_ms } = event {
+                // Save what the device holds and stop before the power goes.
+                output.persist(&fleet)?;
+                output.event(&Event::PowerWarning { in_ms });
+                tracing::warn!(
+                    "the rig cuts the power in {in_ms} ms: state saved to {}, stopping",
+                    output.state.display()
+                );
+                link.disconnect();
+                std::thread::sleep(Duration::from_millis(100)); // the DISCONNECT leaves
+                // The state and the event are on disk; libtorch may be mid-step on the
+                // trainer thread, and tearing its globals down under it (a normal exit
+                // runs their destructors) would fail that step noisily: leave at once, as
+                // the power cut would.
+                // SAFETY: `_exit` ends the process without running destructors or atexit
+                // handlers; nothing after this point needs them.
+                unsafe { libc::_exit(0) };
+            }
+            let notice = rig_notice(&event);
+            tracing::info!("rig: {notice}");
+            output.event(&Event::Rig { notice });
+        }
         // Short waits while training: its end is polled.
         let wait = Duration::from_millis(if training.is_some() { 50 } else { 500 });
         let incoming = link.recv(wait)?;
@@ -354,6 +423,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 done_round = done_round.max(*round);
             }
         }
+        if let Some(rig) = &rig
+            && let Some(next) = next_status(status, &out.events)
+        {
+            status = next;
+            rig.report(status);
+        }
         publish(output.carry_out(&fleet, out)?)?;
         // Training starts after publishing what preceded it (the round's shares).
         if training.is_none() && fleet.has_training() {
@@ -362,6 +437,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 platform.start(&job.config, &job.task, &job.global);
             }
             training = job;
+            if let Some(rig) = &rig
+                && let Some(next) = next_status(status, &out.events)
+            {
+                status = next;
+                rig.report(status);
+            }
             publish(output.carry_out(&fleet, out)?)?;
         }
         if args.rounds > 0 && done_round >= args.rounds {
@@ -372,5 +453,47 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             output.event(&Event::Done { round: done_round });
             return Ok(());
         }
+    }
+}
+
+/// The device's status for the rig after `events`, if they change it.
+fn next_status(mut status: EdgeStatus, events: &[Event]) -> Option<EdgeStatus> {
+    let before = status;
+    for e in events {
+        match e {
+            Event::Training { round } => {
+                status.round = *round;
+                status.phase = EdgePhase::Training;
+                status.step = 0;
+            }
+            Event::Encrypted { round, steps, .. } => {
+                status.round = *round;
+                status.phase = EdgePhase::Uploading;
+                status.step = *steps as u32;
+            }
+            Event::Settled { .. } => status.phase = EdgePhase::Waiting,
+            Event::Evaluated { round, .. } | Event::CaughtUp { round } => {
+                status.phase = EdgePhase::Idle;
+                status.persisted_round = *round;
+            }
+            _ => {}
+        }
+    }
+    (status != before).then_some(status)
+}
+
+/// A rig notice other than a power-cut warning, for the log and the event file.
+fn rig_notice(event: &RigEvent) -> String {
+    match event {
+        RigEvent::Connected(id) => format!("connected: {} (protocol {})", id.firmware, id.protocol),
+        RigEvent::Unusable(why) => format!("unusable, on-board telemetry only: {why}"),
+        RigEvent::BrownOut { in_ms } => format!("power cut in {in_ms} ms"),
+        RigEvent::Relay(r) => format!(
+            "{:?} {}",
+            r.relay,
+            if r.closed { "restored" } else { "cut" }
+        ),
+        RigEvent::Silent => "silent: on-board telemetry only".into(),
+        RigEvent::Back => "back".into(),
     }
 }

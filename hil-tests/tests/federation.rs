@@ -976,3 +976,123 @@ fn devices_train_off_the_link_so_a_short_share_phase_or_a_flood_loses_nobody() {
         "the flooded edge peaked at {flooded} MiB, the others at {calm} MiB"
     );
 }
+
+/// A rig beside edge-0 warns of a power cut as the device starts training round 1: the
+/// device saves its state and stops cleanly within the warning; the rig cuts the power and
+/// restores it, and the test, as the rig's power relay, starts the device again: it resumes
+/// from its state file, catches up and contributes to round 2, while round 1 completes with
+/// the other two. The recovery time (power back to the restarted device's round-2 upload)
+/// is printed.
+#[test]
+fn a_power_cut_the_rig_warns_of_stops_the_edge_cleanly_and_it_rejoins_after() {
+    use fedshield_hil_tests::PtyPair;
+    use fedshield_hil_tests::rig_sim::SimRig;
+    use fedshield_rig::messages::EdgePhase;
+    use fedshield_rig::sim::{Fault, Output, Rig, RigConfig, Step, Thermal, Trigger};
+    let fleet = Fleet::new("powercut", ["--rank", "2", "--targets", "v_proj"]);
+    let (mut host, mut host_events) = fleet.host(&[
+        "--rounds",
+        "2",
+        "--local-steps",
+        "1",
+        "--join-seconds",
+        "60",
+        "--upload-seconds",
+        "20",
+        "--phase-seconds",
+        "20",
+        "--threshold",
+        "2",
+        "--chunk-bytes",
+        "16384",
+        "--rho",
+        "0.5",
+    ]);
+    let pair = PtyPair::start().expect("socat pty pair");
+    let rig = Rig::new(
+        RigConfig {
+            firmware: "rig-sim 0.1".into(),
+            supply_mv: 19_000,
+            idle_ma: 300,
+            busy_ma: 1_300,
+            thermal: Thermal {
+                ambient_c: 30.0,
+                rise_c: 40.0,
+                tau_s: 60.0,
+            },
+            min_interval_ms: 50,
+        },
+        vec![Step {
+            when: Trigger::Phase(1, EdgePhase::Training),
+            fault: Fault::CutPower {
+                warn_ms: 800,
+                off_ms: 2_000,
+            },
+        }],
+    );
+    let sim = SimRig::spawn(pair.b(), rig, 3).unwrap();
+    let port = pair.a().to_str().unwrap().to_string();
+    let edge0_args = [
+        &EDGE_TINY[..],
+        &["--rounds", "2", "--rig", &port, "--rig-interval-ms", "100"],
+    ]
+    .concat();
+    let mut edge0 = fleet.edge(0, &edge0_args);
+    let others: Vec<_> = (1..3)
+        .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "2"]].concat()))
+        .collect();
+    edge0.1.until("the rig's power-cut warning", 300, |e| {
+        *e == Event::PowerWarning { in_ms: 800 }
+    });
+    let warned = Instant::now();
+    // It stopped by itself, cleanly, before the power went.
+    let end = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(status) = edge0.0.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < end,
+            "edge-0 did not stop after the warning"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let stopped = Instant::now();
+    let log = |o: Output| sim.log().iter().find(|(_, x)| *x == o).map(|(t, _)| *t);
+    let end = Instant::now() + Duration::from_secs(30);
+    while log(Output::Power(true)).is_none() {
+        assert!(Instant::now() < end, "the rig never restored the power");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (fired, off) = (
+        log(Output::Fired(0)).unwrap(),
+        log(Output::Power(false)).unwrap(),
+    );
+    assert!(off >= fired + 800, "{:?}", sim.log());
+    let restarted = Instant::now();
+    drop(edge0);
+    let mut edge0 = fleet.edge(0, &edge0_args);
+    edge0.1.until("resumed from its state file", 60, |e| {
+        matches!(e, Event::Resumed { .. })
+    });
+    edge0.1.until("its round-2 upload", 300, is_encrypted(2));
+    let recovery = restarted.elapsed();
+    host_events.until("the end", 400, is_finished);
+    assert!(host.0.wait().unwrap().success());
+    let rounds = contributors(&fleet);
+    assert_eq!(rounds, vec![(1, 2), (2, 3)], "{rounds:?}");
+    edge0.1.until("done after round 2", 120, is_done(2));
+    eprintln!(
+        "power cut: exited {} ms after its warning event was seen (polled every 100 ms); power off {} ms; restart to round-2 upload {:.1} s",
+        (stopped - warned).as_millis(),
+        log(Output::Power(true)).unwrap() - off,
+        recovery.as_secs_f64()
+    );
+    // The rig heard the restarted device's status.
+    let status = sim
+        .with(|r| r.device_status())
+        .expect("a status after the restart");
+    assert_eq!(status.round, 2, "{status:?}");
+    drop(others);
+}

@@ -206,6 +206,18 @@ pub enum Event {
         /// The epoch followed now.
         to: u64,
     },
+    /// An attached rig warned of a power cut in `in_ms`: the device saved its state and
+    /// stopped (written by the driver).
+    PowerWarning {
+        /// Milliseconds of warning.
+        in_ms: u32,
+    },
+    /// A notice from an attached rig: connected, unusable, network or power cut or
+    /// restored, silent, back (written by the driver).
+    Rig {
+        /// What happened.
+        notice: String,
+    },
     /// The device left after the last round it was asked to run (written by the driver).
     Done {
         /// That round.
