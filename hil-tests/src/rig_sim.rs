@@ -117,3 +117,206 @@ async fn serve(
         }
     }
 }
+
+/// A scenario file (TOML): the rig's properties and its fault steps.
+///
+/// ```toml
+/// [rig]
+/// firmware = "rig-sim 0.1"
+/// supply_mv = 19000
+/// idle_ma = 300
+/// busy_ma = 1300
+/// min_interval_ms = 50
+///
+/// [thermal]
+/// ambient_c = 30.0
+/// rise_c = 50.0
+/// tau_s = 60.0
+///
+/// [[step]]                  # one trigger: at_ms, or round (+ phase, or + step)
+/// round = 1
+/// phase = "training"        # idle, joined, training, uploading, waiting
+/// fault = "cut-power"       # cut-network, cut-power, heat, noise
+/// warn_ms = 800
+/// off_ms = 2000
+/// ```
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioFile {
+    /// The rig.
+    pub rig: RigSection,
+    /// The device's thermal behaviour.
+    pub thermal: ThermalSection,
+    /// The faults, in order.
+    #[serde(default)]
+    pub step: Vec<StepSection>,
+}
+
+/// `[rig]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RigSection {
+    /// Firmware name.
+    #[serde(default = "default_firmware")]
+    pub firmware: String,
+    /// Supply voltage, mV.
+    pub supply_mv: u32,
+    /// Idle current, mA.
+    pub idle_ma: u32,
+    /// Full-load current, mA.
+    pub busy_ma: u32,
+    /// Shortest telemetry interval, ms.
+    #[serde(default = "default_interval")]
+    pub min_interval_ms: u32,
+}
+
+fn default_firmware() -> String {
+    "fedshield-rig-sim".into()
+}
+
+fn default_interval() -> u32 {
+    50
+}
+
+/// `[thermal]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThermalSection {
+    /// Ambient, C.
+    pub ambient_c: f64,
+    /// Rise at full load, C.
+    pub rise_c: f64,
+    /// Time constant, s.
+    pub tau_s: f64,
+}
+
+/// `[[step]]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSection {
+    /// At this many ms after the rig started ...
+    pub at_ms: Option<u64>,
+    /// ... or when the device reports this round ...
+    pub round: Option<u64>,
+    /// ... in this phase ...
+    pub phase: Option<String>,
+    /// ... or with at least this many steps trained.
+    pub step: Option<u32>,
+    /// cut-network, cut-power, heat or noise.
+    pub fault: String,
+    /// How long (cut-network, heat, noise).
+    pub for_ms: Option<u64>,
+    /// Warning before a power cut.
+    pub warn_ms: Option<u32>,
+    /// Time without power.
+    pub off_ms: Option<u64>,
+    /// Degrees added (heat).
+    pub celsius: Option<f64>,
+    /// Byte errors per million (noise).
+    pub per_million: Option<u32>,
+}
+
+fn phase_named(name: &str) -> Result<fedshield_rig::messages::EdgePhase, String> {
+    use fedshield_rig::messages::EdgePhase::*;
+    Ok(match name {
+        "idle" => Idle,
+        "joined" => Joined,
+        "training" => Training,
+        "uploading" => Uploading,
+        "waiting" => Waiting,
+        other => {
+            return Err(format!(
+                "phase {other:?}: one of idle, joined, training, uploading, waiting"
+            ));
+        }
+    })
+}
+
+impl StepSection {
+    fn step(&self, i: usize) -> Result<fedshield_rig::sim::Step, String> {
+        use fedshield_rig::sim::{Fault, Step, Trigger};
+        let at = |what: &str| format!("step {}: {what}", i + 1);
+        let when = match (self.at_ms, self.round, &self.phase, self.step) {
+            (Some(t), None, None, None) => Trigger::At(t),
+            (None, Some(r), None, None) => Trigger::Round(r),
+            (None, Some(r), Some(p), None) => {
+                Trigger::Phase(r, phase_named(p).map_err(|e| at(&e))?)
+            }
+            (None, Some(r), None, Some(k)) => Trigger::Step(r, k),
+            _ => {
+                return Err(at(
+                    "one trigger: at_ms, or round, or round with phase, or round with step",
+                ));
+            }
+        };
+        let need = |v: Option<u64>, name: &str| {
+            v.ok_or_else(|| at(&format!("{} needs {name}", self.fault)))
+        };
+        let fault = match self.fault.as_str() {
+            "cut-network" => Fault::CutNetwork {
+                for_ms: need(self.for_ms, "for_ms")?,
+            },
+            "cut-power" => Fault::CutPower {
+                warn_ms: self.warn_ms.ok_or_else(|| at("cut-power needs warn_ms"))?,
+                off_ms: need(self.off_ms, "off_ms")?,
+            },
+            "heat" => Fault::Heat {
+                celsius: self.celsius.ok_or_else(|| at("heat needs celsius"))?,
+                for_ms: need(self.for_ms, "for_ms")?,
+            },
+            "noise" => Fault::Noise {
+                per_million: self
+                    .per_million
+                    .filter(|p| *p <= 1_000_000)
+                    .ok_or_else(|| at("noise needs per_million, at most 1000000"))?,
+                for_ms: need(self.for_ms, "for_ms")?,
+            },
+            other => {
+                return Err(at(&format!(
+                    "fault {other:?}: one of cut-network, cut-power, heat, noise"
+                )));
+            }
+        };
+        Ok(Step { when, fault })
+    }
+}
+
+impl ScenarioFile {
+    /// Parses a scenario; a clear message for anything it cannot use.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        if !(file.thermal.tau_s.is_finite() && file.thermal.tau_s > 0.0) {
+            return Err("thermal.tau_s must be a positive number of seconds".into());
+        }
+        file.steps()?;
+        Ok(file)
+    }
+
+    /// The rig's state machine for this scenario.
+    pub fn rig(&self) -> Result<Rig, String> {
+        use fedshield_rig::sim::{RigConfig, Thermal};
+        Ok(Rig::new(
+            RigConfig {
+                firmware: self.rig.firmware.clone(),
+                supply_mv: self.rig.supply_mv,
+                idle_ma: self.rig.idle_ma,
+                busy_ma: self.rig.busy_ma,
+                thermal: Thermal {
+                    ambient_c: self.thermal.ambient_c,
+                    rise_c: self.thermal.rise_c,
+                    tau_s: self.thermal.tau_s,
+                },
+                min_interval_ms: self.rig.min_interval_ms,
+            },
+            self.steps()?,
+        ))
+    }
+
+    fn steps(&self) -> Result<Vec<fedshield_rig::sim::Step>, String> {
+        self.step
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.step(i))
+            .collect()
+    }
+}
