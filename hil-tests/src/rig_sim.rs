@@ -22,6 +22,18 @@ pub struct SimRig {
 impl SimRig {
     /// Serves `rig` on the serial port `port` (one end of a pty pair).
     pub fn spawn(port: &std::path::Path, rig: Rig, noise_seed: u64) -> anyhow::Result<Self> {
+        Self::spawn_heating(port, rig, noise_seed, None)
+    }
+
+    /// As [`SimRig::spawn`], and writes the modelled device temperature (millidegrees, as
+    /// sysfs does) into `zone_temp` as it changes: the device's own thermal zone in its
+    /// telemetry fixture, so that its governor sees the heat the rig models.
+    pub fn spawn_heating(
+        port: &std::path::Path,
+        rig: Rig,
+        noise_seed: u64,
+        zone_temp: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<Self> {
         let log = Arc::new(Mutex::new(Vec::new()));
         let rig = Arc::new(Mutex::new(rig));
         let stop = Arc::new(AtomicBool::new(false));
@@ -36,7 +48,7 @@ impl SimRig {
         let (l, r, s, m) = (log.clone(), rig.clone(), stop.clone(), mute.clone());
         let thread = std::thread::Builder::new()
             .name("sim-rig".into())
-            .spawn(move || runtime.block_on(serve(link, r, l, s, m, noise_seed)))?;
+            .spawn(move || runtime.block_on(serve(link, r, l, s, m, noise_seed, zone_temp)))?;
         Ok(Self {
             log,
             rig,
@@ -78,7 +90,9 @@ async fn serve(
     stop: Arc<AtomicBool>,
     mute: Arc<AtomicBool>,
     seed: u64,
+    zone_temp: Option<std::path::PathBuf>,
 ) {
+    let mut written = i64::MIN;
     let start = Instant::now();
     let mut noise_ppm = 0u32;
     let mut state = seed | 1;
@@ -90,6 +104,17 @@ async fn serve(
             Err(_) => Vec::new(),
         };
         outputs.extend(rig.lock().unwrap().tick(now));
+        if let Some(path) = &zone_temp {
+            let milli = (rig.lock().unwrap().temperature() * 1000.0) as i64;
+            if milli != written {
+                written = milli;
+                // Replaced whole (write, then rename), as a sysfs read sees it.
+                let tmp = path.with_extension("rig-tmp");
+                if std::fs::write(&tmp, format!("{milli}\n")).is_ok() {
+                    let _ = std::fs::rename(&tmp, path);
+                }
+            }
+        }
         for out in outputs {
             match &out {
                 Output::Send(m) => {

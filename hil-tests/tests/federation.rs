@@ -1096,3 +1096,103 @@ fn a_power_cut_the_rig_warns_of_stops_the_edge_cleanly_and_it_rejoins_after() {
     assert_eq!(status.round, 2, "{status:?}");
     drop(others);
 }
+
+/// A thermal ramp from the rig: edge-0's telemetry is an Orin Nano fixture whose CPU zone
+/// (passive trip 99 C) the simulated rig keeps at its modelled temperature: about 90 C
+/// while the device trains (the governor slows it), 110 C for 4 s when the scenario heats
+/// it (the governor pauses), back to 90 C after (it resumes). The device finishes its
+/// steps within the round's time, its report carries the throttling, and the round
+/// completes with all three.
+#[test]
+fn a_thermal_ramp_from_the_rig_slows_then_pauses_the_edge_and_the_round_still_completes() {
+    use fedshield_hil_tests::PtyPair;
+    use fedshield_hil_tests::rig_sim::SimRig;
+    use fedshield_rig::messages::EdgePhase;
+    use fedshield_rig::sim::{Fault, Rig, RigConfig, Step, Thermal, Trigger};
+    use fedshield_telemetry::fixtures;
+    let fleet = Fleet::new("thermal", ["--rank", "2", "--targets", "v_proj"]);
+    let (mut host, mut host_events) = fleet.host(&[
+        "--rounds",
+        "1",
+        "--local-steps",
+        "10",
+        "--join-seconds",
+        "60",
+        "--upload-seconds",
+        "120",
+        "--phase-seconds",
+        "20",
+        "--threshold",
+        "2",
+        "--chunk-bytes",
+        "16384",
+        "--rho",
+        "0.5",
+    ]);
+    let sysfs = tempfile::tempdir().unwrap();
+    fixtures::copy_tree(&fixtures::path("orin-nano-jp6"), sysfs.path()).unwrap();
+    let zone = sysfs
+        .path()
+        .join("sys/devices/virtual/thermal/thermal_zone0/temp");
+    let pair = PtyPair::start().expect("socat pty pair");
+    let rig = Rig::new(
+        RigConfig {
+            firmware: "rig-sim 0.1".into(),
+            supply_mv: 19_000,
+            idle_ma: 300,
+            busy_ma: 1_300,
+            thermal: Thermal {
+                ambient_c: 80.0,
+                rise_c: 10.0,
+                tau_s: 1.0,
+            },
+            min_interval_ms: 50,
+        },
+        vec![Step {
+            when: Trigger::Phase(1, EdgePhase::Training),
+            fault: Fault::Heat {
+                celsius: 20.0,
+                for_ms: 4_000,
+            },
+        }],
+    );
+    let _sim = SimRig::spawn_heating(pair.b(), rig, 5, Some(zone)).unwrap();
+    let port = pair.a().to_str().unwrap().to_string();
+    let root = sysfs.path().to_str().unwrap().to_string();
+    let edge0_args = [
+        &EDGE_TINY[..],
+        &[
+            "--rounds",
+            "1",
+            "--rig",
+            &port,
+            "--rig-interval-ms",
+            "100",
+            "--telemetry-root",
+            &root,
+            "--max-pause-seconds",
+            "60",
+        ],
+    ]
+    .concat();
+    let mut edges = vec![fleet.edge(0, &edge0_args)];
+    edges.extend((1..3).map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "1"]].concat())));
+    host_events.until("the end", 400, is_finished);
+    assert!(host.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), vec![(1, 3)]);
+    let rounds = fleet.rounds();
+    let t = &rounds[0]["reports"]["edge-0"]["training"];
+    eprintln!("thermal ramp: edge-0's training {t}");
+    // Paused about 4 s (the heat) and slowed the rest; every step done, none lost.
+    assert!(t["throttled_seconds"].as_f64().unwrap() >= 3.0, "{t}");
+    assert!(t["throttled_steps"].as_u64().unwrap() >= 1, "{t}");
+    assert_eq!(t["steps"], t["assigned"], "{t}");
+    assert!(t["stopped"].is_null(), "{t}");
+    // The energy is the rig's: 19 V x 1.3 A while training.
+    assert!(t["joules"].as_f64().unwrap() > 0.0, "{t}");
+    let others = &rounds[0]["reports"]["edge-1"]["training"];
+    assert_eq!(others["throttled_seconds"], 0.0, "{others}");
+    for (_, events) in &mut edges {
+        events.until("done after round 1", 120, is_done(1));
+    }
+}
