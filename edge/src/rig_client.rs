@@ -168,6 +168,8 @@ async fn serve(
                         return;
                     }
                 }
+                // Statuses reported meanwhile are for a rig that is not there.
+                while status.try_recv().is_ok() {}
                 tokio::time::sleep(Duration::from_secs(3)).await;
             }
         }
