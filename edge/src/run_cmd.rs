@@ -423,12 +423,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 done_round = done_round.max(*round);
             }
         }
-        if let Some(rig) = &rig
-            && let Some(next) = next_status(status, &out.events)
-        {
-            status = next;
-            rig.report(status);
-        }
+        report_status(rig.as_ref(), &mut status, &out.events);
         publish(output.carry_out(&fleet, out)?)?;
         // Training starts after publishing what preceded it (the round's shares).
         if training.is_none() && fleet.has_training() {
@@ -437,12 +432,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 platform.start(&job.config, &job.task, &job.global);
             }
             training = job;
-            if let Some(rig) = &rig
-                && let Some(next) = next_status(status, &out.events)
-            {
-                status = next;
-                rig.report(status);
-            }
+            report_status(rig.as_ref(), &mut status, &out.events);
             publish(output.carry_out(&fleet, out)?)?;
         }
         if args.rounds > 0 && done_round >= args.rounds {
@@ -453,6 +443,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             output.event(&Event::Done { round: done_round });
             return Ok(());
         }
+    }
+}
+
+/// Tells the rig the device's status when `events` change it.
+fn report_status(rig: Option<&RigClient>, status: &mut EdgeStatus, events: &[Event]) {
+    if let Some(rig) = rig
+        && let Some(next) = next_status(*status, events)
+    {
+        *status = next;
+        rig.report(next);
     }
 }
 

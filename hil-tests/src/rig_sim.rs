@@ -10,6 +10,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The rig of the tests: a 19 V supply, 300 mA idle and 1.3 A at training load, readings
+/// no faster than `min_interval_ms`, the device's `thermal` behaviour, playing `scenario`.
+pub fn bench_rig(
+    thermal: fedshield_rig::sim::Thermal,
+    min_interval_ms: u32,
+    scenario: Vec<fedshield_rig::sim::Step>,
+) -> Rig {
+    Rig::new(
+        fedshield_rig::sim::RigConfig {
+            firmware: "rig-sim 0.1".into(),
+            supply_mv: 19_000,
+            idle_ma: 300,
+            busy_ma: 1_300,
+            thermal,
+            min_interval_ms,
+        },
+        scenario,
+    )
+}
+
 /// A running simulated rig; stops when dropped.
 pub struct SimRig {
     log: Arc<Mutex<Vec<(u64, Output)>>>,

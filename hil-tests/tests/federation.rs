@@ -986,9 +986,9 @@ fn devices_train_off_the_link_so_a_short_share_phase_or_a_flood_loses_nobody() {
 #[test]
 fn a_power_cut_the_rig_warns_of_stops_the_edge_cleanly_and_it_rejoins_after() {
     use fedshield_hil_tests::PtyPair;
-    use fedshield_hil_tests::rig_sim::SimRig;
+    use fedshield_hil_tests::rig_sim::{SimRig, bench_rig};
     use fedshield_rig::messages::EdgePhase;
-    use fedshield_rig::sim::{Fault, Output, Rig, RigConfig, Step, Thermal, Trigger};
+    use fedshield_rig::sim::{Fault, Output, Step, Thermal, Trigger};
     let fleet = Fleet::new("powercut", ["--rank", "2", "--targets", "v_proj"]);
     let (mut host, mut host_events) = fleet.host(&[
         "--rounds",
@@ -1009,19 +1009,13 @@ fn a_power_cut_the_rig_warns_of_stops_the_edge_cleanly_and_it_rejoins_after() {
         "0.5",
     ]);
     let pair = PtyPair::start().expect("socat pty pair");
-    let rig = Rig::new(
-        RigConfig {
-            firmware: "rig-sim 0.1".into(),
-            supply_mv: 19_000,
-            idle_ma: 300,
-            busy_ma: 1_300,
-            thermal: Thermal {
-                ambient_c: 30.0,
-                rise_c: 40.0,
-                tau_s: 60.0,
-            },
-            min_interval_ms: 50,
+    let rig = bench_rig(
+        Thermal {
+            ambient_c: 30.0,
+            rise_c: 40.0,
+            tau_s: 60.0,
         },
+        50,
         vec![Step {
             when: Trigger::Phase(1, EdgePhase::Training),
             fault: Fault::CutPower {
@@ -1106,9 +1100,9 @@ fn a_power_cut_the_rig_warns_of_stops_the_edge_cleanly_and_it_rejoins_after() {
 #[test]
 fn a_thermal_ramp_from_the_rig_slows_then_pauses_the_edge_and_the_round_still_completes() {
     use fedshield_hil_tests::PtyPair;
-    use fedshield_hil_tests::rig_sim::SimRig;
+    use fedshield_hil_tests::rig_sim::{SimRig, bench_rig};
     use fedshield_rig::messages::EdgePhase;
-    use fedshield_rig::sim::{Fault, Rig, RigConfig, Step, Thermal, Trigger};
+    use fedshield_rig::sim::{Fault, Step, Thermal, Trigger};
     use fedshield_telemetry::fixtures;
     let fleet = Fleet::new("thermal", ["--rank", "2", "--targets", "v_proj"]);
     let (mut host, mut host_events) = fleet.host(&[
@@ -1135,19 +1129,13 @@ fn a_thermal_ramp_from_the_rig_slows_then_pauses_the_edge_and_the_round_still_co
         .path()
         .join("sys/devices/virtual/thermal/thermal_zone0/temp");
     let pair = PtyPair::start().expect("socat pty pair");
-    let rig = Rig::new(
-        RigConfig {
-            firmware: "rig-sim 0.1".into(),
-            supply_mv: 19_000,
-            idle_ma: 300,
-            busy_ma: 1_300,
-            thermal: Thermal {
-                ambient_c: 80.0,
-                rise_c: 10.0,
-                tau_s: 1.0,
-            },
-            min_interval_ms: 50,
+    let rig = bench_rig(
+        Thermal {
+            ambient_c: 80.0,
+            rise_c: 10.0,
+            tau_s: 1.0,
         },
+        50,
         vec![Step {
             when: Trigger::Phase(1, EdgePhase::Training),
             fault: Fault::Heat {

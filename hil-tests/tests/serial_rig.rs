@@ -195,24 +195,18 @@ async fn silence_is_a_timeout_not_a_hang() {
 mod client {
     use super::*;
     use fedshield_edge::rig_client::{RigClient, RigEvent};
-    use fedshield_hil_tests::rig_sim::SimRig;
-    use fedshield_rig::sim::{Fault, Output, Rig, RigConfig, Step, Thermal, Trigger};
+    use fedshield_hil_tests::rig_sim::{SimRig, bench_rig};
+    use fedshield_rig::sim::{Fault, Output, Rig, Step, Thermal, Trigger};
     use std::time::Instant;
 
     fn rig(scenario: Vec<Step>) -> Rig {
-        Rig::new(
-            RigConfig {
-                firmware: "rig-sim 0.1".into(),
-                supply_mv: 19_000,
-                idle_ma: 300,
-                busy_ma: 1_300,
-                thermal: Thermal {
-                    ambient_c: 30.0,
-                    rise_c: 50.0,
-                    tau_s: 60.0,
-                },
-                min_interval_ms: 20,
+        bench_rig(
+            Thermal {
+                ambient_c: 30.0,
+                rise_c: 50.0,
+                tau_s: 60.0,
             },
+            20,
             scenario,
         )
     }
