@@ -426,6 +426,8 @@ impl Host {
                     tracing::warn!("broker connection lost ({e}); reconnecting");
                     vec![]
                 }
+                // The host never reports a cut network to its link.
+                Some(Incoming::Cut) => vec![],
                 Some(Incoming::Connected) => {
                     tracing::info!(
                         "round {round}: reconnected to the broker; re-publishing the round"

@@ -10,9 +10,15 @@
 //! keep-alive and, with the driver blocked on a full publish queue, deadlock). Retained
 //! messages come back by subscribing again ([`Link::resubscribe`]); the rest is the
 //! protocol's to re-send.
+//!
+//! A driver that learns from outside that the network beneath is cut (a test rig's network
+//! relay, [`Link::network_cut`]) does not wait for the keep-alive to notice: the link drops
+//! its connection at once (unacknowledged QoS 1 publishes are kept and sent again), retries
+//! slowly while the cut lasts, and reconnects as soon as it is told the network is back.
 
 use rumqttc::{
-    Client, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+    Client, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,6 +31,13 @@ pub const INCOMING_FACTOR: usize = 4;
 /// The default incoming budget, in units of `max_packet_bytes` (32 MiB at the default
 /// 512 KiB packets: a whole global update of the demo, 9 MB, with room to spare).
 pub const INCOMING_BUDGET_PACKETS: usize = 64;
+
+/// The first wait before reconnecting; doubled after each failure up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// The longest wait between two connection attempts (and the wait while the network is
+/// known to be cut).
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Bytes a queued message is counted for besides its topic and payload (so that a flood of
 /// empty messages is bounded too).
@@ -207,6 +220,9 @@ pub enum Incoming {
     Connected,
     /// The connection dropped; the link is retrying.
     Disconnected(String),
+    /// The link dropped its connection because the driver said the network is cut
+    /// ([`Link::network_cut`]); it reconnects when told the network is back.
+    Cut,
 }
 
 /// Errors of the link.
@@ -221,6 +237,9 @@ pub enum LinkError {
     /// The link's thread stopped.
     #[error("the MQTT link has stopped")]
     Closed,
+    /// The link's thread could not be started.
+    #[error("the MQTT link's thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// How much of the incoming budget is held, and how many messages did not fit.
@@ -258,6 +277,20 @@ pub struct Link {
     incoming: Receiver<Incoming>,
     budget: Arc<Budget>,
     subscriptions: Vec<String>,
+    /// Whether the network beneath is known to be cut (the driver's word).
+    cut: NetworkWord,
+}
+
+/// A handle on a link's word about the network beneath it ([`Link::network_word`]), for a
+/// thread that learns of cuts first (a rig's client).
+#[derive(Debug, Clone)]
+pub struct NetworkWord(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl NetworkWord {
+    /// The network is cut (`false`) or back (`true`): see [`Link::network_cut`].
+    pub fn set(&self, connected: bool) {
+        self.0.send_replace(!connected);
+    }
 }
 
 impl std::fmt::Debug for Link {
@@ -305,27 +338,36 @@ impl Link {
                 true,
             ));
         }
-        let (client, mut connection) = Client::new(opts, 256);
+        let (client, connection) = Client::new(opts, 256);
+        // The event loop runs on this link's own runtime (below), which lets the loop be
+        // interrupted when the network is cut; the connection's runtime is not used.
+        let mut eventloop = connection.eventloop;
         let (tx, rx) = channel();
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
         let subscriber = client.clone();
         let subscriptions = config.subscriptions.clone();
         let held = budget.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         std::thread::Builder::new()
             .name(format!("mqtt-{}", config.client_id))
             .spawn(move || {
-                let mut backoff = Duration::from_millis(100);
-                for event in connection.iter() {
-                    if !forward(event, &tx, &subscriber, &config, &held, &mut backoff) {
-                        return;
-                    }
-                }
-            })
-            .map_err(|_| LinkError::Closed)?;
+                runtime.block_on(drive(
+                    &mut eventloop,
+                    cut_rx,
+                    &tx,
+                    &subscriber,
+                    &config,
+                    &held,
+                ));
+            })?;
         Ok(Self {
             client,
             incoming: rx,
             budget,
             subscriptions,
+            cut: NetworkWord(Arc::new(cut)),
         })
     }
 
@@ -382,24 +424,118 @@ impl Link {
         }
     }
 
-    /// Disconnects cleanly (no last will).
+    /// Disconnects cleanly (no last will); the link does not reconnect after.
     pub fn disconnect(&self) {
         let _ = self.client.disconnect();
     }
+
+    /// The network beneath is cut (a rig's relay said so): the link drops its connection
+    /// now ([`Incoming::Cut`]) instead of waiting for the keep-alive to find it dead, keeps
+    /// what was not acknowledged for the next connection, and tries again only every
+    /// [`BACKOFF_MAX`] until [`Link::network_restored`].
+    pub fn network_cut(&self) {
+        self.cut.set(false);
+    }
+
+    /// The network is back: the link reconnects at once.
+    pub fn network_restored(&self) {
+        self.cut.set(true);
+    }
+
+    /// A handle to tell the link about the network from another thread.
+    pub fn network_word(&self) -> NetworkWord {
+        self.cut.clone()
+    }
 }
 
-/// Handles one event-loop event; false stops the thread (the driver is gone).
+/// The link thread's loop: polls the event loop, forwards what it yields, waits between
+/// connection attempts, and follows the driver's word on the network. An event-loop poll is
+/// cancelled only where that is safe: to drop the connection anyway (the network is cut),
+/// or while no connection is up (a connection attempt, abandoned when the network is back).
+async fn drive(
+    eventloop: &mut EventLoop,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+    tx: &Sender<Incoming>,
+    client: &Client,
+    config: &LinkConfig,
+    budget: &Budget,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut known_cut = false;
+    loop {
+        let connected = eventloop.network.is_some();
+        let target = !known_cut;
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            word = cut.wait_for(move |c| *c == target), if !known_cut || !connected => {
+                if word.is_err() {
+                    return; // the driver is gone
+                }
+                known_cut = target;
+                if known_cut {
+                    if connected {
+                        eventloop.clean(); // unacknowledged publishes are kept for later
+                        if tx.send(Incoming::Cut).is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    backoff = BACKOFF_MIN;
+                }
+                continue;
+            }
+        };
+        match forward(event, tx, client, config, budget) {
+            Flow::Stop => return,
+            Flow::Connected => {
+                backoff = BACKOFF_MIN;
+                // Connected although told the network was cut: it is evidently back.
+                known_cut &= *cut.borrow();
+            }
+            Flow::Next => {}
+            Flow::Retry => {
+                let wait = if known_cut { BACKOFF_MAX } else { backoff };
+                let target = !known_cut;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                    word = cut.wait_for(move |c| *c == target) => {
+                        if word.is_err() {
+                            return;
+                        }
+                        known_cut = target;
+                        backoff = BACKOFF_MIN;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the link's loop does after one event.
+enum Flow {
+    /// Go on polling.
+    Next,
+    /// A connection is up.
+    Connected,
+    /// The connection failed: wait, then try again.
+    Retry,
+    /// The driver is gone or disconnected: stop.
+    Stop,
+}
+
+/// Handles one event-loop event.
 fn forward(
     event: Result<Event, ConnectionError>,
     tx: &Sender<Incoming>,
     client: &Client,
     config: &LinkConfig,
     budget: &Budget,
-    backoff: &mut Duration,
-) -> bool {
+) -> Flow {
+    let alive = |sent: bool, then: Flow| if sent { then } else { Flow::Stop };
     match event {
         Ok(Event::Incoming(Packet::ConnAck(_))) => {
-            *backoff = Duration::from_millis(100);
             for filter in &config.subscriptions {
                 if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
                     tracing::warn!("subscribe {filter}: {e}");
@@ -408,25 +544,25 @@ fn forward(
             if let Some((topic, payload)) = &config.birth {
                 let _ = client.try_publish(topic, QoS::AtLeastOnce, true, payload.clone());
             }
-            tx.send(Incoming::Connected).is_ok()
+            alive(tx.send(Incoming::Connected).is_ok(), Flow::Connected)
         }
         Ok(Event::Incoming(Packet::Publish(p))) => {
             if !budget.reserve(Budget::cost(&p.topic, &p.payload)) {
-                return true; // counted; the driver reports it
+                return Flow::Next; // counted; the driver reports it
             }
-            tx.send(Incoming::Message {
+            let sent = tx.send(Incoming::Message {
                 topic: p.topic,
                 payload: p.payload.to_vec(),
-            })
-            .is_ok()
+            });
+            alive(sent.is_ok(), Flow::Next)
         }
-        Ok(_) => true,
-        Err(e) => {
-            let alive = tx.send(Incoming::Disconnected(e.to_string())).is_ok();
-            std::thread::sleep(*backoff);
-            *backoff = (*backoff * 2).min(Duration::from_secs(5));
-            alive
-        }
+        Ok(Event::Outgoing(Outgoing::Disconnect)) => Flow::Stop,
+        Ok(_) => Flow::Next,
+        Err(ConnectionError::RequestsDone) => Flow::Stop,
+        Err(e) => alive(
+            tx.send(Incoming::Disconnected(e.to_string())).is_ok(),
+            Flow::Retry,
+        ),
     }
 }
 
