@@ -20,7 +20,7 @@ use rand::RngCore;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::Instant;
 
-pub use fedshield_protocol::fleet::edge::{Audit, EdgeFleet, EdgeOutput, Event};
+pub use fedshield_protocol::fleet::edge::{Audit, EdgeFleet, EdgeOutput, Event, RigNotice};
 
 /// What the device trains with (moved onto the worker thread: every libtorch object of
 /// the device lives there).
@@ -102,6 +102,7 @@ impl Device {
                 tokens = p.tokens;
             },
         );
+        self.pacer.end_run();
         let after = self.pacer.report();
         if after.slowed_steps > before.slowed_steps
             || after.paused_s > before.paused_s

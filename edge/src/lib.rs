@@ -44,6 +44,22 @@ pub enum EdgeError {
         /// What it did.
         why: String,
     },
+    /// The rig on a serial port speaks another protocol version or message set.
+    #[error(
+        "rig on {port}: firmware {firmware:?} speaks rig protocol {protocol} (digest {digest:#018x}); this edge speaks {} ({:#018x})",
+        fedshield_rig::messages::PROTOCOL_VERSION,
+        fedshield_rig::messages::protocol_digest()
+    )]
+    RigVersion {
+        /// The port's path.
+        port: String,
+        /// The rig's firmware.
+        firmware: String,
+        /// The rig's protocol version.
+        protocol: u16,
+        /// The rig's protocol digest.
+        digest: u64,
+    },
     /// No training plan could be chosen or applied.
     #[error("training plan: {0}")]
     Plan(String),

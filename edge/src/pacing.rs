@@ -67,6 +67,51 @@ pub struct Pacer {
     run_steps: usize,
     /// An attached rig's measurement of the supply, preferred to the on-board rails.
     external: Option<crate::rig_client::ExternalPower>,
+    /// `run_steps` and the duty cycle, for other threads.
+    progress: Progress,
+    /// When the last step was let go (the clock's seconds), and how long the step before
+    /// it computed: the duty cycle's terms.
+    released: Option<f64>,
+    compute_s: Option<f64>,
+}
+
+/// Steps begun in the pacer's current run and the trainer's duty cycle, readable from
+/// another thread (the driver tells an attached rig which step the device is on and how
+/// hard it works).
+#[derive(Debug, Clone)]
+pub struct Progress(std::sync::Arc<[std::sync::atomic::AtomicU32; 2]>);
+
+impl Default for Progress {
+    fn default() -> Self {
+        let zero = || std::sync::atomic::AtomicU32::new(0);
+        Self(std::sync::Arc::new([
+            zero(),
+            std::sync::atomic::AtomicU32::new(100),
+        ]))
+    }
+}
+
+impl Progress {
+    /// Steps begun in the current run.
+    pub fn steps(&self) -> u32 {
+        self.0[0].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The trainer's duty cycle over its last step, in percent: the step's compute time
+    /// over that time plus the wait before the next step (100 unthrottled, 0 while paused).
+    pub fn duty_pct(&self) -> u8 {
+        self.0[1].load(std::sync::atomic::Ordering::Relaxed) as u8
+    }
+
+    fn set(&self, steps: usize) {
+        let steps = u32::try_from(steps).unwrap_or(u32::MAX);
+        self.0[0].store(steps, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn set_duty(&self, fraction: f64) {
+        let pct = (fraction.clamp(0.0, 1.0) * 100.0).round() as u32;
+        self.0[1].store(pct, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Pacer {
@@ -83,7 +128,15 @@ impl Pacer {
             deadline: None,
             run_steps: 0,
             external: None,
+            progress: Progress::default(),
+            released: None,
+            compute_s: None,
         }
+    }
+
+    /// The current run's steps, for another thread.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
     }
 
     /// Takes the power from `external` (an attached rig's supply measurement) while it is
@@ -97,7 +150,30 @@ impl Pacer {
     /// [`Pacer::before_step`] ends the run, after its first step at least.
     pub fn start_run(&mut self, seconds: Option<f64>) {
         self.run_steps = 0;
+        self.progress.set(0);
+        self.released = None; // the time between two runs is not a step's
+        self.energy.gap(); // nor is its energy
         self.deadline = seconds.map(|s| (self.time.now)() + s);
+    }
+
+    /// Ends the current run: one more power reading closes the energy of its last step.
+    pub fn end_run(&mut self) {
+        self.released = None;
+        self.deadline = None;
+        let now = (self.time.now)();
+        if let Some(w) = self.power_now(now) {
+            self.energy.add(now, w);
+            self.report.joules = Some(self.energy.joules);
+        }
+    }
+
+    /// The supply's power now: the rig's while fresh, else the on-board rails'.
+    fn power_now(&self, now: f64) -> Option<fedshield_telemetry::Watts> {
+        if let Some(w) = self.external.as_ref().and_then(|e| e.fresh()) {
+            return Some(fedshield_telemetry::Watts(w));
+        }
+        let reading = self.telemetry.as_ref()?.read();
+        Observation::of(&reading, now).power
     }
 
     /// Paces by the sensors under `root` with `config`.
@@ -113,15 +189,31 @@ impl Pacer {
     /// Waits as the governor says before the next step; false: stop training (paused for
     /// longer than `max_pause_s`, or past the run's deadline).
     pub fn before_step(&mut self) -> bool {
+        if let Some(released) = self.released.take() {
+            self.compute_s = Some((self.time.now)() - released);
+        }
         // Checked before and after the governor's wait (a sleep may cross the deadline).
         if self.past_deadline() {
             return false;
         }
+        let throttled = |r: &PaceReport| r.slept_s + r.paused_s;
+        let before = throttled(&self.report);
         let go = self.pace();
         if !go || self.past_deadline() {
             return false;
         }
+        let now = (self.time.now)();
+        let waited = throttled(&self.report) - before;
+        // Without a step measured yet, a step that did not wait counts as full duty.
+        let duty = match self.compute_s {
+            Some(c) if c + waited > 0.0 => c / (c + waited),
+            _ if waited > 0.0 => 0.0,
+            _ => 1.0,
+        };
+        self.progress.set_duty(duty);
+        self.released = Some(now);
         self.run_steps += 1;
+        self.progress.set(self.run_steps);
         true
     }
 
@@ -162,6 +254,7 @@ impl Pacer {
                     self.report.slowed_steps += 1;
                 }
                 Pace::Pause { .. } => {
+                    self.progress.set_duty(0.0);
                     let since = *paused_since.get_or_insert(now);
                     if now - since >= self.max_pause_s {
                         self.report.paused_s += now - since;
@@ -254,6 +347,74 @@ mod tests {
     }
 
     #[test]
+    fn the_duty_cycle_is_the_steps_compute_over_compute_and_wait() {
+        let dir = orin();
+        let root = dir.path().to_path_buf();
+        set_cpu(&root, 50.0);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let progress = Arc::new(Mutex::new(None::<Progress>));
+        let (s, p2) = (seen.clone(), progress.clone());
+        let (time, clock) = simulated(move |_| {
+            if let Some(p) = &*p2.lock().unwrap() {
+                s.lock().unwrap().push(p.duty_pct());
+            }
+        });
+        let mut p = Pacer::new(&root, GovernorConfig::default(), time).unwrap();
+        *progress.lock().unwrap() = Some(p.progress());
+        let compute = |c: f64| *clock.lock().unwrap() += c;
+        let duty = || progress.lock().unwrap().as_ref().unwrap().duty_pct();
+        // Cool: no wait, full duty.
+        assert!(p.before_step());
+        assert_eq!(duty(), 100);
+        compute(0.3);
+        assert!(p.before_step());
+        assert_eq!(duty(), 100);
+        // 95 C: 0.3 s of compute, then 1.2 s of sleep: 20 %.
+        set_cpu(&root, 95.0);
+        compute(0.3);
+        assert!(p.before_step());
+        assert_eq!(duty(), 20);
+        // At the trip point: 0 % while paused (seen from the sleeps).
+        set_cpu(&root, 99.5);
+        compute(0.3);
+        seen.lock().unwrap().clear();
+        p.max_pause_s = 2.5;
+        assert!(!p.before_step(), "paused past the limit");
+        assert!(
+            !seen.lock().unwrap().is_empty() && seen.lock().unwrap().iter().all(|d| *d == 0),
+            "{:?}",
+            seen.lock().unwrap()
+        );
+        // A new run starts without a measured step of its own: no wait, full duty again.
+        set_cpu(&root, 50.0);
+        p.start_run(None);
+        assert!(p.before_step());
+        assert_eq!(duty(), 100);
+    }
+
+    #[test]
+    fn a_runs_energy_covers_its_last_step_and_not_the_idle_time_between_runs() {
+        let dir = orin();
+        set_cpu(dir.path(), 50.0);
+        let (time, clock) = simulated(|_| {});
+        let mut p = Pacer::new(dir.path(), GovernorConfig::default(), time).unwrap();
+        let watts = 6.765_504; // the fixture's VDD_IN
+        p.start_run(None);
+        assert!(p.before_step());
+        *clock.lock().unwrap() += 2.0; // one step of 2 s
+        p.end_run();
+        let one = p.report().joules.unwrap();
+        assert!((one - 2.0 * watts).abs() < 1e-6, "{one}");
+        *clock.lock().unwrap() += 100.0; // idle between rounds
+        p.start_run(None);
+        assert!(p.before_step());
+        *clock.lock().unwrap() += 1.0;
+        p.end_run();
+        let two = p.report().joules.unwrap() - one;
+        assert!((two - watts).abs() < 1e-6, "{two}");
+    }
+
+    #[test]
     fn a_pause_longer_than_the_limit_stops_training() {
         let dir = orin();
         set_cpu(dir.path(), 104.0);
@@ -279,10 +440,14 @@ mod tests {
         // 3 s from t = 1.2: steps after the sleeps ending at 2.4 and 3.6; the next sleep
         // ends at 4.8, past the deadline (4.2), so no third step starts.
         let start = *clock.lock().unwrap();
+        let progress = p.progress();
+        assert_eq!(progress.steps(), 1);
         p.start_run(Some(3.0));
+        assert_eq!(progress.steps(), 0);
         let mut steps = 0;
         while p.before_step() {
             steps += 1;
+            assert_eq!(progress.steps(), steps);
         }
         assert_eq!(steps, 2);
         assert!((*clock.lock().unwrap() - start - 3.6).abs() < 1e-9);

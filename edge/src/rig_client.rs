@@ -14,6 +14,7 @@ use fedshield_rig::messages::{
     EdgeStatus, FromRig, Identity, Relay, RelayChanged, StartTelemetry, StatusTopic,
     TelemetryEndpoint, Topic, message,
 };
+use fedshield_transport::NetworkWord;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,8 +51,19 @@ impl ExternalPower {
 pub enum RigEvent {
     /// The rig identified itself (same protocol).
     Connected(Identity),
-    /// The rig cannot be used (another protocol version, or no answer): the device goes on
-    /// with on-board telemetry; the thread keeps trying to identify it.
+    /// The rig speaks another protocol version or message set: the device goes on with
+    /// on-board telemetry; the thread keeps trying to identify it (a rig re-flashed while
+    /// the device runs).
+    Mismatch {
+        /// Its firmware.
+        firmware: String,
+        /// Its protocol version.
+        protocol: u16,
+        /// Its protocol digest.
+        digest: u64,
+    },
+    /// No identity could be read (no answer, or none this edge can decode): as for
+    /// [`RigEvent::Mismatch`].
     Unusable(String),
     /// The rig will cut the device's power in `in_ms`.
     BrownOut {
@@ -72,6 +84,7 @@ pub struct RigClient {
     status: Sender<EdgeStatus>,
     power: ExternalPower,
     stats: Arc<Mutex<Stats>>,
+    network: Arc<Mutex<Option<NetworkWord>>>,
 }
 
 impl RigClient {
@@ -82,7 +95,12 @@ impl RigClient {
         let (status, status_rx) = channel();
         let power = ExternalPower::default();
         let stats = Arc::new(Mutex::new(Stats::default()));
-        let (p, s) = (power.clone(), stats.clone());
+        let network = Arc::new(Mutex::new(None));
+        let shared = Shared {
+            power: power.clone(),
+            stats: stats.clone(),
+            network: network.clone(),
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -98,7 +116,7 @@ impl RigClient {
         std::thread::Builder::new()
             .name("rig".into())
             .spawn(move || {
-                runtime.block_on(serve(link, interval_ms, events_tx, status_rx, p, s));
+                runtime.block_on(serve(link, interval_ms, events_tx, status_rx, shared));
             })
             .map_err(|source| EdgeError::Thread {
                 what: "rig",
@@ -109,7 +127,14 @@ impl RigClient {
             status,
             power,
             stats,
+            network,
         })
+    }
+
+    /// Tells `word`'s link of the rig's network relay as soon as the rig reports it, from
+    /// the rig's thread (the driver may be waiting on its link).
+    pub fn follow_network(&self, word: NetworkWord) {
+        *self.network.lock().unwrap_or_else(|p| p.into_inner()) = Some(word);
     }
 
     /// The next notice from the rig, if one is waiting.
@@ -138,6 +163,13 @@ impl RigClient {
     }
 }
 
+/// What the rig's thread shares with the device.
+struct Shared {
+    power: ExternalPower,
+    stats: Arc<Mutex<Stats>>,
+    network: Arc<Mutex<Option<NetworkWord>>>,
+}
+
 /// The rig thread's loop: identify (again every few seconds until it works), ask for the
 /// stream, then pass on what comes and send what the device reports.
 async fn serve(
@@ -145,9 +177,13 @@ async fn serve(
     interval_ms: u32,
     events: Sender<RigEvent>,
     status: Receiver<EdgeStatus>,
-    power: ExternalPower,
-    stats: Arc<Mutex<Stats>>,
+    shared: Shared,
 ) {
+    let Shared {
+        power,
+        stats,
+        network,
+    } = shared;
     let answer = Duration::from_secs(2);
     let silence = Duration::from_millis(u64::from(interval_ms) * 3) + Duration::from_secs(2);
     let mut unusable_told = false;
@@ -164,7 +200,20 @@ async fn serve(
                 if !unusable_told {
                     tracing::warn!("rig unusable, on-board telemetry only: {e}");
                     unusable_told = true;
-                    if events.send(RigEvent::Unusable(e.to_string())).is_err() {
+                    let event = match e {
+                        EdgeError::RigVersion {
+                            firmware,
+                            protocol,
+                            digest,
+                            ..
+                        } => RigEvent::Mismatch {
+                            firmware,
+                            protocol,
+                            digest,
+                        },
+                        e => RigEvent::Unusable(e.to_string()),
+                    };
+                    if events.send(event).is_err() {
                         return;
                     }
                 }
@@ -233,6 +282,11 @@ async fn serve(
             Ok(FromRig::RelayChanged(r)) => {
                 if r.relay == Relay::Power && !r.closed {
                     power.clear();
+                }
+                if r.relay == Relay::Network
+                    && let Some(word) = &*network.lock().unwrap_or_else(|p| p.into_inner())
+                {
+                    word.set(r.closed);
                 }
                 Some(RigEvent::Relay(r))
             }

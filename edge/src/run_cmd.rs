@@ -3,7 +3,7 @@
 use crate::{LoraArgs, ModelArgs, PacingArgs, PlanArgs};
 use anyhow::Context;
 use fedshield_edge::fleet::{
-    Audit, Device, EdgeFleet, EdgeOutput, Event, TorchPlatform, open_state,
+    Audit, Device, EdgeFleet, EdgeOutput, Event, RigNotice, TorchPlatform, open_state,
 };
 use fedshield_edge::lora::Lora;
 use fedshield_edge::rig_client::{RigClient, RigEvent};
@@ -16,7 +16,7 @@ use fedshield_protocol::fleet::steps::DeviceStatus;
 use fedshield_protocol::keyfile::DeviceKey;
 use fedshield_protocol::messages::{EdgeMessage, Phase, Topics};
 use fedshield_protocol::signed::{Downlink, open_downlink};
-use fedshield_rig::messages::{EdgePhase, EdgeStatus};
+use fedshield_rig::messages::{EdgePhase, EdgeStatus, Relay};
 use fedshield_store::JsonLines;
 use fedshield_transport::{Incoming, Link};
 use std::path::PathBuf;
@@ -237,6 +237,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(rig) = &rig {
         pacer = pacer.with_external_power(rig.power());
     }
+    // The training step, told to the rig as it advances.
+    let progress = pacer.progress();
     // libtorch works on a thread of its own; this one keeps the link drained.
     let mut platform = TorchPlatform::spawn(
         Device {
@@ -292,6 +294,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some((topics.status(&me), b"offline".to_vec())),
         Some((topics.status(&me), b"online".to_vec())),
     )?)?;
+    // The rig's network relay: the link drops its connection the moment the rig cuts the
+    // network and reconnects the moment it is back, instead of finding out from the
+    // keep-alive (told from the rig's thread: this loop may be waiting on the link).
+    if let Some(rig) = &rig {
+        rig.follow_network(link.network_word());
+    }
     let max_packet_bytes = args.link.max_packet_bytes;
     tracing::info!(
         "{} training examples, {eval_n} held out; waiting for rounds on {}:{}",
@@ -322,6 +330,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         phase: EdgePhase::Idle,
         step: 0,
         persisted_round: fleet.global().round(),
+        duty_pct: 0,
     };
     if let Some(rig) = &rig {
         rig.report(status);
@@ -332,6 +341,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 // Save what the device holds and stop before the power goes.
                 output.persist(&fleet)?;
                 output.event(&Event::PowerWarning { in_ms });
+                if let Some(rig) = &rig {
+                    output.event(&rig_line(rig));
+                }
                 tracing::warn!(
                     "the rig cuts the power in {in_ms} ms: state saved to {}, stopping",
                     output.state.display()
@@ -346,12 +358,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 // handlers; nothing after this point needs them.
                 unsafe { libc::_exit(0) };
             }
-            let notice = rig_notice(&event);
-            tracing::info!("rig: {notice}");
-            output.event(&Event::Rig { notice });
+            if let Some(notice) = rig_notice(event) {
+                tracing::info!("rig: {notice:?}");
+                output.event(&Event::Rig { notice });
+            }
         }
-        // Short waits while training: its end is polled.
-        let wait = Duration::from_millis(if training.is_some() { 50 } else { 500 });
+        // The step the trainer is on and how hard it works, for the rig's log, its step
+        // triggers and its thermal model.
+        if training.is_some()
+            && status.phase == EdgePhase::Training
+            && (progress.steps(), progress.duty_pct()) != (status.step, status.duty_pct)
+            && let Some(rig) = &rig
+        {
+            status.step = progress.steps();
+            status.duty_pct = progress.duty_pct();
+            rig.report(status);
+        }
+        // Short waits while training (its end is polled) or with a rig attached (a
+        // power-cut warning may give only a few hundred milliseconds).
+        let short = training.is_some() || rig.is_some();
+        let wait = Duration::from_millis(if short { 50 } else { 500 });
         let incoming = link.recv(wait)?;
         let idle = incoming.is_none();
         let mut out = EdgeOutput::default();
@@ -365,9 +391,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(Incoming::Connected) => {
                 tracing::info!("connected to the broker");
                 snapshot_subscribed = false; // a restarted broker forgot it: subscribe again
+                output.event(&Event::LinkUp);
             }
             Some(Incoming::Disconnected(e)) => {
                 tracing::warn!("broker connection lost ({e}); reconnecting");
+                output.event(&Event::LinkDown { cut: false });
+            }
+            Some(Incoming::Cut) => {
+                tracing::warn!(
+                    "the rig cut the network: connection dropped; reconnecting when it is back"
+                );
+                output.event(&Event::LinkDown { cut: true });
             }
             // An empty retained publish deletes a retained message: nothing to handle.
             Some(Incoming::Message { payload, .. }) if payload.is_empty() => {}
@@ -440,6 +474,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(500));
             link.disconnect();
             tracing::info!("done after round {done_round}");
+            if let Some(rig) = &rig {
+                output.event(&rig_line(rig));
+            }
             output.event(&Event::Done { round: done_round });
             return Ok(());
         }
@@ -461,15 +498,23 @@ fn next_status(mut status: EdgeStatus, events: &[Event]) -> Option<EdgeStatus> {
     let before = status;
     for e in events {
         match e {
+            Event::Joined { round } => {
+                status.round = *round;
+                status.phase = EdgePhase::Joined;
+                status.step = 0;
+                status.duty_pct = 0;
+            }
             Event::Training { round } => {
                 status.round = *round;
                 status.phase = EdgePhase::Training;
                 status.step = 0;
+                status.duty_pct = 100;
             }
             Event::Encrypted { round, steps, .. } => {
                 status.round = *round;
                 status.phase = EdgePhase::Uploading;
                 status.step = *steps as u32;
+                status.duty_pct = 0;
             }
             Event::Settled { .. } => status.phase = EdgePhase::Waiting,
             Event::Evaluated { round, .. } | Event::CaughtUp { round } => {
@@ -482,18 +527,44 @@ fn next_status(mut status: EdgeStatus, events: &[Event]) -> Option<EdgeStatus> {
     (status != before).then_some(status)
 }
 
-/// A rig notice other than a power-cut warning, for the log and the event file.
-fn rig_notice(event: &RigEvent) -> String {
-    match event {
-        RigEvent::Connected(id) => format!("connected: {} (protocol {})", id.firmware, id.protocol),
-        RigEvent::Unusable(why) => format!("unusable, on-board telemetry only: {why}"),
-        RigEvent::BrownOut { in_ms } => format!("power cut in {in_ms} ms"),
-        RigEvent::Relay(r) => format!(
-            "{:?} {}",
-            r.relay,
-            if r.closed { "restored" } else { "cut" }
-        ),
-        RigEvent::Silent => "silent: on-board telemetry only".into(),
-        RigEvent::Back => "back".into(),
+/// A rig notice for the log and the event file (a power-cut warning has its own event,
+/// [`Event::PowerWarning`]).
+fn rig_notice(event: RigEvent) -> Option<RigNotice> {
+    Some(match event {
+        RigEvent::Connected(id) => RigNotice::Connected {
+            firmware: id.firmware,
+            protocol: id.protocol,
+        },
+        RigEvent::Mismatch {
+            firmware,
+            protocol,
+            digest,
+        } => RigNotice::Mismatch {
+            firmware,
+            protocol,
+            digest,
+        },
+        RigEvent::Unusable(reason) => RigNotice::Unusable { reason },
+        RigEvent::Relay(r) => match (r.relay, r.closed) {
+            (Relay::Network, false) => RigNotice::NetworkCut,
+            (Relay::Network, true) => RigNotice::NetworkRestored,
+            (Relay::Power, false) => RigNotice::PowerCut,
+            (Relay::Power, true) => RigNotice::PowerRestored,
+        },
+        RigEvent::BrownOut { .. } => return None,
+        RigEvent::Silent => RigNotice::Silent,
+        RigEvent::Back => RigNotice::Back,
+    })
+}
+
+/// What the rig's serial line carried so far, for the event file.
+fn rig_line(rig: &RigClient) -> Event {
+    let s = rig.stats();
+    Event::RigLine {
+        frames: s.frames,
+        messages: s.messages,
+        bad_frames: s.bad_frames,
+        crc_errors: s.crc_errors,
+        broken_messages: s.broken_messages,
     }
 }

@@ -176,14 +176,12 @@ impl SerialLink {
                 e => e,
             })?;
         if identity.protocol != PROTOCOL_VERSION || identity.digest != protocol_digest() {
-            return Err(self.rig_err(format!(
-                "rig firmware {:?} speaks rig protocol {} (digest {:#018x}); this edge speaks {} ({:#018x})",
-                identity.firmware,
-                identity.protocol,
-                identity.digest,
-                PROTOCOL_VERSION,
-                protocol_digest()
-            )));
+            return Err(EdgeError::RigVersion {
+                port: self.port_name.clone(),
+                firmware: identity.firmware,
+                protocol: identity.protocol,
+                digest: identity.digest,
+            });
         }
         Ok(identity)
     }

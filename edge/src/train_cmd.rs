@@ -212,6 +212,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             }
         },
     );
+    pacer.end_run();
     bar.finish();
     eprintln!("pacing    : {}", pacing_line(&pacer.report()));
     eprintln!(

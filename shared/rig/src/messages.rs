@@ -207,6 +207,10 @@ pub struct EdgeStatus {
     pub step: u32,
     /// The last round whose state the device persisted.
     pub persisted_round: u64,
+    /// How hard the trainer works now, in percent: its duty cycle over the last step
+    /// (100 unthrottled, lower while the governor slows it, 0 while paused); 0 outside
+    /// training.
+    pub duty_pct: u8,
 }
 
 endpoint!(
@@ -247,7 +251,7 @@ topic!(
 );
 
 /// The protocol's version (bumped with any change to the messages).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Every key of the protocol, requests and responses, then topics.
 pub const KEYS: [Key; 14] = [

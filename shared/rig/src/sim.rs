@@ -148,12 +148,14 @@ pub struct Rig {
     seq: u32,
 }
 
-/// The load a device in `phase` puts on its supply and heat sink (0 to 1).
-pub fn load_of(phase: EdgePhase) -> f64 {
-    match phase {
-        EdgePhase::Training => 1.0,
+/// The load a device puts on its supply and heat sink (0 to 1): what it idles at, plus
+/// its trainer's duty cycle while it trains.
+pub fn load_of(status: &EdgeStatus) -> f64 {
+    const IDLE: f64 = 0.1;
+    match status.phase {
+        EdgePhase::Training => IDLE + (1.0 - IDLE) * f64::from(status.duty_pct.min(100)) / 100.0,
         EdgePhase::Uploading => 0.4,
-        EdgePhase::Idle | EdgePhase::Joined | EdgePhase::Waiting => 0.1,
+        EdgePhase::Idle | EdgePhase::Joined | EdgePhase::Waiting => IDLE,
     }
 }
 
@@ -214,7 +216,7 @@ impl Rig {
         if !self.relays.power {
             return 0.0;
         }
-        self.status.map_or(0.1, |s| load_of(s.phase))
+        self.status.as_ref().map_or(0.1, load_of)
     }
 
     /// A reading now.
@@ -477,6 +479,7 @@ mod tests {
             phase,
             step,
             persisted_round: round.saturating_sub(1),
+            duty_pct: if phase == EdgePhase::Training { 100 } else { 0 },
         };
         ask(StatusTopic::KEY, 1, &s)
     }

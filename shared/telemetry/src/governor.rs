@@ -289,4 +289,10 @@ impl EnergyMeter {
         }
         self.last = Some((now_s, watts.0));
     }
+
+    /// Forgets the last reading: the time until the next one is not counted (between two
+    /// training runs).
+    pub fn gap(&mut self) {
+        self.last = None;
+    }
 }

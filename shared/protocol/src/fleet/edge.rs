@@ -148,6 +148,11 @@ pub enum Event {
         /// trains the same steps).
         scaled: f64,
     },
+    /// The device joined `round` (its signed advert and status went to the host).
+    Joined {
+        /// The round.
+        round: u64,
+    },
     /// The host left this device out of `round`.
     LeftOut {
         /// The round.
@@ -212,17 +217,79 @@ pub enum Event {
         /// Milliseconds of warning.
         in_ms: u32,
     },
-    /// A notice from an attached rig: connected, unusable, network or power cut or
-    /// restored, silent, back (written by the driver).
+    /// A notice from an attached rig (written by the driver).
     Rig {
         /// What happened.
-        notice: String,
+        notice: RigNotice,
     },
+    /// The frames an attached rig's serial line carried so far (written by the driver when
+    /// it stops or saves its state for a power cut).
+    RigLine {
+        /// Frames whose CRC matched.
+        frames: u64,
+        /// Messages delivered whole.
+        messages: u64,
+        /// Frames dropped (not COBS, too short or long, or a bad CRC).
+        bad_frames: u64,
+        /// Of them, CRC mismatches.
+        crc_errors: u64,
+        /// Messages dropped for a missing chunk.
+        broken_messages: u64,
+    },
+    /// The broker connection dropped (written by the driver); `cut`: dropped by the link
+    /// itself because the rig said the network is cut.
+    LinkDown {
+        /// Dropped on the rig's word.
+        cut: bool,
+    },
+    /// Connected to the broker (again) (written by the driver).
+    LinkUp,
     /// The device left after the last round it was asked to run (written by the driver).
     Done {
         /// That round.
         round: u64,
     },
+}
+
+/// What an attached test rig told the device ([`Event::Rig`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "notice", rename_all = "kebab-case")]
+pub enum RigNotice {
+    /// The rig identified itself and speaks this edge's protocol.
+    Connected {
+        /// Its firmware's name and version.
+        firmware: String,
+        /// Its protocol version.
+        protocol: u16,
+    },
+    /// The rig speaks another protocol version (or another set of messages): the device
+    /// goes on with its on-board telemetry.
+    Mismatch {
+        /// Its firmware's name and version.
+        firmware: String,
+        /// Its protocol version.
+        protocol: u16,
+        /// Its protocol digest.
+        digest: u64,
+    },
+    /// No identity could be read (no rig, or one whose messages this edge cannot decode):
+    /// on-board telemetry only.
+    Unusable {
+        /// Why.
+        reason: String,
+    },
+    /// The rig cut the device's network.
+    NetworkCut,
+    /// The rig restored the device's network.
+    NetworkRestored,
+    /// The rig cut the device's power (seen only when the device outlives it).
+    PowerCut,
+    /// The rig restored the device's power.
+    PowerRestored,
+    /// Nothing from the rig for a while: on-board telemetry only.
+    Silent,
+    /// Messages from the rig again.
+    Back,
 }
 
 /// What a device keeps between runs: enough to go on after a restart without losing its
@@ -544,7 +611,15 @@ impl EdgeFleet {
             .session
             .on_round(state, self.samples, self.eval_loss, &status, &mut rng)
         {
-            Ok(actions) => self.execute(actions, &mut out),
+            Ok(actions) => {
+                let joined = actions
+                    .iter()
+                    .any(|a| matches!(a, EdgeAction::Send(EdgeMessage::Join { .. })));
+                self.execute(actions, &mut out);
+                if joined {
+                    out.events.push(Event::Joined { round });
+                }
+            }
             Err(e) => out.refused(&format!("round {round} state"), &e),
         }
         out
