@@ -1,6 +1,7 @@
 //! Fixtures for whole-system tests: real external processes (mosquitto, socat) started on
 //! free resources and stopped when the guard drops. Nothing here is a mock.
 
+pub mod net_relay;
 pub mod rig_sim;
 
 use anyhow::{Context, bail};

@@ -3,10 +3,11 @@
 //! it sends and every decision logged with its time. The whole-system tests put one beside
 //! each edge.
 
+use crate::net_relay::RelaySwitch;
 use fedshield_edge::serial_link::SerialLink;
 use fedshield_rig::frame::encode;
 use fedshield_rig::sim::{Output, Rig};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,23 +37,51 @@ pub struct SimRig {
     rig: Arc<Mutex<Rig>>,
     stop: Arc<AtomicBool>,
     mute: Arc<AtomicBool>,
+    line: Arc<LineCounts>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a [`SimRig`] put on the line.
+#[derive(Debug, Default)]
+struct LineCounts {
+    frames: AtomicU64,
+    corrupted: AtomicU64,
+}
+
+/// How a [`SimRig`] plays its outputs beyond the serial line.
+#[derive(Debug, Clone, Default)]
+pub struct SimOptions {
+    /// Seed of the line noise.
+    pub noise_seed: u64,
+    /// Where to write the modelled device temperature (millidegrees, as sysfs does) as it
+    /// changes: the device's own thermal zone in its telemetry fixture, so that its
+    /// governor sees the heat the rig models.
+    pub zone_temp: Option<std::path::PathBuf>,
+    /// The device's network relay, played on the rig's network output.
+    pub network: Option<RelaySwitch>,
+    /// The protocol version and digest this rig's identity claims instead of its own: a
+    /// rig flashed with firmware of another protocol version.
+    pub claims: Option<(u16, u64)>,
 }
 
 impl SimRig {
     /// Serves `rig` on the serial port `port` (one end of a pty pair).
     pub fn spawn(port: &std::path::Path, rig: Rig, noise_seed: u64) -> anyhow::Result<Self> {
-        Self::spawn_heating(port, rig, noise_seed, None)
+        Self::spawn_with(
+            port,
+            rig,
+            SimOptions {
+                noise_seed,
+                ..SimOptions::default()
+            },
+        )
     }
 
-    /// As [`SimRig::spawn`], and writes the modelled device temperature (millidegrees, as
-    /// sysfs does) into `zone_temp` as it changes: the device's own thermal zone in its
-    /// telemetry fixture, so that its governor sees the heat the rig models.
-    pub fn spawn_heating(
+    /// As [`SimRig::spawn`], with the relays and sensors of `options`.
+    pub fn spawn_with(
         port: &std::path::Path,
         rig: Rig,
-        noise_seed: u64,
-        zone_temp: Option<std::path::PathBuf>,
+        options: SimOptions,
     ) -> anyhow::Result<Self> {
         let log = Arc::new(Mutex::new(Vec::new()));
         let rig = Arc::new(Mutex::new(rig));
@@ -65,15 +94,23 @@ impl SimRig {
             let _inside = runtime.enter();
             SerialLink::open(&port.to_string_lossy(), 115_200)?
         };
-        let (l, r, s, m) = (log.clone(), rig.clone(), stop.clone(), mute.clone());
+        let line = Arc::new(LineCounts::default());
+        let (l, r, s, m, c) = (
+            log.clone(),
+            rig.clone(),
+            stop.clone(),
+            mute.clone(),
+            line.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("sim-rig".into())
-            .spawn(move || runtime.block_on(serve(link, r, l, s, m, noise_seed, zone_temp)))?;
+            .spawn(move || runtime.block_on(serve(link, r, l, s, m, c, options)))?;
         Ok(Self {
             log,
             rig,
             stop,
             mute,
+            line,
             thread: Some(thread),
         })
     }
@@ -86,6 +123,14 @@ impl SimRig {
     /// The rig's state (readings, relays, the device's last status).
     pub fn with<T>(&self, f: impl FnOnce(&Rig) -> T) -> T {
         f(&self.rig.lock().unwrap())
+    }
+
+    /// Frames sent to the edge, and of them frames the line noise corrupted.
+    pub fn frames_sent(&self) -> (u64, u64) {
+        (
+            self.line.frames.load(Ordering::SeqCst),
+            self.line.corrupted.load(Ordering::SeqCst),
+        )
     }
 
     /// Stops sending anything (a rig that went silent) or starts again.
@@ -109,13 +154,13 @@ async fn serve(
     log: Arc<Mutex<Vec<(u64, Output)>>>,
     stop: Arc<AtomicBool>,
     mute: Arc<AtomicBool>,
-    seed: u64,
-    zone_temp: Option<std::path::PathBuf>,
+    line: Arc<LineCounts>,
+    options: SimOptions,
 ) {
     let mut written = i64::MIN;
     let start = Instant::now();
     let mut noise_ppm = 0u32;
-    let mut state = seed | 1;
+    let mut state = options.noise_seed | 1;
     while !stop.load(Ordering::SeqCst) {
         let received = link.recv(Duration::from_millis(20)).await;
         let now = start.elapsed().as_millis() as u64;
@@ -124,7 +169,7 @@ async fn serve(
             Err(_) => Vec::new(),
         };
         outputs.extend(rig.lock().unwrap().tick(now));
-        if let Some(path) = &zone_temp {
+        if let Some(path) = &options.zone_temp {
             let milli = (rig.lock().unwrap().temperature() * 1000.0) as i64;
             if milli != written {
                 written = milli;
@@ -136,29 +181,63 @@ async fn serve(
             }
         }
         for out in outputs {
-            match &out {
-                Output::Send(m) => {
+            match out {
+                Output::Send(mut m) => {
                     if mute.load(Ordering::SeqCst) {
                         continue;
                     }
-                    let Ok(frames) = encode(m) else { continue };
-                    let mut bytes = frames.concat();
-                    for b in &mut bytes {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        if noise_ppm > 0 && (state % 1_000_000) < u64::from(noise_ppm) {
-                            *b ^= 1 + ((state >> 20) % 255) as u8;
+                    if let Some(claims) = options.claims {
+                        claim(&mut m, claims);
+                    }
+                    let Ok(frames) = encode(&m) else { continue };
+                    let mut bytes = Vec::new();
+                    for mut frame in frames {
+                        let mut corrupted = false;
+                        for b in &mut frame {
+                            state ^= state << 13;
+                            state ^= state >> 7;
+                            state ^= state << 17;
+                            if noise_ppm > 0 && (state % 1_000_000) < u64::from(noise_ppm) {
+                                *b ^= 1 + ((state >> 20) % 255) as u8;
+                                corrupted = true;
+                            }
                         }
+                        line.frames.fetch_add(1, Ordering::SeqCst);
+                        if corrupted {
+                            line.corrupted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        bytes.extend(frame);
                     }
                     let _ = link.send_raw(&bytes).await;
                 }
-                Output::Noise(ppm) => {
-                    noise_ppm = *ppm;
-                    log.lock().unwrap().push((now, out.clone()));
+                other => {
+                    match &other {
+                        Output::Noise(ppm) => noise_ppm = *ppm,
+                        Output::Network(connected) => {
+                            if let Some(relay) = &options.network {
+                                relay.set(*connected);
+                            }
+                        }
+                        _ => {}
+                    }
+                    log.lock().unwrap().push((now, other));
                 }
-                _ => log.lock().unwrap().push((now, out.clone())),
             }
+        }
+    }
+}
+
+/// Rewrites an identity answer to claim another protocol version and digest.
+fn claim(m: &mut fedshield_rig::frame::Message, (protocol, digest): (u16, u64)) {
+    use fedshield_rig::messages::{Endpoint, IdentifyEndpoint, Identity};
+    if m.key != IdentifyEndpoint::RESPONSE_KEY {
+        return;
+    }
+    if let Ok(mut identity) = postcard::from_bytes::<Identity>(&m.body) {
+        identity.protocol = protocol;
+        identity.digest = digest;
+        if let Ok(body) = postcard::to_stdvec(&identity) {
+            m.body = body;
         }
     }
 }

@@ -165,16 +165,17 @@ fn links_speak_tls_to_mosquitto_and_refuse_a_broker_their_ca_did_not_sign() {
     assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
 }
 
-/// A plain link to `broker` with a budget of `budget` bytes for 256 KiB packets.
+/// A plain link to a broker on loopback `port` with a budget of `budget` bytes for 256 KiB
+/// packets.
 fn plain_link(
-    broker: &Mosquitto,
+    port: u16,
     id: &str,
     subscriptions: Vec<String>,
     budget: usize,
 ) -> fedshield_transport::Link {
     fedshield_transport::Link::start(fedshield_transport::LinkConfig {
         host: "127.0.0.1".into(),
-        port: broker.addr().port(),
+        port,
         client_id: id.into(),
         credentials: None,
         max_packet_bytes: 256 << 10,
@@ -208,11 +209,11 @@ fn a_flood_on_an_unread_link_holds_at_most_its_budget_and_the_link_recovers() {
     let broker = Mosquitto::start(1 << 20).expect("mosquitto");
     let topic = "fedshield/flood/t";
     let budget = 1 << 20;
-    let publisher = plain_link(&broker, "flooder", vec![], 1 << 20);
+    let publisher = plain_link(broker.addr().port(), "flooder", vec![], 1 << 20);
     publisher
         .publish(topic, b"retained marker".to_vec(), true)
         .unwrap();
-    let link = plain_link(&broker, "flooded", vec![topic.into()], budget);
+    let link = plain_link(broker.addr().port(), "flooded", vec![topic.into()], budget);
     // The retained marker proves the subscription is in place.
     assert_eq!(next_message(&link).1, b"retained marker");
     let flood = 40;
@@ -243,4 +244,101 @@ fn a_flood_on_an_unread_link_holds_at_most_its_budget_and_the_link_recovers() {
     link.resubscribe().unwrap();
     assert_eq!(next_message(&link).1, b"retained marker");
     publisher.publish(topic, Vec::new(), true).unwrap();
+}
+
+/// The next `Incoming` that `pick` accepts, within `secs`.
+fn next_of<T>(
+    link: &fedshield_transport::Link,
+    what: &str,
+    secs: u64,
+    pick: impl Fn(&fedshield_transport::Incoming) -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what} in {secs} s"
+        );
+        if let Some(i) = link.recv(Duration::from_millis(100)).unwrap()
+            && let Some(t) = pick(&i)
+        {
+            return t;
+        }
+    }
+}
+
+/// A device's link behind a network relay (a real TCP proxy that stops forwarding, as a
+/// pulled cable does): told that the network is cut, the link drops its connection at once;
+/// what the device publishes during the cut is held, and it all reaches the broker once the
+/// link is told the network is back.
+#[test]
+fn a_link_told_the_network_is_cut_drops_its_connection_and_delivers_what_it_held_after() {
+    use fedshield_hil_tests::net_relay::NetRelay;
+    use fedshield_transport::Incoming;
+    let broker = Mosquitto::start(1 << 20).expect("mosquitto");
+    let relay = NetRelay::start(broker.addr()).unwrap();
+    let message = |i: &Incoming| match i {
+        Incoming::Message { payload, .. } => Some(payload.clone()),
+        _ => None,
+    };
+    // The retained marker proves the watcher's subscription is in place.
+    let marker = "fedshield/cut/marker";
+    let publisher = plain_link(broker.addr().port(), "cut-marker", vec![], 1 << 20);
+    publisher.publish(marker, b"marker".to_vec(), true).unwrap();
+    let watcher = plain_link(
+        broker.addr().port(),
+        "cut-watcher",
+        vec!["fedshield/cut/#".into()],
+        64 << 20,
+    );
+    assert_eq!(next_message(&watcher).1, b"marker");
+    let device = plain_link(relay.addr().port(), "cut-device", vec![], 64 << 20);
+    next_of(&device, "device connected", 20, |i| {
+        (*i == Incoming::Connected).then_some(())
+    });
+    device
+        .publish("fedshield/cut/data", b"before".to_vec(), false)
+        .unwrap();
+    let got = next_of(&watcher, "the message before the cut", 20, message);
+    assert_eq!(got, b"before");
+
+    relay.switch().set(false);
+    device.network_cut();
+    next_of(&device, "the link's cut", 20, |i| {
+        (*i == Incoming::Cut).then_some(())
+    });
+    let held: Vec<Vec<u8>> = (0..5).map(|i| format!("during-{i}").into_bytes()).collect();
+    for payload in &held {
+        device
+            .publish("fedshield/cut/data", payload.clone(), false)
+            .unwrap();
+    }
+    // Nothing gets through while the network is cut.
+    let quiet = std::time::Instant::now() + Duration::from_millis(1_500);
+    while std::time::Instant::now() < quiet {
+        if let Some(i) = watcher.recv(Duration::from_millis(100)).unwrap() {
+            assert!(message(&i).is_none(), "{i:?} crossed a cut network");
+        }
+    }
+    relay.switch().set(true);
+    let restored = std::time::Instant::now();
+    device.network_restored();
+    next_of(&device, "the device reconnected", 20, |i| {
+        (*i == Incoming::Connected).then_some(())
+    });
+    let reconnect = restored.elapsed();
+    let mut seen = Vec::new();
+    while !held.iter().all(|h| seen.contains(h)) {
+        seen.push(next_of(&watcher, "the held messages", 20, message));
+    }
+    let (forwarded, refused) = relay.counts();
+    assert!(forwarded >= 2, "{forwarded} connections forwarded");
+    eprintln!(
+        "network cut: reconnected {} ms after the word that the network is back; {forwarded} connections forwarded, {refused} refused during the cut; {} messages received for 5 held",
+        reconnect.as_millis(),
+        seen.len()
+    );
+    publisher.publish(marker, Vec::new(), true).unwrap();
+    device.disconnect();
+    watcher.disconnect();
 }

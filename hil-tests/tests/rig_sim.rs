@@ -6,6 +6,7 @@ use fedshield_edge::serial_link::SerialLink;
 use fedshield_hil_tests::PtyPair;
 use fedshield_hil_tests::rig_sim::ScenarioFile;
 use fedshield_rig::messages::{BrownOut, FromRig, Relay, RelayChanged};
+use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
@@ -87,8 +88,10 @@ for_ms = 10000
 }
 
 /// The binary plays a network cut and a warned power cut: the edge end of the link hears
-/// both notices, the device process is killed when the power goes and started again when
-/// it returns, and the log records each decision and a measurement every second.
+/// both notices, its network relay (a TCP proxy) refuses connections while the network is
+/// cut and forwards them before and after, the device process is killed when the power
+/// goes and started again when it returns, and the log records each decision and a
+/// measurement every second.
 #[tokio::test]
 async fn the_simulator_plays_a_scenario_against_a_device_process() {
     let pair = PtyPair::start().expect("socat pty pair");
@@ -113,6 +116,25 @@ off_ms = 1500
     )
     .unwrap();
     let log = dir.path().join("rig.jsonl");
+    // The "broker" behind the relay greets every connection.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut c in upstream.incoming().flatten() {
+            let _ = c.write_all(b"up");
+        }
+    });
+    let listen = fedshield_hil_tests::free_local_addr();
+    // A connection through the relay: what the far end sent before it closed.
+    let through = move || {
+        let mut c = std::net::TcpStream::connect(listen).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = [0u8; 2];
+        match c.read(&mut got) {
+            Ok(n) => got[..n].to_vec(),
+            Err(e) => panic!("{e}"),
+        }
+    };
     let mut rig = Command::new(env!("CARGO_BIN_EXE_fedshield-rig"))
         .arg("--port")
         .arg(pair.b())
@@ -120,15 +142,22 @@ off_ms = 1500
         .arg(&scenario)
         .arg("--log")
         .arg(&log)
+        .arg("--relay")
+        .arg(format!("{listen}={upstream_addr}"))
         .args(["--seconds", "4", "--", "sleep", "30"])
         .spawn()
         .unwrap();
     let mut edge = SerialLink::open(pair.a().to_str().unwrap(), 115_200).unwrap();
     let mut heard = Vec::new();
+    let mut relayed = Vec::new();
     while heard.len() < 4 {
         let m = edge.recv(Duration::from_secs(5)).await.unwrap();
         heard.push(FromRig::decode(&m).unwrap());
+        if heard.len() <= 2 {
+            relayed.push(through()); // after the cut notice, then after the restore
+        }
     }
+    assert_eq!(relayed, [b"".to_vec(), b"up".to_vec()]);
     let relay = |relay, closed| FromRig::RelayChanged(RelayChanged { relay, closed });
     assert_eq!(
         heard,

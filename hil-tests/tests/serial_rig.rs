@@ -122,6 +122,7 @@ async fn identify_ping_and_streams_cross_a_pty_pair_through_line_noise() {
         phase: EdgePhase::Training,
         step: 5,
         persisted_round: 1,
+        duty_pct: 100,
     };
     let s = edge.next_seq();
     edge.send(&message(StatusTopic::KEY, s, &status))
@@ -217,6 +218,7 @@ mod client {
             phase: EdgePhase::Training,
             step,
             persisted_round: 0,
+            duty_pct: 100,
         }
     }
 

@@ -3,15 +3,20 @@
 //! logic rig firmware runs) with a scenario file, writes a JSON-lines log of every decision
 //! and a measurement every second, and plays the power relay on the device's process: the
 //! command after `--` is started at once, killed with SIGKILL when the scenario cuts the
-//! power, and started again when the power comes back.
+//! power, and started again when the power comes back. With `--relay LISTEN=UPSTREAM` it
+//! plays the network relay too: a TCP proxy from LISTEN to UPSTREAM (the broker) that
+//! stops forwarding while the scenario cuts the network; point the device at LISTEN.
 //!
-//!     fedshield-rig --port /dev/pts/7 --scenario cut.toml --log rig.jsonl -- fedshield-edge run ...
+//!     fedshield-rig --port /dev/pts/7 --scenario cut.toml --log rig.jsonl \
+//!         --relay 127.0.0.1:18830=127.0.0.1:1883 -- fedshield-edge run --broker 127.0.0.1:18830 ...
 
 use anyhow::Context;
 use clap::Parser;
-use fedshield_hil_tests::rig_sim::{ScenarioFile, SimRig};
+use fedshield_hil_tests::net_relay::NetRelay;
+use fedshield_hil_tests::rig_sim::{ScenarioFile, SimOptions, SimRig};
 use fedshield_rig::sim::Output;
 use serde_json::json;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -31,6 +36,9 @@ struct Args {
     /// Seed of the line noise.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Play the network relay as a TCP proxy: LISTEN=UPSTREAM (two socket addresses).
+    #[arg(long, value_parser = relay_addrs)]
+    relay: Option<(SocketAddr, SocketAddr)>,
     /// Stop after this many seconds (0: once the device has exited by itself, or, without a
     /// device, once the scenario is done).
     #[arg(long, default_value_t = 0)]
@@ -38,6 +46,17 @@ struct Args {
     /// The device's command.
     #[arg(last = true)]
     device: Vec<String>,
+}
+
+fn relay_addrs(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (listen, upstream) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected LISTEN=UPSTREAM, two socket addresses"))?;
+    let parse = |a: &str| {
+        a.parse::<SocketAddr>()
+            .map_err(|e| format!("{a:?}: {e} (expected an address like 127.0.0.1:1883)"))
+    };
+    Ok((parse(listen)?, parse(upstream)?))
 }
 
 fn start(device: &[String]) -> anyhow::Result<Option<Child>> {
@@ -58,7 +77,19 @@ fn main() -> anyhow::Result<()> {
     let scenario = ScenarioFile::parse(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.scenario.display()))?;
     let rig = scenario.rig().map_err(anyhow::Error::msg)?;
-    let sim = SimRig::spawn(&args.port, rig, args.seed)?;
+    let relay = args
+        .relay
+        .map(|(listen, upstream)| {
+            NetRelay::start_on(listen, upstream)
+                .with_context(|| format!("the network relay on {listen}"))
+        })
+        .transpose()?;
+    let options = SimOptions {
+        noise_seed: args.seed,
+        network: relay.as_ref().map(NetRelay::switch),
+        ..SimOptions::default()
+    };
+    let sim = SimRig::spawn_with(&args.port, rig, options)?;
     let mut log = fedshield_store::JsonLines::open(&args.log)?;
     let started = Instant::now();
     let ms = || started.elapsed().as_millis() as u64;
@@ -107,7 +138,7 @@ fn main() -> anyhow::Result<()> {
                 "temperature_c": temperature, "power": relays.power, "network": relays.network,
                 "device": sim.with(|r| r.device_status()).map(|s| json!({
                     "round": s.round, "phase": format!("{:?}", s.phase), "step": s.step,
-                    "persisted_round": s.persisted_round}))}))?;
+                    "duty_pct": s.duty_pct, "persisted_round": s.persisted_round}))}))?;
         }
         if let Some(child) = &mut device
             && let Some(status) = child.try_wait()?
