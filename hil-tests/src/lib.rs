@@ -114,6 +114,36 @@ impl Mosquitto {
         }
     }
 
+    /// Starts mosquitto with a configuration that `make` writes into a fresh folder for a
+    /// free loopback port (for example `fedshield-host broker-config --listen ADDR`),
+    /// returning the configuration file's path. The folder is readable by the
+    /// `mosquitto` user (mosquitto started as root reads its files as that user).
+    pub fn start_configured(
+        make: impl Fn(&Path, SocketAddr) -> anyhow::Result<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let mut attempts = 0;
+        loop {
+            let addr = free_local_addr();
+            let conf = make(dir.path(), addr)?;
+            attempts += 1;
+            match Self::spawn(&conf, addr) {
+                Ok(child) => {
+                    return Ok(Self {
+                        child,
+                        addr,
+                        conf,
+                        _dir: dir,
+                    });
+                }
+                Err(e) if attempts >= 5 => return Err(e),
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Starts mosquitto with a TLS listener: a fresh private CA (written to
     /// [`Mosquitto::ca_file`]) signs a server certificate for localhost / 127.0.0.1.
     /// Certificates come from the `openssl` command line tool.

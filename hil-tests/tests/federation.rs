@@ -115,12 +115,91 @@ struct Fleet {
     fleet: PathBuf,
     out: PathBuf,
     lora: [&'static str; 4],
+    /// `broker-config`'s credentials folder, when the broker runs its configuration.
+    credentials: Option<PathBuf>,
 }
 
 impl Fleet {
     fn new(name: &'static str, lora: [&'static str; 4]) -> Self {
-        let broker = Mosquitto::start(1 << 20).unwrap();
         let dir = tempfile::tempdir().unwrap();
+        let fleet = Self::enrol(name, &dir);
+        Self {
+            addr: String::new(),
+            broker: Mosquitto::start(1 << 20).unwrap(),
+            out: dir.path().join("out"),
+            _dir: dir,
+            name,
+            fleet,
+            lora,
+            credentials: None,
+        }
+        .addressed()
+    }
+
+    /// A fleet whose broker runs the configuration `fedshield-host broker-config` writes
+    /// for it (passwords, ACLs): host and devices log in with their own credentials.
+    fn with_broker_config(name: &'static str, lora: [&'static str; 4]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = Self::enrol(name, &dir);
+        let credentials = std::cell::RefCell::new(None);
+        let broker = Mosquitto::start_configured(|out, addr| {
+            let output = Command::new(workspace_bin("fedshield-host"))
+                .args(["broker-config", "--fleet", name, "--max-packet-bytes"])
+                .arg((1 << 20).to_string())
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--fleet-dir")
+                .arg(&fleet)
+                .arg("--out")
+                .arg(out)
+                .output()?;
+            anyhow::ensure!(
+                output.status.success(),
+                "broker-config: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            *credentials.borrow_mut() = Some(out.join("credentials"));
+            Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()))
+        })
+        .unwrap();
+        Self {
+            addr: String::new(),
+            broker,
+            out: dir.path().join("out"),
+            _dir: dir,
+            name,
+            fleet,
+            lora,
+            credentials: credentials.into_inner(),
+        }
+        .addressed()
+    }
+
+    fn addressed(mut self) -> Self {
+        self.addr = self.broker.addr().to_string();
+        self
+    }
+
+    /// The MQTT password of `user` (a fleet under `broker-config`'s configuration).
+    fn password(&self, user: &str) -> String {
+        let dir = self.credentials.as_ref().expect("a broker-config fleet");
+        std::fs::read_to_string(dir.join(format!("{user}.password")))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// `--username USER` and its password in the environment, when the broker checks them.
+    fn log_in(&self, command: &mut Command, user: &str) {
+        if self.credentials.is_some() {
+            command
+                .args(["--username", user])
+                .env("FEDSHIELD_MQTT_PASSWORD", self.password(user));
+        }
+    }
+
+    /// Enrols edge-0..2 into a fleet directory under `dir`.
+    fn enrol(name: &str, dir: &tempfile::TempDir) -> PathBuf {
         let fleet = dir.path().join("fleet");
         let status = Command::new(workspace_bin("fedshield-host"))
             .args([
@@ -135,15 +214,7 @@ impl Fleet {
             .status()
             .unwrap();
         assert!(status.success());
-        Self {
-            addr: broker.addr().to_string(),
-            broker,
-            out: dir.path().join("out"),
-            _dir: dir,
-            name,
-            fleet,
-            lora,
-        }
+        fleet
     }
 
     /// `fedshield-host serve` with `args`; its event file (one per start).
@@ -157,8 +228,10 @@ impl Fleet {
             })
             .count();
         let events = self.out.join(format!("events-host-{starts}.jsonl"));
-        let mut child = Command::new(workspace_bin("fedshield-host"))
-            .args(["serve", "--fleet", self.name, "--broker", &self.addr])
+        let mut command = Command::new(workspace_bin("fedshield-host"));
+        command.args(["serve", "--fleet", self.name, "--broker", &self.addr]);
+        self.log_in(&mut command, "fedshield-host");
+        let mut child = command
             .args(args)
             .args(self.lora)
             .arg("--fleet-dir")
@@ -189,16 +262,18 @@ impl Fleet {
     /// As [`Fleet::edge`], the device reaching the broker at `broker` (a network relay).
     fn edge_via(&self, i: usize, broker: &str, args: &[&str]) -> (Killed, Events<Event>) {
         std::fs::create_dir_all(&self.out).unwrap();
-        let mut child = Command::new(workspace_bin("fedshield-edge"))
-            .args([
-                "run",
-                "--threads",
-                "1",
-                "--fleet",
-                self.name,
-                "--broker",
-                broker,
-            ])
+        let mut command = Command::new(workspace_bin("fedshield-edge"));
+        command.args([
+            "run",
+            "--threads",
+            "1",
+            "--fleet",
+            self.name,
+            "--broker",
+            broker,
+        ]);
+        self.log_in(&mut command, &format!("edge-{i}"));
+        let mut child = command
             .args(["--client", &i.to_string()])
             .args(args)
             .args(self.lora)
@@ -366,12 +441,22 @@ struct Rogue {
 }
 
 fn rogue_link(fleet: &Fleet, id: &str, subscriptions: Vec<String>) -> fedshield_transport::Link {
+    link_as(fleet, None, id, subscriptions)
+}
+
+/// A client of the fleet's broker with `credentials` (user, password), or none.
+fn link_as(
+    fleet: &Fleet,
+    credentials: Option<(&str, &str)>,
+    id: &str,
+    subscriptions: Vec<String>,
+) -> fedshield_transport::Link {
     let (host, port) = fedshield_transport::parse_broker(&fleet.addr).unwrap();
     fedshield_transport::Link::start(fedshield_transport::LinkConfig {
         host,
         port,
         client_id: id.into(),
-        credentials: None,
+        credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
         max_packet_bytes: 1 << 20,
         subscriptions,
         last_will: None,
@@ -1504,5 +1589,140 @@ fn network_cuts_from_the_rigs_relays_and_a_noisy_rig_line_lose_nothing() {
         line.1,
         line.2,
         line.3
+    );
+}
+
+/// Records what a link receives, on a thread of its own.
+fn record(link: fedshield_transport::Link) -> Recorded {
+    let seen = Recorded::default();
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        while let Ok(incoming) = link.recv(Duration::from_millis(200)) {
+            if let Some(fedshield_transport::Incoming::Message { topic, payload }) = incoming {
+                log.lock().unwrap().push((topic, payload));
+            }
+        }
+    });
+    seen
+}
+
+/// Waits up to `secs` for a recorded message that `is` accepts.
+fn wait_recorded(seen: &Recorded, what: &str, secs: u64, is: impl Fn(&str, &[u8]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !seen.lock().unwrap().iter().any(|(t, p)| is(t, p)) {
+        assert!(Instant::now() < deadline, "never saw {what} in {secs} s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The first thing a link reports: whether the broker let it in.
+fn admitted(link: &fedshield_transport::Link) -> Result<(), String> {
+    match link.recv(Duration::from_secs(10)).unwrap() {
+        Some(fedshield_transport::Incoming::Connected) => Ok(()),
+        Some(fedshield_transport::Incoming::Disconnected(why)) => Err(why),
+        other => panic!("unexpected first report {other:?}"),
+    }
+}
+
+/// The fleet under the mosquitto configuration `fedshield-host broker-config` writes for
+/// it: no anonymous or wrong-password client gets in; host and devices log in with their
+/// own credentials and a round completes, the sums audited; a second client with edge-0's
+/// credentials reads its own downlink but not edge-1's or edge-2's share deliveries, and
+/// what it publishes as edge-1, on edge-1's status or on the host's round topic never
+/// reaches anybody, while what it publishes on its own uplink does.
+#[test]
+fn under_the_generated_broker_config_a_round_completes_and_no_device_can_act_as_another() {
+    let fleet = Fleet::with_broker_config("acl", ["--rank", "2", "--targets", "v_proj"]);
+    let f = |rest: &str| format!("fedshield/acl/{rest}");
+    let e0 = fleet.password("edge-0");
+    let refused = [
+        admitted(&link_as(&fleet, None, "anonymous", vec![])),
+        admitted(&link_as(
+            &fleet,
+            Some(("edge-0", "not its password")),
+            "guess",
+            vec![],
+        )),
+        admitted(&link_as(&fleet, Some(("edge-9", &e0)), "stranger", vec![])),
+    ];
+    for r in &refused {
+        assert!(r.is_err(), "{refused:?}");
+    }
+    // edge-0's credentials in a second client: its own downlink, others' downlinks and
+    // edge-1's uplink asked for.
+    let ears = link_as(
+        &fleet,
+        Some(("edge-0", &e0)),
+        "edge-0-ears",
+        vec![
+            f("down/edge-0"),
+            f("down/edge-1"),
+            f("down/edge-2"),
+            f("up/edge-1"),
+        ],
+    );
+    assert_eq!(admitted(&ears), Ok(()));
+    let ears = record(ears);
+    let host_password = fleet.password("fedshield-host");
+    let watch = link_as(
+        &fleet,
+        Some(("fedshield-host", &host_password)),
+        "host-ears",
+        vec![f("up/+"), f("status/+"), f("round")],
+    );
+    assert_eq!(admitted(&watch), Ok(()));
+    let watch = record(watch);
+    let host_audit = fleet.out.join("audit-host");
+    let edge_audit = fleet.out.join("audit-edges");
+    let (mut host, mut host_events) =
+        fleet.host(&[host_tiny(1, 1, 60, 20, 20), audit_args(&host_audit)].concat());
+    let audit = ["--audit-dir", edge_audit.to_str().unwrap()];
+    let mut edges: Vec<_> = (0..3)
+        .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "1"], &audit].concat()))
+        .collect();
+    // Once edge-0's share delivery is out (the others' are out at the same moment), forge.
+    wait_recorded(&ears, "edge-0's share delivery", 300, |t, _| {
+        t == f("down/edge-0")
+    });
+    let forger = link_as(&fleet, Some(("edge-0", &e0)), "edge-0-forger", vec![]);
+    assert_eq!(admitted(&forger), Ok(()));
+    let forged = b"forged by edge-0".to_vec();
+    for topic in [f("up/edge-1"), f("status/edge-1"), f("round")] {
+        forger.publish(&topic, forged.clone(), false).unwrap();
+    }
+    // Published after the forgeries, on the same connection: once it arrives, they would
+    // have arrived before it.
+    let own = b"edge-0's own uplink".to_vec();
+    forger.publish(&f("up/edge-0"), own.clone(), false).unwrap();
+    wait_recorded(&watch, "edge-0's own uplink", 30, |t, p| {
+        t == f("up/edge-0") && p == own
+    });
+    host_events.until("the end", 400, is_finished);
+    assert!(host.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), vec![(1, 3)]);
+    check_audited_sums(&host_audit, &edge_audit, 1);
+    for (_, events) in &mut edges {
+        events.until("done after round 1", 120, is_done(1));
+    }
+    let ears = ears.lock().unwrap().clone();
+    let watch = watch.lock().unwrap().clone();
+    let count =
+        |seen: &[(String, Vec<u8>)], topic: &str| seen.iter().filter(|(t, _)| *t == topic).count();
+    // The host's view: edge-1's real uplink and status arrive, the forgeries do not.
+    assert!(count(&watch, &f("up/edge-1")) > 0);
+    assert!(count(&watch, &f("status/edge-1")) > 0);
+    assert!(
+        !watch.iter().any(|(_, p)| *p == forged),
+        "a forgery got through"
+    );
+    // edge-0's view: its own downlink only.
+    assert!(count(&ears, &f("down/edge-0")) > 0);
+    for topic in [f("down/edge-1"), f("down/edge-2"), f("up/edge-1")] {
+        assert_eq!(count(&ears, &topic), 0, "edge-0 read {topic}");
+    }
+    eprintln!(
+        "broker ACLs: refused at connect {refused:?}; edge-0's second client read {} messages on its own downlink, 0 on edge-1's and edge-2's and on edge-1's uplink; the host's watcher saw {} of edge-1's uplink messages and none of the 3 forgeries",
+        count(&ears, &f("down/edge-0")),
+        count(&watch, &f("up/edge-1")),
     );
 }

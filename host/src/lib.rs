@@ -3,6 +3,7 @@
 //! (host/src/serve.rs) around the protocol's `HostFleet`.
 
 pub mod broker;
+pub mod broker_config;
 pub mod fleet;
 
 /// Errors of the host library.
@@ -22,6 +23,9 @@ pub enum HostError {
         /// What is wrong with it.
         why: String,
     },
+    /// A configuration that cannot work (what is wrong, and what to change).
+    #[error("{0}")]
+    Config(String),
     /// A fleet or device name that is not one topic level.
     #[error(transparent)]
     Name(#[from] fedshield_protocol::ProtocolError),

@@ -52,11 +52,56 @@ enum Command {
         #[arg(long)]
         devices: String,
     },
+    /// Write a mosquitto configuration for the fleet: a password file with a credential
+    /// per enrolled device and for the host (kept when they exist), topic ACLs (each
+    /// device writes only its own uplink and status and reads only the broadcasts and its
+    /// own downlink), the packet limit and the listeners.
+    BrokerConfig(BrokerConfigArgs),
     /// Run the federation: rounds of secure aggregation over MQTT. Settings come from the
     /// flags and from an optional TOML file (--config; keys are the flags' long names,
     /// with - or _), flags winning.
     #[command(args_override_self = true)]
     Serve(Box<ServeArgs>),
+}
+
+#[derive(clap::Args)]
+struct BrokerConfigArgs {
+    /// Fleet directory (its registry names the devices).
+    #[arg(long, default_value = "fleet")]
+    fleet_dir: PathBuf,
+    /// Fleet name (one MQTT topic level).
+    #[arg(long, default_value = "demo")]
+    fleet: String,
+    /// Folder to write mosquitto.conf, passwd, acl and credentials/ into.
+    #[arg(long)]
+    out: PathBuf,
+    /// Where those files will be on the broker's machine (default: --out, absolute).
+    #[arg(long)]
+    install_dir: Option<PathBuf>,
+    /// The host's MQTT username.
+    #[arg(long, default_value = "fedshield-host")]
+    host_user: String,
+    /// Plain-TCP listener ("none" for TLS only).
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    listen: String,
+    /// The links' largest MQTT packet (their --max-packet-bytes).
+    #[arg(long, default_value_t = DEFAULT_MAX_PACKET_BYTES)]
+    max_packet_bytes: usize,
+    /// TLS listener address (with --tls-cert and --tls-key).
+    #[arg(long, default_value = "0.0.0.0:8883")]
+    tls_listen: SocketAddr,
+    /// The broker's certificate (PEM): adds the TLS listener.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The broker's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the broker's (and any client's) certificate.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Clients must present a certificate signed by --tls-ca, besides their password.
+    #[arg(long)]
+    require_client_cert: bool,
 }
 
 #[derive(clap::Args)]
@@ -195,8 +240,61 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::BrokerConfig(args) => run_broker_config(args),
         Command::Serve(args) => run_serve(*args),
     }
+}
+
+/// `broker-config`: the fleet's enrolled devices into a mosquitto configuration.
+fn run_broker_config(args: BrokerConfigArgs) -> anyhow::Result<()> {
+    use fedshield_host::broker_config::{BrokerConfig, TlsListener, write};
+    let registry = FleetDir(args.fleet_dir.clone()).registry()?;
+    let devices: Vec<String> = registry.devices().map(|d| d.0.clone()).collect();
+    anyhow::ensure!(
+        !devices.is_empty(),
+        "no device is enrolled in {}: run `fedshield-host enrol` first",
+        args.fleet_dir.display()
+    );
+    let listen = match args.listen.as_str() {
+        "none" => None,
+        a => Some(a.parse().with_context(|| format!("--listen {a}"))?),
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let install_dir = match args.install_dir {
+        Some(d) => d,
+        None => std::fs::canonicalize(&args.out)?,
+    };
+    let tls = match (args.tls_cert, args.tls_key, args.tls_ca) {
+        (Some(certfile), Some(keyfile), Some(cafile)) => Some(TlsListener {
+            listen: args.tls_listen,
+            cafile,
+            certfile,
+            keyfile,
+            require_client_cert: args.require_client_cert,
+        }),
+        _ => None,
+    };
+    let config = BrokerConfig {
+        fleet: args.fleet,
+        host_user: args.host_user,
+        devices,
+        max_packet_bytes: args.max_packet_bytes,
+        listen,
+        tls,
+        install_dir,
+    };
+    let written = write(&config, &args.out, &mut rand::rng())?;
+    println!("{}", written.conf.display());
+    eprintln!(
+        "{} users ({} new, {} kept); install credentials/<user>.password on each device \
+         (FEDSHIELD_MQTT_PASSWORD) and run mosquitto -c {}",
+        written.new_users.len() + written.kept_users.len(),
+        written.new_users.len(),
+        written.kept_users.len(),
+        written.conf.display()
+    );
+    Ok(())
 }
 
 /// Expands `serve --config FILE` into the file's settings as flags, placed before the

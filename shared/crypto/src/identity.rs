@@ -218,6 +218,11 @@ impl Registry {
             .ok_or_else(|| SecAggError::UnknownDevice(device.clone()))
     }
 
+    /// The enrolled, non-revoked devices, in order.
+    pub fn devices(&self) -> impl Iterator<Item = &DeviceId> {
+        self.enrolled.keys()
+    }
+
     /// Number of enrolled devices.
     pub fn len(&self) -> usize {
         self.enrolled.len()
