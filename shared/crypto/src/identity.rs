@@ -18,6 +18,12 @@ const ENROLMENT_DOMAIN: &[u8] = b"fedshield/enrolment/v1";
 /// Domain separation of host certificates: a device certificate can never pass for one.
 const HOST_CERTIFICATE_DOMAIN: &[u8] = b"fedshield/host-certificate/v1";
 
+/// Domain separation of the self-signature of an enrolment request.
+const REQUEST_DOMAIN: &[u8] = b"fedshield/enrolment-request/v1";
+
+/// Domain separation of the authority's revocation lists.
+const REVOCATION_DOMAIN: &[u8] = b"fedshield/revocations/v1";
+
 /// A device's name in the fleet, unique per fleet (for example "edge-007").
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DeviceId(pub String);
@@ -174,6 +180,98 @@ impl HostCertificate {
     }
 }
 
+/// What a device (or the host) sends the offline authority to be enrolled: its name and
+/// public key, signed by the key itself (proof that the requester holds the secret, which
+/// never leaves the machine it was born on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolmentRequest {
+    /// The device id, or the fleet's name for a host's request.
+    pub name: String,
+    /// The requester's ed25519 public key.
+    pub public_key: [u8; 32],
+    /// The requester's signature over the domain, the name and the key.
+    pub signature: Vec<u8>,
+}
+
+impl EnrolmentRequest {
+    fn signed_bytes(name: &str, public_key: &[u8; 32]) -> Vec<u8> {
+        let mut m = REQUEST_DOMAIN.to_vec();
+        m.extend(postcard::to_stdvec(&(name, public_key)).expect("encodable"));
+        m
+    }
+
+    /// `identity`'s request to be enrolled as `name`.
+    pub fn new(identity: &Identity, name: &str) -> Self {
+        let public_key = identity.public_key();
+        Self {
+            name: name.to_string(),
+            public_key,
+            signature: identity.sign(&Self::signed_bytes(name, &public_key)),
+        }
+    }
+
+    /// Checks the self-signature.
+    pub fn verify(&self) -> Result<(), SecAggError> {
+        if verify(
+            &self.public_key,
+            &Self::signed_bytes(&self.name, &self.public_key),
+            &self.signature,
+        ) {
+            Ok(())
+        } else {
+            Err(SecAggError::BadEnrolment(DeviceId(self.name.clone())))
+        }
+    }
+}
+
+/// The authority's list of revoked devices. Each list replaces the one before and carries
+/// a higher serial number, so an old list (which would un-revoke a device) is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationList {
+    /// Increases with every list the authority issues.
+    pub serial: u64,
+    /// The revoked devices.
+    pub revoked: BTreeSet<DeviceId>,
+    /// The authority's signature.
+    pub signature: Vec<u8>,
+}
+
+impl RevocationList {
+    fn signed_bytes(serial: u64, revoked: &BTreeSet<DeviceId>) -> Vec<u8> {
+        let mut m = REVOCATION_DOMAIN.to_vec();
+        m.extend(postcard::to_stdvec(&(serial, revoked)).expect("encodable"));
+        m
+    }
+
+    /// As the authority: the list after this one with `device` added.
+    pub fn revoke(&self, authority: &Identity, device: DeviceId) -> Self {
+        let mut revoked = self.revoked.clone();
+        revoked.insert(device);
+        let serial = self.serial + 1;
+        Self {
+            serial,
+            signature: authority.sign(&Self::signed_bytes(serial, &revoked)),
+            revoked,
+        }
+    }
+
+    /// Checks the authority's signature (an empty list of serial 0 needs none).
+    pub fn verify(&self, authority: &[u8; 32]) -> Result<(), SecAggError> {
+        if self.serial == 0 && self.revoked.is_empty() {
+            return Ok(());
+        }
+        if verify(
+            authority,
+            &Self::signed_bytes(self.serial, &self.revoked),
+            &self.signature,
+        ) {
+            Ok(())
+        } else {
+            Err(SecAggError::BadRevocations(self.serial))
+        }
+    }
+}
+
 /// The host's view of the fleet: enrolment certificates and revocations. Public data only.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registry {
@@ -218,6 +316,13 @@ impl Registry {
             .ok_or_else(|| SecAggError::UnknownDevice(device.clone()))
     }
 
+    /// Applies a revocation list (already verified): its devices are refused from now on.
+    pub fn apply(&mut self, list: &RevocationList) {
+        for d in &list.revoked {
+            self.revoke(d);
+        }
+    }
+
     /// The enrolled, non-revoked devices, in order.
     pub fn devices(&self) -> impl Iterator<Item = &DeviceId> {
         self.enrolled.keys()
@@ -238,6 +343,57 @@ impl Registry {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn enrolment_requests_prove_the_key_and_revocation_lists_the_authority() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+        let device = Identity::generate(&mut rng);
+        let request = EnrolmentRequest::new(&device, "edge-7");
+        assert_eq!(request.verify(), Ok(()));
+        // Another name, or another key, under the same signature: refused.
+        let renamed = EnrolmentRequest {
+            name: "edge-8".into(),
+            ..request.clone()
+        };
+        assert!(renamed.verify().is_err());
+        let other = Identity::generate(&mut rng);
+        let stolen = EnrolmentRequest {
+            public_key: other.public_key(),
+            ..request.clone()
+        };
+        assert!(stolen.verify().is_err());
+        let authority = Identity::generate(&mut rng);
+        let empty = RevocationList::default();
+        assert_eq!(empty.verify(&authority.public_key()), Ok(()));
+        let one = empty.revoke(&authority, DeviceId("edge-7".into()));
+        let two = one.revoke(&authority, DeviceId("edge-1".into()));
+        assert_eq!((one.serial, two.serial), (1, 2));
+        assert_eq!(two.revoked.len(), 2);
+        assert_eq!(two.verify(&authority.public_key()), Ok(()));
+        assert!(two.verify(&other.public_key()).is_err());
+        let mut shortened = two.clone();
+        shortened.revoked.remove(&DeviceId("edge-7".into()));
+        assert!(shortened.verify(&authority.public_key()).is_err());
+        // Emptied but keeping its serial: the signature no longer matches.
+        let emptied = RevocationList {
+            revoked: BTreeSet::new(),
+            ..two.clone()
+        };
+        assert!(emptied.verify(&authority.public_key()).is_err());
+        let mut registry = Registry::new(authority.public_key());
+        for (id, key) in [("edge-7", &device), ("edge-3", &other)] {
+            registry
+                .enrol(authority.enrol(DeviceId(id.into()), key.public_key()))
+                .unwrap();
+        }
+        registry.apply(&two);
+        let names: Vec<_> = registry.devices().map(|d| d.0.as_str()).collect();
+        assert_eq!(names, ["edge-3"]);
+        assert_eq!(
+            registry.enrolment(&DeviceId("edge-7".into())),
+            Err(SecAggError::Revoked(DeviceId("edge-7".into())))
+        );
+    }
 
     #[test]
     fn host_certificates_verify_only_for_their_fleet_and_authority() {

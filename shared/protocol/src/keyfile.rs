@@ -3,7 +3,7 @@
 //! certificate of the fleet host's key (under which the device accepts host broadcasts),
 //! in hex.
 
-use fedshield_crypto::identity::{DeviceId, HostCertificate};
+use fedshield_crypto::identity::{DeviceId, Enrolment, HostCertificate, Identity};
 
 /// A device's key file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,7 +66,61 @@ pub fn unhex(s: &str) -> Result<Vec<u8>, crate::ProtocolError> {
         .collect()
 }
 
+/// A device's identity as `fedshield-edge keygen` writes it on the device (owner-only):
+/// its id and secret, before the authority has certified it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceIdentity {
+    /// Device id.
+    pub device: DeviceId,
+    /// ed25519 secret, hex.
+    pub secret: String,
+}
+
+impl DeviceIdentity {
+    /// Parses an identity file's JSON text.
+    pub fn parse(text: &str) -> Result<Self, crate::ProtocolError> {
+        let id: Self = serde_json::from_str(text)
+            .map_err(|e| crate::ProtocolError::Malformed(format!("identity file: {e}")))?;
+        crate::messages::check_level(&id.device.0)?;
+        unhex32(&id.secret)?;
+        Ok(id)
+    }
+
+    /// The identity.
+    pub fn identity(&self) -> Result<Identity, crate::ProtocolError> {
+        Ok(Identity::from_secret(unhex32(&self.secret)?))
+    }
+}
+
 impl DeviceKey {
+    /// The key file of a device whose identity was born on it, from what the authority
+    /// returned: its certificate (which must certify this device's id and key under
+    /// `authority`) and the host's certificate (signed by the same authority).
+    pub fn assemble(
+        identity: &DeviceIdentity,
+        authority: [u8; 32],
+        cert: &Enrolment,
+        host: &HostCertificate,
+    ) -> Result<Self, crate::ProtocolError> {
+        let public = identity.identity()?.public_key();
+        if cert.device != identity.device || cert.public_key != public {
+            return Err(crate::ProtocolError::Malformed(format!(
+                "the certificate is for {} with another key than this device's ({}): \
+                 was it issued for another request?",
+                cert.device, identity.device
+            )));
+        }
+        cert.verify(&authority)?;
+        host.verify(&authority, &host.fleet)?;
+        let key = Self {
+            device: identity.device.clone(),
+            secret: identity.secret.clone(),
+            authority: hex(&authority),
+            host: Some(HostKeyEntry::of(host)),
+        };
+        Ok(key)
+    }
+
     /// Parses a key file's JSON text; refuses a file without a valid host certificate.
     pub fn parse(text: &str) -> Result<Self, crate::ProtocolError> {
         let key: Self = serde_json::from_str(text)
@@ -105,6 +159,34 @@ impl DeviceKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_file_is_assembled_only_from_this_devices_certificate() {
+        let authority = Identity::from_secret([1; 32]);
+        let host = authority.certify_host("lab", Identity::from_secret([2; 32]).public_key());
+        let device = Identity::from_secret([3; 32]);
+        let identity = DeviceIdentity {
+            device: DeviceId("edge-0".into()),
+            secret: hex(&device.secret()),
+        };
+        let text = serde_json::to_string(&identity).unwrap();
+        assert_eq!(DeviceIdentity::parse(&text).unwrap(), identity);
+        let cert = authority.enrol(identity.device.clone(), device.public_key());
+        let key = DeviceKey::assemble(&identity, authority.public_key(), &cert, &host).unwrap();
+        assert_eq!(
+            key.keys().unwrap(),
+            (device.secret(), authority.public_key())
+        );
+        assert_eq!(key.host_certificate().unwrap(), host);
+        // Another device's certificate, another authority's, or a forged host: refused.
+        let other = authority.enrol(DeviceId("edge-1".into()), device.public_key());
+        assert!(DeviceKey::assemble(&identity, authority.public_key(), &other, &host).is_err());
+        let stranger = Identity::from_secret([4; 32]);
+        let theirs = stranger.enrol(identity.device.clone(), device.public_key());
+        assert!(DeviceKey::assemble(&identity, authority.public_key(), &theirs, &host).is_err());
+        let fake_host = stranger.certify_host("lab", stranger.public_key());
+        assert!(DeviceKey::assemble(&identity, authority.public_key(), &cert, &fake_host).is_err());
+    }
 
     #[test]
     fn round_trips_and_rejects_bad_files() {

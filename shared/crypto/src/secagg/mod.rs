@@ -242,6 +242,9 @@ pub enum SecAggError {
     /// The enrolment certificate is not signed by the fleet authority.
     #[error("enrolment of {0} is not signed by the fleet authority")]
     BadEnrolment(DeviceId),
+    /// A revocation list not signed by the fleet authority.
+    #[error("revocation list {0} is not signed by the fleet authority")]
+    BadRevocations(u64),
     /// The host certificate is not signed by the fleet authority, or is for another fleet.
     #[error("host certificate of fleet {0:?} is not signed by the fleet authority")]
     BadHostCertificate(String),
