@@ -19,7 +19,7 @@ ROUNDS=${FEDSHIELD_DEMO_ROUNDS:-3}
 EDGE_FLAGS=${FEDSHIELD_DEMO_EDGE_FLAGS:-}
 mkdir -p "$RUN"
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$BIN/fedshield-host" enrol --fleet demo --fleet-dir "$RUN/fleet" --devices edge-0,edge-1,edge-2 >/dev/null
+"$BIN/fedshield-host" enrol --fleet demo --fleet-dir "$RUN/fleet" --authority-dir "$RUN/authority" --devices edge-0,edge-1,edge-2 >/dev/null
 start=$(date +%s)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; }

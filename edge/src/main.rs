@@ -55,12 +55,20 @@ enum Command {
     /// The update codec's quality experiment: local-only, dense FedAvg, encrypted pruned
     /// FedAvg at several rho, centralised; writes quality.json and quality.svg.
     Quality(quality_cmd::QualityArgs),
+    /// Create this device's identity here (identity.key, owner-only; never replaced) and
+    /// its enrolment request for the fleet authority.
+    Keygen(keys_cmd::KeygenArgs),
+    /// Check the authority's answer (this device's certificate, the host's certificate,
+    /// the authority's public key) against this device's identity and write the key file
+    /// for `run --key`.
+    InstallCert(keys_cmd::InstallCertArgs),
     /// Join a fleet: train, encrypt and upload every round, apply the global adapter.
     Run(Box<run_cmd::RunArgs>),
 }
 
 mod doctor_cmd;
 mod generate_cmd;
+mod keys_cmd;
 mod quality_cmd;
 mod run_cmd;
 mod telemetry_cmd;
@@ -241,6 +249,8 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => train_cmd::train(args),
         Command::Quality(args) => quality_cmd::quality(args),
         Command::Run(args) => run_cmd::run(*args),
+        Command::Keygen(args) => keys_cmd::keygen(args),
+        Command::InstallCert(args) => keys_cmd::install_cert(args),
         Command::Generate(args) => generate_cmd::generate(args),
         Command::RigPing {
             port,

@@ -117,6 +117,10 @@ struct Fleet {
     lora: [&'static str; 4],
     /// `broker-config`'s credentials folder, when the broker runs its configuration.
     credentials: Option<PathBuf>,
+    /// Where device `i`'s key file is: `{devices}/device-{i}/key.json` for devices that
+    /// made their own keys, the one-machine enrolment's `fleet/devices/edge-{i}.json`
+    /// otherwise.
+    devices: Option<PathBuf>,
 }
 
 impl Fleet {
@@ -132,8 +136,124 @@ impl Fleet {
             fleet,
             lora,
             credentials: None,
+            devices: None,
         }
         .addressed()
+    }
+
+    /// A fleet whose keys are born where they are used: an offline authority (its own
+    /// directory), the host's key in the fleet directory, each device's made by
+    /// `fedshield-edge keygen` in a directory of its own, the requests signed by
+    /// `fedshield-host authority`, and the key files assembled by `install-cert`.
+    fn with_keys_born_on_devices(name: &'static str, lora: [&'static str; 4]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |p: &str| dir.path().join(p);
+        let run = |bin: &str, args: &[&std::ffi::OsStr]| {
+            let out = Command::new(workspace_bin(bin))
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{bin} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let o = std::ffi::OsStr::new;
+        let (auth, fleet) = (d("authority"), d("fleet"));
+        run(
+            "fedshield-host",
+            &[o("authority"), o("init"), o("--dir"), auth.as_os_str()],
+        );
+        run(
+            "fedshield-host",
+            &[
+                o("keygen"),
+                o("--fleet"),
+                o(name),
+                o("--fleet-dir"),
+                fleet.as_os_str(),
+            ],
+        );
+        run(
+            "fedshield-host",
+            &[
+                o("authority"),
+                o("certify-host"),
+                o("--dir"),
+                auth.as_os_str(),
+                o("--request"),
+                fleet.join("host-request.json").as_os_str(),
+                o("--out"),
+                fleet.join("host.json").as_os_str(),
+            ],
+        );
+        std::fs::copy(auth.join("authority.pub"), fleet.join("authority.pub")).unwrap();
+        std::fs::create_dir_all(fleet.join("devices")).unwrap();
+        for i in 0..3 {
+            let device = d(&format!("device-{i}"));
+            let id = format!("edge-{i}");
+            let cert = fleet.join(format!("devices/{id}.cert.json"));
+            run(
+                "fedshield-edge",
+                &[
+                    o("keygen"),
+                    o("--device"),
+                    o(&id),
+                    o("--out"),
+                    device.as_os_str(),
+                ],
+            );
+            run(
+                "fedshield-host",
+                &[
+                    o("authority"),
+                    o("enrol"),
+                    o("--dir"),
+                    auth.as_os_str(),
+                    o("--request"),
+                    device.join("enrolment-request.json").as_os_str(),
+                    o("--out"),
+                    cert.as_os_str(),
+                ],
+            );
+            run(
+                "fedshield-edge",
+                &[
+                    o("install-cert"),
+                    o("--identity"),
+                    device.join("identity.key").as_os_str(),
+                    o("--authority"),
+                    auth.join("authority.pub").as_os_str(),
+                    o("--cert"),
+                    cert.as_os_str(),
+                    o("--host-cert"),
+                    fleet.join("host.json").as_os_str(),
+                    o("--out"),
+                    device.join("key.json").as_os_str(),
+                ],
+            );
+        }
+        Self {
+            addr: String::new(),
+            broker: Mosquitto::start(1 << 20).unwrap(),
+            out: d("out"),
+            devices: Some(dir.path().to_path_buf()),
+            _dir: dir,
+            name,
+            fleet,
+            lora,
+            credentials: None,
+        }
+        .addressed()
+    }
+
+    /// Device `i`'s key file.
+    fn key_path(&self, i: usize) -> PathBuf {
+        match &self.devices {
+            Some(root) => root.join(format!("device-{i}/key.json")),
+            None => self.fleet.join(format!("devices/edge-{i}.json")),
+        }
     }
 
     /// A fleet whose broker runs the configuration `fedshield-host broker-config` writes
@@ -171,6 +291,7 @@ impl Fleet {
             fleet,
             lora,
             credentials: credentials.into_inner(),
+            devices: None,
         }
         .addressed()
     }
@@ -211,6 +332,8 @@ impl Fleet {
             ])
             .arg("--fleet-dir")
             .arg(&fleet)
+            .arg("--authority-dir")
+            .arg(dir.path().join("authority"))
             .status()
             .unwrap();
         assert!(status.success());
@@ -278,7 +401,7 @@ impl Fleet {
             .args(args)
             .args(self.lora)
             .arg("--key")
-            .arg(self.fleet.join(format!("devices/edge-{i}.json")))
+            .arg(self.key_path(i))
             .arg("--events")
             .arg(self.edge_events(i))
             .env("NO_COLOR", "1")
@@ -1724,5 +1847,78 @@ fn under_the_generated_broker_config_a_round_completes_and_no_device_can_act_as_
         "broker ACLs: refused at connect {refused:?}; edge-0's second client read {} messages on its own downlink, 0 on edge-1's and edge-2's and on edge-1's uplink; the host's watcher saw {} of edge-1's uplink messages and none of the 3 forgeries",
         count(&ears, &f("down/edge-0")),
         count(&watch, &f("up/edge-1")),
+    );
+}
+
+/// Keys born where they are used (an offline authority, the host's own key, each device's
+/// made on the device): a round runs on them; then edge-2 is revoked at the authority
+/// during round 1 and the list copied to the host's fleet directory: round 2 runs without
+/// it, its join refused with the reason, the host never restarted; the sums audited.
+#[test]
+fn keys_born_on_the_devices_run_a_fleet_and_a_revocation_applies_at_the_next_round() {
+    let fleet = Fleet::with_keys_born_on_devices("keys", ["--rank", "2", "--targets", "v_proj"]);
+    // The host's directory holds public material and its own key only.
+    let mut held: Vec<String> = std::fs::read_dir(&fleet.fleet)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        [
+            "authority.pub",
+            "devices",
+            "host-request.json",
+            "host.json",
+            "host.key"
+        ]
+    );
+    let host_audit = fleet.out.join("audit-host");
+    let edge_audit = fleet.out.join("audit-edges");
+    let (mut host, mut host_events) =
+        fleet.host(&[host_tiny(2, 1, 30, 20, 20), audit_args(&host_audit)].concat());
+    let audit = ["--audit-dir", edge_audit.to_str().unwrap()];
+    let mut edges: Vec<_> = (0..3)
+        .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "2"], &audit].concat()))
+        .collect();
+    // Once edge-2 is in round 1 (the host read its registry when the round began), the
+    // authority revokes it and the operator copies the list to the host.
+    edges[2].1.until("edge-2 joined round 1", 300, |e| {
+        *e == Event::Joined { round: 1 }
+    });
+    let authority = fleet.fleet.parent().unwrap().join("authority");
+    let out = Command::new(workspace_bin("fedshield-host"))
+        .args(["authority", "revoke", "--device", "edge-2", "--dir"])
+        .arg(&authority)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::copy(
+        authority.join("revocations.json"),
+        fleet.fleet.join("revocations.json"),
+    )
+    .unwrap();
+    let refusal = host_events.wait("edge-2's round-2 join refused", 400, |e| match e {
+        HostEvent::Refused {
+            device: Some(d),
+            detail,
+            ..
+        } if d.0 == "edge-2" => Some(detail.clone()),
+        _ => None,
+    });
+    assert!(refusal.contains("revoked"), "{refusal}");
+    host_events.until("the end", 400, is_finished);
+    assert!(host.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), vec![(1, 3), (2, 2)]);
+    check_audited_sums(&host_audit, &edge_audit, 2);
+    for (_, events) in &mut edges[..2] {
+        events.until("done after round 2", 120, is_done(2));
+    }
+    eprintln!(
+        "keys born on the devices: rounds [(1, 3), (2, 2)]; edge-2 revoked during round 1, refused in round 2: {refusal}"
     );
 }

@@ -1,159 +1,414 @@
-//! The fleet directory: the enrolment authority's key, the host's key and its certificate,
-//! the registry of enrolled devices, and one key file per device to install on it.
+//! Who holds which key. Three places, on three kinds of machine:
 //!
 //! ```text
-//! {dir}/authority.key        32-byte ed25519 secret of the fleet authority (host only)
-//! {dir}/host.key             32-byte ed25519 secret of the host: signs its broadcasts
-//! {dir}/host.json            the authority's certificate of the host key for one fleet
-//! {dir}/registry.json        enrolled devices and their certificates
-//! {dir}/devices/{id}.json    a device's identity secret, the authority's public key and
-//!                            the host certificate
+//! the authority (offline)     AuthorityDir
+//!   authority.key             its ed25519 secret (0600): signs certificates and revocations
+//!   authority.pub             its public key (hex)
+//!   revocations.json          the latest signed revocation list
+//!   issued/{name}.json        every certificate it signed (a record)
+//!
+//! the host                    FleetDir: public material and the host's own key only
+//!   authority.pub             copied from the authority
+//!   host.key                  the host's ed25519 secret (0600): signs its broadcasts
+//!   host-request.json         the host's enrolment request (carried to the authority)
+//!   host.json                 the authority's certificate of the host key for one fleet
+//!   devices/{id}.cert.json    the authority's certificates of the devices
+//!   revocations.json          copied from the authority; re-read at every round
+//!
+//! a device                    `fedshield-edge keygen` / `install-cert`
+//!   identity.key              its secret, born there, never leaves it
+//!   key file                  its secret, the authority's public key and the host's
+//!                             certificate
 //! ```
 //!
+//! The host can neither enrol a device (it has no authority key) nor read a device's
+//! secret. `enrol` is the one-machine convenience of the demo and the tests: it plays the
+//! authority (from a directory given explicitly) and generates the devices' keys itself,
+//! writing their key files to `devices/{id}.json`.
+//!
 //! A file that exists but cannot be read or parsed is an error, never replaced: a new
-//! authority would void every enrolment, an empty registry would forget every device.
+//! authority would void every enrolment.
 
 use crate::HostError;
-use fedshield_crypto::identity::{DeviceId, HostCertificate, Identity, Registry};
-use fedshield_protocol::keyfile::{DeviceKey, HostKeyEntry, hex};
+use fedshield_crypto::identity::{
+    DeviceId, Enrolment, EnrolmentRequest, HostCertificate, Identity, Registry, RevocationList,
+};
+use fedshield_protocol::keyfile::{DeviceKey, HostKeyEntry, hex, unhex32};
 use fedshield_protocol::messages::check_level;
 use fedshield_store::{Access, read_existing, write_atomic};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
-/// The fleet directory.
+/// The fleet authority's directory, kept on an offline machine.
+#[derive(Debug, Clone)]
+pub struct AuthorityDir(pub PathBuf);
+
+impl AuthorityDir {
+    fn key_path(&self) -> PathBuf {
+        self.0.join("authority.key")
+    }
+
+    /// `authority.pub`: the file to copy to the host and the devices.
+    pub fn public_path(&self) -> PathBuf {
+        self.0.join("authority.pub")
+    }
+
+    /// `revocations.json`: the latest list, to copy to the host.
+    pub fn revocations_path(&self) -> PathBuf {
+        self.0.join("revocations.json")
+    }
+
+    /// Creates a fresh authority; refuses when the directory already has one.
+    pub fn init(&self) -> Result<[u8; 32], HostError> {
+        if read_existing(&self.key_path())?.is_some() {
+            return Err(HostError::Config(format!(
+                "{} already holds an authority: a new one would void every certificate it issued",
+                self.0.display()
+            )));
+        }
+        self.open_or_init().map(|a| a.public_key())
+    }
+
+    /// The authority, created when its directory has none (the one-machine convenience).
+    fn open_or_init(&self) -> Result<Identity, HostError> {
+        let authority = read_or_create_key(&self.0, &self.key_path())?;
+        let public = hex(&authority.public_key());
+        match read_existing(&self.public_path())? {
+            Some(_) => {
+                read_public_key(&self.public_path()).and_then(|k| {
+                    (k == authority.public_key()).then_some(()).ok_or_else(|| {
+                        HostError::invalid(&self.public_path(), "not authority.key's public key")
+                    })
+                })?;
+            }
+            None => write_atomic(
+                &self.public_path(),
+                format!("{public}\n").as_bytes(),
+                Access::Public,
+            )?,
+        }
+        Ok(authority)
+    }
+
+    /// The authority (it must exist).
+    pub fn open(&self) -> Result<Identity, HostError> {
+        if read_existing(&self.key_path())?.is_none() {
+            return Err(HostError::Config(format!(
+                "{} holds no authority: run `fedshield-host authority init --dir {}`",
+                self.0.display(),
+                self.0.display()
+            )));
+        }
+        self.open_or_init()
+    }
+
+    /// Signs a device's enrolment request into a certificate (after checking that the
+    /// requester holds the key), and records it under `issued/`.
+    pub fn enrol(&self, request: &EnrolmentRequest) -> Result<Enrolment, HostError> {
+        check_level(&request.name)?;
+        request
+            .verify()
+            .map_err(|e| HostError::Config(e.to_string()))?;
+        let authority = self.open()?;
+        if self
+            .revocations()?
+            .revoked
+            .contains(&DeviceId(request.name.clone()))
+        {
+            return Err(HostError::Config(format!(
+                "device {:?} is revoked: enrol it under another id",
+                request.name
+            )));
+        }
+        let cert = authority.enrol(DeviceId(request.name.clone()), request.public_key);
+        self.record(&format!("device-{}", request.name), &cert)?;
+        Ok(cert)
+    }
+
+    /// Certifies a host's key for the fleet its request names.
+    pub fn certify_host(&self, request: &EnrolmentRequest) -> Result<HostCertificate, HostError> {
+        check_level(&request.name)?;
+        request
+            .verify()
+            .map_err(|e| HostError::Config(e.to_string()))?;
+        let authority = self.open()?;
+        let cert = authority.certify_host(&request.name, request.public_key);
+        self.record(
+            &format!("host-{}-{}", request.name, &hex(&request.public_key)[..16]),
+            &cert,
+        )?;
+        Ok(cert)
+    }
+
+    /// The latest revocation list (empty before the first revocation).
+    pub fn revocations(&self) -> Result<RevocationList, HostError> {
+        let authority = read_public_key(&self.public_path())?;
+        read_revocations(&self.revocations_path(), &authority)
+    }
+
+    /// Revokes `device`: writes the next list (higher serial) and returns it.
+    pub fn revoke(&self, device: &str) -> Result<RevocationList, HostError> {
+        check_level(device)?;
+        let authority = self.open()?;
+        let list = self
+            .revocations()?
+            .revoke(&authority, DeviceId(device.to_string()));
+        write_json(&self.revocations_path(), &list, Access::Public)?;
+        Ok(list)
+    }
+
+    fn record(&self, name: &str, what: &impl Serialize) -> Result<(), HostError> {
+        let dir = self.0.join("issued");
+        std::fs::create_dir_all(&dir).map_err(|e| HostError::invalid(&dir, e))?;
+        write_json(&dir.join(format!("{name}.json")), what, Access::Public)
+    }
+}
+
+/// The host's fleet directory (public material and the host's own key).
 #[derive(Debug, Clone)]
 pub struct FleetDir(pub PathBuf);
 
 impl FleetDir {
-    fn authority_path(&self) -> PathBuf {
-        self.0.join("authority.key")
-    }
-
     fn host_key_path(&self) -> PathBuf {
         self.0.join("host.key")
     }
 
-    fn host_cert_path(&self) -> PathBuf {
+    /// The host's enrolment request, to carry to the authority.
+    pub fn host_request_path(&self) -> PathBuf {
+        self.0.join("host-request.json")
+    }
+
+    /// The authority's certificate of the host key.
+    pub fn host_cert_path(&self) -> PathBuf {
         self.0.join("host.json")
     }
 
-    fn registry_path(&self) -> PathBuf {
-        self.0.join("registry.json")
+    /// The authority's public key.
+    pub fn authority_path(&self) -> PathBuf {
+        self.0.join("authority.pub")
     }
 
-    /// The key file of `device`.
+    /// The authority's revocation list, as copied here.
+    pub fn revocations_path(&self) -> PathBuf {
+        self.0.join("revocations.json")
+    }
+
+    fn devices_dir(&self) -> PathBuf {
+        self.0.join("devices")
+    }
+
+    /// Where a device's certificate goes.
+    pub fn device_cert_path(&self, device: &str) -> PathBuf {
+        self.devices_dir().join(format!("{device}.cert.json"))
+    }
+
+    /// The key file of `device` (the one-machine convenience of [`FleetDir::enrol`]).
     pub fn device_key_path(&self, device: &str) -> PathBuf {
-        self.0.join("devices").join(format!("{device}.json"))
+        self.devices_dir().join(format!("{device}.json"))
     }
 
-    /// The authority, created on first use (only when its file does not exist).
-    pub fn authority(&self) -> Result<Identity, HostError> {
-        read_or_create_key(&self.0, &self.authority_path())
+    /// A fleet directory of the layout before keys left the host: refused with the way out.
+    fn refuse_old_layout(&self) -> Result<(), HostError> {
+        let old = self.0.join("authority.key");
+        if old.exists() {
+            return Err(HostError::invalid(
+                &old,
+                "the fleet authority's secret key is in the host's directory (an older layout): \
+                 move it to an authority directory on an offline machine, copy that directory's \
+                 authority.pub here, and issue the devices' certificates from there \
+                 (README, \"Deploying a fleet\")",
+            ));
+        }
+        Ok(())
     }
 
-    /// The host's identity and its certificate for `fleet`: created (key, and certificate by
-    /// the authority) on first use; an existing certificate for another fleet is an error.
+    /// The authority's public key.
+    pub fn authority(&self) -> Result<[u8; 32], HostError> {
+        self.refuse_old_layout()?;
+        read_public_key(&self.authority_path())
+    }
+
+    /// The host's key, created with its enrolment request when it does not exist yet.
+    /// Returns the request's path.
+    pub fn keygen(&self, fleet: &str) -> Result<PathBuf, HostError> {
+        check_level(fleet)?;
+        self.refuse_old_layout()?;
+        let host = read_or_create_key(&self.0, &self.host_key_path())?;
+        let request = EnrolmentRequest::new(&host, fleet);
+        write_json(&self.host_request_path(), &request, Access::Public)?;
+        Ok(self.host_request_path())
+    }
+
+    /// The host's identity and its certificate for `fleet`, both of which must exist and
+    /// match: the key, the authority's signature and the fleet.
     pub fn host(&self, fleet: &str) -> Result<(Identity, HostCertificate), HostError> {
         check_level(fleet)?;
         let authority = self.authority()?;
-        let host = read_or_create_key(&self.0, &self.host_key_path())?;
-        let path = self.host_cert_path();
-        let cert = match read_existing(&path)? {
-            Some(text) => {
-                let cert: HostCertificate =
-                    serde_json::from_slice(&text).map_err(|e| HostError::invalid(&path, e))?;
-                if cert.fleet != fleet {
-                    return Err(HostError::invalid(
-                        &path,
-                        format!(
-                            "the fleet directory of fleet {:?}, not {fleet:?}",
-                            cert.fleet
-                        ),
-                    ));
-                }
-                cert.verify(&authority.public_key(), fleet)
-                    .map_err(|e| HostError::invalid(&path, e))?;
-                if cert.public_key != host.public_key() {
-                    return Err(HostError::invalid(
-                        &path,
-                        format!(
-                            "certifies another key than {}",
-                            self.host_key_path().display()
-                        ),
-                    ));
-                }
-                cert
-            }
-            None => {
-                let cert = authority.certify_host(fleet, host.public_key());
-                let json = serde_json::to_string_pretty(&cert).expect("certificates encode");
-                write_atomic(&path, json.as_bytes(), Access::Public)?;
-                cert
-            }
+        let key = self.host_key_path();
+        let cert_path = self.host_cert_path();
+        if read_existing(&key)?.is_none() {
+            return Err(HostError::Config(format!(
+                "{} has no host key: run `fedshield-host keygen --fleet {fleet} --fleet-dir {}` \
+                 and have the authority certify {}",
+                self.0.display(),
+                self.0.display(),
+                self.host_request_path().display()
+            )));
+        }
+        let host = read_or_create_key(&self.0, &key)?;
+        let Some(text) = read_existing(&cert_path)? else {
+            return Err(HostError::Config(format!(
+                "{} is missing: have the authority certify {} \
+                 (`fedshield-host authority certify-host`) and copy its answer there",
+                cert_path.display(),
+                self.host_request_path().display()
+            )));
         };
+        let cert: HostCertificate =
+            serde_json::from_slice(&text).map_err(|e| HostError::invalid(&cert_path, e))?;
+        if cert.fleet != fleet {
+            return Err(HostError::invalid(
+                &cert_path,
+                format!(
+                    "certifies the host of fleet {:?}, not {fleet:?}",
+                    cert.fleet
+                ),
+            ));
+        }
+        cert.verify(&authority, fleet)
+            .map_err(|e| HostError::invalid(&cert_path, e))?;
+        if cert.public_key != host.public_key() {
+            return Err(HostError::invalid(
+                &cert_path,
+                format!("certifies another key than {}", key.display()),
+            ));
+        }
         Ok((host, cert))
     }
 
-    /// The registry (empty when the fleet has no devices yet).
-    pub fn registry(&self) -> Result<Registry, HostError> {
+    /// The registry: every certificate under `devices/` (each checked against the
+    /// authority and its file name), less the revoked devices. Read anew at every round,
+    /// so a certificate or revocation list copied in takes effect without a restart.
+    pub fn registry(&self) -> Result<(Registry, RevocationList), HostError> {
         let authority = self.authority()?;
-        let path = self.registry_path();
-        match read_existing(&path)? {
-            Some(text) => {
-                let registry: Registry =
-                    serde_json::from_slice(&text).map_err(|e| HostError::invalid(&path, e))?;
-                if registry.authority != authority.public_key() {
-                    return Err(HostError::invalid(
-                        &path,
-                        format!(
-                            "belongs to another authority than {}",
-                            self.authority_path().display()
-                        ),
-                    ));
-                }
-                Ok(registry)
-            }
-            None => Ok(Registry::new(authority.public_key())),
+        let mut registry = Registry::new(authority);
+        let dir = self.devices_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries.collect::<Result<Vec<_>, _>>(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+            Err(e) => Err(e),
         }
+        .map_err(|e| HostError::invalid(&dir, e))?;
+        for entry in entries {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(device) = name.strip_suffix(".cert.json") else {
+                continue; // key files of the convenience enrolment, temporary files
+            };
+            let cert: Enrolment = read_json(&path)?;
+            if cert.device.0 != device {
+                return Err(HostError::invalid(
+                    &path,
+                    format!("certifies {:?}, not {device:?}", cert.device.0),
+                ));
+            }
+            registry
+                .enrol(cert)
+                .map_err(|e| HostError::invalid(&path, e))?;
+        }
+        let revocations = read_revocations(&self.revocations_path(), &authority)?;
+        registry.apply(&revocations);
+        Ok((registry, revocations))
     }
 
-    /// Enrols `device` of `fleet` with a fresh identity; writes its key file (with the host
-    /// certificate). Re-enrolling replaces the device's identity.
-    pub fn enrol(&self, fleet: &str, device: &str) -> Result<PathBuf, HostError> {
+    /// One-machine convenience (the demo, the tests): plays the authority in
+    /// `authority` (created on first use) and enrols `device` of `fleet` with a key made
+    /// here, written to its key file `devices/{id}.json`; the host's key and certificate
+    /// are made too on first use. Re-enrolling replaces the device's key. A real fleet's
+    /// devices make their keys themselves (`fedshield-edge keygen`).
+    pub fn enrol(
+        &self,
+        authority: &AuthorityDir,
+        fleet: &str,
+        device: &str,
+    ) -> Result<PathBuf, HostError> {
         check_level(device)?;
-        let authority = self.authority()?;
+        check_level(fleet)?;
+        let public = authority.open_or_init()?.public_key();
+        std::fs::create_dir_all(&self.0).map_err(|e| HostError::invalid(&self.0, e))?;
+        match read_existing(&self.authority_path())? {
+            None => write_atomic(
+                &self.authority_path(),
+                format!("{}\n", hex(&public)).as_bytes(),
+                Access::Public,
+            )?,
+            Some(_) if self.authority()? == public => {}
+            Some(_) => {
+                return Err(HostError::invalid(
+                    &self.authority_path(),
+                    format!("another authority than {}'s", authority.0.display()),
+                ));
+            }
+        }
+        if read_existing(&self.host_cert_path())?.is_none() {
+            self.keygen(fleet)?;
+            let request: EnrolmentRequest = read_json(&self.host_request_path())?;
+            let cert = authority.certify_host(&request)?;
+            write_json(&self.host_cert_path(), &cert, Access::Public)?;
+        }
         let (_, host) = self.host(fleet)?;
-        let mut registry = self.registry()?;
         let identity = Identity::generate(&mut rand::rng());
-        let id = DeviceId(device.to_string());
-        registry
-            .enrol(authority.enrol(id.clone(), identity.public_key()))
-            .map_err(|e| HostError::invalid(&self.registry_path(), e))?;
-        write_atomic(
-            &self.registry_path(),
-            serde_json::to_string_pretty(&registry)
-                .expect("registries encode")
-                .as_bytes(),
-            Access::Public,
-        )?;
+        let cert = authority.enrol(&EnrolmentRequest::new(&identity, device))?;
+        let devices = self.devices_dir();
+        std::fs::create_dir_all(&devices).map_err(|e| HostError::invalid(&devices, e))?;
+        write_json(&self.device_cert_path(device), &cert, Access::Public)?;
         let key = DeviceKey {
-            device: id,
+            device: DeviceId(device.to_string()),
             secret: hex(&identity.secret()),
-            authority: hex(&authority.public_key()),
+            authority: hex(&public),
             host: Some(HostKeyEntry::of(&host)),
         };
         let path = self.device_key_path(device);
-        let devices = path.parent().expect("devices folder");
-        std::fs::create_dir_all(devices).map_err(|e| HostError::invalid(devices, e))?;
-        write_atomic(
-            &path,
-            serde_json::to_string_pretty(&key)
-                .expect("key files encode")
-                .as_bytes(),
-            Access::Private,
-        )?;
+        write_json(&path, &key, Access::Private)?;
         Ok(path)
     }
+}
+
+/// A public key file: 64 hex digits.
+pub fn read_public_key(path: &Path) -> Result<[u8; 32], HostError> {
+    let Some(bytes) = read_existing(path)? else {
+        return Err(HostError::Config(format!(
+            "{} is missing: copy the authority's authority.pub there",
+            path.display()
+        )));
+    };
+    let text = String::from_utf8(bytes).map_err(|e| HostError::invalid(path, e))?;
+    unhex32(&text).map_err(|e| HostError::invalid(path, e))
+}
+
+/// A revocation list file, checked against `authority` (no file: the empty list).
+fn read_revocations(path: &Path, authority: &[u8; 32]) -> Result<RevocationList, HostError> {
+    if read_existing(path)?.is_none() {
+        return Ok(RevocationList::default());
+    }
+    let list: RevocationList = read_json(path)?;
+    list.verify(authority)
+        .map_err(|e| HostError::invalid(path, e))?;
+    Ok(list)
+}
+
+/// A JSON file (it must exist).
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, HostError> {
+    let bytes = read_existing(path)?.ok_or_else(|| HostError::invalid(path, "no such file"))?;
+    serde_json::from_slice(&bytes).map_err(|e| HostError::invalid(path, e))
+}
+
+/// Writes `what` as pretty JSON, atomically.
+pub fn write_json(path: &Path, what: &impl Serialize, access: Access) -> Result<(), HostError> {
+    let json = serde_json::to_string_pretty(what).expect("certificates and lists encode");
+    write_atomic(path, json.as_bytes(), access)?;
+    Ok(())
 }
 
 /// The ed25519 key in `path`, created (owner-only) when the file does not exist.

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use fedshield_codec::{PruneConfig, Schedule, Structure};
 use fedshield_crypto::params::BodyBits;
 use fedshield_host::broker::{DEFAULT_MAX_PACKET_BYTES, EmbeddedBroker};
-use fedshield_host::fleet::FleetDir;
+use fedshield_host::fleet::{AuthorityDir, FleetDir};
 use fedshield_models::Assets;
 use fedshield_models::config::LlamaConfig;
 use fedshield_models::gguf::Gguf;
@@ -38,13 +38,18 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_MAX_PACKET_BYTES)]
         max_packet_bytes: usize,
     },
-    /// Enrol devices: writes the fleet authority and the host's certified key (first
-    /// time), the registry and one key file per device (devices/{id}.json, to install on
-    /// the device).
+    /// ONE-MACHINE CONVENIENCE (the demo, the tests): plays the fleet authority from
+    /// --authority-dir and generates each device's key here, writing its key file to
+    /// devices/{id}.json; also the host's key and certificate on first use. A real fleet's
+    /// devices make their keys themselves (`fedshield-edge keygen`) and an offline
+    /// authority signs them (`fedshield-host authority`).
     Enrol {
         /// Fleet directory.
         #[arg(long, default_value = "fleet")]
         fleet_dir: PathBuf,
+        /// The authority's directory (created on first use).
+        #[arg(long)]
+        authority_dir: PathBuf,
         /// Fleet name (one MQTT topic level): the host certificate is for this fleet only.
         #[arg(long, default_value = "demo")]
         fleet: String,
@@ -52,6 +57,20 @@ enum Command {
         #[arg(long)]
         devices: String,
     },
+    /// Create the host's key in the fleet directory (once) and write its enrolment request
+    /// (host-request.json) for the authority to certify.
+    Keygen {
+        /// Fleet directory.
+        #[arg(long, default_value = "fleet")]
+        fleet_dir: PathBuf,
+        /// Fleet name (one MQTT topic level).
+        #[arg(long, default_value = "demo")]
+        fleet: String,
+    },
+    /// The fleet authority, on an offline machine: creates its key, signs the devices' and
+    /// the host's enrolment requests, revokes devices.
+    #[command(subcommand)]
+    Authority(AuthorityCommand),
     /// Write a mosquitto configuration for the fleet: a password file with a credential
     /// per enrolled device and for the host (kept when they exist), topic ACLs (each
     /// device writes only its own uplink and status and reads only the broadcasts and its
@@ -62,6 +81,53 @@ enum Command {
     /// with - or _), flags winning.
     #[command(args_override_self = true)]
     Serve(Box<ServeArgs>),
+}
+
+#[derive(Subcommand)]
+enum AuthorityCommand {
+    /// Create the authority (authority.key, 0600, and authority.pub to hand out).
+    Init {
+        /// The authority's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Sign a device's enrolment request (from `fedshield-edge keygen`) into its
+    /// certificate, for the host's devices/{id}.cert.json and the device's install-cert.
+    Enrol {
+        /// The authority's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The device's enrolment-request.json.
+        #[arg(long)]
+        request: PathBuf,
+        /// Where to write the certificate.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Certify the host's key (its host-request.json from `fedshield-host keygen`) for the
+    /// fleet the request names.
+    CertifyHost {
+        /// The authority's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The host's host-request.json.
+        #[arg(long)]
+        request: PathBuf,
+        /// Where to write the certificate (the host's host.json).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke a device: writes the next signed revocation list to the authority's
+    /// revocations.json (copy it to the host's fleet directory: it takes effect at the next
+    /// round).
+    Revoke {
+        /// The authority's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The device id.
+        #[arg(long)]
+        device: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -231,24 +297,76 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Enrol {
             fleet_dir,
+            authority_dir,
             fleet: name,
             devices,
         } => {
             let fleet = FleetDir(fleet_dir);
+            let authority = AuthorityDir(authority_dir);
             for d in devices.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-                println!("{}", fleet.enrol(&name, d)?.display());
+                println!("{}", fleet.enrol(&authority, &name, d)?.display());
             }
             Ok(())
         }
+        Command::Keygen { fleet_dir, fleet } => {
+            println!("{}", FleetDir(fleet_dir).keygen(&fleet)?.display());
+            Ok(())
+        }
+        Command::Authority(command) => run_authority(command),
         Command::BrokerConfig(args) => run_broker_config(args),
         Command::Serve(args) => run_serve(*args),
     }
 }
 
+/// `authority ...`: the offline authority's commands.
+fn run_authority(command: AuthorityCommand) -> anyhow::Result<()> {
+    use fedshield_crypto::identity::EnrolmentRequest;
+    use fedshield_host::fleet::{read_json, write_json};
+    use fedshield_store::Access;
+    match command {
+        AuthorityCommand::Init { dir } => {
+            let authority = AuthorityDir(dir);
+            let public = authority.init()?;
+            eprintln!(
+                "authority {} created; hand out {}",
+                fedshield_protocol::keyfile::hex(&public),
+                authority.public_path().display()
+            );
+        }
+        AuthorityCommand::Enrol { dir, request, out } => {
+            let request: EnrolmentRequest = read_json(&request)?;
+            let cert = AuthorityDir(dir).enrol(&request)?;
+            write_json(&out, &cert, Access::Public)?;
+            eprintln!("certified device {} ({})", cert.device, out.display());
+        }
+        AuthorityCommand::CertifyHost { dir, request, out } => {
+            let request: EnrolmentRequest = read_json(&request)?;
+            let cert = AuthorityDir(dir).certify_host(&request)?;
+            write_json(&out, &cert, Access::Public)?;
+            eprintln!(
+                "certified the host of fleet {} ({})",
+                cert.fleet,
+                out.display()
+            );
+        }
+        AuthorityCommand::Revoke { dir, device } => {
+            let authority = AuthorityDir(dir);
+            let list = authority.revoke(&device)?;
+            eprintln!(
+                "revocation list {} ({} revoked): copy {} to the host's fleet directory",
+                list.serial,
+                list.revoked.len(),
+                authority.revocations_path().display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `broker-config`: the fleet's enrolled devices into a mosquitto configuration.
 fn run_broker_config(args: BrokerConfigArgs) -> anyhow::Result<()> {
     use fedshield_host::broker_config::{BrokerConfig, TlsListener, write};
-    let registry = FleetDir(args.fleet_dir.clone()).registry()?;
+    let (registry, _) = FleetDir(args.fleet_dir.clone()).registry()?;
     let devices: Vec<String> = registry.devices().map(|d| d.0.clone()).collect();
     anyhow::ensure!(
         !devices.is_empty(),

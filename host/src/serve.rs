@@ -75,6 +75,9 @@ struct Host {
     fleet: HostFleet,
     /// The registry as of the current round (checks the devices' evaluation reports).
     registry: Registry,
+    /// The serial of the revocation list in force: a list with a lower one (which could
+    /// un-revoke a device) is refused.
+    revocation_serial: u64,
     /// The event file, if any.
     events: Option<JsonLines>,
     drops: fedshield_transport::DropMonitor,
@@ -88,7 +91,7 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     std::fs::create_dir_all(&cfg.out)?;
     let state_path = cfg.out.join("state.bin");
     let (signer, _) = cfg.fleet_dir.host(&cfg.fleet)?;
-    let registry = cfg.fleet_dir.registry()?;
+    let (registry, revocations) = cfg.fleet_dir.registry()?;
     // Checked here so that a bad clip stops the host before any round.
     FixedPoint::new(cfg.settings.clip)?;
     // Only a missing state starts fresh; one that does not read stops the host, untouched.
@@ -126,6 +129,7 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
         link,
         fleet,
         registry,
+        revocation_serial: revocations.serial,
         events,
         drops: Default::default(),
         started: Instant::now(),
@@ -311,7 +315,7 @@ impl Host {
                 config.round
             );
             let started = *now;
-            let replayed = journal::replay(&entries, self.cfg.fleet_dir.registry()?)?;
+            let replayed = journal::replay(&entries, self.cfg.fleet_dir.registry()?.0)?;
             Ok((replayed, started, JournalFile::reopen(&path, valid as u64)?))
         };
         attempt()
@@ -324,6 +328,40 @@ impl Host {
             .ok()
     }
 
+    /// Reads the fleet directory's certificates and revocation list again, so that a
+    /// device enrolled or revoked since takes part or is refused from this round on. A
+    /// directory that does not read, or a revocation list older than the one in force,
+    /// is reported and the registry in force is kept.
+    fn reload_registry(&mut self) {
+        match self.cfg.fleet_dir.registry() {
+            Ok((_, list)) if list.serial < self.revocation_serial => tracing::error!(
+                "{}: revocation list {} is older than the one in force ({}): refused, the registry is unchanged",
+                self.cfg.fleet_dir.revocations_path().display(),
+                list.serial,
+                self.revocation_serial
+            ),
+            Ok((registry, list)) => {
+                if list.serial > self.revocation_serial {
+                    tracing::warn!(
+                        "revocation list {}: {} device(s) revoked ({})",
+                        list.serial,
+                        list.revoked.len(),
+                        list.revoked
+                            .iter()
+                            .map(|d| d.0.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                self.revocation_serial = list.serial;
+                self.registry = registry;
+            }
+            Err(e) => tracing::error!(
+                "the fleet directory does not read ({e}): the registry in force is kept"
+            ),
+        }
+    }
+
     /// Starts the next round: announces it, journals its start and publishes its state.
     fn start_round(&mut self) -> anyhow::Result<Running> {
         if let Some(round) = self.fleet.interrupted() {
@@ -332,8 +370,8 @@ impl Host {
                 round + 1
             );
         }
-        let registry = self.cfg.fleet_dir.registry()?;
-        self.registry = registry.clone();
+        self.reload_registry();
+        let registry = self.registry.clone();
         let (config, selection) = self.fleet.announce(registry.len(), rand::random())?;
         self.save_state()?;
         let (round, selected) = (config.round, selection.len());

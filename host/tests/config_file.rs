@@ -40,7 +40,23 @@ fn a_config_file_sets_serve_and_flags_override_it() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains('7'), "{err}");
-    // ... and overridden by the flag; no rounds to run, so serve writes its outputs.
+    // ... and overridden by the flag; no rounds to run, so serve writes its outputs (for
+    // the fleet's host key and certificate, made by the one-machine enrolment).
+    let enrolled = Command::new(env!("CARGO_BIN_EXE_fedshield-host"))
+        .args([
+            "enrol",
+            "--fleet",
+            "from-file",
+            "--devices",
+            "edge-0",
+            "--fleet-dir",
+        ])
+        .arg(dir.path().join("fleet"))
+        .arg("--authority-dir")
+        .arg(dir.path().join("authority"))
+        .status()
+        .unwrap();
+    assert!(enrolled.success());
     let o = serve(&config, &["--rho", "ramp:0.8:0.5"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let metrics: serde_json::Value =

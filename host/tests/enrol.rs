@@ -1,7 +1,9 @@
-//! `fedshield-host enrol`: the fleet directory it writes is what `serve` and the devices
-//! read: a registry that accepts the devices' signatures, and key files that parse.
+//! The fleet's keys: `fedshield-host enrol` (the one-machine convenience) and the offline
+//! flow (`authority`, `keygen`): the fleet directory they write is what `serve` and the
+//! devices read: a registry that accepts the devices' signatures, and key files that parse.
 
-use fedshield_host::fleet::FleetDir;
+use fedshield_crypto::identity::{EnrolmentRequest, Identity};
+use fedshield_host::fleet::{AuthorityDir, FleetDir};
 use fedshield_protocol::keyfile::DeviceKey;
 use std::process::Command;
 
@@ -10,7 +12,9 @@ fn enrol_writes_a_registry_and_device_key_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_fedshield-host"))
         .args(["enrol", "--fleet", "lab", "--fleet-dir"])
-        .arg(dir.path())
+        .arg(dir.path().join("fleet"))
+        .arg("--authority-dir")
+        .arg(dir.path().join("authority"))
         .args(["--devices", "edge-0,edge-1"])
         .output()
         .unwrap();
@@ -19,12 +23,16 @@ fn enrol_writes_a_registry_and_device_key_files() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let fleet = FleetDir(dir.path().to_path_buf());
-    let registry = fleet.registry().unwrap();
+    let fleet = FleetDir(dir.path().join("fleet"));
+    let (registry, revocations) = fleet.registry().unwrap();
     assert_eq!(registry.len(), 2);
+    assert_eq!(revocations.serial, 0);
     let (host, cert) = fleet.host("lab").unwrap();
     assert_eq!(cert.public_key, host.public_key());
     assert_eq!(cert.verify(&registry.authority, "lab"), Ok(()));
+    // The host's directory holds no authority secret.
+    assert!(!dir.path().join("fleet/authority.key").exists());
+    assert!(dir.path().join("authority/authority.key").exists());
     for d in ["edge-0", "edge-1"] {
         let key =
             DeviceKey::parse(&std::fs::read_to_string(fleet.device_key_path(d)).unwrap()).unwrap();
@@ -32,7 +40,7 @@ fn enrol_writes_a_registry_and_device_key_files() {
         assert_eq!(authority, registry.authority);
         // Every device learns the host's certificate with its key file.
         assert_eq!(key.host_certificate().unwrap(), cert);
-        let identity = fedshield_crypto::identity::Identity::from_secret(secret);
+        let identity = Identity::from_secret(secret);
         assert_eq!(
             registry.enrolment(&key.device).unwrap().public_key,
             identity.public_key()
@@ -47,45 +55,215 @@ fn enrol_writes_a_registry_and_device_key_files() {
     // A name that is not one topic level is refused.
     let bad = Command::new(env!("CARGO_BIN_EXE_fedshield-host"))
         .args(["enrol", "--fleet-dir"])
-        .arg(dir.path())
+        .arg(dir.path().join("fleet"))
+        .arg("--authority-dir")
+        .arg(dir.path().join("authority"))
         .args(["--devices", "a/b"])
         .output()
         .unwrap();
     assert!(!bad.status.success());
     // The directory is lab's: enrolling for another fleet is refused.
-    assert!(fleet.enrol("prod", "edge-9").is_err());
+    let authority = AuthorityDir(dir.path().join("authority"));
+    assert!(fleet.enrol(&authority, "prod", "edge-9").is_err());
+    // Another authority's enrolment into this directory is refused.
+    let other = AuthorityDir(dir.path().join("other"));
+    assert!(fleet.enrol(&other, "lab", "edge-9").is_err());
+}
+
+/// Runs `fedshield-host` with `args`; its standard output (it must succeed).
+fn host_cli(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedshield-host"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Whether `fedshield-host` with `args` fails.
+fn host_cli_fails(args: &[&std::ffi::OsStr]) -> bool {
+    !Command::new(env!("CARGO_BIN_EXE_fedshield-host"))
+        .args(args)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// The fleet's keys as a real deployment makes them: an offline authority, the host's key
+/// born in its directory, each device's request made apart; certificates carried by hand;
+/// a revocation list that the host reads again.
+#[test]
+fn keys_are_born_where_they_are_used_and_the_authority_signs_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).into_os_string();
+    let o = std::ffi::OsStr::new;
+    host_cli(&[o("authority"), o("init"), o("--dir"), &p("auth")]);
+    // A second init would void every certificate: refused, the key unchanged.
+    let key = std::fs::read(dir.path().join("auth/authority.key")).unwrap();
+    assert!(host_cli_fails(&[
+        o("authority"),
+        o("init"),
+        o("--dir"),
+        &p("auth")
+    ]));
+    assert_eq!(
+        std::fs::read(dir.path().join("auth/authority.key")).unwrap(),
+        key
+    );
+    // The host: its key and request, certified, installed with the authority's public key.
+    let request = host_cli(&[
+        o("keygen"),
+        o("--fleet"),
+        o("lab"),
+        o("--fleet-dir"),
+        &p("host"),
+    ]);
+    assert_eq!(
+        request.trim(),
+        dir.path().join("host/host-request.json").to_str().unwrap()
+    );
+    host_cli(&[
+        o("authority"),
+        o("certify-host"),
+        o("--dir"),
+        &p("auth"),
+        o("--request"),
+        &p("host/host-request.json"),
+        o("--out"),
+        &p("host/host.json"),
+    ]);
+    std::fs::copy(
+        dir.path().join("auth/authority.pub"),
+        dir.path().join("host/authority.pub"),
+    )
+    .unwrap();
+    let fleet = FleetDir(dir.path().join("host"));
+    let (host, cert) = fleet.host("lab").unwrap();
+    assert_eq!(cert.public_key, host.public_key());
+    assert!(fleet.host("prod").is_err());
+    // Devices' requests (made here as a device would make them) signed into certificates.
+    std::fs::create_dir_all(dir.path().join("host/devices")).unwrap();
+    for d in ["edge-0", "edge-1"] {
+        let request = EnrolmentRequest::new(&Identity::generate(&mut rand::rng()), d);
+        let req = dir.path().join(format!("{d}-request.json"));
+        std::fs::write(&req, serde_json::to_string(&request).unwrap()).unwrap();
+        host_cli(&[
+            o("authority"),
+            o("enrol"),
+            o("--dir"),
+            &p("auth"),
+            o("--request"),
+            req.as_os_str(),
+            o("--out"),
+            fleet.device_cert_path(d).as_os_str(),
+        ]);
+    }
+    // A request whose signature is not its key's: refused, no certificate written.
+    let mut request = EnrolmentRequest::new(&Identity::generate(&mut rand::rng()), "edge-2");
+    request.public_key = [7; 32];
+    std::fs::write(
+        dir.path().join("forged.json"),
+        serde_json::to_string(&request).unwrap(),
+    )
+    .unwrap();
+    assert!(host_cli_fails(&[
+        o("authority"),
+        o("enrol"),
+        o("--dir"),
+        &p("auth"),
+        o("--request"),
+        &p("forged.json"),
+        o("--out"),
+        &p("forged-cert.json"),
+    ]));
+    assert!(!dir.path().join("forged-cert.json").exists());
+    let (registry, _) = fleet.registry().unwrap();
+    let names: Vec<_> = registry.devices().map(|d| d.0.clone()).collect();
+    assert_eq!(names, ["edge-0", "edge-1"]);
+    // Revoked at the authority, copied to the host: the next read leaves edge-1 out.
+    host_cli(&[
+        o("authority"),
+        o("revoke"),
+        o("--dir"),
+        &p("auth"),
+        o("--device"),
+        o("edge-1"),
+    ]);
+    std::fs::copy(
+        dir.path().join("auth/revocations.json"),
+        fleet.revocations_path(),
+    )
+    .unwrap();
+    let (registry, list) = fleet.registry().unwrap();
+    assert_eq!(list.serial, 1);
+    let names: Vec<_> = registry.devices().map(|d| d.0.clone()).collect();
+    assert_eq!(names, ["edge-0"]);
+    // A revoked id cannot be enrolled again.
+    let again = EnrolmentRequest::new(&Identity::generate(&mut rand::rng()), "edge-1");
+    assert!(AuthorityDir(dir.path().join("auth")).enrol(&again).is_err());
+    // A tampered list (edge-1 taken off) or a certificate under another name: errors
+    // naming the file, the files left as they are.
+    let text = std::fs::read_to_string(fleet.revocations_path()).unwrap();
+    let tampered = text.replace("edge-1", "edge-5");
+    std::fs::write(fleet.revocations_path(), &tampered).unwrap();
+    let e = fleet.registry().unwrap_err().to_string();
+    assert!(e.contains("revocations.json"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(fleet.revocations_path()).unwrap(),
+        tampered
+    );
+    std::fs::write(fleet.revocations_path(), &text).unwrap();
+    std::fs::copy(
+        fleet.device_cert_path("edge-0"),
+        fleet.device_cert_path("edge-7"),
+    )
+    .unwrap();
+    let e = fleet.registry().unwrap_err().to_string();
+    assert!(e.contains("edge-7.cert.json"), "{e}");
 }
 
 #[test]
 fn unreadable_fleet_files_are_reported_and_never_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = FleetDir(dir.path().to_path_buf());
-    fleet.enrol("lab", "edge-0").unwrap();
-    let authority = std::fs::read(dir.path().join("authority.key")).unwrap();
-    // A registry that does not parse: an error, and the file is left as it was.
-    std::fs::write(dir.path().join("registry.json"), b"{ truncated").unwrap();
-    let e = fleet.enrol("lab", "edge-1").unwrap_err();
-    assert!(format!("{e:#}").contains("registry.json"), "{e:#}");
-    assert_eq!(
-        std::fs::read(dir.path().join("registry.json")).unwrap(),
-        b"{ truncated"
-    );
+    let fleet = FleetDir(dir.path().join("fleet"));
+    let authority = AuthorityDir(dir.path().join("authority"));
+    fleet.enrol(&authority, "lab", "edge-0").unwrap();
+    // A certificate that does not parse: an error naming it, and the file is left as it was.
+    let cert = fleet.device_cert_path("edge-0");
+    let good = std::fs::read(&cert).unwrap();
+    std::fs::write(&cert, b"{ truncated").unwrap();
+    let e = fleet.registry().unwrap_err();
+    assert!(format!("{e:#}").contains("edge-0.cert.json"), "{e:#}");
+    assert_eq!(std::fs::read(&cert).unwrap(), b"{ truncated");
+    std::fs::write(&cert, &good).unwrap();
     // An authority key that is not a key: an error, never a new authority.
-    std::fs::write(dir.path().join("authority.key"), b"short").unwrap();
-    assert!(fleet.registry().is_err());
-    assert_eq!(
-        std::fs::read(dir.path().join("authority.key")).unwrap(),
-        b"short"
-    );
-    std::fs::write(dir.path().join("authority.key"), &authority).unwrap();
+    let key = dir.path().join("authority/authority.key");
+    let secret = std::fs::read(&key).unwrap();
+    std::fs::write(&key, b"short").unwrap();
+    assert!(fleet.enrol(&authority, "lab", "edge-1").is_err());
+    assert_eq!(std::fs::read(&key).unwrap(), b"short");
+    std::fs::write(&key, &secret).unwrap();
     assert!(fleet.host("lab").is_ok());
+    // A fleet directory of the old layout (the authority's secret in it): refused with
+    // the way out, the file left where it is.
+    std::fs::write(dir.path().join("fleet/authority.key"), &secret).unwrap();
+    let e = fleet.host("lab").unwrap_err().to_string();
+    assert!(e.contains("offline"), "{e}");
+    assert!(dir.path().join("fleet/authority.key").exists());
 }
 
 #[test]
 fn serve_refuses_a_corrupt_state_file_and_leaves_it_intact() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = FleetDir(dir.path().join("fleet"));
-    fleet.enrol("lab", "edge-0").unwrap();
+    fleet
+        .enrol(&AuthorityDir(dir.path().join("authority")), "lab", "edge-0")
+        .unwrap();
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     let garbage = b"\xffnot a host state".to_vec();
