@@ -12,6 +12,7 @@
 #   apt   mosquitto, socat,       a real MQTT broker, pty pairs and a throwaway TLS CA
 #         openssl               for the tests
 #   rust  thumbv7em-none-eabihf   the rig protocol's no_std (firmware) build check
+#   apt   systemd, dpkg          systemd-analyze verify and dpkg-deb for the packages' test
 #   rust  aarch64-unknown-linux-gnu, apt gcc-aarch64-linux-gnu, libc6-dev-arm64-cross,
 #         qemu-user-static        the crates without I/O built for the Jetson's
 #                                 architecture and tested under qemu (scripts/test-aarch64.sh)
@@ -58,6 +59,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu)
 [ -f /usr/aarch64-linux-gnu/lib/libc.so.6 ] || need_apt+=(libc6-dev-arm64-cross)
 command -v qemu-aarch64-static >/dev/null 2>&1 || need_apt+=(qemu-user-static)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v dpkg-deb >/dev/null 2>&1 || need_apt+=(dpkg)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ $CHECK_ONLY = 1 ]; then missing+=("apt: ${need_apt[*]}"); else
     say "installing Debian packages: ${need_apt[*]}"

@@ -63,6 +63,9 @@ enum Command {
     /// for `run --key`.
     InstallCert(keys_cmd::InstallCertArgs),
     /// Join a fleet: train, encrypt and upload every round, apply the global adapter.
+    /// Settings come from the flags and from an optional TOML file (--config; keys are the
+    /// flags' long names, with - or _), flags winning.
+    #[command(args_override_self = true)]
     Run(Box<run_cmd::RunArgs>),
 }
 
@@ -243,7 +246,15 @@ fn main() -> anyhow::Result<()> {
         // Logs on stderr: stdout carries commands' results (`generate`'s text, paths).
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let argv =
+        match fedshield_store::settings::expand_config(std::env::args_os().collect(), &["run"]) {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        };
+    match Cli::parse_from(argv).command {
         Command::Doctor { root } => doctor_cmd::doctor(&root),
         Command::Telemetry(args) => telemetry_cmd::telemetry(args),
         Command::Train(args) => train_cmd::train(args),

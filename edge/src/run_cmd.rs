@@ -24,6 +24,9 @@ use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
+    /// TOML file of settings (see `packaging/edge.toml`); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
     // Rank and targets must match the host's.

@@ -15,7 +15,6 @@ use fedshield_models::gguf::Gguf;
 use fedshield_protocol::fleet::host::FleetSettings;
 use fedshield_protocol::host::Deadlines;
 use serve::{ServeConfig, serve};
-use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -172,7 +171,7 @@ struct BrokerConfigArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// TOML file of settings (see `fedshield-host.example.toml`); flags override it.
+    /// TOML file of settings (see `host/serve.example.toml`); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Fleet name (one MQTT topic level).
@@ -274,13 +273,14 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,rumqttd=off".into()),
         )
         .init();
-    let argv = match with_config_file(std::env::args_os().collect()) {
-        Ok(argv) => argv,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::exit(2);
-        }
-    };
+    let argv =
+        match fedshield_store::settings::expand_config(std::env::args_os().collect(), &["serve"]) {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        };
     match Cli::parse_from(argv).command {
         Command::Broker {
             listen,
@@ -413,67 +413,6 @@ fn run_broker_config(args: BrokerConfigArgs) -> anyhow::Result<()> {
         written.conf.display()
     );
     Ok(())
-}
-
-/// Expands `serve --config FILE` into the file's settings as flags, placed before the
-/// command line's own flags so that those win (`args_override_self`).
-fn with_config_file(argv: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
-    if argv.get(1).is_none_or(|a| a != "serve") {
-        return Ok(argv);
-    }
-    let mut path = None;
-    let mut rest = Vec::new();
-    let mut it = argv.into_iter();
-    let head: Vec<OsString> = it.by_ref().take(2).collect();
-    while let Some(a) = it.next() {
-        let s = a.to_string_lossy();
-        if s == "--config" {
-            path = Some(PathBuf::from(it.next().context("--config needs a file")?));
-        } else if let Some(p) = s.strip_prefix("--config=") {
-            path = Some(PathBuf::from(p));
-        } else {
-            rest.push(a);
-        }
-    }
-    let Some(path) = path else {
-        return Ok(head.into_iter().chain(rest).collect());
-    };
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .with_context(|| format!("parsing {}", path.display()))?;
-    let mut args = head;
-    for (key, value) in table {
-        let flag = format!("--{}", key.replace('_', "-"));
-        let value = match value {
-            toml::Value::Boolean(true) => None,
-            toml::Value::Boolean(false) => continue,
-            toml::Value::String(s) => Some(s),
-            toml::Value::Integer(i) => Some(i.to_string()),
-            toml::Value::Float(f) => Some(f.to_string()),
-            toml::Value::Array(items) => Some(
-                items
-                    .iter()
-                    .map(|v| match v {
-                        toml::Value::String(s) => Ok(s.clone()),
-                        other => {
-                            anyhow::bail!("{}: {key}: {other} is not a string", path.display())
-                        }
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?
-                    .join(","),
-            ),
-            other => anyhow::bail!(
-                "{}: {key} = {other}: expected a string, number, boolean or list of strings",
-                path.display()
-            ),
-        };
-        args.push(flag.into());
-        args.extend(value.map(OsString::from));
-    }
-    args.extend(rest);
-    Ok(args)
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -9,6 +9,10 @@
 //!   one and writes a fresh state over it.
 //! - [`JsonLines`]: an append-only file of JSON lines, a process's event file (what it did
 //!   and refused, for tools and tests).
+//! - [`settings::expand_config`]: a TOML settings file (`--config FILE`) as the flags it
+//!   stands for.
+
+pub mod settings;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
