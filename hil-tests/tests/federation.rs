@@ -731,10 +731,9 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
             Ok(EdgeMessage::Join { advert, .. }) if advert.round == 2 => Some(advert),
             _ => None,
         });
-        let registry: fedshield_crypto::identity::Registry = serde_json::from_str(
-            &std::fs::read_to_string(fleet.fleet.join("registry.json")).unwrap(),
-        )
-        .unwrap();
+        let (registry, _) = fedshield_host::fleet::FleetDir(fleet.fleet.clone())
+            .registry()
+            .unwrap();
         let enrolment = registry.enrolment(&d.into()).unwrap().clone();
         entries.push(fedshield_crypto::secagg::RosterEntry { enrolment, advert });
     }
