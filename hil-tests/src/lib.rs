@@ -84,11 +84,8 @@ impl Mosquitto {
         listener_options: &str,
         max_packet_size: usize,
     ) -> anyhow::Result<Self> {
-        let conf = dir.path().join("mosquitto.conf");
-        // A port another process took between the check and mosquitto's bind: another port.
-        let mut attempts = 0;
-        loop {
-            let addr = free_local_addr();
+        Self::launch_with(dir, |d, addr| {
+            let conf = d.join("mosquitto.conf");
             std::fs::write(
                 &conf,
                 format!(
@@ -98,20 +95,8 @@ impl Mosquitto {
                     addr.port()
                 ),
             )?;
-            attempts += 1;
-            match Self::spawn(&conf, addr) {
-                Ok(child) => {
-                    return Ok(Self {
-                        child,
-                        addr,
-                        conf,
-                        _dir: dir,
-                    });
-                }
-                Err(e) if attempts >= 5 => return Err(e),
-                Err(_) => {}
-            }
-        }
+            Ok(conf)
+        })
     }
 
     /// Starts mosquitto with a configuration that `make` writes into a fresh folder for a
@@ -124,6 +109,16 @@ impl Mosquitto {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir()?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        Self::launch_with(dir, make)
+    }
+
+    /// Has `make` write the configuration for a free port into `dir` and starts mosquitto
+    /// on it; a port another process took between the check and mosquitto's bind: another
+    /// port, five times at most.
+    fn launch_with(
+        dir: tempfile::TempDir,
+        make: impl Fn(&Path, SocketAddr) -> anyhow::Result<PathBuf>,
+    ) -> anyhow::Result<Self> {
         let mut attempts = 0;
         loop {
             let addr = free_local_addr();
