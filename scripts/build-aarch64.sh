@@ -3,7 +3,7 @@
 # architecture) against the aarch64 libtorch and ONNX Runtime of the pinned PyPI wheels,
 # then runs the aarch64 edge under qemu-user.
 #
-#   scripts/build-aarch64.sh [--profile release|dev] [--no-run]
+#   scripts/build-aarch64.sh [--profile release|dev] [--no-run] [--train]
 #
 # Needs scripts/setup.sh (the aarch64 Rust target, gcc-aarch64-linux-gnu, qemu-user-static);
 # installs g++-aarch64-linux-gnu when missing. What it downloads is cached, sha256-pinned,
@@ -18,15 +18,19 @@
 # the FEDSHIELD_DEPS_DIR of the aarch64 binaries under qemu.
 #
 # Then, under qemu-aarch64: `fedshield-edge doctor` (libtorch forward and backward, an ONNX
-# Runtime inference, the model files) and `fedshield-edge keygen`. The binaries are in
+# Runtime inference, the model files) and `fedshield-edge keygen`; with --train also two
+# SmolLM2 training steps (about 20 minutes under qemu), whose losses must equal those of
+# the x86-64 build to the printed digits. The binaries are in
 # target/aarch64-unknown-linux-gnu/<profile>/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 PROFILE=release
 RUN=1
+TRAIN=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --train) TRAIN=1; shift ;;
     --profile) PROFILE=$2; shift 2 ;;
     --no-run) RUN=0; shift ;;
     *) echo "build-aarch64: unknown argument $1" >&2; exit 2 ;;
@@ -153,6 +157,25 @@ if [ $RUN = 1 ]; then
   arm "$OUT/fedshield-edge" keygen --device edge-arm --out "$keys" >/dev/null
   [ -s "$keys/enrolment-request.json" ] || die "keygen under qemu wrote no request"
   arm "$OUT/fedshield-host" --version
-  rm -rf "$keys" "$CPUINFO"
+  rm -rf "$keys"
+  if [ $TRAIN = 1 ]; then
+    train=(train --steps 2 --batch 1 --max-len 16 --rank 1 --targets v_proj --threads 1
+      --no-probe --eval-every 0 --no-pacing)
+    losses() { grep -E '^(eval|step)' | sed 's/ [0-9.]* tok\/s//'; }
+    say "two SmolLM2 training steps on x86-64, then under qemu-aarch64"
+    # The x86-64 build and run with this project's own settings (.cargo/config.toml),
+    # not the aarch64 libtorch and deps directory exported above.
+    native=(env -u LIBTORCH -u FEDSHIELD_DEPS_DIR -u LD_LIBRARY_PATH -u QEMU_LD_PREFIX)
+    "${native[@]}" cargo build --locked -q -p fedshield-edge
+    x86=$("${native[@]}" target/debug/fedshield-edge "${train[@]}" --out "$(mktemp -d)" 2>&1 \
+      | losses)
+    t=$(date +%s)
+    aarch64=$(arm "$OUT/fedshield-edge" "${train[@]}" --out "$(mktemp -d)" 2>&1 | losses)
+    say "trained under qemu in $(( $(date +%s) - t )) s"
+    printf '%s\n' "$aarch64"
+    [ "$x86" = "$aarch64" ] || die "the losses differ from x86-64's: $x86"
+    say "the same losses as on x86-64"
+  fi
+  rm -f "$CPUINFO"
 fi
 say "done in $(( $(date +%s) - start )) s"
