@@ -61,7 +61,7 @@ impl AuthorityDir {
 
     /// Creates a fresh authority; refuses when the directory already has one.
     pub fn init(&self) -> Result<[u8; 32], HostError> {
-        if read_existing(&self.key_path())?.is_some() {
+        if read_key(&self.key_path())?.is_some() {
             return Err(HostError::Config(format!(
                 "{} already holds an authority: a new one would void every certificate it issued",
                 self.0.display()
@@ -73,27 +73,17 @@ impl AuthorityDir {
     /// The authority, created when its directory has none (the one-machine convenience).
     fn open_or_init(&self) -> Result<Identity, HostError> {
         let authority = read_or_create_key(&self.0, &self.key_path())?;
-        let public = hex(&authority.public_key());
-        match read_existing(&self.public_path())? {
-            Some(_) => {
-                read_public_key(&self.public_path()).and_then(|k| {
-                    (k == authority.public_key()).then_some(()).ok_or_else(|| {
-                        HostError::invalid(&self.public_path(), "not authority.key's public key")
-                    })
-                })?;
-            }
-            None => write_atomic(
-                &self.public_path(),
-                format!("{public}\n").as_bytes(),
-                Access::Public,
-            )?,
-        }
+        install_public_key(
+            &self.public_path(),
+            authority.public_key(),
+            "not authority.key's public key",
+        )?;
         Ok(authority)
     }
 
     /// The authority (it must exist).
     pub fn open(&self) -> Result<Identity, HostError> {
-        if read_existing(&self.key_path())?.is_none() {
+        if read_key(&self.key_path())?.is_none() {
             return Err(HostError::Config(format!(
                 "{} holds no authority: run `fedshield-host authority init --dir {}`",
                 self.0.display(),
@@ -247,7 +237,7 @@ impl FleetDir {
         let authority = self.authority()?;
         let key = self.host_key_path();
         let cert_path = self.host_cert_path();
-        if read_existing(&key)?.is_none() {
+        let Some(host) = read_key(&key)? else {
             return Err(HostError::Config(format!(
                 "{} has no host key: run `fedshield-host keygen --fleet {fleet} --fleet-dir {}` \
                  and have the authority certify {}",
@@ -255,8 +245,7 @@ impl FleetDir {
                 self.0.display(),
                 self.host_request_path().display()
             )));
-        }
-        let host = read_or_create_key(&self.0, &key)?;
+        };
         let Some(text) = read_existing(&cert_path)? else {
             return Err(HostError::Config(format!(
                 "{} is missing: have the authority certify {} \
@@ -337,20 +326,12 @@ impl FleetDir {
         check_level(fleet)?;
         let public = authority.open_or_init()?.public_key();
         std::fs::create_dir_all(&self.0).map_err(|e| HostError::invalid(&self.0, e))?;
-        match read_existing(&self.authority_path())? {
-            None => write_atomic(
-                &self.authority_path(),
-                format!("{}\n", hex(&public)).as_bytes(),
-                Access::Public,
-            )?,
-            Some(_) if self.authority()? == public => {}
-            Some(_) => {
-                return Err(HostError::invalid(
-                    &self.authority_path(),
-                    format!("another authority than {}'s", authority.0.display()),
-                ));
-            }
-        }
+        self.refuse_old_layout()?;
+        install_public_key(
+            &self.authority_path(),
+            public,
+            &format!("another authority than {}'s", authority.0.display()),
+        )?;
         if read_existing(&self.host_cert_path())?.is_none() {
             self.keygen(fleet)?;
             let request: EnrolmentRequest = read_json(&self.host_request_path())?;
@@ -411,21 +392,38 @@ pub fn write_json(path: &Path, what: &impl Serialize, access: Access) -> Result<
     Ok(())
 }
 
+/// Writes `key` to the public key file `path` when there is none; an existing file must
+/// hold the same key (`mismatch` says what it is otherwise).
+fn install_public_key(path: &Path, key: [u8; 32], mismatch: &str) -> Result<(), HostError> {
+    if read_existing(path)?.is_none() {
+        return write_atomic(path, format!("{}\n", hex(&key)).as_bytes(), Access::Public)
+            .map_err(Into::into);
+    }
+    if read_public_key(path)? != key {
+        return Err(HostError::invalid(path, mismatch));
+    }
+    Ok(())
+}
+
+/// The ed25519 key in `path` (`None` when the file does not exist).
+fn read_key(path: &Path) -> Result<Option<Identity>, HostError> {
+    let Some(bytes) = read_existing(path)? else {
+        return Ok(None);
+    };
+    let secret: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| HostError::invalid(path, "not a 32-byte key"))?;
+    Ok(Some(Identity::from_secret(secret)))
+}
+
 /// The ed25519 key in `path`, created (owner-only) when the file does not exist.
 fn read_or_create_key(dir: &Path, path: &Path) -> Result<Identity, HostError> {
-    match read_existing(path)? {
-        Some(bytes) => {
-            let secret: [u8; 32] = bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| HostError::invalid(path, "not a 32-byte key"))?;
-            Ok(Identity::from_secret(secret))
-        }
-        None => {
-            std::fs::create_dir_all(dir).map_err(|e| HostError::invalid(dir, e))?;
-            let id = Identity::generate(&mut rand::rng());
-            write_atomic(path, &id.secret(), Access::Private)?;
-            Ok(id)
-        }
+    if let Some(id) = read_key(path)? {
+        return Ok(id);
     }
+    std::fs::create_dir_all(dir).map_err(|e| HostError::invalid(dir, e))?;
+    let id = Identity::generate(&mut rand::rng());
+    write_atomic(path, &id.secret(), Access::Private)?;
+    Ok(id)
 }
