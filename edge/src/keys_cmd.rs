@@ -91,6 +91,8 @@ pub fn install_cert(args: InstallCertArgs) -> anyhow::Result<()> {
     let host: HostCertificate = serde_json::from_str(&read_text(&args.host_cert)?)
         .with_context(|| args.host_cert.display().to_string())?;
     let key = DeviceKey::assemble(&identity, authority, &cert, &host)?;
+    host.check_time(fedshield_store::unix_seconds())
+        .with_context(|| args.host_cert.display().to_string())?;
     write_atomic(
         &args.out,
         serde_json::to_string_pretty(&key)?.as_bytes(),

@@ -15,11 +15,11 @@ use fedshield_protocol::fleet::edge::Platform;
 use fedshield_protocol::fleet::steps::DeviceStatus;
 use fedshield_protocol::keyfile::DeviceKey;
 use fedshield_protocol::messages::{EdgeMessage, Phase, Topics};
-use fedshield_protocol::signed::{Downlink, open_downlink};
+use fedshield_protocol::signed::{Downlink, HostCredentials, HostTrust, open_downlink};
 use fedshield_rig::messages::{EdgePhase, EdgeStatus, Relay};
 use fedshield_store::JsonLines;
 use fedshield_transport::{Incoming, Link};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -74,6 +74,11 @@ pub struct RunArgs {
     /// extension .state).
     #[arg(long)]
     state: Option<PathBuf>,
+    /// Where the device keeps the newest host certificate and revocation list it has seen
+    /// (a rotated host key arrives with the round state; once seen, older ones are refused
+    /// for good) (default: the key file with the extension .host.json).
+    #[arg(long)]
+    host_trust: Option<PathBuf>,
     /// Write each round's encoded update (before encryption) to DIR/round-{r}-{device}.json
     /// (audits, end-to-end tests).
     #[arg(long)]
@@ -174,6 +179,36 @@ impl Output {
     }
 }
 
+/// Saves what the device trusts of its host (atomically), and records it. A failed write
+/// is logged; the trust in memory holds, and the next change writes again.
+fn save_trust(path: &Path, trust: &HostTrust, output: &mut Output) {
+    let saved = trust.saved();
+    let written = serde_json::to_vec_pretty(saved)
+        .map_err(anyhow::Error::from)
+        .and_then(|json| {
+            fedshield_store::write_atomic(path, &json, fedshield_store::Access::Private)
+                .map_err(anyhow::Error::from)
+        });
+    match written {
+        Ok(()) => tracing::info!(
+            "now trusting host certificate {} (valid until {}), revocation list {} ({})",
+            saved.certificate.serial,
+            saved.certificate.not_after,
+            saved.revocations.serial,
+            path.display()
+        ),
+        Err(e) => tracing::error!(
+            "{}: the host trust did not save ({e}); a restart before the next save would \
+             go back to the older certificate",
+            path.display()
+        ),
+    }
+    output.event(&Event::HostTrust {
+        certificate: saved.certificate.serial,
+        revocations: saved.revocations.serial,
+    });
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let key = DeviceKey::parse(
         &std::fs::read_to_string(&args.key)
@@ -189,6 +224,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             args.fleet
         )
     })?;
+    let trust_path = args
+        .host_trust
+        .clone()
+        .unwrap_or_else(|| args.key.with_extension("host.json"));
+    // What it saved before wins over the key file's (older) certificate; a file that does
+    // not read stops the device, untouched.
+    let saved = fedshield_store::read_existing(&trust_path)?
+        .map(|bytes| serde_json::from_slice::<HostCredentials>(&bytes))
+        .transpose()
+        .with_context(|| trust_path.display().to_string())?;
+    let mut trust = HostTrust::new(authority, &args.fleet, host, saved)
+        .with_context(|| trust_path.display().to_string())?;
+    tracing::info!(
+        "trusting host certificate {} (valid until {}), revocation list {}",
+        trust.saved().certificate.serial,
+        trust.saved().certificate.not_after,
+        trust.saved().revocations.serial
+    );
     let me = key.device.clone();
     // Every log line of this device names it.
     let _span = tracing::info_span!("edge", device = %me).entered();
@@ -409,14 +462,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             // An empty retained publish deletes a retained message: nothing to handle.
             Some(Incoming::Message { payload, .. }) if payload.is_empty() => {}
             Some(Incoming::Message { topic, payload }) => {
-                match open_downlink(
+                let opened = open_downlink(
                     &topics,
-                    &host.public_key,
+                    &mut trust,
+                    fedshield_store::unix_seconds(),
                     &me,
                     &topic,
                     &payload,
                     max_packet_bytes,
-                ) {
+                );
+                if trust.take_changed() {
+                    save_trust(&trust_path, &trust, &mut output);
+                }
+                match opened {
                     None => {}
                     Some(Err(e)) => out.refused(&topic, &e),
                     Some(Ok(message)) => {

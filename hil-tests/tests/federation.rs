@@ -105,6 +105,19 @@ impl<T: serde::de::DeserializeOwned + std::fmt::Debug> Events<T> {
     }
 }
 
+/// Runs the workspace binary `bin` with `args`; it must succeed.
+fn run_bin(bin: &str, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(workspace_bin(bin))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{bin} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A fleet of three enrolled devices on a fresh mosquitto, with LoRA settings shared by
 /// host and edges.
 struct Fleet {
@@ -148,17 +161,7 @@ impl Fleet {
     fn with_keys_born_on_devices(name: &'static str, lora: [&'static str; 4]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = |p: &str| dir.path().join(p);
-        let run = |bin: &str, args: &[&std::ffi::OsStr]| {
-            let out = Command::new(workspace_bin(bin))
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{bin} {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let run = run_bin;
         let o = std::ffi::OsStr::new;
         let (auth, fleet) = (d("authority"), d("fleet"));
         run(
@@ -246,6 +249,29 @@ impl Fleet {
             credentials: None,
         }
         .addressed()
+    }
+
+    /// The offline authority revokes `what` (`--device ID` or `--host-cert FILE`) and the
+    /// operator copies the new list into the host's fleet directory.
+    fn revoke(&self, what: &str, value: &std::ffi::OsStr) {
+        let authority = self.fleet.parent().unwrap().join("authority");
+        let o = std::ffi::OsStr::new;
+        run_bin(
+            "fedshield-host",
+            &[
+                o("authority"),
+                o("revoke"),
+                o(what),
+                value,
+                o("--dir"),
+                authority.as_os_str(),
+            ],
+        );
+        std::fs::copy(
+            authority.join("revocations.json"),
+            self.fleet.join("revocations.json"),
+        )
+        .unwrap();
     }
 
     /// Device `i`'s key file.
@@ -752,6 +778,7 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     let unsigned = HostSigned {
         payload: postcard::to_stdvec(&forged).unwrap(),
         signature: Vec::new(),
+        credentials: None,
     };
     rogue.publish_on(&round_topic, postcard::to_stdvec(&unsigned).unwrap());
     let global_topic = format!("fedshield/{}/global/0", fleet.name);
@@ -1885,22 +1912,7 @@ fn keys_born_on_the_devices_run_a_fleet_and_a_revocation_applies_at_the_next_rou
     edges[2].1.until("edge-2 joined round 1", 300, |e| {
         *e == Event::Joined { round: 1 }
     });
-    let authority = fleet.fleet.parent().unwrap().join("authority");
-    let out = Command::new(workspace_bin("fedshield-host"))
-        .args(["authority", "revoke", "--device", "edge-2", "--dir"])
-        .arg(&authority)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::copy(
-        authority.join("revocations.json"),
-        fleet.fleet.join("revocations.json"),
-    )
-    .unwrap();
+    fleet.revoke("--device", "edge-2".as_ref());
     let refusal = host_events.wait("edge-2's round-2 join refused", 400, |e| match e {
         HostEvent::Refused {
             device: Some(d),
@@ -1919,5 +1931,95 @@ fn keys_born_on_the_devices_run_a_fleet_and_a_revocation_applies_at_the_next_rou
     }
     eprintln!(
         "keys born on the devices: rounds [(1, 3), (2, 2)]; edge-2 revoked during round 1, refused in round 2: {refusal}"
+    );
+}
+
+#[test]
+fn a_rotated_host_key_reaches_the_devices_in_band_and_the_retired_one_is_refused() {
+    let fleet = Fleet::with_keys_born_on_devices("rotate", ["--rank", "2", "--targets", "v_proj"]);
+    let authority = fleet.fleet.parent().unwrap().join("authority");
+    let run = |args: &[&std::ffi::OsStr]| run_bin("fedshield-host", args);
+    let o = std::ffi::OsStr::new;
+    let rogue = Rogue::new(&fleet);
+    let round_topic = format!("fedshield/{}/round", fleet.name);
+    // Round 1 under host certificate 1; the host stops after it.
+    let (mut host, mut host_events) = fleet.host(&host_tiny(1, 1, 30, 20, 20));
+    let mut edges: Vec<_> = (0..3)
+        .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "2"]].concat()))
+        .collect();
+    host_events.until("round 1", 400, is_finished);
+    assert!(host.0.wait().unwrap().success());
+    // The operator rotates the host key: a new key and request, certificate 2 from the
+    // offline authority, and the retired key revoked; then restarts the host.
+    run(&[
+        o("keygen"),
+        o("--rotate"),
+        o("--fleet"),
+        o(fleet.name),
+        o("--fleet-dir"),
+        fleet.fleet.as_os_str(),
+    ]);
+    let retired_cert = fleet.fleet.join("host.json.retired-1");
+    let retired_key = fleet.fleet.join("host.key.retired-1");
+    run(&[
+        o("authority"),
+        o("certify-host"),
+        o("--dir"),
+        authority.as_os_str(),
+        o("--request"),
+        fleet.fleet.join("host-request.json").as_os_str(),
+        o("--out"),
+        fleet.fleet.join("host.json").as_os_str(),
+    ]);
+    fleet.revoke("--host-cert", retired_cert.as_os_str());
+    let (mut host, mut host_events) = fleet.host(&host_tiny(2, 1, 30, 20, 20));
+    // Every device adopts certificate 2 and list 1 from round 2's state and saves them.
+    let trusted = |e: &Event| {
+        *e == Event::HostTrust {
+            certificate: 2,
+            revocations: 1,
+        }
+    };
+    for (_, events) in &mut edges {
+        events.until("host certificate 2 trusted", 300, trusted);
+    }
+    // Whoever holds the retired key and its genuine certificate now (a thief, or the old
+    // host left running) signs a round state with them: every device refuses it.
+    let old_key: [u8; 32] = std::fs::read(&retired_key).unwrap().try_into().unwrap();
+    let old_cert: fedshield_crypto::identity::HostCertificate =
+        serde_json::from_slice(&std::fs::read(&retired_cert).unwrap()).unwrap();
+    let current = rogue.recorded(&round_topic).pop().unwrap();
+    let envelope: HostSigned = postcard::from_bytes(&current).unwrap();
+    let credentials = fedshield_protocol::signed::HostCredentials {
+        certificate: old_cert,
+        revocations: Default::default(),
+    };
+    rogue.publish_on(
+        &round_topic,
+        HostSigned::seal_with(
+            &fedshield_crypto::identity::Identity::from_secret(old_key),
+            &round_topic,
+            envelope.payload,
+            Some(&credentials),
+        ),
+    );
+    host_events.until("the end", 400, is_finished);
+    assert!(host.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), vec![(1, 3), (2, 3)]);
+    for (i, (_, events)) in edges.iter_mut().enumerate() {
+        events.until("done after round 2", 120, is_done(2));
+        let all = events.all();
+        assert!(
+            refused(&all, &round_topic, "host-superseded"),
+            "edge-{i}: {all:#?}"
+        );
+        let saved: fedshield_protocol::signed::HostCredentials = serde_json::from_slice(
+            &std::fs::read(fleet.key_path(i).with_extension("host.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!((saved.certificate.serial, saved.revocations.serial), (2, 1));
+    }
+    eprintln!(
+        "host key rotated between rounds 1 and 2: rounds [(1, 3), (2, 3)], certificate 2 adopted by 3 of 3 devices, the retired key refused by 3 of 3"
     );
 }

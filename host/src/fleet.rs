@@ -4,7 +4,8 @@
 //! the authority (offline)     AuthorityDir
 //!   authority.key             its ed25519 secret (0600): signs certificates and revocations
 //!   authority.pub             its public key (hex)
-//!   revocations.json          the latest signed revocation list
+//!   revocations.json          the latest signed revocation list (devices and host keys)
+//!   host-serial               the serial of the last host certificate it issued
 //!   issued/{name}.json        every certificate it signed (a record)
 //!
 //! the host                    FleetDir: public material and the host's own key only
@@ -12,6 +13,7 @@
 //!   host.key                  the host's ed25519 secret (0600): signs its broadcasts
 //!   host-request.json         the host's enrolment request (carried to the authority)
 //!   host.json                 the authority's certificate of the host key for one fleet
+//!                             (serial number, expiry; shown to the devices every round)
 //!   devices/{id}.cert.json    the authority's certificates of the devices
 //!   revocations.json          copied from the authority; re-read at every round
 //!
@@ -39,6 +41,11 @@ use fedshield_store::{Access, read_existing, write_atomic};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
+
+/// How long a host certificate is valid unless the authority says otherwise: 90 days.
+/// Short enough that a stolen host key whose revocation a compromised host withholds from
+/// the devices dies on its own within a quarter; long enough for a quarterly rotation.
+pub const DEFAULT_HOST_VALIDITY_S: u64 = 90 * 86_400;
 
 /// The fleet authority's directory, kept on an offline machine.
 #[derive(Debug, Clone)]
@@ -116,18 +123,43 @@ impl AuthorityDir {
         Ok(cert)
     }
 
-    /// Certifies a host's key for the fleet its request names.
-    pub fn certify_host(&self, request: &EnrolmentRequest) -> Result<HostCertificate, HostError> {
+    fn host_serial_path(&self) -> PathBuf {
+        self.0.join("host-serial")
+    }
+
+    /// Certifies a host's key for the fleet its request names, valid from `now` for
+    /// `valid_s` seconds, under the next host serial number (persisted before the
+    /// certificate is returned: no two certificates share a serial).
+    pub fn certify_host(
+        &self,
+        request: &EnrolmentRequest,
+        now: u64,
+        valid_s: u64,
+    ) -> Result<HostCertificate, HostError> {
         check_level(&request.name)?;
         request
             .verify()
             .map_err(|e| HostError::Config(e.to_string()))?;
         let authority = self.open()?;
-        let cert = authority.certify_host(&request.name, request.public_key);
-        self.record(
-            &format!("host-{}-{}", request.name, &hex(&request.public_key)[..16]),
-            &cert,
-        )?;
+        if self.revocations()?.hosts.contains(&request.public_key) {
+            return Err(HostError::Config(
+                "this host key is revoked: have the host make a new one (`fedshield-host keygen`)"
+                    .into(),
+            ));
+        }
+        let path = self.host_serial_path();
+        let last = match read_existing(&path)? {
+            None => 0,
+            Some(bytes) => String::from_utf8(bytes)
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .ok_or_else(|| HostError::invalid(&path, "not a serial number"))?,
+        };
+        let serial = last + 1;
+        write_atomic(&path, format!("{serial}\n").as_bytes(), Access::Public)?;
+        let not_after = now.saturating_add(valid_s);
+        let cert = authority.certify_host(&request.name, request.public_key, serial, not_after);
+        self.record(&format!("host-{}-{serial}", request.name), &cert)?;
         Ok(cert)
     }
 
@@ -144,6 +176,15 @@ impl AuthorityDir {
         let list = self
             .revocations()?
             .revoke(&authority, DeviceId(device.to_string()));
+        write_json(&self.revocations_path(), &list, Access::Public)?;
+        Ok(list)
+    }
+
+    /// Revokes the host key `public_key`: writes the next list and returns it. Devices
+    /// learn it from the next round state of any host of the fleet (and refuse the key).
+    pub fn revoke_host(&self, public_key: [u8; 32]) -> Result<RevocationList, HostError> {
+        let authority = self.open()?;
+        let list = self.revocations()?.revoke_host(&authority, public_key);
         write_json(&self.revocations_path(), &list, Access::Public)?;
         Ok(list)
     }
@@ -230,8 +271,30 @@ impl FleetDir {
         Ok(self.host_request_path())
     }
 
+    /// Moves the host's key and certificate aside (`host.key.retired-N`, `host.json.retired-N`,
+    /// N the certificate's serial; renamed, never deleted) so that [`FleetDir::keygen`] makes
+    /// a new key. Returns N.
+    pub fn retire_host_key(&self, fleet: &str) -> Result<u64, HostError> {
+        let (_, cert) = self.host(fleet)?;
+        let serial = cert.serial;
+        for path in [self.host_cert_path(), self.host_key_path()] {
+            let mut retired = path.clone().into_os_string();
+            retired.push(format!(".retired-{serial}"));
+            let retired = PathBuf::from(retired);
+            if retired.exists() {
+                return Err(HostError::invalid(
+                    &retired,
+                    "exists already: not overwritten",
+                ));
+            }
+            std::fs::rename(&path, &retired).map_err(|e| HostError::invalid(&path, e))?;
+        }
+        Ok(serial)
+    }
+
     /// The host's identity and its certificate for `fleet`, both of which must exist and
-    /// match: the key, the authority's signature and the fleet.
+    /// match: the key, the authority's signature and the fleet. (Its expiry and
+    /// revocation are checked by `serve`, which knows the time.)
     pub fn host(&self, fleet: &str) -> Result<(Identity, HostCertificate), HostError> {
         check_level(fleet)?;
         let authority = self.authority()?;
@@ -335,7 +398,11 @@ impl FleetDir {
         if read_existing(&self.host_cert_path())?.is_none() {
             self.keygen(fleet)?;
             let request: EnrolmentRequest = read_json(&self.host_request_path())?;
-            let cert = authority.certify_host(&request)?;
+            let cert = authority.certify_host(
+                &request,
+                fedshield_store::unix_seconds(),
+                DEFAULT_HOST_VALIDITY_S,
+            )?;
             write_json(&self.host_cert_path(), &cert, Access::Public)?;
         }
         let (_, host) = self.host(fleet)?;

@@ -65,6 +65,12 @@ enum Command {
         /// Fleet name (one MQTT topic level).
         #[arg(long, default_value = "demo")]
         fleet: String,
+        /// Replace the host's key with a new one (the old key is kept as
+        /// host.key.retired-N, N its certificate's serial, and host.json moves aside to
+        /// host.json.retired-N): have the authority certify the new request, install its
+        /// host.json, restart the host; the devices follow at its next round state.
+        #[arg(long)]
+        rotate: bool,
     },
     /// The fleet authority, on an offline machine: creates its key, signs the devices' and
     /// the host's enrolment requests, revokes devices.
@@ -115,17 +121,26 @@ enum AuthorityCommand {
         /// Where to write the certificate (the host's host.json).
         #[arg(long)]
         out: PathBuf,
+        /// Days the certificate is valid (devices refuse the host after that; certify
+        /// the host again, with the same key or a rotated one, before it runs out).
+        #[arg(long, default_value_t = 90)]
+        valid_days: u64,
     },
-    /// Revoke a device: writes the next signed revocation list to the authority's
-    /// revocations.json (copy it to the host's fleet directory: it takes effect at the next
-    /// round).
+    /// Revoke a device or a host key: writes the next signed revocation list to the
+    /// authority's revocations.json (copy it to the host's fleet directory: the host
+    /// refuses a revoked device from the next round on, and shows the list to the
+    /// devices, which then refuse a revoked host key).
+    #[command(group(clap::ArgGroup::new("what").required(true)))]
     Revoke {
         /// The authority's directory.
         #[arg(long)]
         dir: PathBuf,
         /// The device id.
-        #[arg(long)]
-        device: String,
+        #[arg(long, group = "what")]
+        device: Option<String>,
+        /// A host certificate (host.json) whose key to revoke.
+        #[arg(long, group = "what")]
+        host_cert: Option<PathBuf>,
     },
 }
 
@@ -308,8 +323,19 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Keygen { fleet_dir, fleet } => {
-            println!("{}", FleetDir(fleet_dir).keygen(&fleet)?.display());
+        Command::Keygen {
+            fleet_dir,
+            fleet,
+            rotate,
+        } => {
+            let dir = FleetDir(fleet_dir);
+            if rotate {
+                let serial = dir.retire_host_key(&fleet)?;
+                eprintln!(
+                    "host key and certificate {serial} retired; have the authority certify the new request"
+                );
+            }
+            println!("{}", dir.keygen(&fleet)?.display());
             Ok(())
         }
         Command::Authority(command) => run_authority(command),
@@ -339,23 +365,44 @@ fn run_authority(command: AuthorityCommand) -> anyhow::Result<()> {
             write_json(&out, &cert, Access::Public)?;
             eprintln!("certified device {} ({})", cert.device, out.display());
         }
-        AuthorityCommand::CertifyHost { dir, request, out } => {
+        AuthorityCommand::CertifyHost {
+            dir,
+            request,
+            out,
+            valid_days,
+        } => {
+            anyhow::ensure!(valid_days >= 1, "--valid-days must be at least 1");
             let request: EnrolmentRequest = read_json(&request)?;
-            let cert = AuthorityDir(dir).certify_host(&request)?;
+            let now = fedshield_store::unix_seconds();
+            let cert =
+                AuthorityDir(dir).certify_host(&request, now, valid_days.saturating_mul(86_400))?;
             write_json(&out, &cert, Access::Public)?;
             eprintln!(
-                "certified the host of fleet {} ({})",
+                "certified the host of fleet {} as host certificate {}, valid for {valid_days} days ({})",
                 cert.fleet,
+                cert.serial,
                 out.display()
             );
         }
-        AuthorityCommand::Revoke { dir, device } => {
+        AuthorityCommand::Revoke {
+            dir,
+            device,
+            host_cert,
+        } => {
             let authority = AuthorityDir(dir);
-            let list = authority.revoke(&device)?;
+            let list = match (device, host_cert) {
+                (Some(device), _) => authority.revoke(&device)?,
+                (None, Some(path)) => {
+                    let cert: fedshield_crypto::identity::HostCertificate = read_json(&path)?;
+                    authority.revoke_host(cert.public_key)?
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
             eprintln!(
-                "revocation list {} ({} revoked): copy {} to the host's fleet directory",
+                "revocation list {} ({} devices, {} host keys revoked): copy {} to the host's fleet directory",
                 list.serial,
                 list.revoked.len(),
+                list.hosts.len(),
                 authority.revocations_path().display()
             );
         }

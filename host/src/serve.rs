@@ -4,6 +4,7 @@
 //! writes the PEFT adapter, `metrics.json` and a loss plot after every round.
 
 use crate::records::{JournalFile, write_audit};
+use anyhow::Context;
 use fedshield_codec::{DEFAULT_LORA_DROPOUT, Layout, PeftConfig};
 use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::identity::{DeviceId, Registry};
@@ -17,6 +18,7 @@ use fedshield_protocol::host::{
 };
 use fedshield_protocol::journal::{self, Entry, Replayed};
 use fedshield_protocol::messages::{EdgeMessage, Topics};
+use fedshield_protocol::signed::HostSigner;
 use fedshield_store::JsonLines;
 use fedshield_transport::{BrokerArgs, Incoming, Link};
 use std::path::PathBuf;
@@ -90,8 +92,23 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let topics = Topics::new(&cfg.fleet)?;
     std::fs::create_dir_all(&cfg.out)?;
     let state_path = cfg.out.join("state.bin");
-    let (signer, _) = cfg.fleet_dir.host(&cfg.fleet)?;
+    let (identity, certificate) = cfg.fleet_dir.host(&cfg.fleet)?;
     let (registry, revocations) = cfg.fleet_dir.registry()?;
+    let host_cert_path = cfg.fleet_dir.host_cert_path();
+    // Devices refuse a host whose certificate expired or whose key is revoked: so does
+    // the host itself, before it starts.
+    anyhow::ensure!(
+        !revocations.hosts.contains(&certificate.public_key),
+        "{}: this host's key is revoked by revocation list {}: make a new key \
+         (`fedshield-host keygen`) and have the authority certify it",
+        host_cert_path.display(),
+        revocations.serial
+    );
+    certificate
+        .check_time(fedshield_store::unix_seconds())
+        .with_context(|| host_cert_path.display().to_string())?;
+    let mut signer = HostSigner::new(identity, certificate)?;
+    signer.set_revocations(revocations.clone());
     // Checked here so that a bad clip stops the host before any round.
     FixedPoint::new(cfg.settings.clip)?;
     // Only a missing state starts fresh; one that does not read stops the host, untouched.
@@ -353,12 +370,70 @@ impl Host {
                             .join(", ")
                     );
                 }
+                if list.serial > self.revocation_serial
+                    && list.hosts.contains(&self.fleet.host_key())
+                {
+                    tracing::error!(
+                        "revocation list {} revokes this host's key: devices refuse it from now on; \
+                         make a new key (`fedshield-host keygen`), have the authority certify it \
+                         and restart the host",
+                        list.serial
+                    );
+                }
                 self.revocation_serial = list.serial;
                 self.registry = registry;
+                self.fleet.set_revocations(list);
             }
             Err(e) => tracing::error!(
                 "the fleet directory does not read ({e}): the registry in force is kept"
             ),
+        }
+    }
+
+    /// Takes a renewed certificate of this host's key from host.json (a higher serial,
+    /// the same key: no restart needed), and says when the one in force is running out.
+    fn reload_certificate(&mut self) {
+        let now = fedshield_store::unix_seconds();
+        match self.cfg.fleet_dir.host(&self.cfg.fleet) {
+            Ok((_, cert)) if cert.serial > self.fleet.host_certificate().serial => {
+                if cert.public_key != self.fleet.host_key() {
+                    tracing::error!(
+                        "host certificate {} certifies another key: restart the host to rotate to it",
+                        cert.serial
+                    );
+                } else if let Err(e) = cert.check_time(now) {
+                    tracing::error!("renewed host certificate refused: {e}");
+                } else {
+                    tracing::info!(
+                        "host certificate {} (valid until {}) replaces {}",
+                        cert.serial,
+                        cert.not_after,
+                        self.fleet.host_certificate().serial
+                    );
+                    if let Err(e) = self.fleet.renew_certificate(cert) {
+                        tracing::error!("renewed host certificate refused: {e}");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(
+                "the host certificate does not read ({e}): the one in force is kept"
+            ),
+        }
+        let cert = self.fleet.host_certificate();
+        let left = cert.not_after.saturating_sub(now);
+        if left == 0 {
+            tracing::error!(
+                "host certificate {} has expired: devices refuse this host until the authority \
+                 certifies it again (`fedshield-host authority certify-host`)",
+                cert.serial
+            );
+        } else if left < 14 * 86_400 {
+            tracing::warn!(
+                "host certificate {} expires in {} hours: have the authority certify the host again",
+                cert.serial,
+                left / 3_600
+            );
         }
     }
 
@@ -371,6 +446,7 @@ impl Host {
             );
         }
         self.reload_registry();
+        self.reload_certificate();
         let registry = self.registry.clone();
         let (config, selection) = self.fleet.announce(registry.len(), rand::random())?;
         self.save_state()?;

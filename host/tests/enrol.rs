@@ -290,3 +290,85 @@ fn serve_refuses_a_corrupt_state_file_and_leaves_it_intact() {
     assert!(stderr.contains("state.bin"), "{stderr}");
     assert_eq!(std::fs::read(out.join("state.bin")).unwrap(), garbage);
 }
+
+/// `serve` against `fleet` (a broker nobody listens on): its stderr when it fails to start.
+fn serve_fails(fleet: &FleetDir, out: &std::path::Path) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_fedshield-host"))
+        .args(["serve", "--fleet", "lab", "--rounds", "1"])
+        .args([
+            "--broker",
+            "127.0.0.1:9",
+            "--rank",
+            "2",
+            "--targets",
+            "v_proj",
+        ])
+        .arg("--fleet-dir")
+        .arg(&fleet.0)
+        .arg("--out")
+        .arg(out)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn host_certificates_get_rising_serials_expire_rotate_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let authority = AuthorityDir(dir.path().join("authority"));
+    let fleet = FleetDir(dir.path().join("fleet"));
+    let out = dir.path().join("out");
+    fleet.enrol(&authority, "lab", "edge-0").unwrap();
+    let (key, first) = fleet.host("lab").unwrap();
+    assert_eq!(first.serial, 1);
+    let now = fedshield_store::unix_seconds();
+    assert!(first.not_after > now + 89 * 86_400, "{first:?}");
+    // Certified again (a renewal of the same key): the next serial. An expired one: serve
+    // refuses to start with it, naming the file.
+    let request = EnrolmentRequest::new(&key, "lab");
+    let renewed = authority.certify_host(&request, now, 3_600).unwrap();
+    assert_eq!(renewed.serial, 2);
+    let expired = authority.certify_host(&request, 1_000, 60).unwrap();
+    assert_eq!(expired.serial, 3);
+    let write = |cert: &fedshield_crypto::identity::HostCertificate| {
+        std::fs::write(
+            fleet.host_cert_path(),
+            serde_json::to_vec_pretty(cert).unwrap(),
+        )
+        .unwrap();
+    };
+    write(&expired);
+    let e = serve_fails(&fleet, &out);
+    assert!(e.contains("expired") && e.contains("host.json"), "{e}");
+    // Rotation: the key and certificate retire (renamed, kept), a new key and request.
+    write(&renewed);
+    assert_eq!(fleet.retire_host_key("lab").unwrap(), 2);
+    assert!(fleet.0.join("host.key.retired-2").exists());
+    assert!(fleet.0.join("host.json.retired-2").exists());
+    fleet.keygen("lab").unwrap();
+    let request: EnrolmentRequest =
+        fedshield_host::fleet::read_json(&fleet.host_request_path()).unwrap();
+    assert_ne!(request.public_key, key.public_key());
+    // The retired key revoked: the authority will not certify it again, and a host still
+    // holding a certificate of it refuses to start.
+    let list = authority.revoke_host(key.public_key()).unwrap();
+    assert!(list.hosts.contains(&key.public_key()));
+    let again = authority.certify_host(&EnrolmentRequest::new(&key, "lab"), now, 3_600);
+    assert!(again.unwrap_err().to_string().contains("revoked"));
+    let cert = authority.certify_host(&request, now, 3_600).unwrap();
+    assert_eq!(cert.serial, 4);
+    std::fs::copy(authority.revocations_path(), fleet.revocations_path()).unwrap();
+    std::fs::rename(fleet.0.join("host.key.retired-2"), fleet.0.join("host.key")).unwrap();
+    write(&renewed);
+    let e = serve_fails(&fleet, &out);
+    assert!(e.contains("revoked"), "{e}");
+    // A corrupt serial counter is reported, not reset.
+    std::fs::write(authority.0.join("host-serial"), "four\n").unwrap();
+    let e = authority
+        .certify_host(&request, now, 3_600)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("host-serial"), "{e}");
+}

@@ -16,13 +16,19 @@ use std::collections::{BTreeMap, BTreeSet};
 const ENROLMENT_DOMAIN: &[u8] = b"fedshield/enrolment/v1";
 
 /// Domain separation of host certificates: a device certificate can never pass for one.
-const HOST_CERTIFICATE_DOMAIN: &[u8] = b"fedshield/host-certificate/v1";
+/// Version 2 signs the serial number and the expiry too (version 1 certificates, without
+/// them, no longer verify: re-certify such a host).
+const HOST_CERTIFICATE_DOMAIN: &[u8] = b"fedshield/host-certificate/v2";
 
 /// Domain separation of the self-signature of an enrolment request.
 const REQUEST_DOMAIN: &[u8] = b"fedshield/enrolment-request/v1";
 
-/// Domain separation of the authority's revocation lists.
+/// Domain separation of the authority's revocation lists (devices only).
 const REVOCATION_DOMAIN: &[u8] = b"fedshield/revocations/v1";
+
+/// Domain separation of revocation lists that also revoke host keys (a list without one
+/// is signed as before, so existing lists stay valid).
+const REVOCATION_HOSTS_DOMAIN: &[u8] = b"fedshield/revocations/v2";
 
 /// A device's name in the fleet, unique per fleet (for example "edge-007").
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -82,14 +88,26 @@ impl Identity {
     }
 
     /// As the enrolment authority: certifies that the aggregation host of `fleet` holds
-    /// `public_key` (the key that signs everything the host broadcasts to the devices).
-    pub fn certify_host(&self, fleet: &str, public_key: [u8; 32]) -> HostCertificate {
-        let signature = self.sign(&HostCertificate::signed_bytes(fleet, &public_key));
-        HostCertificate {
+    /// `public_key` (the key that signs everything the host broadcasts to the devices),
+    /// as the fleet's host certificate number `serial` (each one issued for the fleet gets
+    /// a higher number: a device that has seen one refuses every older one), valid until
+    /// `not_after` (Unix seconds).
+    pub fn certify_host(
+        &self,
+        fleet: &str,
+        public_key: [u8; 32],
+        serial: u64,
+        not_after: u64,
+    ) -> HostCertificate {
+        let mut cert = HostCertificate {
             fleet: fleet.to_string(),
             public_key,
-            signature,
-        }
+            serial,
+            not_after,
+            signature: Vec::new(),
+        };
+        cert.signature = self.sign(&cert.signed_bytes());
+        cert
     }
 
     /// As the enrolment authority: certifies that `device` holds `public_key`.
@@ -147,35 +165,53 @@ impl Enrolment {
 }
 
 /// The authority's certificate that the host of `fleet` holds `public_key`. Devices get it
-/// with their key file and accept a host broadcast only under this key.
+/// with their key file; a host sends its current one with every round state, so a rotated
+/// host key reaches the devices in-band (see `fedshield_protocol::signed::HostTrust`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostCertificate {
     /// The fleet the host aggregates (its topic level).
     pub fleet: String,
     /// The host's ed25519 public key.
     pub public_key: [u8; 32],
+    /// Increases with every host certificate the authority issues for the fleet.
+    pub serial: u64,
+    /// The end of its validity, Unix seconds.
+    pub not_after: u64,
     /// The authority's signature.
     pub signature: Vec<u8>,
 }
 
 impl HostCertificate {
-    fn signed_bytes(fleet: &str, public_key: &[u8; 32]) -> Vec<u8> {
+    fn signed_bytes(&self) -> Vec<u8> {
         let mut m = HOST_CERTIFICATE_DOMAIN.to_vec();
-        m.extend(postcard::to_stdvec(&(fleet, public_key)).expect("encodable"));
+        m.extend(
+            postcard::to_stdvec(&(&self.fleet, &self.public_key, self.serial, self.not_after))
+                .expect("encodable"),
+        );
         m
     }
 
-    /// Checks the authority's signature and that the certificate is for `fleet`.
+    /// Checks the authority's signature and that the certificate is for `fleet` (its
+    /// validity period is [`HostCertificate::check_time`]'s).
     pub fn verify(&self, authority: &[u8; 32], fleet: &str) -> Result<(), SecAggError> {
-        let signed = verify(
-            authority,
-            &Self::signed_bytes(&self.fleet, &self.public_key),
-            &self.signature,
-        );
+        let signed = verify(authority, &self.signed_bytes(), &self.signature);
         if signed && self.fleet == fleet {
             Ok(())
         } else {
             Err(SecAggError::BadHostCertificate(self.fleet.clone()))
+        }
+    }
+
+    /// Refuses the certificate at `now` (Unix seconds) when it has expired.
+    pub fn check_time(&self, now: u64) -> Result<(), SecAggError> {
+        if now < self.not_after {
+            Ok(())
+        } else {
+            Err(SecAggError::HostCertificateExpired {
+                serial: self.serial,
+                not_after: self.not_after,
+                now,
+            })
         }
     }
 }
@@ -224,47 +260,66 @@ impl EnrolmentRequest {
     }
 }
 
-/// The authority's list of revoked devices. Each list replaces the one before and carries
-/// a higher serial number, so an old list (which would un-revoke a device) is refused.
+/// The authority's list of revoked devices and host keys. Each list replaces the one before
+/// and carries a higher serial number, so an old list (which would un-revoke a device) is
+/// refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevocationList {
     /// Increases with every list the authority issues.
     pub serial: u64,
     /// The revoked devices.
     pub revoked: BTreeSet<DeviceId>,
+    /// The revoked host keys (ed25519 public keys): devices refuse a host certificate of
+    /// any of them. (Lists written before host keys could be revoked have none.)
+    #[serde(default)]
+    pub hosts: BTreeSet<[u8; 32]>,
     /// The authority's signature.
     pub signature: Vec<u8>,
 }
 
 impl RevocationList {
-    fn signed_bytes(serial: u64, revoked: &BTreeSet<DeviceId>) -> Vec<u8> {
-        let mut m = REVOCATION_DOMAIN.to_vec();
-        m.extend(postcard::to_stdvec(&(serial, revoked)).expect("encodable"));
-        m
+    fn signed_bytes(&self) -> Vec<u8> {
+        if self.hosts.is_empty() {
+            let mut m = REVOCATION_DOMAIN.to_vec();
+            m.extend(postcard::to_stdvec(&(self.serial, &self.revoked)).expect("encodable"));
+            m
+        } else {
+            let mut m = REVOCATION_HOSTS_DOMAIN.to_vec();
+            m.extend(
+                postcard::to_stdvec(&(self.serial, &self.revoked, &self.hosts)).expect("encodable"),
+            );
+            m
+        }
+    }
+
+    fn next(&self, authority: &Identity, change: impl FnOnce(&mut Self)) -> Self {
+        let mut list = self.clone();
+        change(&mut list);
+        list.serial = self.serial + 1;
+        list.signature = authority.sign(&list.signed_bytes());
+        list
     }
 
     /// As the authority: the list after this one with `device` added.
     pub fn revoke(&self, authority: &Identity, device: DeviceId) -> Self {
-        let mut revoked = self.revoked.clone();
-        revoked.insert(device);
-        let serial = self.serial + 1;
-        Self {
-            serial,
-            signature: authority.sign(&Self::signed_bytes(serial, &revoked)),
-            revoked,
-        }
+        self.next(authority, |l| {
+            l.revoked.insert(device);
+        })
+    }
+
+    /// As the authority: the list after this one with the host key `public_key` added.
+    pub fn revoke_host(&self, authority: &Identity, public_key: [u8; 32]) -> Self {
+        self.next(authority, |l| {
+            l.hosts.insert(public_key);
+        })
     }
 
     /// Checks the authority's signature (an empty list of serial 0 needs none).
     pub fn verify(&self, authority: &[u8; 32]) -> Result<(), SecAggError> {
-        if self.serial == 0 && self.revoked.is_empty() {
+        if self.serial == 0 && self.revoked.is_empty() && self.hosts.is_empty() {
             return Ok(());
         }
-        if verify(
-            authority,
-            &Self::signed_bytes(self.serial, &self.revoked),
-            &self.signature,
-        ) {
+        if verify(authority, &self.signed_bytes(), &self.signature) {
             Ok(())
         } else {
             Err(SecAggError::BadRevocations(self.serial))
@@ -380,6 +435,16 @@ mod tests {
             ..two.clone()
         };
         assert!(emptied.verify(&authority.public_key()).is_err());
+        // Host keys: a list revoking one is signed under its own domain; dropping the key
+        // from it breaks the signature.
+        let three = two.revoke_host(&authority, [7; 32]);
+        assert_eq!((three.serial, three.hosts.len()), (3, 1));
+        assert_eq!(three.verify(&authority.public_key()), Ok(()));
+        let unrevoked = RevocationList {
+            hosts: BTreeSet::new(),
+            ..three.clone()
+        };
+        assert!(unrevoked.verify(&authority.public_key()).is_err());
         let mut registry = Registry::new(authority.public_key());
         for (id, key) in [("edge-7", &device), ("edge-3", &other)] {
             registry
@@ -400,8 +465,30 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
         let authority = Identity::generate(&mut rng);
         let host = Identity::generate(&mut rng);
-        let cert = authority.certify_host("lab", host.public_key());
+        let cert = authority.certify_host("lab", host.public_key(), 3, 1_000);
         assert_eq!(cert.verify(&authority.public_key(), "lab"), Ok(()));
+        assert_eq!(cert.check_time(999), Ok(()));
+        assert_eq!(
+            cert.check_time(1_000),
+            Err(SecAggError::HostCertificateExpired {
+                serial: 3,
+                not_after: 1_000,
+                now: 1_000
+            })
+        );
+        // A later expiry or another serial under the same signature: refused.
+        for tampered in [
+            HostCertificate {
+                not_after: u64::MAX,
+                ..cert.clone()
+            },
+            HostCertificate {
+                serial: 4,
+                ..cert.clone()
+            },
+        ] {
+            assert!(tampered.verify(&authority.public_key(), "lab").is_err());
+        }
         // Another fleet, another authority, another key: refused.
         assert!(cert.verify(&authority.public_key(), "prod").is_err());
         let other = Identity::generate(&mut rng);
@@ -414,6 +501,8 @@ mod tests {
         let forged = HostCertificate {
             fleet: "lab".into(),
             public_key: host.public_key(),
+            serial: 3,
+            not_after: 1_000,
             signature: enrolment.signature,
         };
         assert!(forged.verify(&authority.public_key(), "lab").is_err());

@@ -27,6 +27,13 @@ pub struct HostKeyEntry {
     pub fleet: String,
     /// The host's ed25519 public key, hex.
     pub public_key: String,
+    /// The certificate's serial number (0 in entries from before host certificates had
+    /// one: such a file is refused with the fix).
+    #[serde(default)]
+    pub serial: u64,
+    /// The end of the certificate's validity, Unix seconds.
+    #[serde(default)]
+    pub not_after: u64,
     /// The authority's signature, hex.
     pub signature: String,
 }
@@ -37,6 +44,8 @@ impl HostKeyEntry {
         Self {
             fleet: cert.fleet.clone(),
             public_key: hex(&cert.public_key),
+            serial: cert.serial,
+            not_after: cert.not_after,
             signature: hex(&cert.signature),
         }
     }
@@ -140,9 +149,19 @@ impl DeviceKey {
                     .into(),
             )
         })?;
+        if entry.serial == 0 && entry.not_after == 0 {
+            return Err(crate::ProtocolError::Malformed(
+                "the key file's host certificate has no serial number or expiry (issued before \
+                 host certificates had them): certify the host again (`fedshield-host authority \
+                 certify-host`) and install the new certificate (`fedshield-edge install-cert`)"
+                    .into(),
+            ));
+        }
         let cert = HostCertificate {
             fleet: entry.fleet.clone(),
             public_key: unhex32(&entry.public_key)?,
+            serial: entry.serial,
+            not_after: entry.not_after,
             signature: unhex(&entry.signature)?,
         };
         let (_, authority) = self.keys()?;
@@ -163,7 +182,8 @@ mod tests {
     #[test]
     fn a_key_file_is_assembled_only_from_this_devices_certificate() {
         let authority = Identity::from_secret([1; 32]);
-        let host = authority.certify_host("lab", Identity::from_secret([2; 32]).public_key());
+        let host =
+            authority.certify_host("lab", Identity::from_secret([2; 32]).public_key(), 1, 10);
         let device = Identity::from_secret([3; 32]);
         let identity = DeviceIdentity {
             device: DeviceId("edge-0".into()),
@@ -184,7 +204,7 @@ mod tests {
         let stranger = Identity::from_secret([4; 32]);
         let theirs = stranger.enrol(identity.device.clone(), device.public_key());
         assert!(DeviceKey::assemble(&identity, authority.public_key(), &theirs, &host).is_err());
-        let fake_host = stranger.certify_host("lab", stranger.public_key());
+        let fake_host = stranger.certify_host("lab", stranger.public_key(), 1, 10);
         assert!(DeviceKey::assemble(&identity, authority.public_key(), &cert, &fake_host).is_err());
     }
 
@@ -192,7 +212,7 @@ mod tests {
     fn round_trips_and_rejects_bad_files() {
         let authority = fedshield_crypto::identity::Identity::from_secret([1; 32]);
         let host = fedshield_crypto::identity::Identity::from_secret([2; 32]);
-        let cert = authority.certify_host("lab", host.public_key());
+        let cert = authority.certify_host("lab", host.public_key(), 1, 10);
         let key = DeviceKey {
             device: DeviceId("edge-0".into()),
             secret: hex(&[0xab; 32]),
@@ -210,6 +230,12 @@ mod tests {
         };
         let e = DeviceKey::parse(&serde_json::to_string(&old).unwrap()).unwrap_err();
         assert!(matches!(e, crate::ProtocolError::Malformed(_)), "{e}");
+        // An entry from before certificates had a serial and an expiry: refused with the fix.
+        let mut v1 = key.clone();
+        let entry = v1.host.as_mut().unwrap();
+        (entry.serial, entry.not_after) = (0, 0);
+        let e = DeviceKey::parse(&serde_json::to_string(&v1).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("certify-host"), "{e}");
         let mut forged = key.clone();
         forged.host.as_mut().unwrap().public_key = hex(&[3; 32]);
         assert!(DeviceKey::parse(&serde_json::to_string(&forged).unwrap()).is_err());

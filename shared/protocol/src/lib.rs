@@ -45,6 +45,9 @@ pub enum ProtocolError {
     /// A downlink message that the fleet's certified host did not sign for its topic.
     #[error("not signed by the fleet's host for {0}")]
     HostSignature(String),
+    /// The fleet's host is not trusted (expired, revoked or rotated-out certificate).
+    #[error("host refused: {0}")]
+    Host(#[from] signed::HostRefusal),
     /// A host broadcast older than one already seen (a replay).
     #[error(
         "stale {what}: round {got_round} incarnation {got_incarnation}, this device is at round {round} incarnation {incarnation}"
@@ -105,6 +108,7 @@ impl ProtocolError {
             Self::Config(_) => "config",
             Self::Malformed(_) => "malformed",
             Self::HostSignature(_) => "host-signature",
+            Self::Host(r) => r.kind(),
             Self::Stale { .. } => "stale",
             Self::StaleEpoch { .. } => "stale-epoch",
             Self::Weights(_) => "weights",

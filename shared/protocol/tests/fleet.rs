@@ -4,7 +4,7 @@
 //! messages and late joiners, deterministic: no threads, no sleeps, seeded entropy.
 
 use fedshield_codec::{Layout, PairSpec, PruneConfig, Schedule, Structure};
-use fedshield_crypto::identity::{DeviceId, Identity, Registry};
+use fedshield_crypto::identity::{DeviceId, HostCertificate, Identity, Registry, RevocationList};
 use fedshield_protocol::edge::EdgeIdentity;
 use fedshield_protocol::fleet::edge::{
     EdgeFleet, EdgeOutput, Event, MAX_DEFERRED, Platform, Trained, Training,
@@ -16,7 +16,7 @@ use fedshield_protocol::fleet::steps::{DeviceStatus, Effort, Stopped, Task};
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
 use fedshield_protocol::journal::{self, Entry};
 use fedshield_protocol::messages::{RoundConfig, Route, Topics};
-use fedshield_protocol::signed::open_downlink;
+use fedshield_protocol::signed::{HostSigner, HostTrust, open_downlink};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use std::collections::{BTreeMap, VecDeque};
@@ -129,6 +129,8 @@ impl Platform for Synthetic {
 
 struct Edge {
     me: EdgeIdentity,
+    /// The host certificate and revocation list it trusts (kept across its restarts).
+    trust: HostTrust,
     fleet: EdgeFleet,
     platform: Synthetic,
     /// The state file.
@@ -160,8 +162,11 @@ struct Sim {
     layout: Layout,
     settings: FleetSettings,
     topics: Topics,
-    signer: [u8; 32],
-    host_key: [u8; 32],
+    authority: [u8; 32],
+    /// The host's secret and certificate.
+    signer: ([u8; 32], HostCertificate),
+    /// The authority's revocation list the host shows from its next start.
+    revocations: Option<RevocationList>,
     registry: Registry,
     host: Host,
     edges: Vec<Edge>,
@@ -197,6 +202,7 @@ impl Sim {
         let mut rng = ChaCha20Rng::seed_from_u64(5);
         let authority = Identity::generate(&mut rng);
         let host_id = Identity::generate(&mut rng);
+        let host_cert = authority.certify_host("lab", host_id.public_key(), 1, u64::MAX);
         let mut registry = Registry::new(authority.public_key());
         let targets: Vec<Vec<f32>> = (0..devices)
             .map(|i| {
@@ -223,6 +229,8 @@ impl Sim {
             edges.push(Edge {
                 fleet: EdgeFleet::new(me.clone(), layout.clone(), vec![0.0; layout.len()], 10),
                 me,
+                trust: HostTrust::new(authority.public_key(), "lab", host_cert.clone(), None)
+                    .unwrap(),
                 platform: Synthetic {
                     target,
                     truth: truth.clone(),
@@ -248,7 +256,8 @@ impl Sim {
                 settings.clone(),
                 layout.clone(),
                 topics.clone(),
-                Identity::from_secret(host_id.secret()),
+                HostSigner::new(Identity::from_secret(host_id.secret()), host_cert.clone())
+                    .unwrap(),
                 None,
                 1_000,
             )
@@ -261,8 +270,9 @@ impl Sim {
             layout,
             settings,
             topics,
-            signer: host_id.secret(),
-            host_key: host_id.public_key(),
+            authority: authority.secret(),
+            signer: (host_id.secret(), host_cert),
+            revocations: None,
             registry,
             host,
             edges,
@@ -345,17 +355,25 @@ impl Sim {
         self.connect(i);
     }
 
+    /// The host's signer, from its secret and certificate.
+    fn host_signer(&self) -> HostSigner {
+        HostSigner::new(Identity::from_secret(self.signer.0), self.signer.1.clone()).unwrap()
+    }
+
     /// Kills the host and starts it again from state.bin and its journal.
     fn restart_host(&mut self) {
-        let fleet = HostFleet::new(
+        let mut fleet = HostFleet::new(
             self.settings.clone(),
             self.layout.clone(),
             self.topics.clone(),
-            Identity::from_secret(self.signer),
+            self.host_signer(),
             self.host.disk_state.as_deref(),
             self.now,
         )
         .unwrap();
+        if let Some(list) = &self.revocations {
+            fleet.set_revocations(list.clone());
+        }
         self.host.fleet = fleet;
         self.host.running = None;
         // The broker keeps its retained messages; the host re-publishes on connecting.
@@ -526,7 +544,8 @@ impl Sim {
         let e = &mut self.edges[i];
         let out = match open_downlink(
             &self.topics,
-            &self.host_key,
+            &mut e.trust,
+            self.now / 1_000,
             &e.me.id,
             &topic,
             &payload,
@@ -1008,7 +1027,7 @@ fn another_adapter_layout_is_refused_by_devices_and_by_the_host_state() {
         sim.settings.clone(),
         other.clone(),
         sim.topics.clone(),
-        Identity::from_secret(sim.signer),
+        sim.host_signer(),
         Some(&state),
         0,
     )
@@ -1071,6 +1090,68 @@ fn devices_ahead_of_a_wiped_host_start_over_with_its_new_epoch_and_refuse_the_ol
         e.events
     );
     assert_eq!(e.fleet.state_bytes(), before);
+}
+
+#[test]
+fn a_rotated_host_key_reaches_the_devices_with_the_round_state_and_a_revoked_one_is_refused() {
+    let mut sim = Sim::new(3, 2).online();
+    sim.run(|_| {});
+    assert_eq!(sim.contributors(), vec![3, 3], "{:?}", &sim.edges[0].events);
+    let old_round = sim.retained[&sim.topics.round()].clone();
+    // The operator rotates the host key: a new key, certificate 2 from the authority, and
+    // a host restart (its state and journal kept). The devices learn it from the round
+    // state and follow it into two more rounds.
+    let authority = Identity::from_secret(sim.authority);
+    let new_key = Identity::generate(&mut sim.rng);
+    let cert = authority.certify_host("lab", new_key.public_key(), 2, u64::MAX);
+    sim.signer = (new_key.secret(), cert.clone());
+    sim.settings.rounds = 4;
+    sim.restart_host();
+    sim.run(|_| {});
+    assert_eq!(sim.contributors(), vec![3, 3, 3, 3]);
+    sim.assert_agreement();
+    for e in &mut sim.edges {
+        assert_eq!(e.trust.saved().certificate, cert, "{}", e.me.id);
+        assert!(
+            e.trust.take_changed(),
+            "{} saves the new certificate",
+            e.me.id
+        );
+    }
+    // A host still running with the rotated-out key is refused, though its certificate
+    // and its signatures are genuine.
+    let before = sim.edges[0].fleet.state_bytes();
+    let refused = |sim: &Sim, kind: &str| {
+        sim.edges.iter().all(|e| {
+            e.events
+                .iter()
+                .any(|ev| matches!(ev, Event::Refused { kind: k, .. } if k == kind))
+        })
+    };
+    for i in 0..3 {
+        sim.edges[i]
+            .inbox
+            .push_back((sim.topics.round(), old_round.clone()));
+        sim.edge_step(i);
+    }
+    assert!(
+        refused(&sim, "host-superseded"),
+        "{:?}",
+        sim.edges[0].events
+    );
+    assert_eq!(sim.edges[0].fleet.state_bytes(), before);
+    // The authority revokes the new key; the host (restarted for a fifth round) shows the
+    // list with its round state, and from then on the devices refuse everything it signs.
+    sim.revocations = Some(RevocationList::default().revoke_host(&authority, new_key.public_key()));
+    sim.settings.rounds = 5;
+    sim.restart_host();
+    for i in 0..3 {
+        while !sim.edges[i].inbox.is_empty() {
+            sim.edge_step(i);
+        }
+    }
+    assert!(refused(&sim, "host-revoked"), "{:?}", sim.edges[0].events);
+    assert_eq!(sim.edges[0].fleet.state_bytes(), before);
 }
 
 /// Devices of different speeds: a device slower than the round's training time stops at

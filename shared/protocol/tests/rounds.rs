@@ -1140,12 +1140,19 @@ fn mutate(bytes: &[u8], other: &[u8], rng: &mut ChaCha20Rng) -> Vec<u8> {
 
 #[test]
 fn a_corpus_of_mutated_real_messages_is_refused_without_panic_and_the_round_completes() {
-    use fedshield_protocol::signed::{Downlink, HostSigned, open_downlink};
+    use fedshield_protocol::signed::{Downlink, HostSigned, HostTrust, open_downlink};
     // Capture a clean round's uplink messages and the host's broadcasts, as wire bytes.
     let mut clean = fleet(&[Fault::None; 3], 2);
     let mut uplink: Vec<(DeviceId, Vec<u8>)> = Vec::new();
     let topics = Topics::new("lab").unwrap();
     let host = Identity::generate(&mut ChaCha20Rng::seed_from_u64(77));
+    let authority = Identity::generate(&mut ChaCha20Rng::seed_from_u64(78));
+    // A device's trust in `key` as the host's (certificate 1, valid until t = 1,000 s).
+    let trust = |key: [u8; 32]| {
+        let cert = authority.certify_host("lab", key, 1, 1_000);
+        HostTrust::new(authority.public_key(), "lab", cert, None).unwrap()
+    };
+    let mut trusted = trust(host.public_key());
     let me = DeviceId("edge-0".into());
     for _ in 0..10_000 {
         if clean.uplink.is_empty() {
@@ -1215,7 +1222,7 @@ fn a_corpus_of_mutated_real_messages_is_refused_without_panic_and_the_round_comp
             let (topic, down) = &downlink[rng.random_range(0..downlink.len())];
             let bad = mutate(down, other, &mut rng);
             if bad != *down {
-                let opened = open_downlink(&topics, &host.public_key(), &me, topic, &bad, 1 << 20);
+                let opened = open_downlink(&topics, &mut trusted, 5, &me, topic, &bad, 1 << 20);
                 assert!(matches!(opened, Some(Err(_))), "{opened:?}");
             }
         }
@@ -1236,7 +1243,7 @@ fn a_corpus_of_mutated_real_messages_is_refused_without_panic_and_the_round_comp
     // The genuine messages open; the same bytes on another topic or under another key do
     // not, and other devices' topics are not for this one.
     for (topic, bytes) in &downlink {
-        let opened = open_downlink(&topics, &host.public_key(), &me, topic, bytes, 1 << 20);
+        let opened = open_downlink(&topics, &mut trusted, 5, &me, topic, bytes, 1 << 20);
         assert!(
             matches!(
                 opened,
@@ -1255,15 +1262,38 @@ fn a_corpus_of_mutated_real_messages_is_refused_without_panic_and_the_round_comp
         (topics.round(), stranger.public_key()),
     ] {
         assert!(matches!(
-            open_downlink(&topics, &key, &me, &topic, round_state, 1 << 20),
+            open_downlink(
+                &topics,
+                &mut trust(key),
+                5,
+                &me,
+                &topic,
+                round_state,
+                1 << 20
+            ),
             Some(Err(ProtocolError::HostSignature(_)))
         ));
     }
+    // Once the host's certificate has expired, even its genuine messages are refused.
+    let expired = open_downlink(
+        &topics,
+        &mut trusted,
+        1_000,
+        &me,
+        &topics.round(),
+        round_state,
+        1 << 20,
+    );
+    assert!(
+        matches!(&expired, Some(Err(e)) if e.kind() == "host-expired"),
+        "{expired:?}"
+    );
     let other_device = topics.down(&DeviceId("edge-1".into()));
     assert!(
         open_downlink(
             &topics,
-            &host.public_key(),
+            &mut trusted,
+            5,
             &me,
             &other_device,
             round_state,

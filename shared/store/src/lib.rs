@@ -57,6 +57,14 @@ fn fail<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// Seconds since the Unix epoch, from the system clock (0 before 1970): what certificate
+/// validity is checked against.
+pub fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Writes `bytes` to `path` atomically, readable as `access` says (see the module docs).
 pub fn write_atomic(path: &Path, bytes: &[u8], access: Access) -> Result<(), StoreError> {
     let dir = match path.parent() {

@@ -248,6 +248,18 @@ pub enum SecAggError {
     /// The host certificate is not signed by the fleet authority, or is for another fleet.
     #[error("host certificate of fleet {0:?} is not signed by the fleet authority")]
     BadHostCertificate(String),
+    /// The host certificate's validity has ended.
+    #[error(
+        "host certificate {serial} expired at {not_after} (Unix seconds; now {now}): the fleet authority must certify the host again"
+    )]
+    HostCertificateExpired {
+        /// Its serial number.
+        serial: u64,
+        /// The end of its validity.
+        not_after: u64,
+        /// The time it was checked at.
+        now: u64,
+    },
     /// A message for another round (a replay from an earlier one, or a stale client).
     #[error("message for round {got}, this is round {expected}")]
     WrongRound {

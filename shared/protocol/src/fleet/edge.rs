@@ -244,6 +244,15 @@ pub enum Event {
     },
     /// Connected to the broker (again) (written by the driver).
     LinkUp,
+    /// The device now trusts host certificate `certificate` and revocation list
+    /// `revocations` (a rotated or renewed host key, a newer list), saved to its file
+    /// (written by the driver).
+    HostTrust {
+        /// The host certificate's serial.
+        certificate: u64,
+        /// The revocation list's serial.
+        revocations: u64,
+    },
     /// The device left after the last round it was asked to run (written by the driver).
     Done {
         /// That round.

@@ -17,11 +17,11 @@ use crate::host::{HostAction, RoundResult};
 use crate::messages::{
     DownMessage, EdgeMessage, GlobalPart, RoundConfig, Route, Snapshot, Topics, UploadRefusal,
 };
-use crate::signed::{Evaluation, HostSigned};
+use crate::signed::{Evaluation, HostSigned, HostSigner};
 use fedshield_codec::plot::{LinePlot, Series};
 use fedshield_codec::{Global, Layout, PruneConfig, Selection};
 use fedshield_crypto::encoding::{DEFAULT_SCALE_LOG2, FixedPoint};
-use fedshield_crypto::identity::{DeviceId, Identity, Registry};
+use fedshield_crypto::identity::{DeviceId, HostCertificate, Registry, RevocationList};
 use fedshield_crypto::params::{BodyBits, finest_scale, narrowest_body};
 use fedshield_wire::compress_if_smaller;
 use std::collections::BTreeMap;
@@ -320,8 +320,9 @@ pub struct HostFleet {
     settings: FleetSettings,
     layout: Layout,
     topics: Topics,
-    /// The host's certified identity: signs every downlink message.
-    signer: Identity,
+    /// The host's certified identity: signs every downlink message, and shows its
+    /// certificate and the revocation list with every round state.
+    signer: HostSigner,
     state: HostState,
     /// The published snapshot's parts (rebuilt after every round).
     snapshot: Vec<Vec<u8>>,
@@ -345,7 +346,7 @@ impl HostFleet {
         settings: FleetSettings,
         layout: Layout,
         topics: Topics,
-        signer: Identity,
+        signer: HostSigner,
         saved: Option<&[u8]>,
         now: u64,
     ) -> Result<Self, HostStateRefusal> {
@@ -369,6 +370,14 @@ impl HostFleet {
                 epoch: now,
             },
         };
+        let mut state = state;
+        // The last round's global parts are kept sealed; sealed again with this host's key
+        // (it may have been rotated since), so that what it re-publishes opens under it.
+        for (i, part) in state.last_global.iter_mut().enumerate() {
+            if let Ok(envelope) = postcard::from_bytes::<HostSigned>(part) {
+                *part = signer.seal(&topics.global(i as u32), envelope.payload);
+            }
+        }
         let mut fleet = Self {
             settings,
             layout,
@@ -379,6 +388,28 @@ impl HostFleet {
         };
         fleet.build_snapshot();
         Ok(fleet)
+    }
+
+    /// Shows the authority's revocation list `list` (verified by the caller) with every
+    /// round state from now on: the devices learn of revoked host keys from it.
+    pub fn set_revocations(&mut self, list: RevocationList) {
+        self.signer.set_revocations(list);
+    }
+
+    /// The host's certificate in force.
+    pub fn host_certificate(&self) -> &HostCertificate {
+        &self.signer.credentials().certificate
+    }
+
+    /// The host's public key.
+    pub fn host_key(&self) -> [u8; 32] {
+        self.signer.identity().public_key()
+    }
+
+    /// Shows `cert`, a renewed certificate of the same key, from the next round state on
+    /// (refused, and nothing changes, when it certifies another key).
+    pub fn renew_certificate(&mut self, cert: HostCertificate) -> Result<(), ProtocolError> {
+        self.signer.renew(cert)
     }
 
     /// The state to keep.
@@ -486,7 +517,7 @@ impl HostFleet {
             match a {
                 HostAction::Broadcast(state) => {
                     let topic = self.topics.round();
-                    let payload = HostSigned::seal_message(&self.signer, &topic, &state);
+                    let payload = self.signer.seal_round(&topic, &state);
                     sealed.publish.push(Publish {
                         topic,
                         payload,
@@ -496,7 +527,7 @@ impl HostFleet {
                 HostAction::Deliver(device, delivery) => {
                     let topic = self.topics.down(&device);
                     let message = DownMessage::Shares(delivery);
-                    let payload = HostSigned::seal_message(&self.signer, &topic, &message);
+                    let payload = self.signer.seal_message(&topic, &message);
                     sealed.deliveries += 1;
                     sealed.publish.push(Publish {
                         topic,
@@ -514,7 +545,7 @@ impl HostFleet {
                         round,
                         reason: reason.clone(),
                     };
-                    let payload = HostSigned::seal_message(&self.signer, &topic, &notice);
+                    let payload = self.signer.seal_message(&topic, &notice);
                     sealed.publish.push(Publish {
                         topic,
                         payload,
@@ -596,7 +627,7 @@ impl HostFleet {
                         postcard::to_stdvec(&compress_if_smaller(&bytes)).expect("envelopes");
                     self.state
                         .last_global
-                        .push(HostSigned::seal(&self.signer, &topic, compressed));
+                        .push(self.signer.seal(&topic, compressed));
                 }
                 self.state.recent.push((round, result.contributors.clone()));
                 let excess = self.state.recent.len().saturating_sub(Snapshot::RECENT);
@@ -663,7 +694,7 @@ impl HostFleet {
             .iter()
             .map(|part| {
                 let topic = self.topics.snapshot(part.index);
-                HostSigned::seal_message(&self.signer, &topic, part)
+                self.signer.seal_message(&topic, part)
             })
             .collect();
     }
