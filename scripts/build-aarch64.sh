@@ -3,7 +3,7 @@
 # architecture) against the aarch64 libtorch and ONNX Runtime of the pinned PyPI wheels,
 # then runs the aarch64 edge under qemu-user.
 #
-#   scripts/build-aarch64.sh [--profile release|dev] [--no-run] [--train]
+#   scripts/build-aarch64.sh [--profile release|dev] [--no-run] [--train] [--federate]
 #
 # Needs scripts/setup.sh (the aarch64 Rust target, gcc-aarch64-linux-gnu, qemu-user-static);
 # installs g++-aarch64-linux-gnu when missing. What it downloads is cached, sha256-pinned,
@@ -20,17 +20,24 @@
 # Then, under qemu-aarch64: `fedshield-edge doctor` (libtorch forward and backward, an ONNX
 # Runtime inference, the model files) and `fedshield-edge keygen`; with --train also two
 # SmolLM2 training steps (about 20 minutes under qemu), whose losses must equal those of
-# the x86-64 build to the printed digits. The binaries are in
-# target/aarch64-unknown-linux-gnu/<profile>/.
+# the x86-64 build to the printed digits; with --federate also one federated round of a
+# mixed fleet (tens of minutes): the x86-64 host and two x86-64 edges on loopback with the
+# aarch64 edge under qemu (the ignored whole-system test
+# an_aarch64_edge_under_qemu_and_two_x86_64_edges_decrypt_to_their_plaintexts, through the
+# wrapper target/aarch64-unknown-linux-gnu/<profile>/qemu-fedshield-edge written here): all
+# three contribute and the decrypted sum equals their audited plaintexts. The binaries are
+# in target/aarch64-unknown-linux-gnu/<profile>/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 PROFILE=release
 RUN=1
 TRAIN=0
+FEDERATE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --train) TRAIN=1; shift ;;
+    --federate) FEDERATE=1; shift ;;
     --profile) PROFILE=$2; shift 2 ;;
     --no-run) RUN=0; shift ;;
     *) echo "build-aarch64: unknown argument $1" >&2; exit 2 ;;
@@ -158,14 +165,15 @@ if [ $RUN = 1 ]; then
   [ -s "$keys/enrolment-request.json" ] || die "keygen under qemu wrote no request"
   arm "$OUT/fedshield-host" --version
   rm -rf "$keys"
+  # The x86-64 build and runs use this project's own settings (.cargo/config.toml), not
+  # the aarch64 libtorch and deps directory exported above.
+  native=(env -u LIBTORCH -u FEDSHIELD_DEPS_DIR -u LD_LIBRARY_PATH -u QEMU_LD_PREFIX -u QEMU_CPU
+    -u FEDSHIELD_DEVICE)
   if [ $TRAIN = 1 ]; then
     train=(train --steps 2 --batch 1 --max-len 16 --rank 1 --targets v_proj --threads 1
       --no-probe --eval-every 0 --no-pacing)
     losses() { grep -E '^(eval|step)' | sed 's/ [0-9.]* tok\/s//'; }
     say "two SmolLM2 training steps on x86-64, then under qemu-aarch64"
-    # The x86-64 build and run with this project's own settings (.cargo/config.toml),
-    # not the aarch64 libtorch and deps directory exported above.
-    native=(env -u LIBTORCH -u FEDSHIELD_DEPS_DIR -u LD_LIBRARY_PATH -u QEMU_LD_PREFIX)
     "${native[@]}" cargo build --locked -q -p fedshield-edge
     x86=$("${native[@]}" target/debug/fedshield-edge "${train[@]}" --out "$(mktemp -d)" 2>&1 \
       | losses)
@@ -175,6 +183,33 @@ if [ $RUN = 1 ]; then
     printf '%s\n' "$aarch64"
     [ "$x86" = "$aarch64" ] || die "the losses differ from x86-64's: $x86"
     say "the same losses as on x86-64"
+  fi
+  if [ $FEDERATE = 1 ]; then
+    wrapper="$ROOT/$OUT/qemu-fedshield-edge"
+    cat > "$wrapper" <<WRAPPER
+#!/bin/sh
+# The aarch64 fedshield-edge under qemu-user, as a program of this machine (written by
+# scripts/build-aarch64.sh --federate; valid while $CPUINFO exists).
+export QEMU_LD_PREFIX=/usr/aarch64-linux-gnu QEMU_CPU=neoverse-n1 FEDSHIELD_DEVICE=cpu
+export LD_LIBRARY_PATH="$LIBTORCH/lib" FEDSHIELD_DEPS_DIR="$ARM"
+exec unshare -m sh -c 'mount --bind "\$0" /proc/cpuinfo && exec qemu-aarch64-static "\$@"' \
+  "$CPUINFO" "$ROOT/$OUT/fedshield-edge" "\$@"
+WRAPPER
+    chmod +x "$wrapper"
+    say "one federated round: x86-64 host and two x86-64 edges, one aarch64 edge under qemu"
+    t=$(date +%s)
+    "${native[@]}" cargo build --locked -q -p fedshield-edge -p fedshield-host
+    log=$(mktemp)
+    if ! FEDSHIELD_AARCH64_EDGE="$wrapper" "${native[@]}" cargo test --locked -q \
+      -p fedshield-hil-tests --test federation -- --ignored --exact --nocapture \
+      an_aarch64_edge_under_qemu_and_two_x86_64_edges_decrypt_to_their_plaintexts \
+      >"$log" 2>&1; then
+      grep -E '^(test |failures|thread)|panicked|error' "$log" | tail -40 >&2
+      die "the mixed-architecture round failed (whole log: $log)"
+    fi
+    grep -E '^mixed-architecture' "$log"
+    rm -f "$log"
+    say "mixed-architecture round in $(( $(date +%s) - t )) s"
   fi
   rm -f "$CPUINFO"
 fi

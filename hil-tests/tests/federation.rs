@@ -410,8 +410,20 @@ impl Fleet {
 
     /// As [`Fleet::edge`], the device reaching the broker at `broker` (a network relay).
     fn edge_via(&self, i: usize, broker: &str, args: &[&str]) -> (Killed, Events<Event>) {
+        self.edge_program(i, &workspace_bin("fedshield-edge"), broker, args)
+    }
+
+    /// As [`Fleet::edge_via`], with `program` as the edge binary (another build of it, or a
+    /// wrapper that runs one under an emulator).
+    fn edge_program(
+        &self,
+        i: usize,
+        program: &std::path::Path,
+        broker: &str,
+        args: &[&str],
+    ) -> (Killed, Events<Event>) {
         std::fs::create_dir_all(&self.out).unwrap();
-        let mut command = Command::new(workspace_bin("fedshield-edge"));
+        let mut command = Command::new(program);
         command.args([
             "run",
             "--threads",
@@ -2021,5 +2033,76 @@ fn a_rotated_host_key_reaches_the_devices_in_band_and_the_retired_one_is_refused
     }
     eprintln!(
         "host key rotated between rounds 1 and 2: rounds [(1, 3), (2, 3)], certificate 2 adopted by 3 of 3 devices, the retired key refused by 3 of 3"
+    );
+}
+
+/// A fleet of mixed architectures: edge-0 and edge-1 are this machine's x86-64 build,
+/// edge-2 the aarch64 build under qemu-user (`FEDSHIELD_AARCH64_EDGE`: the wrapper that
+/// `scripts/build-aarch64.sh --federate` writes and runs this test with). The masks, the
+/// key aggregation, the FFT products and every wire encoding must agree across the two
+/// architectures for the round to decrypt to the three devices' plaintexts.
+#[test]
+#[ignore = "the aarch64 edge under qemu takes tens of minutes: scripts/build-aarch64.sh --federate"]
+fn an_aarch64_edge_under_qemu_and_two_x86_64_edges_decrypt_to_their_plaintexts() {
+    let arm = PathBuf::from(
+        std::env::var_os("FEDSHIELD_AARCH64_EDGE")
+            .expect("FEDSHIELD_AARCH64_EDGE: the aarch64 edge's qemu wrapper"),
+    );
+    let fleet = Fleet::new("mixed", ["--rank", "1", "--targets", "v_proj"]);
+    let host_audit = fleet.out.join("audit-host");
+    let edge_audit = fleet.out.join("audit-edges");
+    let started = Instant::now();
+    // Deadlines for an emulated device: an hour to join and to upload.
+    let (mut host, mut host_events) =
+        fleet.host(&[host_tiny(1, 1, 3_600, 3_600, 900), audit_args(&host_audit)].concat());
+    let audit = ["--audit-dir", edge_audit.to_str().unwrap()];
+    let mut edges: Vec<_> = (0..2)
+        .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "1"], &audit].concat()))
+        .collect();
+    let slow = [
+        "--batch",
+        "1",
+        "--max-len",
+        "16",
+        "--eval-examples",
+        "1",
+        "--no-probe",
+        "--no-pacing",
+        "--rounds",
+        "1",
+    ];
+    edges.push(fleet.edge_program(2, &arm, &fleet.addr, &[&slow[..], &audit].concat()));
+    // The wrapper execs into qemu-aarch64 (same process): edge-2 is the emulated build.
+    let pid = edges[2].0.0.id();
+    let read = || std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut exe = read();
+    while !exe.to_string_lossy().contains("qemu-aarch64") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        exe = read();
+    }
+    assert!(
+        exe.to_string_lossy().contains("qemu-aarch64"),
+        "edge-2 runs {}",
+        exe.display()
+    );
+    edges[2].1.until("the aarch64 edge joined", 3_600, |e| {
+        *e == Event::Joined { round: 1 }
+    });
+    let joined = started.elapsed().as_secs();
+    edges[2]
+        .1
+        .until("the aarch64 edge encrypted", 3_600, is_encrypted(1));
+    let encrypted = started.elapsed().as_secs();
+    host_events.until("the end", 3_600, is_finished);
+    assert!(host.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), vec![(1, 3)]);
+    check_audited_sums(&host_audit, &edge_audit, 1);
+    for (_, events) in &mut edges {
+        events.until("done after round 1", 3_600, is_done(1));
+    }
+    eprintln!(
+        "mixed-architecture round: 3 of 3 contributed (2 x86-64, 1 aarch64 under qemu); the decrypted sum equals the audited plaintexts; aarch64 edge joined after {joined} s, encrypted after {encrypted} s, all done after {} s",
+        started.elapsed().as_secs()
     );
 }
