@@ -1,4 +1,5 @@
-//! `fedshield-edge generate`: chat with the base model, optionally with an adapter.
+//! `fedshield-edge generate`: chat with the base model, optionally with an adapter, on
+//! ONNX Runtime or libtorch; `fedshield-edge export-onnx`: the ONNX export it runs.
 
 use crate::ModelArgs;
 use fedshield_edge::llama::Sampling;
@@ -28,10 +29,70 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Where the model runs: `torch` (libtorch) or `onnx` (ONNX Runtime, the graph built in
-    /// memory from the same GGUF; no adapter yet).
-    #[arg(long, default_value = "torch")]
+    /// Where the model runs: `ort` (ONNX Runtime: the export in --onnx, or the graph built
+    /// in memory from the GGUF), `torch` (libtorch), or `auto` (ort when --onnx is given,
+    /// else torch).
+    #[arg(long, default_value = "auto")]
     runtime: String,
+    /// An export directory (`fedshield-edge export-onnx`).
+    #[arg(long)]
+    onnx: Option<PathBuf>,
+    /// Print the timings (first token, decode tokens/s) to stderr.
+    #[arg(long)]
+    timings: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ExportOnnxArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output directory: model.onnx and model.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// The projections that take LoRA inputs (the fleet's adapter targets), comma-separated;
+    /// empty for none.
+    #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
+    lora_targets: Vec<String>,
+    /// The longest sequence (prompt and new tokens) the export decodes.
+    #[arg(long, default_value_t = 2048)]
+    max_positions: usize,
+}
+
+/// `export-onnx`: the decoding graph of the GGUF to a directory.
+pub fn export_onnx(args: ExportOnnxArgs) -> anyhow::Result<()> {
+    use fedshield_edge::llama::Module;
+    use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder};
+    let (path, _g, _tok, model) = args.model.load()?;
+    let lora = args
+        .lora_targets
+        .iter()
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            Module::from_peft_name(t)
+                .ok_or_else(|| anyhow::anyhow!("--lora-targets: unknown projection {t:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let options = DecodeOptions {
+        max_positions: args.max_positions,
+        lora,
+    };
+    let env = fedshield_edge::inference::environment(&fedshield_models::Assets::locate())?;
+    let source = (
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::fs::metadata(&path)?.len(),
+    );
+    let started = std::time::Instant::now();
+    let file = OnnxDecoder::export(env, &model, &options, source, &args.out)?;
+    eprintln!(
+        "exported {} ({:.1} MiB) in {:.1} s",
+        file.display(),
+        std::fs::metadata(&file)?.len() as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", file.display());
+    Ok(())
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -49,32 +110,91 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         top_p: args.top_p,
         seed: args.seed,
     };
-    let out = match (args.runtime.as_str(), &args.adapter) {
-        ("onnx", Some(_)) => {
-            anyhow::bail!("--runtime onnx does not take an adapter yet: use --runtime torch")
-        }
-        ("onnx", None) => {
+    let runtime = match (args.runtime.as_str(), &args.onnx) {
+        ("auto", Some(_)) => "ort",
+        ("auto", None) => "torch",
+        ("onnx", _) => "ort",
+        (r, _) => r,
+    };
+    let lora = args
+        .adapter
+        .as_ref()
+        .map(|dir| Lora::load_peft(dir, &model))
+        .transpose()?;
+    let started = std::time::Instant::now();
+    let out = match runtime {
+        "ort" => {
+            use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder};
+            use std::io::Write;
             let env = fedshield_edge::inference::environment(&fedshield_models::Assets::locate())?;
-            let mut decoder = fedshield_edge::onnx_graph::OnnxDecoder::new(
-                env,
-                &model,
-                ids.len() + args.max_new,
-            )?;
-            decoder.generate(&ids, args.max_new, tok.eos_id, &sampling)?
+            let threads = args.model.threads.max(1) as usize;
+            let mut decoder = match &args.onnx {
+                Some(dir) => OnnxDecoder::open(env, dir, threads)?,
+                None => OnnxDecoder::new(
+                    env,
+                    &model,
+                    &DecodeOptions {
+                        max_positions: ids.len() + args.max_new,
+                        lora: lora
+                            .as_ref()
+                            .map(|l| l.config.target_modules.clone())
+                            .unwrap_or_default(),
+                    },
+                    threads,
+                )?,
+            };
+            let ready = started.elapsed().as_secs_f64();
+            if let Some(lora) = &lora {
+                decoder.set_adapter(lora)?;
+            }
+            // Stream: print what each new token adds to the decoded text.
+            let mut shown = String::new();
+            let mut so_far = Vec::new();
+            let mut stdout = std::io::stdout();
+            let (out, timings) =
+                decoder.generate_streaming(&ids, args.max_new, tok.eos_id, &sampling, |t| {
+                    so_far.push(t);
+                    if let Ok(text) = tok.decode(&so_far)
+                        && let Some(new) = text.strip_prefix(shown.as_str())
+                    {
+                        let _ = write!(stdout, "{new}");
+                        let _ = stdout.flush();
+                        shown = text;
+                    }
+                })?;
+            let text = tok.decode(&out)?;
+            println!("{}", text.strip_prefix(shown.as_str()).unwrap_or(""));
+            if args.timings {
+                eprintln!(
+                    "ort: session ready in {ready:.2} s; {} prompt tokens, first token after {:.1} ms, {} new tokens at {:.1} tokens/s",
+                    ids.len(),
+                    timings.first_token_s * 1e3,
+                    timings.new_tokens,
+                    timings.decode_tokens_per_s()
+                );
+            }
+            return Ok(());
         }
-        ("torch", Some(dir)) => {
-            let lora = Lora::load_peft(dir, &model)?;
-            model.generate(&lora, &ids, args.max_new, tok.eos_id, &sampling)
-        }
-        ("torch", None) => model.generate(
-            &fedshield_edge::llama::NoAdapter,
-            &ids,
-            args.max_new,
-            tok.eos_id,
-            &sampling,
-        ),
-        (other, _) => anyhow::bail!("--runtime {other:?}: expected torch or onnx"),
+        "torch" => match &lora {
+            Some(lora) => model.generate(lora, &ids, args.max_new, tok.eos_id, &sampling),
+            None => model.generate(
+                &fedshield_edge::llama::NoAdapter,
+                &ids,
+                args.max_new,
+                tok.eos_id,
+                &sampling,
+            ),
+        },
+        other => anyhow::bail!("--runtime {other:?}: expected auto, ort or torch"),
     };
     println!("{}", tok.decode(&out)?);
+    if args.timings {
+        eprintln!(
+            "torch: {} prompt tokens, {} new tokens in {:.2} s",
+            ids.len(),
+            out.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }

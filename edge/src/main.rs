@@ -52,6 +52,9 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Chat with the base model, optionally with an adapter.
     Generate(generate_cmd::GenerateArgs),
+    /// Write the base model's decoding graph for ONNX Runtime (4-bit projections kept
+    /// 4-bit, a KV cache, LoRA as inputs) to a directory, for `generate --onnx DIR`.
+    ExportOnnx(generate_cmd::ExportOnnxArgs),
     /// The update codec's quality experiment: local-only, dense FedAvg, encrypted pruned
     /// FedAvg at several rho, centralised; writes quality.json and quality.svg.
     Quality(quality_cmd::QualityArgs),
@@ -263,6 +266,7 @@ fn main() -> anyhow::Result<()> {
         Command::Keygen(args) => keys_cmd::keygen(args),
         Command::InstallCert(args) => keys_cmd::install_cert(args),
         Command::Generate(args) => generate_cmd::generate(args),
+        Command::ExportOnnx(args) => generate_cmd::export_onnx(args),
         Command::RigPing {
             port,
             baud,

@@ -8,9 +8,9 @@
 //! step (issue 15).
 
 use crate::llama::weight::Weight;
-use crate::llama::{Block, Llama};
+use crate::llama::{Block, Llama, Module};
 use fedshield_models::gguf::GgmlType;
-use fedshield_models::nbits::{BLOB, BLOCK, NBits};
+use fedshield_models::nbits::{BLOCK, NBits};
 use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
 use ort::operator::Attribute;
 use ort::session::Session;
@@ -24,6 +24,8 @@ use tch::Kind;
 struct Builder {
     graph: Graph,
     next: usize,
+    /// The projections that take LoRA inputs.
+    lora: Vec<Module>,
 }
 
 impl Builder {
@@ -93,7 +95,11 @@ impl Builder {
         self.std("Mul", &[&n, &w])
     }
 
-    /// `x @ w^T` for a `[out, in]` weight.
+    /// `x @ w^T` for a `[out, in]` weight: 4-bit weights as MatMulNBits (exact, f32
+    /// activations), others (an 8-bit head included) dequantized to f32. (8-bit
+    /// MatMulNBits is exact too but dequantizes the whole weight on every call unless its
+    /// activations go int8, `accuracy_level = 4`, which ONNX Runtime 1.32 computes too
+    /// coarsely for a head: `tests/nbits_ort.rs`.)
     fn linear(&mut self, x: &str, w: &Weight) -> ort::Result<String> {
         let (rows, cols) = w.shape();
         match w {
@@ -103,7 +109,7 @@ impl Builder {
                 let nb = NBits::from_gguf(*ty, &bytes, rows as usize, cols as usize)
                     .map_err(|e| ort::Error::new(e.to_string()))?;
                 let blocks = cols / BLOCK as i64;
-                let b = self.constant(&[rows, blocks, BLOB as i64], &nb.codes)?;
+                let b = self.constant(&[rows, blocks, nb.blob() as i64], &nb.codes)?;
                 let scales = self.floats(&[rows, blocks], &nb.scales)?;
                 let mut inputs = vec![x.to_string(), b, scales];
                 if nb.zero_point == 0 {
@@ -114,17 +120,13 @@ impl Builder {
                     )?);
                 }
                 let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-                let y = self.op(
-                    "MatMulNBits",
-                    "com.microsoft",
-                    &refs,
-                    vec![
-                        Attribute::new("K", cols)?,
-                        Attribute::new("N", rows)?,
-                        Attribute::new("bits", 4i64)?,
-                        Attribute::new("block_size", BLOCK as i64)?,
-                    ],
-                )?;
+                let attributes = vec![
+                    Attribute::new("K", cols)?,
+                    Attribute::new("N", rows)?,
+                    Attribute::new("bits", i64::from(nb.bits))?,
+                    Attribute::new("block_size", BLOCK as i64)?,
+                ];
+                let y = self.op("MatMulNBits", "com.microsoft", &refs, attributes)?;
                 let Some(mins) = &nb.mins else {
                     return Ok(y);
                 };
@@ -154,6 +156,26 @@ impl Builder {
                 self.std("MatMul", &[x, &wt])
             }
         }
+    }
+
+    /// Projection `module` of layer `layer`: `x @ w^T`, plus `(x @ A^T) @ (s B^T)` from the
+    /// graph inputs "lora_a.{layer}.{module}" `[in, r]` and "lora_b.{layer}.{module}"
+    /// `[r, out]` when the module takes LoRA inputs (zeros give the base model).
+    fn projection(
+        &mut self,
+        layer: usize,
+        module: Module,
+        x: &str,
+        w: &Weight,
+    ) -> ort::Result<String> {
+        let y = self.linear(x, w)?;
+        if !self.lora.contains(&module) {
+            return Ok(y);
+        }
+        let (a, b) = lora_names(layer, module);
+        let down = self.std("MatMul", &[x, &a])?;
+        let delta = self.std("MatMul", &[&down, &b])?;
+        self.std("Add", &[&y, &delta])
     }
 
     /// `[1, t, heads * hd]` -> `[1, heads, t, hd]`.
@@ -203,9 +225,11 @@ impl Builder {
     /// One decoder layer over `x`; `rope` are the positions' cos and sin, `mask` the causal
     /// mask (none when one new token attends to everything), `cache` the layer's past keys
     /// and values (graph inputs) and the names to give the present ones (graph outputs).
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &mut self,
         model: &Llama,
+        layer: usize,
         b: &Block,
         x: &str,
         rope: (&str, &str),
@@ -220,9 +244,9 @@ impl Builder {
         );
         let (cos, sin) = rope;
         let n = self.rms_norm(x, &b.attn_norm, c.rms_norm_eps)?;
-        let q = self.linear(&n, &b.q_proj)?;
-        let k = self.linear(&n, &b.k_proj)?;
-        let v = self.linear(&n, &b.v_proj)?;
+        let q = self.projection(layer, Module::Q, &n, &b.q_proj)?;
+        let k = self.projection(layer, Module::K, &n, &b.k_proj)?;
+        let v = self.projection(layer, Module::V, &n, &b.v_proj)?;
         let q = self.heads(&q, h, hd)?;
         let k = self.heads(&k, kv, hd)?;
         let v = self.heads(&v, kv, hd)?;
@@ -280,15 +304,15 @@ impl Builder {
         )?;
         let merged = self.ints(&[0, 0, h * hd])?;
         let attn = self.std("Reshape", &[&attn, &merged])?;
-        let o = self.linear(&attn, &b.o_proj)?;
+        let o = self.projection(layer, Module::O, &attn, &b.o_proj)?;
         let x = self.std("Add", &[x, &o])?;
         let n = self.rms_norm(&x, &b.ffn_norm, c.rms_norm_eps)?;
-        let gate = self.linear(&n, &b.gate_proj)?;
+        let gate = self.projection(layer, Module::Gate, &n, &b.gate_proj)?;
         let sig = self.std("Sigmoid", &[&gate])?;
         let gate = self.std("Mul", &[&gate, &sig])?;
-        let up = self.linear(&n, &b.up_proj)?;
+        let up = self.projection(layer, Module::Up, &n, &b.up_proj)?;
         let prod = self.std("Mul", &[&gate, &up])?;
-        let down = self.linear(&prod, &b.down_proj)?;
+        let down = self.projection(layer, Module::Down, &prod, &b.down_proj)?;
         self.std("Add", &[&x, &down])
     }
 }
@@ -321,6 +345,7 @@ pub fn prefill_session(
     let mut g = Builder {
         graph: Graph::new()?,
         next: 0,
+        lora: Vec::new(),
     };
     g.graph
         .set_inputs([outlet("ids", TensorElementType::Int64, &[1, t])])?;
@@ -331,10 +356,11 @@ pub fn prefill_session(
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     let mask = g.floats(&[t, t], &mask)?;
-    for b in &model.blocks {
-        x = g.block(model, b, &x, (&cos, &sin), Some(&mask), None)?;
+    for (layer, b) in model.blocks.iter().enumerate() {
+        x = g.block(model, layer, b, &x, (&cos, &sin), Some(&mask), None)?;
     }
-    g.finish(env, model, &x)
+    let m = g.finish(model, &x)?;
+    m.into_session(&Session::builder(env)?)
 }
 
 impl Builder {
@@ -362,15 +388,11 @@ impl Builder {
         Ok((x, cos, sin))
     }
 
-    /// The final norm and the LM head into the output "logits"; the session.
-    fn finish(
-        mut self,
-        env: &ort::environment::Environment,
-        model: &Llama,
-        x: &str,
-    ) -> ort::Result<Session> {
+    /// The final norm and the LM head into the output "logits"; the model.
+    fn finish(mut self, model: &Llama, x: &str) -> ort::Result<Model> {
         let n = self.rms_norm(x, &model.norm, model.config.rms_norm_eps)?;
         let head = model.lm_head.as_ref().unwrap_or(&model.embed);
+        // An 8-bit head stays f32 (see `linear_with`).
         let logits = self.linear(&n, head)?;
         self.graph.add_node(Node::new(
             "Identity",
@@ -385,19 +407,36 @@ impl Builder {
             Opset::new("com.microsoft", 1)?,
         ])?;
         m.set_graph(self.graph)?;
-        m.into_session(&Session::builder(env)?)
+        Ok(m)
     }
 }
 
-/// A session decoding one token with a KV cache: inputs "ids" `[1, 1]` (int64), "pos" `[1]`
-/// (int64, the token's position, below `max_positions`) and, per layer i, "past_k{i}" and
-/// "past_v{i}" `[1, kv_heads, past, head_dim]` (f32, `past` may be 0); outputs "logits"
-/// `[1, 1, vocab]` and "present_k{i}", "present_v{i}" `[1, kv_heads, past + 1, head_dim]`.
-pub fn decode_session(
-    env: &ort::environment::Environment,
-    model: &Llama,
-    max_positions: usize,
-) -> ort::Result<Session> {
+/// The names of the LoRA inputs of projection `module` of layer `layer`.
+fn lora_names(layer: usize, module: Module) -> (String, String) {
+    (
+        format!("lora_a.{layer}.{}", module.peft_name()),
+        format!("lora_b.{layer}.{}", module.peft_name()),
+    )
+}
+
+/// What a decoding graph is built for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DecodeOptions {
+    /// The longest sequence (prompt and new tokens) it decodes.
+    pub max_positions: usize,
+    /// The projections that take LoRA inputs (empty: the base model only).
+    pub lora: Vec<Module>,
+}
+
+/// The graph that runs `t` new tokens against a KV cache (the whole prompt at once, then
+/// one token per run): inputs "ids" `[1, t]` and "pos" `[t]` (int64; the tokens'
+/// positions, below `max_positions`), "mask" `[t, past + t]` (f32, added to the attention
+/// scores: 0 where a token may attend, -inf elsewhere), per layer i "past_k{i}" and
+/// "past_v{i}" `[1, kv_heads, past, head_dim]` (f32, `past` may be 0), and per adapted
+/// projection "lora_a.{i}.{module}" `[in, r]` and "lora_b.{i}.{module}" `[r, out]` (A^T
+/// and B^T scaled by alpha / r; any r); outputs "logits" `[1, 1, vocab]` (the last new
+/// token's) and "present_k{i}", "present_v{i}" `[1, kv_heads, past + t, head_dim]`.
+pub fn decode_model(model: &Llama, options: &DecodeOptions) -> ort::Result<Model> {
     let c = &model.config;
     let vocab = c.vocab_size as i64;
     let (kv, hd) = (c.num_key_value_heads as i64, c.head_dim() as i64);
@@ -405,25 +444,25 @@ pub fn decode_session(
     let mut g = Builder {
         graph: Graph::new()?,
         next: 0,
+        lora: options.lora.clone(),
     };
     let cache = |name: String, symbol: &str| {
-        Outlet::new(
+        dyn_outlet(
             name,
-            ValueType::Tensor {
-                ty: TensorElementType::Float32,
-                shape: Shape::new([1, kv, -1, hd]),
-                dimension_symbols: SymbolicDimensions::new([
-                    String::new(),
-                    String::new(),
-                    symbol.to_string(),
-                    String::new(),
-                ]),
-            },
+            TensorElementType::Float32,
+            &[1, kv, -1, hd],
+            ["", "", symbol, ""],
         )
     };
     let mut inputs = vec![
-        outlet("ids", TensorElementType::Int64, &[1, 1]),
-        outlet("pos", TensorElementType::Int64, &[1]),
+        dyn_outlet("ids".into(), TensorElementType::Int64, &[1, -1], ["", "t"]),
+        dyn_outlet("pos".into(), TensorElementType::Int64, &[-1], ["t"]),
+        dyn_outlet(
+            "mask".into(),
+            TensorElementType::Float32,
+            &[-1, -1],
+            ["t", "total"],
+        ),
     ];
     let mut outputs = vec![outlet("logits", TensorElementType::Float32, &[1, 1, vocab])];
     for i in 0..layers {
@@ -432,9 +471,25 @@ pub fn decode_session(
         outputs.push(cache(format!("present_k{i}"), "total"));
         outputs.push(cache(format!("present_v{i}"), "total"));
     }
+    for spec in lora_inputs(model, &options.lora) {
+        let rank = format!("r_{}_{}", spec.layer, spec.module.peft_name());
+        let (a, b) = lora_names(spec.layer, spec.module);
+        inputs.push(dyn_outlet(
+            a,
+            TensorElementType::Float32,
+            &[spec.inputs as i64, -1],
+            ["", &rank],
+        ));
+        inputs.push(dyn_outlet(
+            b,
+            TensorElementType::Float32,
+            &[-1, spec.outputs as i64],
+            [&rank, ""],
+        ));
+    }
     g.graph.set_inputs(inputs)?;
     g.graph.set_outputs(outputs)?;
-    let (mut x, cos, sin) = g.embed_and_rope(model, max_positions as i64)?;
+    let (mut x, cos, sin) = g.embed_and_rope(model, options.max_positions as i64)?;
     let gather = |g: &mut Builder, table: &str| {
         g.op(
             "Gather",
@@ -457,41 +512,330 @@ pub fn decode_session(
             names[2].as_str(),
             names[3].as_str(),
         ];
-        x = g.block(model, b, &x, (&cos, &sin), None, Some(cache))?;
+        x = g.block(model, i, b, &x, (&cos, &sin), Some("mask"), Some(cache))?;
     }
-    g.finish(env, model, &x)
+    // Only the last new token's logits: the head runs once per call.
+    let (from, to, axis) = (g.ints(&[-1])?, g.ints(&[i64::MAX])?, g.ints(&[1])?);
+    let last = g.std("Slice", &[&x, &from, &to, &axis])?;
+    g.finish(model, &last)
 }
 
-/// Generation on ONNX Runtime: [`decode_session`] run one token at a time, the KV cache
-/// carried from each run's outputs to the next run's inputs.
+/// One adapted projection's LoRA inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoraInput {
+    /// The layer.
+    pub layer: usize,
+    /// The projection.
+    pub module: Module,
+    /// Its input features (A^T's rows).
+    pub inputs: usize,
+    /// Its output features (B^T's columns).
+    pub outputs: usize,
+}
+
+/// The LoRA inputs of `model` for the projections `modules`, layer by layer.
+fn lora_inputs(model: &Llama, modules: &[Module]) -> Vec<LoraInput> {
+    let mut out = Vec::new();
+    for (layer, b) in model.blocks.iter().enumerate() {
+        for &module in modules {
+            let (rows, cols) = b.weight(module).shape();
+            out.push(LoraInput {
+                layer,
+                module,
+                inputs: cols as usize,
+                outputs: rows as usize,
+            });
+        }
+    }
+    out
+}
+
+/// An input or output whose dimensions of -1 are named by `symbols` (empty: fixed).
+fn dyn_outlet<const N: usize>(
+    name: String,
+    ty: TensorElementType,
+    dims: &[i64],
+    symbols: [&str; N],
+) -> Outlet {
+    Outlet::new(
+        name,
+        ValueType::Tensor {
+            ty,
+            shape: Shape::new(dims.to_vec()),
+            dimension_symbols: SymbolicDimensions::new(symbols.map(str::to_string)),
+        },
+    )
+}
+
+/// What [`OnnxDecoder::export`] writes beside `model.onnx` (`model.json`), and
+/// [`OnnxDecoder::open`] checks.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExportMeta {
+    /// [`EXPORT_FORMAT`].
+    pub format: u32,
+    /// What the graph was built for.
+    pub options: DecodeOptions,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// The LoRA inputs, in the graph's order.
+    pub lora: Vec<LoraInput>,
+    /// The GGUF file it was exported from (its name) and that file's size in bytes.
+    pub source: (String, u64),
+}
+
+/// Names the serialized model's producer and graph (ONNX requires a graph name; ONNX
+/// Runtime's model editor leaves it empty) by appending the two fields to the `ModelProto`:
+/// protobuf merges a repeated occurrence of a singular embedded message into the first,
+/// so the appended `graph { name }` only sets the name.
+fn name_the_model(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
+        // Length-delimited (wire type 2); the lengths here fit one varint byte.
+        let mut out = vec![(number << 3) | 2, bytes.len() as u8];
+        out.extend_from_slice(bytes);
+        out
+    }
+    let mut tail = field(2, b"fedshield-edge"); // ModelProto.producer_name
+    tail.extend(field(7, &field(2, b"fedshield_decoder"))); // ModelProto.graph.name
+    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+    file.write_all(&tail)?;
+    file.sync_all()
+}
+
+/// The version of the export directory's layout and graph interface.
+pub const EXPORT_FORMAT: u32 = 1;
+
+/// Generation on ONNX Runtime: [`decode_model`]'s graph, the whole prompt in one run, then
+/// one token per run, the KV cache handed from each run's outputs to the next run's
+/// inputs (never copied), and the adapter as inputs that [`OnnxDecoder::set_adapter`]
+/// swaps without rebuilding anything.
 pub struct OnnxDecoder {
     session: Session,
-    kv: i64,
-    head_dim: i64,
-    layers: usize,
-    max_positions: usize,
+    meta: ExportMeta,
+    /// A^T and B^T (scaled) per LoRA input of the graph.
+    adapter: Vec<(ort::value::DynValue, ort::value::DynValue)>,
+}
+
+/// A session builder with `threads` intra-op threads (0: ONNX Runtime's default) and no
+/// spinning (an idle edge device's cores stay idle).
+fn session_builder(
+    env: &ort::environment::Environment,
+    threads: usize,
+) -> ort::Result<ort::session::builder::SessionBuilder> {
+    let mut builder = Session::builder(env)?;
+    if threads > 0 {
+        builder = builder.with_intra_threads(threads)?;
+    }
+    Ok(builder.with_config_entry("session.intra_op.allow_spinning", "0")?)
+}
+
+fn onnx_error(context: &str) -> impl Fn(ort::Error) -> crate::EdgeError + '_ {
+    move |e| crate::EdgeError::Onnx(format!("{context}: {e}"))
 }
 
 impl OnnxDecoder {
-    /// The decoder of `model` for sequences of at most `max_positions` tokens.
+    fn meta_of(model: &Llama, options: &DecodeOptions, source: (String, u64)) -> ExportMeta {
+        let c = &model.config;
+        ExportMeta {
+            format: EXPORT_FORMAT,
+            options: options.clone(),
+            layers: model.blocks.len(),
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim(),
+            vocab: c.vocab_size,
+            lora: lora_inputs(model, &options.lora),
+            source,
+        }
+    }
+
+    fn with_session(session: Session, meta: ExportMeta) -> Result<Self, crate::EdgeError> {
+        let mut d = Self {
+            session,
+            meta,
+            adapter: Vec::new(),
+        };
+        d.clear_adapter()?;
+        Ok(d)
+    }
+
+    /// The decoder of `model`, its graph built in memory.
     pub fn new(
         env: &ort::environment::Environment,
         model: &Llama,
-        max_positions: usize,
+        options: &DecodeOptions,
+        threads: usize,
     ) -> Result<Self, crate::EdgeError> {
-        let onnx = |e: ort::Error| crate::EdgeError::Onnx(e.to_string());
-        let c = &model.config;
-        Ok(Self {
-            session: decode_session(env, model, max_positions).map_err(onnx)?,
-            kv: c.num_key_value_heads as i64,
-            head_dim: c.head_dim() as i64,
-            layers: model.blocks.len(),
-            max_positions,
-        })
+        let graph = decode_model(model, options).map_err(onnx_error("building the graph"))?;
+        let session = graph
+            .into_session(&session_builder(env, threads).map_err(onnx_error("session"))?)
+            .map_err(onnx_error("session"))?;
+        Self::with_session(session, Self::meta_of(model, options, (String::new(), 0)))
+    }
+
+    /// Writes `model`'s decoding graph to `dir/model.onnx` (ONNX Runtime serializes the
+    /// graph as built, before any optimization) and its description to `dir/model.json`
+    /// (atomically); `source` names the GGUF file. Returns the model file's path.
+    pub fn export(
+        env: &ort::environment::Environment,
+        model: &Llama,
+        options: &DecodeOptions,
+        source: (String, u64),
+        dir: &std::path::Path,
+    ) -> Result<std::path::PathBuf, crate::EdgeError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| crate::EdgeError::Onnx(format!("{}: {e}", dir.display())))?;
+        let path = dir.join("model.onnx");
+        let partial = dir.join("model.onnx.partial");
+        let graph = decode_model(model, options).map_err(onnx_error("building the graph"))?;
+        let builder = (|| -> ort::Result<_> {
+            Ok(Session::builder(env)?
+                .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)?
+                .with_optimized_model_path(&partial)?)
+        })()
+        .map_err(onnx_error("session"))?;
+        drop(
+            graph
+                .into_session(&builder)
+                .map_err(onnx_error("writing the graph"))?,
+        );
+        name_the_model(&partial)
+            .map_err(|e| crate::EdgeError::Onnx(format!("{}: {e}", partial.display())))?;
+        std::fs::rename(&partial, &path)
+            .map_err(|e| crate::EdgeError::Onnx(format!("{}: {e}", path.display())))?;
+        let meta = Self::meta_of(model, options, source);
+        let json = serde_json::to_vec_pretty(&meta).expect("the description encodes");
+        fedshield_store::write_atomic(
+            &dir.join("model.json"),
+            &json,
+            fedshield_store::Access::Public,
+        )
+        .map_err(|e| crate::EdgeError::Onnx(e.to_string()))?;
+        Ok(path)
+    }
+
+    /// The decoder of an export directory (`model.onnx` and `model.json`); a missing,
+    /// truncated or foreign file is refused with its path.
+    pub fn open(
+        env: &ort::environment::Environment,
+        dir: &std::path::Path,
+        threads: usize,
+    ) -> Result<Self, crate::EdgeError> {
+        let meta_path = dir.join("model.json");
+        let text = std::fs::read(&meta_path)
+            .map_err(|e| crate::EdgeError::Onnx(format!("{}: {e}", meta_path.display())))?;
+        let meta: ExportMeta = serde_json::from_slice(&text).map_err(|e| {
+            crate::EdgeError::Onnx(format!(
+                "{}: not a fedshield export description ({e})",
+                meta_path.display()
+            ))
+        })?;
+        if meta.format != EXPORT_FORMAT {
+            return Err(crate::EdgeError::Onnx(format!(
+                "{}: export format {}, this build reads {EXPORT_FORMAT}: export again",
+                meta_path.display(),
+                meta.format
+            )));
+        }
+        let path = dir.join("model.onnx");
+        let context = path.display().to_string();
+        let session = session_builder(env, threads)
+            .and_then(|mut b| b.commit_from_file(&path))
+            .map_err(onnx_error(&context))?;
+        let want = 3 + 2 * meta.layers + 2 * meta.lora.len();
+        let have = session.inputs().len();
+        if have != want || session.inputs()[0].name() != "ids" {
+            return Err(crate::EdgeError::Onnx(format!(
+                "{context}: {have} inputs, model.json describes {want}: not this export's graph"
+            )));
+        }
+        Self::with_session(session, meta)
+    }
+
+    /// What the decoder runs.
+    pub fn meta(&self) -> &ExportMeta {
+        &self.meta
+    }
+
+    /// Back to the base model: every LoRA input zero (rank 1).
+    pub fn clear_adapter(&mut self) -> Result<(), crate::EdgeError> {
+        self.adapter = self
+            .meta
+            .lora
+            .iter()
+            .map(|spec| self.zero_pair(spec))
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    /// Runs `lora` from the next generation on (the graph is not rebuilt): every adapted
+    /// projection must be one the graph takes LoRA inputs for, with its shapes; projections
+    /// the adapter leaves alone get zeros.
+    pub fn set_adapter(&mut self, lora: &crate::lora::Lora) -> Result<(), crate::EdgeError> {
+        let shape = |m: String| crate::EdgeError::Shape(m);
+        for (layer, module) in lora.pairs.keys() {
+            if !self
+                .meta
+                .lora
+                .iter()
+                .any(|s| s.layer == *layer && s.module == *module)
+            {
+                return Err(shape(format!(
+                    "the adapter adapts layer {layer}'s {}, which this graph takes no LoRA input for (it takes {:?}): export with those targets",
+                    module.peft_name(),
+                    self.meta.options.lora
+                )));
+            }
+        }
+        let scaling = lora.scaling();
+        let mut adapter = Vec::with_capacity(self.meta.lora.len());
+        for spec in &self.meta.lora {
+            let Some(pair) = lora.pairs.get(&(spec.layer, spec.module)) else {
+                adapter.push(self.zero_pair(spec)?);
+                continue;
+            };
+            let (sa, sb) = (pair.a.size(), pair.b.size());
+            let r = sa.first().copied().unwrap_or(0);
+            if sa != [r, spec.inputs as i64] || sb != [spec.outputs as i64, r] || r < 1 {
+                return Err(shape(format!(
+                    "adapter of another shape: layer {} {} has A {sa:?} and B {sb:?}, the graph takes [r, {}] and [{}, r]",
+                    spec.layer,
+                    spec.module.peft_name(),
+                    spec.inputs,
+                    spec.outputs
+                )));
+            }
+            let at = tensor_f32(&pair.a.tr().contiguous());
+            let bt = tensor_f32(&(pair.b.tr() * scaling).contiguous());
+            let onnx = onnx_error("adapter");
+            let a = Tensor::from_array(([spec.inputs as i64, r], at)).map_err(&onnx)?;
+            let b = Tensor::from_array(([r, spec.outputs as i64], bt)).map_err(&onnx)?;
+            adapter.push((a.into_dyn(), b.into_dyn()));
+        }
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    fn zero_pair(
+        &self,
+        spec: &LoraInput,
+    ) -> Result<(ort::value::DynValue, ort::value::DynValue), crate::EdgeError> {
+        let onnx = onnx_error("adapter");
+        let a = Tensor::from_array(([spec.inputs as i64, 1], vec![0f32; spec.inputs]))
+            .map_err(&onnx)?;
+        let b = Tensor::from_array(([1, spec.outputs as i64], vec![0f32; spec.outputs]))
+            .map_err(&onnx)?;
+        Ok((a.into_dyn(), b.into_dyn()))
     }
 
     /// Up to `max_new` tokens after `prompt`, stopping at `eos`: greedy at temperature 0,
-    /// else nucleus sampling (as [`Llama::generate`]).
+    /// else nucleus sampling (as [`Llama::generate`]). `on_token` sees each new token as it
+    /// comes (streaming).
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -499,58 +843,36 @@ impl OnnxDecoder {
         eos: u32,
         sampling: &crate::llama::Sampling,
     ) -> Result<Vec<u32>, crate::EdgeError> {
+        self.generate_streaming(prompt, max_new, eos, sampling, |_| {})
+            .map(|(tokens, _)| tokens)
+    }
+
+    /// As [`OnnxDecoder::generate`], calling `on_token` with each new token as it comes;
+    /// also returns the timings.
+    pub fn generate_streaming(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        eos: u32,
+        sampling: &crate::llama::Sampling,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<(Vec<u32>, DecodeTimings), crate::EdgeError> {
         use rand::{Rng, SeedableRng};
-        let onnx = |e: ort::Error| crate::EdgeError::Onnx(e.to_string());
-        if prompt.is_empty() || prompt.len() + max_new > self.max_positions {
+        let max_positions = self.meta.options.max_positions;
+        if prompt.is_empty() || prompt.len() + max_new > max_positions {
             return Err(crate::EdgeError::Shape(format!(
-                "{} prompt tokens and {max_new} new ones: the decoder holds 1 to {} positions",
+                "{} prompt tokens and {max_new} new ones: the decoder holds 1 to {max_positions} positions",
                 prompt.len(),
-                self.max_positions
             )));
         }
+        let started = std::time::Instant::now();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
-        let mut past: Vec<(Vec<i64>, Vec<f32>)> = (0..2 * self.layers)
-            .map(|_| (vec![1, self.kv, 0, self.head_dim], Vec::new()))
-            .collect();
-        let name = |kind: &str, i: usize| format!("{kind}_{}{}", ["k", "v"][i % 2], i / 2);
+        let mut cache = self.empty_cache()?;
         let mut out = Vec::new();
-        let mut next = prompt[0];
-        for pos in 0..prompt.len() + max_new - 1 {
-            let mut inputs: Vec<(String, ort::session::SessionInputValue)> = vec![
-                (
-                    "ids".into(),
-                    Tensor::from_array(([1i64, 1], vec![i64::from(next)]))
-                        .map_err(onnx)?
-                        .into(),
-                ),
-                (
-                    "pos".into(),
-                    Tensor::from_array(([1i64], vec![pos as i64]))
-                        .map_err(onnx)?
-                        .into(),
-                ),
-            ];
-            for (i, (shape, data)) in past.drain(..).enumerate() {
-                inputs.push((
-                    name("past", i),
-                    Tensor::from_array((shape, data)).map_err(onnx)?.into(),
-                ));
-            }
-            let outputs = self.session.run(inputs).map_err(onnx)?;
-            for i in 0..2 * self.layers {
-                let (shape, data) = outputs[name("present", i).as_str()]
-                    .try_extract_tensor::<f32>()
-                    .map_err(onnx)?;
-                past.push((shape.to_vec(), data.to_vec()));
-            }
-            if pos + 1 < prompt.len() {
-                next = prompt[pos + 1];
-                continue;
-            }
-            let logits = outputs["logits"]
-                .try_extract_tensor::<f32>()
-                .map_err(onnx)?
-                .1;
+        let mut timings = DecodeTimings::default();
+        // The whole prompt in the first run, then one token per run.
+        let mut logits = self.step(&mut cache, prompt)?;
+        while out.len() < max_new {
             let token = if sampling.temperature <= 0.0 {
                 (0..logits.len())
                     .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
@@ -565,12 +887,139 @@ impl OnnxDecoder {
                 let probs: Vec<f32> = exp.iter().map(|e| e / sum).collect();
                 crate::llama::top_p_sample(&probs, sampling.top_p, rng.random::<f64>())
             } as u32;
+            if out.is_empty() {
+                timings.first_token_s = started.elapsed().as_secs_f64();
+            }
             if token == eos {
                 break;
             }
             out.push(token);
-            next = token;
+            on_token(token);
+            if out.len() < max_new {
+                logits = self.step(&mut cache, &[token])?;
+            }
         }
-        Ok(out)
+        timings.total_s = started.elapsed().as_secs_f64();
+        timings.new_tokens = out.len();
+        Ok((out, timings))
+    }
+
+    /// An empty KV cache for one sequence.
+    pub fn empty_cache(&self) -> Result<KvCache, crate::EdgeError> {
+        let (kv, hd) = (self.meta.kv_heads as i64, self.meta.head_dim as i64);
+        let past = (0..2 * self.meta.layers)
+            .map(|_| Tensor::from_array(([1i64, kv, 0, hd], Vec::<f32>::new())).map(Into::into))
+            .collect::<ort::Result<_>>()
+            .map_err(onnx_error("cache"))?;
+        Ok(KvCache { past, len: 0 })
+    }
+
+    /// Runs `ids` after the tokens already in `cache` (extending it); returns the last
+    /// token's logits. Refuses to run past the graph's positions.
+    pub fn step(&mut self, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>, crate::EdgeError> {
+        let max_positions = self.meta.options.max_positions;
+        let (t, done) = (ids.len(), cache.len);
+        let total = done + t;
+        if t == 0 || total > max_positions {
+            return Err(crate::EdgeError::Shape(format!(
+                "{t} tokens after {done}: the decoder holds 1 to {max_positions} positions"
+            )));
+        }
+        let onnx = onnx_error("decoding");
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j <= done + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let ids: Vec<i64> = ids.iter().map(|&x| i64::from(x)).collect();
+        let positions: Vec<i64> = (done as i64..total as i64).collect();
+        let mut inputs: Vec<(String, ort::session::SessionInputValue)> = vec![
+            (
+                "ids".into(),
+                Tensor::from_array(([1i64, t as i64], ids))
+                    .map_err(&onnx)?
+                    .into(),
+            ),
+            (
+                "pos".into(),
+                Tensor::from_array(([t as i64], positions))
+                    .map_err(&onnx)?
+                    .into(),
+            ),
+            (
+                "mask".into(),
+                Tensor::from_array(([t as i64, total as i64], mask))
+                    .map_err(&onnx)?
+                    .into(),
+            ),
+        ];
+        let name = |kind: &str, i: usize| format!("{kind}_{}{}", ["k", "v"][i % 2], i / 2);
+        for (i, value) in cache.past.drain(..).enumerate() {
+            inputs.push((name("past", i), value.into()));
+        }
+        for (spec, (a, b)) in self.meta.lora.iter().zip(&self.adapter) {
+            let (na, nb) = lora_names(spec.layer, spec.module);
+            inputs.push((na, a.into()));
+            inputs.push((nb, b.into()));
+        }
+        let mut outputs = self.session.run(inputs).map_err(&onnx)?;
+        for i in 0..2 * self.meta.layers {
+            let present = outputs
+                .remove(name("present", i))
+                .ok_or_else(|| crate::EdgeError::Onnx(format!("no {}", name("present", i))))?;
+            cache.past.push(present);
+        }
+        cache.len = total;
+        let logits = outputs["logits"]
+            .try_extract_tensor::<f32>()
+            .map_err(&onnx)?;
+        Ok(logits.1.to_vec())
+    }
+}
+
+/// One sequence's keys and values, layer by layer, as the last run returned them.
+pub struct KvCache {
+    past: Vec<ort::value::DynValue>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Where a generation's time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DecodeTimings {
+    /// From the call to the first new token (the prompt's prefill and one head).
+    pub first_token_s: f64,
+    /// The whole call.
+    pub total_s: f64,
+    /// Tokens generated.
+    pub new_tokens: usize,
+}
+
+impl DecodeTimings {
+    /// Tokens per second after the first one.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let rest = self.total_s - self.first_token_s;
+        if self.new_tokens > 1 && rest > 0.0 {
+            (self.new_tokens - 1) as f64 / rest
+        } else {
+            0.0
+        }
     }
 }

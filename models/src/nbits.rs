@@ -1,5 +1,7 @@
-//! GGUF 4-bit weights in ONNX Runtime's `com.microsoft.MatMulNBits` layout (`bits = 4`,
-//! `block_size = 32`), for the ONNX export of the base model (issue 15): `B` is
+//! GGUF 4-bit and 8-bit weights in ONNX Runtime's `com.microsoft.MatMulNBits` layout
+//! (`bits = 4` or `8`, `block_size = 32`), for the ONNX export of the base model. Q8_0
+//! (`q * d`, q signed) is MatMulNBits with `bits = 8`: codes `q + 128`, one per byte, and
+//! its default zero point 128. For 4 bits `B` is
 //! `[N, K / 32, 16]` uint8 with the 4-bit codes packed low nibble first along K (element
 //! `2j` in the low nibble of byte `j`, `2j + 1` in its high nibble), `scales` is
 //! `[N, K / 32]`, and a block's value is `(code - zero_point) * scale`.
@@ -16,7 +18,7 @@ use half::f16;
 
 /// Elements per block.
 pub const BLOCK: usize = 32;
-/// Bytes of packed codes per block.
+/// Bytes of packed 4-bit codes per block.
 pub const BLOB: usize = BLOCK / 2;
 
 /// A `[n, k]` weight in MatMulNBits layout.
@@ -26,25 +28,29 @@ pub struct NBits {
     pub n: usize,
     /// Input features (columns), a multiple of [`BLOCK`].
     pub k: usize,
-    /// `B`: `[n, k / 32, 16]` packed codes.
+    /// Bits per code: 4 or 8.
+    pub bits: u8,
+    /// `B`: `[n, k / 32, 32 * bits / 8]` packed codes.
     pub codes: Vec<u8>,
     /// `scales`: `[n, k / 32]`.
     pub scales: Vec<f32>,
-    /// The zero point of every block: 8 (Q4_0, MatMulNBits' default) or 0 (Q4_1).
+    /// The zero point of every block: 8 (Q4_0) or 128 (Q8_0), MatMulNBits' defaults, or 0
+    /// (Q4_1).
     pub zero_point: u8,
     /// Q4_1's per-block offsets `[n, k / 32]` (`None` for Q4_0).
     pub mins: Option<Vec<f32>>,
 }
 
 impl NBits {
-    /// Repacks the GGUF `ty` (Q4_0 or Q4_1) blocks `bytes` of a `[n, k]` weight.
+    /// Repacks the GGUF `ty` (Q4_0, Q4_1 or Q8_0) blocks `bytes` of a `[n, k]` weight.
     pub fn from_gguf(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Result<Self, GgufError> {
-        let (block_bytes, zero_point) = match ty {
-            GgmlType::Q4_0 => (18, 8),
-            GgmlType::Q4_1 => (20, 0),
+        let (block_bytes, zero_point, bits) = match ty {
+            GgmlType::Q4_0 => (18, 8, 4),
+            GgmlType::Q4_1 => (20, 0, 4),
+            GgmlType::Q8_0 => (34, 128, 8),
             other => {
                 return Err(GgufError::Corrupt(format!(
-                    "MatMulNBits takes Q4_0 or Q4_1 blocks, not {}",
+                    "MatMulNBits takes Q4_0, Q4_1 or Q8_0 blocks, not {}",
                     other.name()
                 )));
             }
@@ -63,6 +69,23 @@ impl NBits {
             )));
         }
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+        if bits == 8 {
+            let mut codes = Vec::with_capacity(blocks * BLOCK);
+            let mut scales = Vec::with_capacity(blocks);
+            for block in bytes.chunks_exact(block_bytes) {
+                scales.push(half(&block[..2]));
+                codes.extend(block[2..].iter().map(|&q| (q as i8 as i16 + 128) as u8));
+            }
+            return Ok(Self {
+                n,
+                k,
+                bits,
+                codes,
+                scales,
+                zero_point,
+                mins: None,
+            });
+        }
         let mut codes = Vec::with_capacity(blocks * BLOB);
         let mut scales = Vec::with_capacity(blocks);
         let mut mins = (ty == GgmlType::Q4_1).then(|| Vec::with_capacity(blocks));
@@ -88,6 +111,7 @@ impl NBits {
         Ok(Self {
             n,
             k,
+            bits,
             codes,
             scales,
             zero_point,
@@ -95,14 +119,24 @@ impl NBits {
         })
     }
 
+    /// Bytes of codes per block.
+    pub fn blob(&self) -> usize {
+        BLOCK * usize::from(self.bits) / 8
+    }
+
     /// The weight's values `[n, k]`, as MatMulNBits (plus the offsets) computes them.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.n * self.k);
-        for (b, blob) in self.codes.chunks_exact(BLOB).enumerate() {
+        for (b, blob) in self.codes.chunks_exact(self.blob()).enumerate() {
             let scale = self.scales[b];
             let offset = self.mins.as_ref().map(|m| m[b]);
             for &byte in blob {
-                for code in [byte & 0x0f, byte >> 4] {
+                let codes = if self.bits == 8 {
+                    vec![byte]
+                } else {
+                    vec![byte & 0x0f, byte >> 4]
+                };
+                for code in codes {
                     let q = (i32::from(code) - i32::from(self.zero_point)) as f32 * scale;
                     out.push(match offset {
                         Some(m) => q + m,
@@ -130,20 +164,21 @@ mod tests {
             if ty == GgmlType::Q4_1 {
                 bytes.extend(f16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes());
             }
-            bytes.extend((0..BLOB).map(|_| rng.random::<u8>()));
+            let codes = if ty == GgmlType::Q8_0 { BLOCK } else { BLOB };
+            bytes.extend((0..codes).map(|_| rng.random::<u8>()));
         }
         bytes
     }
 
     #[test]
     fn repacked_blocks_give_exactly_the_gguf_values() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             for (n, k, seed) in [(1, 32, 1), (3, 64, 2), (7, 576, 3)] {
                 let bytes = random_blocks(ty, n, k, seed);
                 let mut want = vec![0f32; n * k];
                 dequantize_into(ty, &bytes, &mut want).unwrap();
                 let packed = NBits::from_gguf(ty, &bytes, n, k).unwrap();
-                assert_eq!(packed.codes.len(), n * k / 2);
+                assert_eq!(packed.codes.len(), n * k * usize::from(packed.bits) / 8);
                 assert_eq!(packed.scales.len(), n * k / BLOCK);
                 assert_eq!(packed.dequantize(), want, "{} {n}x{k}", ty.name());
             }
@@ -156,7 +191,7 @@ mod tests {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/quant_types.gguf"),
         )
         .unwrap();
-        for name in ["q4_0", "q4_1"] {
+        for name in ["q4_0", "q4_1", "q8_0"] {
             let info = g.tensor(name).unwrap();
             let packed =
                 NBits::from_gguf(info.ggml_type, g.tensor_bytes(info).unwrap(), 3, 64).unwrap();
@@ -179,7 +214,7 @@ mod tests {
     #[test]
     fn other_types_and_shapes_are_refused() {
         let q = random_blocks(GgmlType::Q4_1, 2, 64, 4);
-        assert!(NBits::from_gguf(GgmlType::Q8_0, &q, 2, 64).is_err());
+        assert!(NBits::from_gguf(GgmlType::F32, &q, 2, 64).is_err());
         assert!(NBits::from_gguf(GgmlType::Q4_1, &q, 2, 48).is_err());
         assert!(NBits::from_gguf(GgmlType::Q4_1, &q[1..], 2, 64).is_err());
         assert!(NBits::from_gguf(GgmlType::Q4_1, &q, 3, 64).is_err());

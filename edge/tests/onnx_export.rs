@@ -1,0 +1,223 @@
+//! The ONNX export (`fedshield-edge export-onnx`, `OnnxDecoder`): the file passes the `onnx`
+//! checker of the set-up's venv and runs as the graph built in memory does; with a LoRA
+//! adapter swapped in as inputs its logits match libtorch's with the same adapter over a
+//! 64-token sequence and greedy decoding gives libtorch's tokens; broken files, adapters of
+//! another shape and prompts longer than the cache are refused with clear errors.
+
+use fedshield_edge::inference::environment;
+use fedshield_edge::llama::{Llama, Module, Sampling};
+use fedshield_edge::lora::{Lora, LoraConfig};
+use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder};
+use fedshield_models::Assets;
+use fedshield_models::gguf::Gguf;
+use std::path::{Path, PathBuf};
+
+fn tiny() -> Llama {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/tiny_llama/model.gguf");
+    Llama::from_gguf(&Gguf::open(&path).unwrap(), tch::Device::Cpu).unwrap()
+}
+
+/// An adapter on `targets` whose B is not zero (as after training), from `seed`.
+fn adapter(model: &Llama, targets: &[Module], seed: i64) -> Lora {
+    let lora = Lora::new(
+        model,
+        LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: targets.to_vec(),
+            freeze_a: false,
+        },
+        seed,
+    );
+    tch::manual_seed(seed + 1);
+    tch::no_grad(|| {
+        for pair in lora.pairs.values() {
+            let mut b = pair.b.shallow_clone();
+            b.copy_(&(tch::Tensor::randn_like(&pair.b) * 0.02));
+        }
+    });
+    lora
+}
+
+/// libtorch's logits `[t, vocab]` of `ids` with `lora`.
+fn torch_logits(model: &Llama, lora: &Lora, ids: &[u32]) -> Vec<f32> {
+    tch::no_grad(|| {
+        let ids: Vec<i64> = ids.iter().map(|&x| i64::from(x)).collect();
+        let hidden = model.hidden_states(&tch::Tensor::from_slice(&ids).unsqueeze(0), lora);
+        Vec::try_from(model.logits(&hidden).flatten(0, -1)).unwrap()
+    })
+}
+
+fn largest_difference(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max)
+}
+
+fn onnx_checker(path: &Path) -> Result<(), String> {
+    let python = Assets::locate().root().join("venv/bin/python");
+    let out = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import sys, onnx; onnx.checker.check_model(sys.argv[1], full_check=True)",
+        ])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("{}: {e}", python.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn an_export_passes_the_onnx_checker_runs_like_the_graph_in_memory_and_refuses_bad_input() {
+    let env = environment(&Assets::locate()).unwrap();
+    let model = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let options = DecodeOptions {
+        max_positions: 16,
+        lora: vec![Module::Q, Module::V],
+    };
+    let file =
+        OnnxDecoder::export(env, &model, &options, ("tiny.gguf".into(), 1), dir.path()).unwrap();
+    onnx_checker(&file).unwrap();
+    let mut from_file = OnnxDecoder::open(env, dir.path(), 1).unwrap();
+    let mut in_memory = OnnxDecoder::new(env, &model, &options, 1).unwrap();
+    assert_eq!(from_file.meta().lora.len(), 2 * model.blocks.len());
+    let ids = [1, 5, 9, 2, 7, 3, 11];
+    let lora = adapter(&model, &[Module::Q, Module::V], 3);
+    let want = torch_logits(&model, &lora, &ids);
+    let vocab = model.config.vocab_size;
+    let last = &want[(ids.len() - 1) * vocab..];
+    for decoder in [&mut from_file, &mut in_memory] {
+        // The base model with the adapter's inputs at zero, then the adapter swapped in.
+        let mut cache = decoder.empty_cache().unwrap();
+        let base = decoder.step(&mut cache, &ids).unwrap();
+        assert!(
+            largest_difference(&base, last) > 1e-3,
+            "the adapter changes nothing"
+        );
+        decoder.set_adapter(&lora).unwrap();
+        let mut cache = decoder.empty_cache().unwrap();
+        let got = decoder.step(&mut cache, &ids).unwrap();
+        let worst = largest_difference(&got, last);
+        assert!(worst <= 1e-4, "largest logit difference {worst}");
+        // A prompt longer than the cache, or a step past it.
+        let e = decoder.step(&mut cache, &[1; 10]).unwrap_err().to_string();
+        assert!(e.contains("16 positions"), "{e}");
+        let long = decoder.generate(&[1; 12], 5, u32::MAX, &Sampling::greedy());
+        assert!(long.unwrap_err().to_string().contains("16 positions"));
+    }
+    // Adapters of another shape: another projection, another rank layout, another model.
+    let k = adapter(&model, &[Module::K], 4);
+    let e = from_file.set_adapter(&k).unwrap_err().to_string();
+    assert!(e.contains("k_proj"), "{e}");
+    let smol = Llama::from_gguf(
+        &Gguf::open(&Assets::locate().smollm2_gguf().unwrap()).unwrap(),
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    let foreign = adapter(&smol, &[Module::Q], 5);
+    let e = from_file.set_adapter(&foreign).unwrap_err().to_string();
+    assert!(
+        e.contains("another shape") || e.contains("takes no LoRA"),
+        "{e}"
+    );
+    // The refused adapters changed nothing: still the one set before.
+    let mut cache = from_file.empty_cache().unwrap();
+    let again = from_file.step(&mut cache, &ids).unwrap();
+    assert!(largest_difference(&again, last) <= 1e-4);
+    // A truncated model file and a foreign description: refused, naming the file.
+    let broken = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(broken.path().join("model.onnx"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::copy(
+        dir.path().join("model.json"),
+        broken.path().join("model.json"),
+    )
+    .unwrap();
+    let e = OnnxDecoder::open(env, broken.path(), 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.onnx"), "{e}");
+    std::fs::write(broken.path().join("model.json"), b"{\"format\": 1}").unwrap();
+    let e = OnnxDecoder::open(env, broken.path(), 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.json"), "{e}");
+    let missing = OnnxDecoder::open(env, &broken.path().join("nothing"), 1);
+    assert!(missing.err().unwrap().to_string().contains("model.json"));
+}
+
+/// SmolLM2-135M Q4_1 exported with q/v LoRA inputs and an adapter swapped in: its logits
+/// over a 64-token sequence (the prompt at once, then token by token through the cache)
+/// are libtorch's within 1e-3, and greedy decoding of 64 tokens after five prompts gives
+/// libtorch's tokens.
+#[test]
+fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_prompts() {
+    let env = environment(&Assets::locate()).unwrap();
+    let path = Assets::locate().smollm2_gguf().unwrap();
+    let g = Gguf::open(&path).unwrap();
+    let model = Llama::from_gguf(&g, tch::Device::Cpu).unwrap();
+    let tok = fedshield_models::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = DecodeOptions {
+        max_positions: 160,
+        lora: vec![Module::Q, Module::V],
+    };
+    OnnxDecoder::export(env, &model, &options, ("smollm2".into(), 0), dir.path()).unwrap();
+    let mut decoder = OnnxDecoder::open(env, dir.path(), 2).unwrap();
+    let lora = adapter(&model, &[Module::Q, Module::V], 11);
+    decoder.set_adapter(&lora).unwrap();
+    let chat = |text: &str| {
+        tok.encode(&tok.chat_prompt(
+            &[fedshield_models::tokenizer::Message {
+                role: "user".into(),
+                content: text.into(),
+            }],
+            true,
+        ))
+        .unwrap()
+    };
+    // 64 tokens: a prompt and its continuation.
+    let mut ids = chat("Which permits does a new building in Zaragoza need?");
+    ids.extend(model.generate(&lora, &ids, 64 - ids.len(), u32::MAX, &Sampling::greedy()));
+    ids.truncate(64);
+    assert_eq!(ids.len(), 64);
+    let want = torch_logits(&model, &lora, &ids);
+    let vocab = model.config.vocab_size;
+    let split = 40;
+    let mut cache = decoder.empty_cache().unwrap();
+    let mut worst = largest_difference(
+        &decoder.step(&mut cache, &ids[..split]).unwrap(),
+        &want[(split - 1) * vocab..split * vocab],
+    );
+    for (i, &id) in ids.iter().enumerate().skip(split) {
+        let got = decoder.step(&mut cache, &[id]).unwrap();
+        worst = worst.max(largest_difference(&got, &want[i * vocab..(i + 1) * vocab]));
+    }
+    assert!(worst <= 1e-3, "largest logit difference {worst}");
+    for prompt in [
+        "What is the capital of France?",
+        "How long does a building permit take?",
+        "Write a haiku about concrete.",
+        "Who signs off a renovation project?",
+        "List three safety rules on a construction site.",
+    ] {
+        let ids = chat(prompt);
+        let want = model.generate(&lora, &ids, 64, u32::MAX, &Sampling::greedy());
+        let got = decoder
+            .generate(&ids, 64, u32::MAX, &Sampling::greedy())
+            .unwrap();
+        assert_eq!(got, want, "{prompt}");
+    }
+    eprintln!("SmolLM2 with an adapter: largest logit difference over 64 tokens {worst:.2e}");
+}
