@@ -38,7 +38,7 @@ DATA_SPEC=zaragoza-construction-faq==1.2.1
 DATA_SHA256=716a1999dd5ad8494c6a4e47d3510f017aa767ea9e55d3b348b0ad70b0e8d3d7
 
 # The benchmarks' baselines, installed only with --bench.
-BENCH_REQS="tenseal==0.3.18 transformers==4.57.1 peft==0.17.1 gguf==0.19.0"
+BENCH_REQS="tenseal==0.3.18 transformers==4.57.1 peft==0.17.1 gguf==0.19.0 llama-cpp-python==0.3.36"
 
 CHECK_ONLY=0
 BENCH=0

@@ -74,6 +74,11 @@ pub struct RunArgs {
     /// extension .state).
     #[arg(long)]
     state: Option<PathBuf>,
+    /// Serve the fleet's adapter on ONNX Runtime: the export in DIR (`fedshield-edge
+    /// export-onnx --lora-targets` the fleet's targets) is opened at start, and every global
+    /// adapter the device applies is swapped into it in place (timed: `Event::Served`).
+    #[arg(long)]
+    serve_onnx: Option<PathBuf>,
     /// Where the device keeps the newest host certificate and revocation list it has seen
     /// (a rotated host key arrives with the round state; once seen, older ones are refused
     /// for good) (default: the key file with the extension .host.json).
@@ -176,6 +181,49 @@ impl Output {
             fedshield_store::Access::Private,
         )?;
         Ok(())
+    }
+}
+
+/// The fleet's adapter served on ONNX Runtime (`--serve-onnx`).
+struct Serving {
+    decoder: fedshield_edge::onnx_graph::OnnxDecoder,
+    /// Takes each global update's values.
+    adapter: Lora,
+    /// The round of the adapter in the decoder.
+    round: Option<u64>,
+}
+
+impl Serving {
+    /// Swaps the device's current global adapter into the decoder, once per round; a swap
+    /// that fails is logged and the decoder keeps the adapter it had.
+    fn refresh(&mut self, fleet: &EdgeFleet, output: &mut Output) {
+        let global = fleet.global();
+        if self.round == Some(global.round()) || global.round() == 0 {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let swapped = self
+            .adapter
+            .load_flat(global.values())
+            .and_then(|()| self.decoder.set_adapter(&self.adapter));
+        match swapped {
+            Ok(()) => {
+                let swap_ms = started.elapsed().as_secs_f64() * 1e3;
+                tracing::info!(
+                    "serving round {}'s global adapter (swapped in {swap_ms:.1} ms)",
+                    global.round()
+                );
+                self.round = Some(global.round());
+                output.event(&Event::Served {
+                    round: global.round(),
+                    swap_ms,
+                });
+            }
+            Err(e) => tracing::error!(
+                "round {}'s global adapter not served ({e}); the previous one stays",
+                global.round()
+            ),
+        }
     }
 }
 
@@ -295,6 +343,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // The training step, told to the rig as it advances.
     let progress = pacer.progress();
+    // The served model: the export and an adapter of the fleet's shape (its frozen parts,
+    // if any, drawn from the same seed as the trainer's) that takes each global update.
+    let mut serving = args
+        .serve_onnx
+        .as_deref()
+        .map(|dir| -> anyhow::Result<Serving> {
+            let env = fedshield_edge::inference::environment(&fedshield_models::Assets::locate())?;
+            let threads = args.model.threads.max(1) as usize;
+            let decoder = fedshield_edge::onnx_graph::OnnxDecoder::open(env, dir, threads)?;
+            tracing::info!("serving {} on ONNX Runtime", dir.display());
+            Ok(Serving {
+                decoder,
+                adapter: Lora::new(&model, args.lora.config(false)?, 0),
+                round: None,
+            })
+        })
+        .transpose()?;
     // libtorch works on a thread of its own; this one keeps the link drained.
     let mut platform = TorchPlatform::spawn(
         Device {
@@ -370,6 +435,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     if let Some(event) = resumed {
         output.event(&event);
+    }
+    if let Some(serving) = &mut serving {
+        serving.refresh(&fleet, &mut output);
     }
     let publish = |messages: Vec<EdgeMessage>| -> anyhow::Result<()> {
         for msg in messages {
@@ -517,6 +585,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             if let Event::Evaluated { round, .. } = event {
                 done_round = done_round.max(*round);
             }
+        }
+        if let Some(serving) = &mut serving
+            && out
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::Evaluated { .. } | Event::CaughtUp { .. }))
+        {
+            serving.refresh(&fleet, &mut output);
         }
         report_status(rig.as_ref(), &mut status, &out.events);
         publish(output.carry_out(&fleet, out)?)?;

@@ -2106,3 +2106,48 @@ fn an_aarch64_edge_under_qemu_and_two_x86_64_edges_decrypt_to_their_plaintexts()
         started.elapsed().as_secs()
     );
 }
+
+#[test]
+fn an_edge_serving_onnx_swaps_in_every_rounds_global_adapter() {
+    let fleet = Fleet::new("serve", ["--rank", "2", "--targets", "v_proj"]);
+    let export = fleet.out.join("onnx");
+    let o = std::ffi::OsStr::new;
+    run_bin(
+        "fedshield-edge",
+        &[
+            o("export-onnx"),
+            o("--lora-targets"),
+            o("v_proj"),
+            o("--max-positions"),
+            o("256"),
+            o("--out"),
+            export.as_os_str(),
+        ],
+    );
+    let (mut host, mut host_events) = fleet.host(&host_tiny(2, 1, 30, 20, 20));
+    let serve = ["--serve-onnx", export.to_str().unwrap()];
+    let mut edges: Vec<_> = (0..3)
+        .map(|i| {
+            let extra: &[&str] = if i == 0 { &serve } else { &[] };
+            fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "2"], extra].concat())
+        })
+        .collect();
+    let mut swaps = Vec::new();
+    for round in 1..=2u64 {
+        swaps.push(
+            edges[0]
+                .1
+                .wait("the served adapter swapped", 300, |e| match e {
+                    Event::Served { round: r, swap_ms } if *r == round => Some(*swap_ms),
+                    _ => None,
+                }),
+        );
+    }
+    host_events.until("the end", 400, is_finished);
+    assert!(host.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), vec![(1, 3), (2, 3)]);
+    for (_, events) in &mut edges {
+        events.until("done after round 2", 120, is_done(2));
+    }
+    eprintln!("served on ONNX Runtime: rounds 1 and 2 swapped in {swaps:.1?} ms");
+}

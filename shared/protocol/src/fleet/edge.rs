@@ -244,6 +244,14 @@ pub enum Event {
     },
     /// Connected to the broker (again) (written by the driver).
     LinkUp,
+    /// The served model (ONNX Runtime) took round `round`'s global adapter, in `swap_ms`
+    /// milliseconds (written by the driver).
+    Served {
+        /// The adapter's round.
+        round: u64,
+        /// How long the swap took.
+        swap_ms: f64,
+    },
     /// The device now trusts host certificate `certificate` and revocation list
     /// `revocations` (a rotated or renewed host key, a newer list), saved to its file
     /// (written by the driver).

@@ -1,0 +1,293 @@
+//! Inference benchmark: ours on ONNX Runtime (the `export-onnx` graph), ours on libtorch, and
+//! llama.cpp (llama-cpp-python, built by `scripts/setup.sh --bench`), side by side in one
+//! run on the same machine and GGUF (SmolLM2-135M-Instruct Q4_1), each in its own process
+//! (so each peak RSS is its own): a 64-token prompt in one batch, then 128 new tokens by
+//! greedy decoding (end-of-sequence ignored), one and two threads, after a short warm-up.
+//!
+//!     scripts/bench-infer.sh        (installs llama-cpp-python, then runs this)
+//!
+//! Writes `target/bench/infer.json`: `runs` (each with `engine`, `threads`,
+//! `decode_tokens_per_s`, `prefill_ms`, `first_token_ms`, `peak_rss_mib`) and the ratios to
+//! llama.cpp; prints them.
+
+use fedshield_edge::llama::{KvCache, Llama, NoAdapter};
+use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder};
+use fedshield_edge::planner::peak_bytes;
+use fedshield_models::Assets;
+use fedshield_models::gguf::Gguf;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const PROMPT: usize = 64;
+const NEW: usize = 128;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    let threads = arg("--threads").and_then(|t| t.parse().ok()).unwrap_or(1);
+    let result = match arg("--side").as_deref() {
+        Some("ort") => side_ort(threads).map(|v| println!("{v}")),
+        Some("torch") => side_torch(threads).map(|v| println!("{v}")),
+        _ => orchestrate(),
+    };
+    if let Err(e) = result {
+        eprintln!("infer_bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn peak_rss_mib() -> f64 {
+    peak_bytes().map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64)
+}
+
+fn ids() -> Result<Vec<u32>, String> {
+    let text = std::fs::read_to_string(arg("--ids").ok_or("--ids")?).map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| e.to_string())
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    (0..v.len())
+        .max_by(|&a, &b| v[a].total_cmp(&v[b]))
+        .unwrap_or(0) as u32
+}
+
+/// One measured run: (prefill s, first token s, total s, tokens).
+type Run = (f64, f64, f64, Vec<u32>);
+
+fn report(engine: &str, threads: usize, run: Run) -> Value {
+    let (prefill, first, total, tokens) = run;
+    json!({
+        "engine": engine,
+        "threads": threads,
+        "new_tokens": tokens.len(),
+        "prefill_ms": prefill * 1e3,
+        "first_token_ms": first * 1e3,
+        "decode_tokens_per_s": (tokens.len() - 1) as f64 / (total - first),
+        "peak_rss_mib": peak_rss_mib(),
+        "tokens": tokens,
+    })
+}
+
+fn side_ort(threads: usize) -> Result<Value, String> {
+    let ids = ids()?;
+    let env =
+        fedshield_edge::inference::environment(&Assets::locate()).map_err(|e| e.to_string())?;
+    let dir = PathBuf::from(arg("--onnx").ok_or("--onnx")?);
+    let mut decoder = OnnxDecoder::open(env, &dir, threads).map_err(|e| e.to_string())?;
+    let mut run = |new: usize| -> Result<Run, String> {
+        let started = Instant::now();
+        let mut cache = decoder.empty_cache().map_err(|e| e.to_string())?;
+        let mut logits = decoder.step(&mut cache, &ids).map_err(|e| e.to_string())?;
+        let prefill = started.elapsed().as_secs_f64();
+        let mut out = Vec::new();
+        let mut first = 0.0;
+        while out.len() < new {
+            let token = argmax(&logits);
+            if out.is_empty() {
+                first = started.elapsed().as_secs_f64();
+            }
+            out.push(token);
+            if out.len() < new {
+                logits = decoder
+                    .step(&mut cache, &[token])
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok((prefill, first, started.elapsed().as_secs_f64(), out))
+    };
+    run(8)?; // warm-up
+    Ok(report("ours (ONNX Runtime)", threads, run(NEW)?))
+}
+
+fn side_torch(threads: usize) -> Result<Value, String> {
+    let ids = ids()?;
+    tch::set_num_threads(threads as i32);
+    let path = Assets::locate().smollm2_gguf().map_err(|e| e.to_string())?;
+    let g = Gguf::open(&path).map_err(|e| e.to_string())?;
+    let model = Llama::from_gguf(&g, tch::Device::Cpu).map_err(|e| e.to_string())?;
+    let step = |cache: &mut KvCache, ids: &[u32]| -> u32 {
+        let input: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        let input = tch::Tensor::from_slice(&input).unsqueeze(0);
+        let hidden = model.hidden_states_cached(&input, &NoAdapter, cache);
+        let logits = model.logits(&hidden.select(1, -1)).squeeze_dim(0);
+        logits.argmax(-1, false).int64_value(&[]) as u32
+    };
+    let run = |new: usize| -> Run {
+        tch::no_grad(|| {
+            let started = Instant::now();
+            let mut cache = KvCache::new(&model);
+            let mut token = step(&mut cache, &ids);
+            // The head and argmax are part of the prefill call here.
+            let prefill = started.elapsed().as_secs_f64();
+            let first = prefill;
+            let mut out = vec![token];
+            while out.len() < new {
+                token = step(&mut cache, &[token]);
+                out.push(token);
+            }
+            (prefill, first, started.elapsed().as_secs_f64(), out)
+        })
+    };
+    run(8); // warm-up
+    Ok(report("ours (libtorch)", threads, run(NEW)))
+}
+
+fn last_json_line(out: &std::process::Output, what: &str) -> Result<Value, String> {
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).map_err(|e| format!("{what} output {last:?}: {e}"))
+}
+
+/// The benchmark's prompt: the first 64 tokens of a chat prompt, written to `path`.
+fn write_prompt(path: &Path) -> Result<Vec<u32>, String> {
+    let gguf = Assets::locate().smollm2_gguf().map_err(|e| e.to_string())?;
+    let g = Gguf::open(&gguf).map_err(|e| e.to_string())?;
+    let tok = fedshield_models::tokenizer::Tokenizer::from_gguf(&g).map_err(|e| e.to_string())?;
+    let text = "A contractor plans to renovate a four-storey residential building in the old \
+                town of Zaragoza: new facade insulation, a lift in the stairwell, and the \
+                replacement of the roof. Which permits are needed, in which order should they \
+                be requested, how long does each take, and what inspections follow the works?";
+    let prompt = tok.chat_prompt(
+        &[fedshield_models::tokenizer::Message {
+            role: "user".into(),
+            content: text.into(),
+        }],
+        true,
+    );
+    let mut ids = tok.encode(&prompt).map_err(|e| e.to_string())?;
+    if ids.len() < PROMPT {
+        return Err(format!(
+            "the prompt has {} tokens, fewer than {PROMPT}",
+            ids.len()
+        ));
+    }
+    ids.truncate(PROMPT);
+    std::fs::write(path, serde_json::to_string(&ids).unwrap()).map_err(|e| e.to_string())?;
+    Ok(ids)
+}
+
+fn orchestrate() -> Result<(), String> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().unwrap_or(&manifest).to_path_buf();
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let ids_path = out_dir.join("infer-prompt.json");
+    write_prompt(&ids_path)?;
+    let gguf = Assets::locate().smollm2_gguf().map_err(|e| e.to_string())?;
+    // The export, as a device would have it (no LoRA inputs: the base model).
+    let onnx = out_dir.join("onnx-smollm2");
+    {
+        let env =
+            fedshield_edge::inference::environment(&Assets::locate()).map_err(|e| e.to_string())?;
+        let g = Gguf::open(&gguf).map_err(|e| e.to_string())?;
+        let model = Llama::from_gguf(&g, tch::Device::Cpu).map_err(|e| e.to_string())?;
+        let options = DecodeOptions {
+            max_positions: PROMPT + NEW,
+            lora: Vec::new(),
+        };
+        OnnxDecoder::export(env, &model, &options, ("SmolLM2".into(), 0), &onnx)
+            .map_err(|e| e.to_string())?;
+    }
+    let python = root.join(".deps/venv/bin/python");
+    let script = manifest.join("bench/llama_cpp_infer.py");
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut runs = Vec::new();
+    for threads in [1usize, 2] {
+        let t = threads.to_string();
+        let ids = ids_path.to_string_lossy().into_owned();
+        for side in ["ort", "torch"] {
+            eprintln!("[bench] {side}, {threads} thread(s) ...");
+            let out = Command::new(&me)
+                .args(["--side", side, "--threads", &t, "--ids", &ids])
+                .args(["--onnx", &onnx.to_string_lossy()])
+                .env("OMP_NUM_THREADS", &t)
+                .output()
+                .map_err(|e| e.to_string())?;
+            runs.push(last_json_line(&out, side)?);
+        }
+        eprintln!("[bench] llama.cpp, {threads} thread(s) ...");
+        let out = Command::new(&python)
+            .arg(&script)
+            .args([
+                "--gguf",
+                &gguf.to_string_lossy(),
+                "--ids",
+                &ids,
+                "--threads",
+                &t,
+            ])
+            .args(["--new", &NEW.to_string()])
+            .env("OMP_NUM_THREADS", &t)
+            .output()
+            .map_err(|e| format!("{python:?}: {e} (run scripts/bench-infer.sh)"))?;
+        runs.push(last_json_line(&out, "llama.cpp")?);
+    }
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let mut ratios = Vec::new();
+    println!(
+        "{:<22} {:>7} {:>12} {:>11} {:>14} {:>13}   vs llama.cpp: decode, prefill",
+        "engine", "threads", "decode tok/s", "prefill ms", "first token ms", "peak RSS MiB"
+    );
+    for run in &runs {
+        let threads = run["threads"].as_u64().unwrap_or(0);
+        let base = runs
+            .iter()
+            .find(|r| r["engine"] == "llama.cpp" && r["threads"].as_u64() == Some(threads))
+            .ok_or("no llama.cpp run")?;
+        let decode = f(run, "decode_tokens_per_s") / f(base, "decode_tokens_per_s");
+        let prefill = f(run, "prefill_ms") / f(base, "prefill_ms");
+        println!(
+            "{:<22} {:>7} {:>12.1} {:>11.1} {:>14.1} {:>13.0}   {:.2}x, {:.2}x",
+            run["engine"].as_str().unwrap_or("?"),
+            threads,
+            f(run, "decode_tokens_per_s"),
+            f(run, "prefill_ms"),
+            f(run, "first_token_ms"),
+            f(run, "peak_rss_mib"),
+            decode,
+            prefill
+        );
+        ratios.push(json!({
+            "engine": run["engine"],
+            "threads": threads,
+            "decode_vs_llama_cpp": decode,
+            "prefill_ms_vs_llama_cpp": prefill,
+        }));
+    }
+    // Do the engines agree on the tokens? (Greedy on the same weights: ours must match
+    // each other exactly; llama.cpp's kernels round differently.)
+    let tokens = |e: &str| {
+        runs.iter()
+            .find(|r| r["engine"] == e && r["threads"] == 1)
+            .map(|r| r["tokens"].clone())
+    };
+    let agree = tokens("ours (ONNX Runtime)") == tokens("ours (libtorch)");
+    println!("ours on ONNX Runtime and on libtorch decode the same 128 tokens: {agree}");
+    let path = out_dir.join("infer.json");
+    let doc = json!({
+        "model": gguf.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "prompt_tokens": PROMPT,
+        "new_tokens": NEW,
+        "runs": runs,
+        "ratios": ratios,
+        "ours_ort_and_torch_agree": agree,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
+        .map_err(|e| e.to_string())?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
