@@ -17,6 +17,7 @@
 # .deps/aarch64 has the layout of .deps (torch/, libonnxruntime.so, model/, data/): it is
 # the FEDSHIELD_DEPS_DIR of the aarch64 binaries under qemu.
 #
+# The arm64 .deb packages of the binaries go to target/aarch64-unknown-linux-gnu/<profile>/deb/.
 # Then, under qemu-aarch64: `fedshield-edge doctor` (libtorch forward and backward, an ONNX
 # Runtime inference, the model files) and `fedshield-edge keygen`; with --train also two
 # SmolLM2 training steps (about 20 minutes under qemu), whose losses must equal those of
@@ -140,6 +141,14 @@ if [ ! -e "$LIBTORCH/lib/libtorch_cuda.so" ]; then
   patchelf --remove-needed libtorch.so "$OUT/fedshield-edge"
 fi
 say "built in $built s: $(ls -la "$OUT/fedshield-edge" | awk '{print $5}') bytes (edge), $(ls -la "$OUT/fedshield-host" | awk '{print $5}') bytes (host)"
+# The arm64 packages of these binaries (what a Jetson installs: README, "Deploying a fleet").
+scripts/build-deb.sh --arch arm64 --bin-dir "$OUT" --out "$OUT/deb" >/dev/null
+for p in fedshield-edge fedshield-host; do
+  deb="$OUT/deb/${p}_$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)_arm64.deb"
+  [ "$(dpkg-deb -f "$deb" Architecture)" = arm64 ] || die "$deb is not an arm64 package"
+  dpkg-deb -c "$deb" | grep -q "usr/bin/$p\$" || die "$deb has no /usr/bin/$p"
+done
+say "arm64 packages in $OUT/deb: $(ls "$OUT/deb" | tr '\n' ' ')"
 
 if [ $RUN = 1 ]; then
   # qemu-user shows the guest this machine's x86 /proc/cpuinfo, which libtorch's CPU

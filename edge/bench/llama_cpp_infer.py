@@ -33,6 +33,12 @@ def main() -> None:
         verbose=False,
     )
 
+    vocab = llm.n_vocab()
+
+    def last_logits():
+        # The last evaluated token's logits (llama.cpp computes only those here).
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))
+
     def run(new: int):
         llm.reset()
         started = time.perf_counter()
@@ -41,7 +47,7 @@ def main() -> None:
         out = []
         first = None
         while len(out) < new:
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
             if first is None:
                 first = time.perf_counter() - started
             out.append(token)

@@ -82,7 +82,10 @@ impl Builder {
         let w = self.floats(&[w.len() as i64], &w)?;
         let axes = self.ints(&[-1])?;
         let eps = self.floats(&[], &[eps as f32])?;
-        let sq = self.std("Mul", &[x, x])?;
+        // Pow(x, 2) (not x * x): the pattern ONNX Runtime fuses into one
+        // SimplifiedLayerNormalization kernel.
+        let two = self.floats(&[], &[2.0])?;
+        let sq = self.std("Pow", &[x, &two])?;
         let mean = self.op(
             "ReduceMean",
             ONNX_DOMAIN,
@@ -622,8 +625,8 @@ pub struct OnnxDecoder {
     adapter: Vec<(ort::value::DynValue, ort::value::DynValue)>,
 }
 
-/// A session builder with `threads` intra-op threads (0: ONNX Runtime's default) and no
-/// spinning (an idle edge device's cores stay idle).
+/// A session builder with `threads` intra-op threads (0: ONNX Runtime's default), whose
+/// workers spin while a run is in flight when there are several.
 fn session_builder(
     env: &ort::environment::Environment,
     threads: usize,
@@ -632,7 +635,10 @@ fn session_builder(
     if threads > 0 {
         builder = builder.with_intra_threads(threads)?;
     }
-    Ok(builder.with_config_entry("session.intra_op.allow_spinning", "0")?)
+    // Several threads spin between the graph's many small kernels (measured here with two
+    // threads: 49 against 45 tokens/s, prefill 93 against 124 ms); one thread never waits.
+    let spin = if threads > 1 { "1" } else { "0" };
+    Ok(builder.with_config_entry("session.intra_op.allow_spinning", spin)?)
 }
 
 fn onnx_error(context: &str) -> impl Fn(ort::Error) -> crate::EdgeError + '_ {
