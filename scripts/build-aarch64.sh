@@ -146,7 +146,8 @@ scripts/build-deb.sh --arch arm64 --bin-dir "$OUT" --out "$OUT/deb" >/dev/null
 for p in fedshield-edge fedshield-host; do
   deb="$OUT/deb/${p}_$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)_arm64.deb"
   [ "$(dpkg-deb -f "$deb" Architecture)" = arm64 ] || die "$deb is not an arm64 package"
-  dpkg-deb -c "$deb" | grep -q "usr/bin/$p\$" || die "$deb has no /usr/bin/$p"
+  files=$(dpkg-deb -c "$deb")
+  grep -q "usr/bin/$p\$" <<<"$files" || die "$deb has no /usr/bin/$p"
 done
 say "arm64 packages in $OUT/deb: $(ls "$OUT/deb" | tr '\n' ' ')"
 

@@ -1,11 +1,12 @@
-//! The base model as an ONNX Runtime graph, built in memory from the loaded [`Llama`] with
-//! `ort`'s model editor (no `.onnx` file, no Python): token ids `[1, t]` in, logits
-//! `[1, t, vocab]` out, for a fixed prompt length `t` (prefill). 4-bit projections stay
-//! 4-bit as `com.microsoft.MatMulNBits` ([`fedshield_models::nbits`]; Q4_1's block offsets
-//! added as block sums times the offsets), other weights are f32 `MatMul`s; standard ops
-//! for RMSNorm, rotate-half RoPE, grouped-query attention with a causal mask, and SwiGLU.
-//! [`decode_session`] decodes one token at a time with a KV cache. The adapter is the next
-//! step (issue 15).
+//! The base model as ONNX Runtime graphs, built from the loaded [`Llama`] with `ort`'s
+//! model editor (no Python; [`OnnxDecoder::export`] has ONNX Runtime write the graph to a
+//! `.onnx` file). 4-bit projections stay 4-bit as `com.microsoft.MatMulNBits`
+//! ([`fedshield_models::nbits`]; Q4_1's block offsets added as block sums times the
+//! offsets), other weights are f32 `MatMul`s; RMSNorm, rotate-half RoPE and SwiGLU in
+//! standard ops. [`prefill_session`] gives the logits of every position (standard-ops
+//! attention); [`decode_model`] is the serving graph: the prompt, then a token per run over
+//! a KV cache, the attention ONNX Runtime's fused `GroupQueryAttention`, and the LoRA
+//! adapter as inputs that [`OnnxDecoder::set_adapter`] swaps.
 
 use crate::llama::weight::Weight;
 use crate::llama::{Block, Llama, Module};
@@ -26,6 +27,8 @@ struct Builder {
     next: usize,
     /// The projections that take LoRA inputs.
     lora: Vec<Module>,
+    /// The block sums already computed, by input (Q4_1's offsets).
+    block_sums: std::collections::HashMap<String, String>,
 }
 
 impl Builder {
@@ -133,16 +136,24 @@ impl Builder {
                 let Some(mins) = &nb.mins else {
                     return Ok(y);
                 };
-                // + (block sums of x) @ mins^T.
-                let shape = self.ints(&[0, 0, blocks, BLOCK as i64])?;
-                let grouped = self.std("Reshape", &[x, &shape])?;
-                let axes = self.ints(&[-1])?;
-                let sums = self.op(
-                    "ReduceSum",
-                    ONNX_DOMAIN,
-                    &[&grouped, &axes],
-                    vec![Attribute::new("keepdims", 0i64)?],
-                )?;
+                // + (block sums of x) @ mins^T; the sums computed once per input (q, k and
+                // v share theirs, gate and up theirs).
+                let sums = match self.block_sums.get(x) {
+                    Some(sums) => sums.clone(),
+                    None => {
+                        let shape = self.ints(&[0, 0, blocks, BLOCK as i64])?;
+                        let grouped = self.std("Reshape", &[x, &shape])?;
+                        let axes = self.ints(&[-1])?;
+                        let sums = self.op(
+                            "ReduceSum",
+                            ONNX_DOMAIN,
+                            &[&grouped, &axes],
+                            vec![Attribute::new("keepdims", 0i64)?],
+                        )?;
+                        self.block_sums.insert(x.to_string(), sums.clone());
+                        sums
+                    }
+                };
                 let mut mins_t = vec![0f32; mins.len()];
                 for r in 0..rows as usize {
                     for b in 0..blocks as usize {
@@ -225,57 +236,47 @@ impl Builder {
         self.std("Reshape", &[&expanded, &s4])
     }
 
-    /// One decoder layer over `x`; `rope` are the positions' cos and sin, `mask` the causal
-    /// mask (none when one new token attends to everything), `cache` the layer's past keys
-    /// and values (graph inputs) and the names to give the present ones (graph outputs).
+    /// Attention in standard ops over the projections `q`, `k`, `v` `[1, t, heads * hd]`:
+    /// rotate-half RoPE with the positions' tables, grouped heads repeated, a causal mask;
+    /// `[1, t, heads * hd]` out.
     #[allow(clippy::too_many_arguments)]
-    fn block(
+    fn attention_standard(
         &mut self,
-        model: &Llama,
-        layer: usize,
-        b: &Block,
-        x: &str,
+        q: &str,
+        k: &str,
+        v: &str,
         rope: (&str, &str),
-        mask: Option<&str>,
-        cache: Option<[&str; 4]>,
+        mask: &str,
+        (h, kv, hd): (i64, i64, i64),
+        cache: Option<usize>,
     ) -> ort::Result<String> {
-        let c = &model.config;
-        let (h, kv, hd) = (
-            c.num_attention_heads as i64,
-            c.num_key_value_heads as i64,
-            c.head_dim() as i64,
-        );
         let (cos, sin) = rope;
-        let n = self.rms_norm(x, &b.attn_norm, c.rms_norm_eps)?;
-        let q = self.projection(layer, Module::Q, &n, &b.q_proj)?;
-        let k = self.projection(layer, Module::K, &n, &b.k_proj)?;
-        let v = self.projection(layer, Module::V, &n, &b.v_proj)?;
-        let q = self.heads(&q, h, hd)?;
-        let k = self.heads(&k, kv, hd)?;
-        let v = self.heads(&v, kv, hd)?;
+        let q = self.heads(q, h, hd)?;
+        let k = self.heads(k, kv, hd)?;
+        let v = self.heads(v, kv, hd)?;
         let q = self.rope(&q, cos, sin, hd)?;
         let mut k = self.rope(&k, cos, sin, hd)?;
         let mut v = v;
-        if let Some([past_k, past_v, present_k, present_v]) = cache {
-            let concat = |g: &mut Self, past: &str, new: &str, name: &str| -> ort::Result<String> {
-                let all = g.op(
+        if let Some(layer) = cache {
+            // The past keys and values before the new ones, also the layer's outputs.
+            for (new, kind) in [(&mut k, "k"), (&mut v, "v")] {
+                let past = format!("past_{kind}{layer}");
+                let all = self.op(
                     "Concat",
                     ONNX_DOMAIN,
-                    &[past, new],
+                    &[&past, new.as_str()],
                     vec![Attribute::new("axis", 2i64)?],
                 )?;
-                g.graph.add_node(Node::new(
+                self.graph.add_node(Node::new(
                     "Identity",
                     ONNX_DOMAIN,
-                    format!("{name}_out"),
+                    format!("present_{kind}{layer}_out"),
                     [all.as_str()],
-                    [name],
+                    [format!("present_{kind}{layer}").as_str()],
                     [],
                 )?)?;
-                Ok(all)
-            };
-            k = concat(self, past_k, &k, present_k)?;
-            v = concat(self, past_v, &v, present_v)?;
+                *new = all;
+            }
         }
         let k = self.repeat_kv(&k, kv, h / kv, hd)?;
         let v = self.repeat_kv(&v, kv, h / kv, hd)?;
@@ -288,10 +289,7 @@ impl Builder {
         let scores = self.std("MatMul", &[&q, &kt])?;
         let scale = self.floats(&[], &[1.0 / (hd as f32).sqrt()])?;
         let scores = self.std("Mul", &[&scores, &scale])?;
-        let scores = match mask {
-            Some(mask) => self.std("Add", &[&scores, mask])?,
-            None => scores,
-        };
+        let scores = self.std("Add", &[&scores, mask])?;
         let p = self.op(
             "Softmax",
             ONNX_DOMAIN,
@@ -306,7 +304,75 @@ impl Builder {
             vec![Attribute::new("perm", vec![0i64, 2, 1, 3])?],
         )?;
         let merged = self.ints(&[0, 0, h * hd])?;
-        let attn = self.std("Reshape", &[&attn, &merged])?;
+        self.std("Reshape", &[&attn, &merged])
+    }
+
+    /// One decoder layer over `x`, its attention computed as `attention` says.
+    fn block(
+        &mut self,
+        model: &Llama,
+        layer: usize,
+        b: &Block,
+        x: &str,
+        attention: &Attention,
+    ) -> ort::Result<String> {
+        let c = &model.config;
+        let (h, kv, hd) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim() as i64,
+        );
+        let n = self.rms_norm(x, &b.attn_norm, c.rms_norm_eps)?;
+        let q = self.projection(layer, Module::Q, &n, &b.q_proj)?;
+        let k = self.projection(layer, Module::K, &n, &b.k_proj)?;
+        let v = self.projection(layer, Module::V, &n, &b.v_proj)?;
+        let attn = match attention {
+            Attention::Standard { rope, mask } => {
+                self.attention_standard(&q, &k, &v, *rope, mask, (h, kv, hd), None)?
+            }
+            Attention::Cached { rope, mask } => {
+                self.attention_standard(&q, &k, &v, *rope, mask, (h, kv, hd), Some(layer))?
+            }
+            Attention::Fused {
+                cos,
+                sin,
+                seqlens,
+                total,
+            } => {
+                // ONNX Runtime's GroupQueryAttention: rotate-half RoPE at the positions
+                // after the past, the cache appended, grouped heads, causal softmax.
+                self.next += 1;
+                let out = format!("v{}_gqa", self.next);
+                let (past_k, past_v) = (format!("past_k{layer}"), format!("past_v{layer}"));
+                let (present_k, present_v) =
+                    (format!("present_k{layer}"), format!("present_v{layer}"));
+                self.graph.add_node(Node::new(
+                    "GroupQueryAttention",
+                    "com.microsoft",
+                    format!("n{}", self.next),
+                    [
+                        q.as_str(),
+                        k.as_str(),
+                        v.as_str(),
+                        &past_k,
+                        &past_v,
+                        seqlens,
+                        total,
+                        cos,
+                        sin,
+                    ],
+                    [out.as_str(), &present_k, &present_v],
+                    vec![
+                        Attribute::new("num_heads", h)?,
+                        Attribute::new("kv_num_heads", kv)?,
+                        Attribute::new("do_rotary", 1i64)?,
+                        Attribute::new("rotary_interleaved", 0i64)?,
+                        Attribute::new("scale", 1.0 / (hd as f32).sqrt())?,
+                    ],
+                )?)?;
+                out
+            }
+        };
         let o = self.projection(layer, Module::O, &attn, &b.o_proj)?;
         let x = self.std("Add", &[x, &o])?;
         let n = self.rms_norm(&x, &b.ffn_norm, c.rms_norm_eps)?;
@@ -318,6 +384,34 @@ impl Builder {
         let down = self.projection(layer, Module::Down, &prod, &b.down_proj)?;
         self.std("Add", &[&x, &down])
     }
+}
+
+/// How a layer's attention is computed.
+enum Attention<'a> {
+    /// In standard ops, over the whole sequence at once: the positions' RoPE tables (cos,
+    /// sin) and the causal mask.
+    Standard {
+        rope: (&'a str, &'a str),
+        mask: &'a str,
+    },
+    /// In standard ops over a KV cache (graph inputs `past_k{i}`/`past_v{i}`, outputs
+    /// `present_k{i}`/`present_v{i}`), for heads `GroupQueryAttention` does not take
+    /// (its CPU kernel wants a head width that is a multiple of 16): the new tokens'
+    /// RoPE rows and their mask over past and new positions.
+    Cached {
+        rope: (&'a str, &'a str),
+        mask: &'a str,
+    },
+    /// ONNX Runtime's fused `GroupQueryAttention` over a KV cache (graph inputs
+    /// `past_k{i}`/`past_v{i}`, outputs `present_k{i}`/`present_v{i}`): its RoPE caches
+    /// `[max_positions, head_dim / 2]` and the step's `seqlens_k` and
+    /// `total_sequence_length`.
+    Fused {
+        cos: &'a str,
+        sin: &'a str,
+        seqlens: &'a str,
+        total: &'a str,
+    },
 }
 
 fn tensor_f32(t: &tch::Tensor) -> Vec<f32> {
@@ -349,18 +443,23 @@ pub fn prefill_session(
         graph: Graph::new()?,
         next: 0,
         lora: Vec::new(),
+        block_sums: Default::default(),
     };
     g.graph
         .set_inputs([outlet("ids", TensorElementType::Int64, &[1, t])])?;
     g.graph
         .set_outputs([outlet("logits", TensorElementType::Float32, &[1, t, vocab])])?;
-    let (mut x, cos, sin) = g.embed_and_rope(model, t)?;
+    let (mut x, cos, sin) = g.embed_and_rope(model, t, false)?;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     let mask = g.floats(&[t, t], &mask)?;
     for (layer, b) in model.blocks.iter().enumerate() {
-        x = g.block(model, layer, b, &x, (&cos, &sin), Some(&mask), None)?;
+        let attention = Attention::Standard {
+            rope: (&cos, &sin),
+            mask: &mask,
+        };
+        x = g.block(model, layer, b, &x, &attention)?;
     }
     let m = g.finish(model, &x)?;
     m.into_session(&Session::builder(env)?)
@@ -368,11 +467,13 @@ pub fn prefill_session(
 
 impl Builder {
     /// The embedding of the input "ids" (f32 table, `Gather`) and the RoPE tables of
-    /// positions `0..positions`: the start of both graphs.
+    /// positions `0..positions` (`[positions, head_dim]`, or only the first half of each
+    /// row when `half`: the caches `GroupQueryAttention` takes): the start of both graphs.
     fn embed_and_rope(
         &mut self,
         model: &Llama,
         positions: i64,
+        half: bool,
     ) -> ort::Result<(String, String, String)> {
         let c = &model.config;
         let (hidden, vocab) = (c.hidden_size as i64, c.vocab_size as i64);
@@ -386,9 +487,45 @@ impl Builder {
         )?;
         let (cos, sin) = model.rope_tables(positions, Kind::Float);
         let hd = c.head_dim() as i64;
-        let cos = self.floats(&[positions, hd], &tensor_f32(&cos))?;
-        let sin = self.floats(&[positions, hd], &tensor_f32(&sin))?;
+        let width = if half { hd / 2 } else { hd };
+        let (cos, sin) = (cos.narrow(1, 0, width), sin.narrow(1, 0, width));
+        let cos = self.floats(&[positions, width], &tensor_f32(&cos.contiguous()))?;
+        let sin = self.floats(&[positions, width], &tensor_f32(&sin.contiguous()))?;
         Ok((x, cos, sin))
+    }
+
+    /// From the inputs "ids" `[1, t]` and "total_sequence_length": the new tokens'
+    /// positions `[t]` (past .. past + t) and their causal mask `[t, past + t]` (0 where a
+    /// token may attend, -inf elsewhere).
+    fn step_positions(&mut self) -> ort::Result<(String, String)> {
+        let total = self.op(
+            "Cast",
+            ONNX_DOMAIN,
+            &["total_sequence_length"],
+            vec![Attribute::new("to", 7i64)?],
+        )?;
+        let t = self.op(
+            "Shape",
+            ONNX_DOMAIN,
+            &["ids"],
+            vec![Attribute::new("start", 1i64)?, Attribute::new("end", 2i64)?],
+        )?;
+        let zero = self.ints(&[0])?;
+        let t = self.std("Squeeze", &[&t, &zero])?;
+        let past = self.std("Sub", &[&total, &t])?;
+        let one = self.constant::<i64>(&[], &[1])?;
+        let start = self.constant::<i64>(&[], &[0])?;
+        let positions = self.std("Range", &[&past, &total, &one])?;
+        let all = self.std("Range", &[&start, &total, &one])?;
+        let axis = self.ints(&[1])?;
+        let rows = self.std("Unsqueeze", &[&positions, &axis])?;
+        let allowed = self.std("LessOrEqual", &[&all, &rows])?;
+        let (open, shut) = (
+            self.floats(&[], &[0.0])?,
+            self.floats(&[], &[f32::NEG_INFINITY])?,
+        );
+        let mask = self.std("Where", &[&allowed, &open, &shut])?;
+        Ok((positions, mask))
     }
 
     /// The final norm and the LM head into the output "logits"; the model.
@@ -432,9 +569,10 @@ pub struct DecodeOptions {
 }
 
 /// The graph that runs `t` new tokens against a KV cache (the whole prompt at once, then
-/// one token per run): inputs "ids" `[1, t]` and "pos" `[t]` (int64; the tokens'
-/// positions, below `max_positions`), "mask" `[t, past + t]` (f32, added to the attention
-/// scores: 0 where a token may attend, -inf elsewhere), per layer i "past_k{i}" and
+/// one token per run), each layer's attention ONNX Runtime's fused `GroupQueryAttention`
+/// (rotary inside, causal): inputs "ids" `[1, t]` (int64), "seqlens_k" `[1]` (int32: past +
+/// t - 1, the last token's position, below `max_positions`), "total_sequence_length" `[]`
+/// (int32: past + t), per layer i "past_k{i}" and
 /// "past_v{i}" `[1, kv_heads, past, head_dim]` (f32, `past` may be 0), and per adapted
 /// projection "lora_a.{i}.{module}" `[in, r]` and "lora_b.{i}.{module}" `[r, out]` (A^T
 /// and B^T scaled by alpha / r; any r); outputs "logits" `[1, 1, vocab]` (the last new
@@ -448,6 +586,7 @@ pub fn decode_model(model: &Llama, options: &DecodeOptions) -> ort::Result<Model
         graph: Graph::new()?,
         next: 0,
         lora: options.lora.clone(),
+        block_sums: Default::default(),
     };
     let cache = |name: String, symbol: &str| {
         dyn_outlet(
@@ -459,13 +598,8 @@ pub fn decode_model(model: &Llama, options: &DecodeOptions) -> ort::Result<Model
     };
     let mut inputs = vec![
         dyn_outlet("ids".into(), TensorElementType::Int64, &[1, -1], ["", "t"]),
-        dyn_outlet("pos".into(), TensorElementType::Int64, &[-1], ["t"]),
-        dyn_outlet(
-            "mask".into(),
-            TensorElementType::Float32,
-            &[-1, -1],
-            ["t", "total"],
-        ),
+        outlet("seqlens_k", TensorElementType::Int32, &[1]),
+        outlet("total_sequence_length", TensorElementType::Int32, &[]),
     ];
     let mut outputs = vec![outlet("logits", TensorElementType::Float32, &[1, 1, vocab])];
     for i in 0..layers {
@@ -492,30 +626,41 @@ pub fn decode_model(model: &Llama, options: &DecodeOptions) -> ort::Result<Model
     }
     g.graph.set_inputs(inputs)?;
     g.graph.set_outputs(outputs)?;
-    let (mut x, cos, sin) = g.embed_and_rope(model, options.max_positions as i64)?;
+    let fused = c.head_dim().is_multiple_of(16);
+    let (mut x, cos, sin) = g.embed_and_rope(model, options.max_positions as i64, fused)?;
+    let (positions, mask) = if fused {
+        (String::new(), String::new())
+    } else {
+        g.step_positions()?
+    };
     let gather = |g: &mut Builder, table: &str| {
         g.op(
             "Gather",
             ONNX_DOMAIN,
-            &[table, "pos"],
+            &[table, &positions],
             vec![Attribute::new("axis", 0i64)?],
         )
     };
-    let (cos, sin) = (gather(&mut g, &cos)?, gather(&mut g, &sin)?);
+    let rows = if fused {
+        (String::new(), String::new())
+    } else {
+        (gather(&mut g, &cos)?, gather(&mut g, &sin)?)
+    };
+    let attention = if fused {
+        Attention::Fused {
+            cos: &cos,
+            sin: &sin,
+            seqlens: "seqlens_k",
+            total: "total_sequence_length",
+        }
+    } else {
+        Attention::Cached {
+            rope: (&rows.0, &rows.1),
+            mask: &mask,
+        }
+    };
     for (i, b) in model.blocks.iter().enumerate() {
-        let names = [
-            format!("past_k{i}"),
-            format!("past_v{i}"),
-            format!("present_k{i}"),
-            format!("present_v{i}"),
-        ];
-        let cache = [
-            names[0].as_str(),
-            names[1].as_str(),
-            names[2].as_str(),
-            names[3].as_str(),
-        ];
-        x = g.block(model, i, b, &x, (&cos, &sin), Some("mask"), Some(cache))?;
+        x = g.block(model, i, b, &x, &attention)?;
     }
     // Only the last new token's logits: the head runs once per call.
     let (from, to, axis) = (g.ints(&[-1])?, g.ints(&[i64::MAX])?, g.ints(&[1])?);
@@ -612,7 +757,7 @@ fn name_the_model(path: &std::path::Path) -> std::io::Result<()> {
 }
 
 /// The version of the export directory's layout and graph interface.
-pub const EXPORT_FORMAT: u32 = 1;
+pub const EXPORT_FORMAT: u32 = 2;
 
 /// Generation on ONNX Runtime: [`decode_model`]'s graph, the whole prompt in one run, then
 /// one token per run, the KV cache handed from each run's outputs to the next run's
@@ -932,19 +1077,7 @@ impl OnnxDecoder {
             )));
         }
         let onnx = onnx_error("decoding");
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..total).map(move |j| {
-                    if j <= done + i {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
         let ids: Vec<i64> = ids.iter().map(|&x| i64::from(x)).collect();
-        let positions: Vec<i64> = (done as i64..total as i64).collect();
         let mut inputs: Vec<(String, ort::session::SessionInputValue)> = vec![
             (
                 "ids".into(),
@@ -953,14 +1086,14 @@ impl OnnxDecoder {
                     .into(),
             ),
             (
-                "pos".into(),
-                Tensor::from_array(([t as i64], positions))
+                "seqlens_k".into(),
+                Tensor::from_array(([1i64], vec![total as i32 - 1]))
                     .map_err(&onnx)?
                     .into(),
             ),
             (
-                "mask".into(),
-                Tensor::from_array(([t as i64, total as i64], mask))
+                "total_sequence_length".into(),
+                Tensor::from_array((Vec::<i64>::new(), vec![total as i32]))
                     .map_err(&onnx)?
                     .into(),
             ),
