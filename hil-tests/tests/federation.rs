@@ -528,7 +528,16 @@ fn contributors(fleet: &Fleet) -> Vec<(u64, u64)> {
 /// ciphertexts delivered (their plaintexts plus body rounding, as each computed it): equal up
 /// to the encryption noise, at most n 2^17 units; and against the plaintexts themselves within
 /// the noise and rounding budget of the round's body width (SECURITY.md).
-fn check_audited_sums(host_audit: &std::path::Path, edge_audit: &std::path::Path, rounds: u64) {
+/// Checks every round's decrypted sums against the contributors' audited plaintexts;
+/// returns, per round, the largest error in fixed-point units against what the ciphertext
+/// bodies deliver (the encryption noise) and against the plaintexts (the noise plus the
+/// bodies' rounding), and the body width.
+fn check_audited_sums(
+    host_audit: &std::path::Path,
+    edge_audit: &std::path::Path,
+    rounds: u64,
+) -> Vec<(i64, i64, u32)> {
+    let mut errors = Vec::new();
     for round in 1..=rounds {
         let text = std::fs::read_to_string(host_audit.join(format!("round-{round}.json")))
             .expect("the host audited the round");
@@ -572,6 +581,7 @@ fn check_audited_sums(host_audit: &std::path::Path, edge_audit: &std::path::Path
         };
         let noise = n * (1 << 17);
         let off = worst(&delivered);
+        let noise_off = off;
         assert!(
             off <= noise,
             "round {round}: decrypted sums off what was delivered by {off} units (noise {noise})"
@@ -587,7 +597,9 @@ fn check_audited_sums(host_audit: &std::path::Path, edge_audit: &std::path::Path
             "round {round}: total weight"
         );
         assert!(plain.iter().any(|&p| p != 0), "round {round}: empty update");
+        errors.push((noise_off, off, body_bits));
     }
+    errors
 }
 
 /// Every (topic, payload) the rogue's recorder saw.
@@ -2097,13 +2109,13 @@ fn an_aarch64_edge_under_qemu_and_two_x86_64_edges_decrypt_to_their_plaintexts()
     host_events.until("the end", 3_600, is_finished);
     assert!(host.0.wait().unwrap().success());
     assert_eq!(contributors(&fleet), vec![(1, 3)]);
-    check_audited_sums(&host_audit, &edge_audit, 1);
+    let (noise, error, body_bits) = check_audited_sums(&host_audit, &edge_audit, 1)[0];
     for (_, events) in &mut edges {
         events.until("done after round 1", 3_600, is_done(1));
     }
+    let (shift, total) = (63 - body_bits, started.elapsed().as_secs());
     eprintln!(
-        "mixed-architecture round: 3 of 3 contributed (2 x86-64, 1 aarch64 under qemu); the decrypted sum equals the audited plaintexts; aarch64 edge joined after {joined} s, encrypted after {encrypted} s, all done after {} s",
-        started.elapsed().as_secs()
+        "mixed-architecture round: 3 of 3 contributed (2 x86-64, 1 aarch64 under qemu); the decrypted sum is off what the ciphertext bodies deliver by at most {noise} fixed-point units (the noise, bound 3 x 2^17) and off the audited plaintexts by {error} ({body_bits}-bit bodies' rounding included, bound 3 x (2^17 + 2^{shift})); aarch64 edge joined after {joined} s, encrypted after {encrypted} s, all done after {total} s"
     );
 }
 
