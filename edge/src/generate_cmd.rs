@@ -96,20 +96,17 @@ pub fn export_onnx(args: ExportOnnxArgs) -> anyhow::Result<()> {
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    // An export without an adapter needs only the tokenizer from the GGUF: libtorch and
+    // the model's weights are not loaded.
+    if args.onnx.is_some()
+        && args.adapter.is_none()
+        && matches!(args.runtime.as_str(), "auto" | "ort" | "onnx")
+    {
+        let tok = args.model.tokenizer()?;
+        return generate_ort(&args, &tok, None, None);
+    }
     let (_, _g, tok, model) = args.model.load()?;
-    let prompt = tok.chat_prompt(
-        &[Message {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        }],
-        true,
-    );
-    let ids = tok.encode(&prompt)?;
-    let sampling = Sampling {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        seed: args.seed,
-    };
+    let (ids, sampling) = prompt_and_sampling(&args, &tok)?;
     let runtime = match (args.runtime.as_str(), &args.onnx) {
         ("auto", Some(_)) => "ort",
         ("auto", None) => "torch",
@@ -123,58 +120,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .transpose()?;
     let started = std::time::Instant::now();
     let out = match runtime {
-        "ort" => {
-            use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder};
-            use std::io::Write;
-            let env = fedshield_edge::inference::environment(&fedshield_models::Assets::locate())?;
-            let threads = args.model.threads.max(1) as usize;
-            let mut decoder = match &args.onnx {
-                Some(dir) => OnnxDecoder::open(env, dir, threads)?,
-                None => OnnxDecoder::new(
-                    env,
-                    &model,
-                    &DecodeOptions {
-                        max_positions: ids.len() + args.max_new,
-                        lora: lora
-                            .as_ref()
-                            .map(|l| l.config.target_modules.clone())
-                            .unwrap_or_default(),
-                    },
-                    threads,
-                )?,
-            };
-            let ready = started.elapsed().as_secs_f64();
-            if let Some(lora) = &lora {
-                decoder.set_adapter(lora)?;
-            }
-            // Stream: print what each new token adds to the decoded text.
-            let mut shown = String::new();
-            let mut so_far = Vec::new();
-            let mut stdout = std::io::stdout();
-            let (out, timings) =
-                decoder.generate_streaming(&ids, args.max_new, tok.eos_id, &sampling, |t| {
-                    so_far.push(t);
-                    if let Ok(text) = tok.decode(&so_far)
-                        && let Some(new) = text.strip_prefix(shown.as_str())
-                    {
-                        let _ = write!(stdout, "{new}");
-                        let _ = stdout.flush();
-                        shown = text;
-                    }
-                })?;
-            let text = tok.decode(&out)?;
-            println!("{}", text.strip_prefix(shown.as_str()).unwrap_or(""));
-            if args.timings {
-                eprintln!(
-                    "ort: session ready in {ready:.2} s; {} prompt tokens, first token after {:.1} ms, {} new tokens at {:.1} tokens/s",
-                    ids.len(),
-                    timings.first_token_s * 1e3,
-                    timings.new_tokens,
-                    timings.decode_tokens_per_s()
-                );
-            }
-            return Ok(());
-        }
+        "ort" => return generate_ort(&args, &tok, Some(&model), lora.as_ref()),
         "torch" => match &lora {
             Some(lora) => model.generate(lora, &ids, args.max_new, tok.eos_id, &sampling),
             None => model.generate(
@@ -194,6 +140,88 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             ids.len(),
             out.len(),
             started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// The chat prompt's token ids and the sampling settings of `args`.
+fn prompt_and_sampling(
+    args: &GenerateArgs,
+    tok: &fedshield_models::tokenizer::Tokenizer,
+) -> anyhow::Result<(Vec<u32>, Sampling)> {
+    let prompt = tok.chat_prompt(
+        &[Message {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }],
+        true,
+    );
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    Ok((tok.encode(&prompt)?, sampling))
+}
+
+/// Generation on ONNX Runtime: the export in `--onnx`, or a graph built from `model`
+/// (which must then be given), with `lora` swapped in; streams the text.
+fn generate_ort(
+    args: &GenerateArgs,
+    tok: &fedshield_models::tokenizer::Tokenizer,
+    model: Option<&fedshield_edge::llama::Llama>,
+    lora: Option<&Lora>,
+) -> anyhow::Result<()> {
+    use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder};
+    use std::io::Write;
+    let started = std::time::Instant::now();
+    let (ids, sampling) = prompt_and_sampling(args, tok)?;
+    let env = fedshield_edge::inference::environment(&fedshield_models::Assets::locate())?;
+    let threads = args.model.threads.max(1) as usize;
+    let mut decoder = match (&args.onnx, model) {
+        (Some(dir), _) => OnnxDecoder::open(env, dir, threads)?,
+        (None, Some(model)) => OnnxDecoder::new(
+            env,
+            model,
+            &DecodeOptions {
+                max_positions: ids.len() + args.max_new,
+                lora: lora
+                    .map(|l| l.config.target_modules.clone())
+                    .unwrap_or_default(),
+            },
+            threads,
+        )?,
+        (None, None) => anyhow::bail!("no export (--onnx) and no model to build a graph from"),
+    };
+    let ready = started.elapsed().as_secs_f64();
+    if let Some(lora) = lora {
+        decoder.set_adapter(lora)?;
+    }
+    // Stream: print what each new token adds to the decoded text.
+    let mut shown = String::new();
+    let mut so_far = Vec::new();
+    let mut stdout = std::io::stdout();
+    let (out, timings) =
+        decoder.generate_streaming(&ids, args.max_new, tok.eos_id, &sampling, |t| {
+            so_far.push(t);
+            if let Ok(text) = tok.decode(&so_far)
+                && let Some(new) = text.strip_prefix(shown.as_str())
+            {
+                let _ = write!(stdout, "{new}");
+                let _ = stdout.flush();
+                shown = text;
+            }
+        })?;
+    let text = tok.decode(&out)?;
+    println!("{}", text.strip_prefix(shown.as_str()).unwrap_or(""));
+    if args.timings {
+        eprintln!(
+            "ort: session ready in {ready:.2} s; {} prompt tokens, first token after {:.1} ms, {} new tokens at {:.1} tokens/s",
+            ids.len(),
+            timings.first_token_s * 1e3,
+            timings.new_tokens,
+            timings.decode_tokens_per_s()
         );
     }
     Ok(())

@@ -91,11 +91,23 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn load(&self) -> anyhow::Result<(PathBuf, Gguf, Tokenizer, Llama)> {
-        let path = match &self.model {
+    /// The GGUF file.
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        Ok(match &self.model {
             Some(p) => p.clone(),
             None => Assets::locate().smollm2_gguf()?,
-        };
+        })
+    }
+
+    /// Only the tokenizer (from the GGUF's metadata; no weights, no libtorch).
+    fn tokenizer(&self) -> anyhow::Result<Tokenizer> {
+        let path = self.path()?;
+        let g = Gguf::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Tokenizer::from_gguf(&g)?)
+    }
+
+    fn load(&self) -> anyhow::Result<(PathBuf, Gguf, Tokenizer, Llama)> {
+        let path = self.path()?;
         tch::set_num_threads(self.threads);
         let target = ComputeTarget::detect();
         let g = Gguf::open(&path).with_context(|| format!("reading {}", path.display()))?;

@@ -221,3 +221,45 @@ fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_promp
     }
     eprintln!("SmolLM2 with an adapter: largest logit difference over 64 tokens {worst:.2e}");
 }
+
+/// The commands: `export-onnx`, then `generate --onnx DIR` (the tokenizer only, no
+/// libtorch model) streams the same answer as `generate --runtime torch`.
+#[test]
+fn export_onnx_then_generate_on_it_answers_as_libtorch_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = env!("CARGO_BIN_EXE_fedshield-edge");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(edge)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let export = dir.path().join("onnx");
+    let export = export.to_str().unwrap();
+    run(&["export-onnx", "--out", export, "--max-positions", "64"]);
+    let question = [
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new",
+        "12",
+    ];
+    let ort = run(&[&["generate", "--onnx", export][..], &question].concat());
+    let torch = run(&[&["generate", "--runtime", "torch"][..], &question].concat());
+    assert!(ort.contains("Paris"), "{ort}");
+    assert_eq!(ort.trim(), torch.trim());
+    // A prompt that does not fit the export's positions is refused.
+    let out = std::process::Command::new(edge)
+        .args(["generate", "--onnx", export, "--max-new", "60"])
+        .args(["--prompt", "What is the capital of France?"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("64 positions"));
+}
