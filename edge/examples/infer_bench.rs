@@ -10,9 +10,11 @@
 //! `decode_tokens_per_s`, `prefill_ms`, `first_token_ms`, `peak_rss_mib`) and the ratios to
 //! llama.cpp; prints them.
 
+mod bench_util;
+
+use bench_util::{arg, last_json_line, peak_rss_mib};
 use fedshield_edge::llama::{KvCache, Llama, NoAdapter};
 use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder};
-use fedshield_edge::planner::peak_bytes;
 use fedshield_models::Assets;
 use fedshield_models::gguf::Gguf;
 use serde_json::{Value, json};
@@ -22,13 +24,6 @@ use std::time::Instant;
 
 const PROMPT: usize = 64;
 const NEW: usize = 128;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
 
 fn main() {
     let threads = arg("--threads").and_then(|t| t.parse().ok()).unwrap_or(1);
@@ -41,10 +36,6 @@ fn main() {
         eprintln!("infer_bench: {e}");
         std::process::exit(1);
     }
-}
-
-fn peak_rss_mib() -> f64 {
-    peak_bytes().map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64)
 }
 
 fn ids() -> Result<Vec<u32>, String> {
@@ -137,19 +128,6 @@ fn side_torch(threads: usize) -> Result<Value, String> {
     };
     run(8); // warm-up
     Ok(report("ours (libtorch)", threads, run(NEW)))
-}
-
-fn last_json_line(out: &std::process::Output, what: &str) -> Result<Value, String> {
-    if !out.status.success() {
-        return Err(format!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).map_err(|e| format!("{what} output {last:?}: {e}"))
 }
 
 /// The benchmark's prompt: the first 64 tokens of a chat prompt, written to `path`.

@@ -10,10 +10,13 @@
 //! projections, AdamW, batch 4 x seq 256 random tokens with loss on every position, 2
 //! threads. Writes `target/bench/train.json`.
 
+mod bench_util;
+
+use bench_util::{arg, last_json_line, peak_rss_mib};
 use fedshield_edge::llama::{Llama, Module};
 use fedshield_edge::lora::{Lora, LoraConfig};
 use fedshield_edge::plan::{Plan, Workload};
-use fedshield_edge::planner::{peak_bytes, reset_peak};
+use fedshield_edge::planner::reset_peak;
 use fedshield_edge::train::resident_set_bytes;
 use fedshield_edge::train::{Batch, TrainConfig, Trainer};
 use fedshield_models::Assets;
@@ -29,13 +32,6 @@ const BATCH: i64 = 4;
 const SEQ: i64 = 256;
 const THREADS: i32 = 2;
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
 fn main() {
     let result = match arg("--side").as_deref() {
         Some("ours") => measure_ours(&arg("--config").unwrap_or_default()).map(|v| println!("{v}")),
@@ -47,11 +43,6 @@ fn main() {
         eprintln!("train_bench: {e}");
         std::process::exit(1);
     }
-}
-
-/// Peak resident set of this process, MiB (VmHWM, since the last reset).
-fn peak_rss_mib() -> f64 {
-    peak_bytes().map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64)
 }
 
 /// The base model of a benchmark configuration: `small` random dense f32 (or, `packed`,
@@ -210,19 +201,6 @@ fn measure_plan(config: &str) -> Result<Value, String> {
         "optimizer_mib": mib(estimate.optimizer),
         "chosen_for_budget_mib": chosen_for,
     }))
-}
-
-fn last_json_line(out: &std::process::Output, what: &str) -> Result<Value, String> {
-    if !out.status.success() {
-        return Err(format!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).map_err(|e| format!("{what} output {last:?}: {e}"))
 }
 
 fn orchestrate() -> Result<(), String> {
