@@ -38,6 +38,7 @@ fn round(round: u64, local_steps: usize) -> RoundConfig {
         local_steps,
         min_local_steps: 1,
         threshold: 1,
+        secagg_graph: fedshield_crypto::secagg::GraphPolicy::DEFAULT,
         chunk_bytes: 1024,
     }
 }

@@ -138,8 +138,13 @@ struct Fleet {
 
 impl Fleet {
     fn new(name: &'static str, lora: [&'static str; 4]) -> Self {
+        Self::of(name, lora, 3)
+    }
+
+    /// A fleet of `devices` devices (edge-0, edge-1, ...), enrolled on one machine.
+    fn of(name: &'static str, lora: [&'static str; 4], devices: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let fleet = Self::enrol(name, &dir);
+        let fleet = Self::enrol(name, &dir, devices);
         Self {
             addr: String::new(),
             broker: Mosquitto::start(1 << 20).unwrap(),
@@ -286,7 +291,7 @@ impl Fleet {
     /// for it (passwords, ACLs): host and devices log in with their own credentials.
     fn with_broker_config(name: &'static str, lora: [&'static str; 4]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let fleet = Self::enrol(name, &dir);
+        let fleet = Self::enrol(name, &dir, 3);
         let credentials = std::cell::RefCell::new(None);
         let broker = Mosquitto::start_configured(|out, addr| {
             let output = Command::new(workspace_bin("fedshield-host"))
@@ -345,17 +350,12 @@ impl Fleet {
         }
     }
 
-    /// Enrols edge-0..2 into a fleet directory under `dir`.
-    fn enrol(name: &str, dir: &tempfile::TempDir) -> PathBuf {
+    /// Enrols edge-0..edge-{devices - 1} into a fleet directory under `dir`.
+    fn enrol(name: &str, dir: &tempfile::TempDir, devices: usize) -> PathBuf {
         let fleet = dir.path().join("fleet");
+        let ids: Vec<String> = (0..devices).map(|i| format!("edge-{i}")).collect();
         let status = Command::new(workspace_bin("fedshield-host"))
-            .args([
-                "enrol",
-                "--fleet",
-                name,
-                "--devices",
-                "edge-0,edge-1,edge-2",
-            ])
+            .args(["enrol", "--fleet", name, "--devices", &ids.join(",")])
             .arg("--fleet-dir")
             .arg(&fleet)
             .arg("--authority-dir")
@@ -1030,6 +1030,48 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
         !fleet.out.join("round.journal").exists(),
         "the journal is removed with its round"
     );
+}
+
+/// Five devices over a SecAgg+ Harary graph (each shares its secrets and masks with its 2
+/// ring neighbours, threshold 2, instead of with all 4 others): the round completes with
+/// all five, the host's sums match the ciphertexts', and metrics.json names the graph.
+#[test]
+fn five_devices_aggregate_over_a_sparse_harary_graph() {
+    let fleet = Fleet::of("harary", ["--rank", "2", "--targets", "v_proj"], 5);
+    let host_audit = fleet.out.join("audit-host");
+    let edge_audit = fleet.out.join("audit-edges");
+    let graph = ["--secagg-graph".to_string(), "harary:2:2".to_string()];
+    let (mut host, mut host_events) = fleet.host(
+        &[
+            host_tiny(1, 1, 120, 120, 30),
+            audit_args(&host_audit),
+            graph.to_vec(),
+        ]
+        .concat(),
+    );
+    let audit = ["--audit-dir", edge_audit.to_str().unwrap()];
+    let mut edges: Vec<_> = (0..5)
+        .map(|i| {
+            let five = ["--rounds", "1", "--clients", "5"];
+            fleet.edge(i, &[&EDGE_TINY[..], &five, &audit].concat())
+        })
+        .collect();
+    host_events.until("the end", 600, is_finished);
+    assert!(host.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), vec![(1, 5)]);
+    check_audited_sums(&host_audit, &edge_audit, 1);
+    let round = &fleet.rounds()[0];
+    assert_eq!(
+        (
+            round["secagg_degree"].as_u64(),
+            round["secagg_threshold"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "{round}"
+    );
+    for (_, events) in &mut edges {
+        events.until("done after round 1", 120, is_done(1));
+    }
 }
 
 fn three_edges(fleet: &Fleet) -> Vec<(Killed, Events<Event>)> {

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedshield_codec::{PruneConfig, Schedule, Structure};
 use fedshield_crypto::params::BodyBits;
+use fedshield_crypto::secagg::{Adversary, GraphPolicy, ThreatModel};
 use fedshield_host::broker::{DEFAULT_MAX_PACKET_BYTES, EmbeddedBroker};
 use fedshield_host::fleet::{AuthorityDir, FleetDir};
 use fedshield_models::Assets;
@@ -252,6 +253,25 @@ struct ServeArgs {
     /// Minimum contributors per round.
     #[arg(long, default_value_t = 2)]
     threshold: usize,
+    /// Who shares with whom in the secure aggregation: `auto` (a SecAgg+ Harary graph with
+    /// degree and threshold derived per round from the roster's size and
+    /// --corrupt-rate/--dropout-rate, the complete graph below --sparse-from devices),
+    /// `complete` (everyone with everyone), or `harary:K:T` (degree K, threshold T).
+    #[arg(long, default_value = "auto")]
+    secagg_graph: String,
+    /// Fraction of devices assumed to collude with the host (for `--secagg-graph auto`).
+    #[arg(long, default_value_t = 0.05)]
+    corrupt_rate: f64,
+    /// Fraction of devices assumed to drop out of a round (for `--secagg-graph auto`).
+    #[arg(long, default_value_t = 0.05)]
+    dropout_rate: f64,
+    /// Derive the graph against a host that may lie about dropouts (larger neighbourhoods,
+    /// majority thresholds, and 40 more bits against ring grinding; SECURITY.md).
+    #[arg(long)]
+    semi_malicious: bool,
+    /// Smallest roster that gets a sparse graph under `--secagg-graph auto`.
+    #[arg(long, default_value_t = fedshield_crypto::secagg::DEFAULT_SPARSE_FROM)]
+    sparse_from: u32,
     /// Seconds the round stays open for joining (it closes earlier once every enrolled
     /// device has joined).
     #[arg(long, default_value_t = 300)]
@@ -462,7 +482,47 @@ fn run_broker_config(args: BrokerConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The secure-aggregation graph policy of `serve`'s options.
+fn graph_policy(args: &ServeArgs) -> anyhow::Result<GraphPolicy> {
+    let rate = |name: &str, r: f64| -> anyhow::Result<u16> {
+        if !(0.0..1.0).contains(&r) {
+            anyhow::bail!("--{name} {r}: a fraction in [0, 1)");
+        }
+        Ok((r * 1000.0).round() as u16)
+    };
+    let policy = match args.secagg_graph.as_str() {
+        "auto" => GraphPolicy::Derived {
+            model: ThreatModel {
+                corrupt_permille: rate("corrupt-rate", args.corrupt_rate)?,
+                dropout_permille: rate("dropout-rate", args.dropout_rate)?,
+                adversary: if args.semi_malicious {
+                    Adversary::SemiMalicious
+                } else {
+                    Adversary::SemiHonest
+                },
+            },
+            sparse_from: args.sparse_from,
+        },
+        "complete" => GraphPolicy::Complete,
+        other => {
+            let parsed = other.strip_prefix("harary:").and_then(|kt| {
+                let (k, t) = kt.split_once(':')?;
+                Some((k.parse().ok()?, t.parse().ok()?))
+            });
+            let Some((degree, threshold)) = parsed else {
+                anyhow::bail!("--secagg-graph {other}: auto, complete or harary:K:T");
+            };
+            GraphPolicy::Fixed { degree, threshold }
+        }
+    };
+    policy
+        .check()
+        .with_context(|| format!("--secagg-graph {}", args.secagg_graph))?;
+    Ok(policy)
+}
+
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let secagg_graph = graph_policy(&args)?;
     let model = match args.model {
         Some(p) => p,
         None => Assets::locate().smollm2_gguf()?,
@@ -523,6 +583,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             local_steps: args.local_steps,
             min_local_steps: args.min_local_steps,
             threshold: args.threshold,
+            secagg_graph,
             chunk_bytes: args.chunk_bytes,
         },
         deadlines: Deadlines {

@@ -101,10 +101,34 @@ pub fn split(
     t: usize,
     rng: &mut impl CryptoRng,
 ) -> Result<Vec<Share>, CryptoError> {
-    if t == 0 || t > n || n >= P as usize || n > u32::MAX as usize {
+    if n >= P as usize || n > u32::MAX as usize {
+        return Err(CryptoError::InvalidParameter(format!(
+            "shamir: {n} shares are too many"
+        )));
+    }
+    let xs: Vec<u32> = (1..=n as u32).collect();
+    split_at(secret, &xs, t, rng)
+}
+
+/// Splits `secret` into one share per x-coordinate of `xs` (distinct, non-zero: a sparse
+/// graph's holders keep their roster positions), any `t` of which reconstruct it.
+pub fn split_at(
+    secret: &[u8; 32],
+    xs: &[u32],
+    t: usize,
+    rng: &mut impl CryptoRng,
+) -> Result<Vec<Share>, CryptoError> {
+    let n = xs.len();
+    if t == 0 || t > n {
         return Err(CryptoError::InvalidParameter(format!(
             "shamir: need 1 <= t <= n, got t = {t}, n = {n}"
         )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if xs.iter().any(|&x| x == 0 || !seen.insert(x)) {
+        return Err(CryptoError::InvalidParameter(
+            "shamir: x-coordinates must be distinct and non-zero".into(),
+        ));
     }
     // coefficients[limb][k], k = 0 the secret limb.
     let polys: Vec<Vec<u64>> = limbs(secret)
@@ -115,8 +139,9 @@ pub fn split(
                 .collect()
         })
         .collect();
-    Ok((1..=n as u32)
-        .map(|x| {
+    Ok(xs
+        .iter()
+        .map(|&x| {
             let mut y = [0u64; LIMBS];
             for (yl, poly) in y.iter_mut().zip(&polys) {
                 // Horner
@@ -237,5 +262,21 @@ mod tests {
         let mut bad = shares[1];
         bad.y[0] = u64::MAX;
         assert!(combine(&[shares[0], bad]).is_err());
+        assert!(split_at(&[0; 32], &[1, 0, 3], 2, &mut rng).is_err());
+        assert!(split_at(&[0; 32], &[4, 9, 4], 2, &mut rng).is_err());
+    }
+
+    #[test]
+    fn shares_at_chosen_coordinates_reconstruct_from_any_t_of_them() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
+        let secret = [0x5a; 32];
+        let shares = split_at(&secret, &[17, 3, 999, 42], 3, &mut rng).unwrap();
+        assert_eq!(
+            shares.iter().map(|s| s.x).collect::<Vec<_>>(),
+            [17, 3, 999, 42]
+        );
+        assert_eq!(combine(&shares[1..]).unwrap(), secret);
+        assert_eq!(combine(&[shares[0], shares[3], shares[1]]).unwrap(), secret);
+        assert_ne!(combine(&shares[..2]).unwrap_or([0; 32]), secret);
     }
 }

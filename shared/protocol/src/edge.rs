@@ -236,6 +236,7 @@ impl EdgeSession {
                     round,
                     threshold: state.config.threshold,
                     vector_len: POLYNOMIAL_SIZE,
+                    graph: state.config.secagg_graph,
                 },
                 self.me.authority,
                 samples,

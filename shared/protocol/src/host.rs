@@ -94,6 +94,9 @@ pub struct RoundResult {
     pub upload_bytes: u64,
     /// The round's `tau_eff` (the roster's plan).
     pub effective_steps: f64,
+    /// The secure aggregation's graph: `(degree, threshold)` of its Harary graph, `None`
+    /// for the complete graph.
+    pub secagg_graph: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +198,7 @@ impl HostRound {
                 round: config.round,
                 threshold: config.threshold,
                 vector_len: POLYNOMIAL_SIZE,
+                graph: config.secagg_graph,
             },
             registry.clone(),
         )?;
@@ -732,6 +736,10 @@ impl HostRound {
                             .then(|| losses.iter().sum::<f64>() / losses.len() as f64),
                         upload_bytes: self.upload_bytes / contributors.len().max(1) as u64,
                         effective_steps: self.effective_steps,
+                        secagg_graph: self
+                            .server
+                            .graph()
+                            .and_then(|g| g.degree().map(|k| (k, g.threshold()))),
                         contributors,
                     }),
                 ])

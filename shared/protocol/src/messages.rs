@@ -20,7 +20,9 @@
 use fedshield_codec::PruneConfig;
 use fedshield_crypto::identity::DeviceId;
 use fedshield_crypto::params::BodyBits;
-use fedshield_crypto::secagg::{Roster, ShareDelivery, SignedMessage, SurvivorList, UnmaskRequest};
+use fedshield_crypto::secagg::{
+    GraphPolicy, Roster, ShareDelivery, SignedMessage, SurvivorList, UnmaskRequest,
+};
 
 /// Topic names of one fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +168,8 @@ pub struct RoundConfig {
     pub min_local_steps: usize,
     /// Minimum contributors.
     pub threshold: usize,
+    /// Who shares with whom in the secure aggregation (`secagg::Graph`).
+    pub secagg_graph: GraphPolicy,
     /// Largest upload chunk, in bytes of encrypted update.
     pub chunk_bytes: usize,
 }

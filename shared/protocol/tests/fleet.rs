@@ -55,6 +55,7 @@ fn settings(rounds: u64) -> FleetSettings {
         local_steps: 1,
         min_local_steps: 1,
         threshold: 2,
+        secagg_graph: fedshield_crypto::secagg::GraphPolicy::DEFAULT,
         chunk_bytes: 700,
     }
 }

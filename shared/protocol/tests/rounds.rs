@@ -6,7 +6,7 @@ use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::identity::{DeviceId, Identity, Registry};
 use fedshield_crypto::packed::{BodyBits, ClientKey, MaskSeed, encrypt};
 use fedshield_crypto::params::worst_case_error;
-use fedshield_crypto::secagg::SecAggError;
+use fedshield_crypto::secagg::{GraphPolicy, SecAggError};
 use fedshield_protocol::edge::{EdgeAction, EdgeIdentity, EdgeSession};
 use fedshield_protocol::fleet::steps::{DeviceStatus, LeftOut, Task};
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
@@ -105,6 +105,7 @@ fn config(round: u64, threshold: usize) -> RoundConfig {
         local_steps: 1,
         min_local_steps: 1,
         threshold,
+        secagg_graph: GraphPolicy::Complete,
         chunk_bytes: 5000,
     }
 }
@@ -383,7 +384,8 @@ impl Fleet {
 
     fn check_mean_within(&self, who: &[usize], tolerance: f64) {
         let r = self.result.as_ref().expect("round finished");
-        let ids: Vec<DeviceId> = who.iter().map(|i| DeviceId(format!("edge-{i}"))).collect();
+        let mut ids: Vec<DeviceId> = who.iter().map(|i| DeviceId(format!("edge-{i}"))).collect();
+        ids.sort();
         assert_eq!(r.contributors, ids);
         let got = self.encoding.decode_sum(&r.sums, r.total_weight);
         let want = self.weighted_mean(who);
@@ -593,6 +595,49 @@ fn a_host_restarted_in_any_phase_resumes_and_the_round_completes() {
             f.edges.iter().all(|e| e.settled == Some(true)),
             "restart after {cut} messages"
         );
+    }
+}
+
+#[test]
+fn over_a_sparse_graph_dropouts_and_host_restarts_still_decrypt_the_survivors_mean() {
+    // A Harary graph of degree 4 and threshold 3 over 12 devices (each shares with 4 of the
+    // other 11): one dies after its shares, one mid-upload; every secret keeps 3 holders.
+    let sparse = RoundConfig {
+        secagg_graph: GraphPolicy::Fixed {
+            degree: 4,
+            threshold: 3,
+        },
+        ..config(1, 2)
+    };
+    let mut faults = vec![Fault::None; 12];
+    faults[3] = Fault::DiesAfterShares;
+    faults[8] = Fault::DiesMidUpload;
+    let survivors: Vec<usize> = (0..12).filter(|i| ![3, 8].contains(i)).collect();
+    let mut f = fleet_with(&faults, sparse.clone());
+    f.run();
+    assert!(f.failed.is_none(), "{:?}", f.failed);
+    f.check_mean(&survivors);
+    assert!(f.edge_refused.is_empty(), "{:?}", f.edge_refused);
+    // Each share delivery holds the 4 neighbours' shares, not 11.
+    let deliveries: Vec<usize> = f
+        .downlink
+        .iter()
+        .filter_map(|(_, payload)| match postcard::from_bytes(payload) {
+            Ok(DownMessage::Shares(d)) => Some(d.shares.len()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !deliveries.is_empty() && deliveries.iter().all(|&n| n <= 4),
+        "{deliveries:?}"
+    );
+    // The journal rebuilds the same graph: a host killed in any phase resumes the round.
+    for cut in [0, 9, 23, 40, 61] {
+        let mut f = fleet_with(&faults, sparse.clone());
+        restart_host_after(&mut f, cut);
+        f.run();
+        assert!(f.failed.is_none(), "restart after {cut}: {:?}", f.failed);
+        f.check_mean(&survivors);
     }
 }
 

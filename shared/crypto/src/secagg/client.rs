@@ -3,9 +3,9 @@
 //! once per stage.
 
 use super::{
-    Advert, ClientBody, EncryptedShare, Roster, SecAggConfig, SecAggError, ShareDelivery,
+    Advert, ClientBody, EncryptedShare, Graph, Roster, SecAggConfig, SecAggError, ShareDelivery,
     SharePair, SignedMessage, SurvivorList, UnmaskRequest, apply_prg, effective_threshold,
-    pair_seed, share_key, share_nonce_aad,
+    pair_seed, share_key, share_nonce_aad, survivors_digest,
 };
 use crate::identity::{DeviceId, Identity};
 use crate::shamir::{self, Share};
@@ -42,10 +42,19 @@ pub struct Client {
     c_sk: StaticSecret,
     s_sk: StaticSecret,
     self_mask_seed: [u8; 32],
+    ring_nonce: [u8; 32],
     state: State,
+    /// The roster, in its order (sorted by id), and each member's index in it.
     peers: Vec<Peer>,
+    index: BTreeMap<DeviceId, usize>,
+    /// This client's index in the roster.
+    me: usize,
+    graph: Option<Graph>,
+    /// Shares that reconstruct a secret (the graph's threshold).
     threshold: usize,
-    /// Shares received from each member of U2 (own shares included).
+    /// Fewest survivors this client helps to unmask (a strict majority of the roster).
+    min_contributors: usize,
+    /// Shares received from each neighbour in U2 (own shares included).
     held: BTreeMap<DeviceId, SharePair>,
     u2: BTreeSet<DeviceId>,
     u3: Vec<DeviceId>,
@@ -79,10 +88,13 @@ impl Client {
         let s_sk = StaticSecret::from(bytes);
         let mut self_mask_seed = [0u8; 32];
         rng.fill_bytes(&mut self_mask_seed);
+        let mut ring_nonce = [0u8; 32];
+        rng.fill_bytes(&mut ring_nonce);
         let advert = Advert {
             c_pk: PublicKey::from(&c_sk).to_bytes(),
             s_pk: PublicKey::from(&s_sk).to_bytes(),
             weight,
+            ring_nonce,
         };
         let message = SignedMessage::sign(
             &identity,
@@ -98,9 +110,14 @@ impl Client {
             c_sk,
             s_sk,
             self_mask_seed,
+            ring_nonce,
             state: State::Advertised,
             peers: Vec::new(),
+            index: BTreeMap::new(),
+            me: 0,
+            graph: None,
             threshold: usize::MAX,
+            min_contributors: usize::MAX,
             held: BTreeMap::new(),
             u2: BTreeSet::new(),
             u3: Vec::new(),
@@ -132,11 +149,28 @@ impl Client {
         }
     }
 
-    fn peer(&self, id: &DeviceId) -> Result<&Peer, SecAggError> {
-        self.peers
-            .iter()
-            .find(|p| &p.id == id)
+    fn peer_index(&self, id: &DeviceId) -> Result<usize, SecAggError> {
+        self.index
+            .get(id)
+            .copied()
             .ok_or_else(|| SecAggError::NotAParticipant(id.clone()))
+    }
+
+    fn peer(&self, id: &DeviceId) -> Result<&Peer, SecAggError> {
+        Ok(&self.peers[self.peer_index(id)?])
+    }
+
+    /// Whether `id` is one of this client's neighbours in the round's graph.
+    fn is_neighbour(&self, id: &DeviceId) -> bool {
+        match (&self.graph, self.index.get(id)) {
+            (Some(g), Some(&j)) => g.adjacent(self.me, j),
+            _ => false,
+        }
+    }
+
+    /// The round's graph, once the roster is known.
+    pub fn graph(&self) -> Option<&Graph> {
+        self.graph.as_ref()
     }
 
     fn sign(&self, body: ClientBody) -> SignedMessage {
@@ -153,6 +187,7 @@ impl Client {
         self.expect_state(State::Advertised, "roster after the advert")?;
         self.check_round(roster.round)?;
         let mut peers = Vec::with_capacity(roster.entries.len());
+        let mut nonces = Vec::with_capacity(roster.entries.len());
         for (i, entry) in roster.entries.iter().enumerate() {
             entry.enrolment.verify(&self.authority)?;
             let advert = &entry.advert;
@@ -176,6 +211,7 @@ impl Client {
                     "roster not sorted or duplicated".into(),
                 ));
             }
+            nonces.push(a.ring_nonce);
             peers.push(Peer {
                 id: advert.sender.clone(),
                 identity_key: entry.enrolment.public_key,
@@ -186,28 +222,37 @@ impl Client {
         }
         let me = peers
             .iter()
-            .find(|p| p.id == self.id)
+            .position(|p| p.id == self.id)
             .ok_or_else(|| SecAggError::NotAParticipant(self.id.clone()))?;
-        if me.c_pk != PublicKey::from(&self.c_sk) || me.s_pk != PublicKey::from(&self.s_sk) {
+        if peers[me].c_pk != PublicKey::from(&self.c_sk)
+            || peers[me].s_pk != PublicKey::from(&self.s_sk)
+            || nonces[me] != self.ring_nonce
+        {
             return Err(SecAggError::Malformed(
                 "the roster changed this client's keys".into(),
             ));
         }
         let n = peers.len();
-        let threshold = effective_threshold(self.config.threshold, n);
-        if n < threshold {
+        let min_contributors = effective_threshold(self.config.threshold, n);
+        if n < min_contributors {
             return Err(SecAggError::BelowThreshold {
                 stage: "roster",
                 have: n,
-                need: threshold,
+                need: min_contributors,
             });
         }
-        let b_shares = shamir::split(&self.self_mask_seed, n, threshold, rng)
+        let members: Vec<(&DeviceId, &[u8; 32])> =
+            peers.iter().zip(&nonces).map(|(p, n)| (&p.id, n)).collect();
+        let graph = Graph::build(&self.config, &members)?;
+        let threshold = graph.threshold();
+        let holders: Vec<&Peer> = graph.holders(me).into_iter().map(|j| &peers[j]).collect();
+        let xs: Vec<u32> = holders.iter().map(|p| p.x).collect();
+        let b_shares = shamir::split_at(&self.self_mask_seed, &xs, threshold, rng)
             .map_err(|e| SecAggError::Malformed(e.to_string()))?;
-        let s_shares = shamir::split(&self.s_sk.to_bytes(), n, threshold, rng)
+        let s_shares = shamir::split_at(&self.s_sk.to_bytes(), &xs, threshold, rng)
             .map_err(|e| SecAggError::Malformed(e.to_string()))?;
-        let mut out = Vec::with_capacity(n - 1);
-        for ((peer, b), s) in peers.iter().zip(b_shares).zip(s_shares) {
+        let mut out = Vec::with_capacity(holders.len() - 1);
+        for ((peer, b), s) in holders.into_iter().zip(b_shares).zip(s_shares) {
             let pair = SharePair { b, s };
             if peer.id == self.id {
                 self.held.insert(self.id.clone(), pair);
@@ -232,8 +277,16 @@ impl Client {
                 ciphertext,
             });
         }
+        self.index = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id.clone(), i))
+            .collect();
         self.peers = peers;
+        self.me = me;
+        self.graph = Some(graph);
         self.threshold = threshold;
+        self.min_contributors = min_contributors;
         self.state = State::SharesSent;
         Ok(self.sign(ClientBody::Shares(out)))
     }
@@ -265,7 +318,13 @@ impl Client {
                 )));
             }
             let peer = self.peer(&share.from)?;
-            if peer.id == self.id || received.contains_key(&peer.id) {
+            if !self.is_neighbour(&peer.id) {
+                return Err(SecAggError::Malformed(format!(
+                    "share from {}, which is not a neighbour of {} in this round's graph",
+                    peer.id, self.id
+                )));
+            }
+            if received.contains_key(&peer.id) {
                 return Err(SecAggError::Duplicate {
                     sender: peer.id.clone(),
                     kind: "share",
@@ -285,7 +344,7 @@ impl Client {
                 .map_err(|_| SecAggError::ShareDecryption(peer.id.clone()))?;
             let pair: SharePair = postcard::from_bytes(&plaintext)
                 .map_err(|_| SecAggError::ShareDecryption(peer.id.clone()))?;
-            let me = self.peer(&self.id)?.x;
+            let me = self.peers[self.me].x;
             if pair.b.x != me || pair.s.x != me {
                 return Err(SecAggError::ShareDecryption(peer.id.clone()));
             }
@@ -334,7 +393,10 @@ impl Client {
         self.check_survivors(&list.survivors)?;
         self.u3 = list.survivors.clone();
         self.state = State::ConsistencySigned;
-        Ok(self.sign(ClientBody::Consistency(list.survivors.clone())))
+        Ok(self.sign(ClientBody::Consistency(survivors_digest(
+            self.config.round,
+            &list.survivors,
+        ))))
     }
 
     fn check_survivors(&self, survivors: &[DeviceId]) -> Result<(), SecAggError> {
@@ -346,16 +408,20 @@ impl Client {
         if !survivors.contains(&self.id) {
             return Err(SecAggError::NotAParticipant(self.id.clone()));
         }
-        if let Some(stranger) = survivors.iter().find(|s| !self.u2.contains(s)) {
-            return Err(SecAggError::InconsistentRequest(format!(
-                "{stranger} is a survivor but sent this client no share"
-            )));
+        for s in survivors {
+            // Strangers are refused; a neighbour must have sent this client its shares.
+            self.peer_index(s)?;
+            if self.is_neighbour(s) && !self.u2.contains(s) {
+                return Err(SecAggError::InconsistentRequest(format!(
+                    "{s} is a survivor but sent this client no share"
+                )));
+            }
         }
-        if survivors.len() < self.threshold {
+        if survivors.len() < self.min_contributors {
             return Err(SecAggError::BelowThreshold {
                 stage: "survivors",
                 have: survivors.len(),
-                need: self.threshold,
+                need: self.min_contributors,
             });
         }
         Ok(())
@@ -376,10 +442,11 @@ impl Client {
             ));
         }
         let mut signers = BTreeSet::new();
+        let digest = ClientBody::Consistency(survivors_digest(self.config.round, &self.u3));
         for sig in &request.signatures {
             let peer = self.peer(&sig.sender)?;
             if sig.round != self.config.round
-                || sig.body != ClientBody::Consistency(self.u3.clone())
+                || sig.body != digest
                 || !self.u3.contains(&sig.sender)
                 || sig.verify(&peer.identity_key).is_err()
             {
@@ -403,9 +470,11 @@ impl Client {
                 .map(|p| (v.clone(), pick(p)))
                 .ok_or_else(|| SecAggError::InconsistentRequest(format!("no share held for {v}")))
         };
+        // Only the secrets this client holds shares of: its own and its neighbours'.
         let self_mask = self
             .u3
             .iter()
+            .filter(|v| **v == self.id || self.is_neighbour(v))
             .map(|v| share_of(v, |p| p.b))
             .collect::<Result<Vec<_>, _>>()?;
         let mask_key = self

@@ -1,36 +1,49 @@
 //! Dropout-tolerant secure aggregation of the clients' per-round GLWE key vectors
-//! (Bonawitz et al., CCS 2017, with its consistency check), as pure state machines.
+//! (Bonawitz et al., CCS 2017, with its consistency check; over the sparse graph of SecAgg+,
+//! Bell et al., CCS 2020, for large rosters), as pure state machines.
 //!
 //! The host learns `S = sum of key_u (mod 2^64)` over the clients `U3` whose masked inputs it
-//! received, and nothing else about any single key, provided `|U3| >= t`; with `S` it can
-//! decrypt the sum of exactly those clients' encrypted updates. Stages (see SECURITY.md):
+//! received, and nothing else about any single key, provided `|U3|` reaches the round's
+//! minimum; with `S` it can decrypt the sum of exactly those clients' encrypted updates.
+//! Who shares with whom is the round's [`Graph`]: everyone with everyone (the complete
+//! graph, threshold a strict majority of the roster), or each member with its `k`
+//! neighbours on a random ring (a Harary graph, threshold `t` of the member's own and its
+//! neighbours' shares; see `graph`). Stages (see SECURITY.md):
 //!
 //! 0. **Advertise**: each client sends two fresh X25519 public keys (`c` for encrypting
-//!    shares, `s` for pairwise masks), signed with its ed25519 identity. The host closes the
-//!    stage with at least t adverts and broadcasts the [`Roster`] `U1` (with the enrolment
-//!    certificates, so clients check each other's identities against the fleet authority).
-//! 1. **Share keys**: each client Shamir-shares (t of |U1|) its self-mask seed `b_u` and its
-//!    secret `s` key, and sends every peer its shares encrypted with ChaCha20-Poly1305 under
-//!    a key agreed from the `c` keys. The host forwards them; `U2` = clients that sent shares.
-//! 2. **Masked input**: each client sends `y_u = key_u + PRG(b_u) + sum_{v in U2, v != u}
-//!    ±PRG(s_uv)` (+ if u < v, - otherwise) with the digest of its encrypted update.
-//!    The host sums them as they arrive; `U3` = clients whose masked input arrived.
-//! 3. **Consistency**: the host sends `U3` to its members; each signs it. At least t
+//!    shares, `s` for pairwise masks) and a fresh ring nonce, signed with its ed25519
+//!    identity. The host closes the stage with enough adverts and broadcasts the [`Roster`]
+//!    `U1` (with the enrolment certificates, so clients check each other's identities
+//!    against the fleet authority). Host and clients derive the same graph from it.
+//! 1. **Share keys**: each client Shamir-shares its self-mask seed `b_u` and its secret `s`
+//!    key among itself and its neighbours, and sends each neighbour its shares encrypted
+//!    with ChaCha20-Poly1305 under a key agreed from the `c` keys. The host forwards them;
+//!    `U2` = clients that sent shares.
+//! 2. **Masked input**: each client sends `y_u = key_u + PRG(b_u) + sum ±PRG(s_uv)` over its
+//!    neighbours v in `U2` (+ if u < v, - otherwise) with the digest of its encrypted
+//!    update. The host sums them as they arrive; `U3` = clients whose masked input arrived.
+//! 3. **Consistency**: the host sends `U3` to its members; each signs its digest. Enough
 //!    signatures on the same list are required before any client unmasks, so a host cannot
 //!    tell different clients different survivor sets.
-//! 4. **Unmask**: each client reveals, once, the `b` shares of the members of `U3` and the
-//!    `s` shares of `U2 \ U3` (never both kinds for one client). The host reconstructs,
-//!    removes the self masks and the dropped clients' leftover pairwise masks, and gets `S`.
+//! 4. **Unmask**: each client reveals, once, the `b` shares it holds of members of `U3` and
+//!    the `s` shares it holds of `U2 \ U3` (never both kinds for one client). The host
+//!    reconstructs, removes the self masks and the dropped clients' leftover pairwise masks,
+//!    and gets `S`.
 //!
 //! Every client message is signed (domain, sender, round and the message's kind included in
 //! the signed bytes), so tampered, replayed, wrong-round and unsigned messages are rejected
-//! with a typed [`SecAggError`]. The threshold in force is [`effective_threshold`]: the
-//! configured one, raised to a strict majority of the roster.
+//! with a typed [`SecAggError`]. The minimum of contributors in force is
+//! [`effective_threshold`]: the configured one, raised to a strict majority of the roster.
 
 mod client;
+mod graph;
 mod server;
 
 pub use client::Client;
+pub use graph::{
+    Adversary, CORRECTNESS_BITS, DEFAULT_SPARSE_FROM, GRINDING_BITS, Graph, GraphPolicy,
+    HararyParameters, SECURITY_BITS, ThreatModel, harary_parameters,
+};
 pub use server::{KeyAggregate, Server, Stage};
 
 use crate::identity::{DeviceId, Enrolment, Identity};
@@ -39,7 +52,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Domain separation of every signed secure-aggregation message.
-const MESSAGE_DOMAIN: &[u8] = b"fedshield/secagg/v1/message";
+const MESSAGE_DOMAIN: &[u8] = b"fedshield/secagg/v2/message";
 
 /// Public parameters of one secure aggregation, announced with the round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +63,8 @@ pub struct SecAggConfig {
     pub threshold: usize,
     /// Length of the vectors aggregated (the GLWE key size N for FedShield).
     pub vector_len: usize,
+    /// Who shares with whom ([`Graph::build`] derives the round's graph from the roster).
+    pub graph: GraphPolicy,
 }
 
 /// The threshold in force for a roster of `roster_len` clients: at least 2, at least the
@@ -70,6 +85,8 @@ pub struct Advert {
     /// Signed with the advert and broadcast in the roster, so that every member can
     /// recompute every member's weight and refuse a server that announces others.
     pub weight: u64,
+    /// Fresh randomness for the ring order of a sparse graph ([`Graph::build`]).
+    pub ring_nonce: [u8; 32],
 }
 
 /// A share sent from one client to another, encrypted end to end.
@@ -105,13 +122,14 @@ pub enum ClientBody {
         /// SHA-256 of the client's serialized encrypted update.
         update_digest: [u8; 32],
     },
-    /// Stage 3: the survivor list the client saw, signed.
-    Consistency(Vec<DeviceId>),
-    /// Stage 4: shares revealed for reconstruction.
+    /// Stage 3: the digest ([`survivors_digest`]) of the survivor list the client saw.
+    Consistency([u8; 32]),
+    /// Stage 4: shares revealed for reconstruction, of the client's own secrets and its
+    /// neighbours' (everyone's in the complete graph).
     Unmask {
-        /// Shares of `b_v` for every v in U3.
+        /// Shares of `b_v` for every v in U3 that this client holds shares of.
         self_mask: Vec<(DeviceId, Share)>,
-        /// Shares of `s_v` for every v in U2 \ U3.
+        /// Shares of `s_v` for every v in U2 \ U3 that this client holds shares of.
         mask_key: Vec<(DeviceId, Share)>,
     },
 }
@@ -212,7 +230,8 @@ pub struct SurvivorList {
     pub survivors: Vec<DeviceId>,
 }
 
-/// Stage 4's request: `U3` with at least t members' signatures on it.
+/// Stage 4's request: `U3` with enough members' signatures on its digest (the graph's
+/// threshold of them: a strict majority of the roster in the complete graph).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnmaskRequest {
     /// The round.
@@ -221,6 +240,15 @@ pub struct UnmaskRequest {
     pub survivors: Vec<DeviceId>,
     /// Consistency messages signed by members of U3.
     pub signatures: Vec<SignedMessage>,
+}
+
+/// What a consistency message signs: the round and the survivor list, hashed, so that the
+/// unmask request carries the list once and each signature in constant size.
+pub fn survivors_digest(round: u64, survivors: &[DeviceId]) -> [u8; 32] {
+    let round = round.to_le_bytes();
+    let mut parts: Vec<&[u8]> = vec![&round];
+    parts.extend(survivors.iter().map(|d| d.0.as_bytes()));
+    kdf(b"fedshield/secagg/v2/survivors", &parts)
 }
 
 /// Why a secure-aggregation message or step was refused. Nothing is changed by a refused

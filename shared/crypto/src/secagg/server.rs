@@ -3,8 +3,9 @@
 //! with the matching `close_*` method, which refuses to go on below the threshold.
 
 use super::{
-    ClientBody, EncryptedShare, Roster, RosterEntry, SecAggConfig, SecAggError, ShareDelivery,
-    SignedMessage, SurvivorList, UnmaskRequest, apply_prg, effective_threshold, pair_seed,
+    ClientBody, EncryptedShare, Graph, Roster, RosterEntry, SecAggConfig, SecAggError,
+    ShareDelivery, SignedMessage, SurvivorList, UnmaskRequest, apply_prg, effective_threshold,
+    pair_seed, survivors_digest,
 };
 use crate::identity::{DeviceId, Registry};
 use crate::shamir::{self, Share};
@@ -53,7 +54,9 @@ pub struct KeyAggregate {
     pub key_sum: Vec<u64>,
 }
 
-type UnmaskShares = (Vec<(DeviceId, Share)>, Vec<(DeviceId, Share)>);
+/// One responder's revealed shares: of self-mask seeds (members of U3) and of mask keys
+/// (members of U2 \ U3), by the secret's owner.
+type UnmaskShares = (BTreeMap<DeviceId, Share>, BTreeMap<DeviceId, Share>);
 
 /// The host's secure-aggregation session for one round.
 #[derive(Debug)]
@@ -64,6 +67,10 @@ pub struct Server {
     adverts: BTreeMap<DeviceId, RosterEntry>,
     /// U1 in roster order (sorted), with each member's s public key.
     u1: Vec<(DeviceId, [u8; 32])>,
+    /// Each member's index in U1.
+    index: BTreeMap<DeviceId, usize>,
+    graph: Option<Graph>,
+    /// Fewest contributors (a strict majority of the roster, at least the configured).
     threshold: usize,
     shares: BTreeMap<DeviceId, Vec<EncryptedShare>>,
     masked_sum: Vec<u64>,
@@ -79,12 +86,15 @@ impl Server {
         if config.vector_len == 0 {
             return Err(SecAggError::Malformed("vector length 0".into()));
         }
+        config.graph.check()?;
         Ok(Self {
             config,
             registry,
             stage: Stage::Advertise,
             adverts: BTreeMap::new(),
             u1: Vec::new(),
+            index: BTreeMap::new(),
+            graph: None,
             threshold: effective_threshold(config.threshold, 0),
             shares: BTreeMap::new(),
             masked_sum: vec![0; config.vector_len],
@@ -100,9 +110,20 @@ impl Server {
         self.stage
     }
 
-    /// The threshold in force (known once the roster is fixed).
+    /// The fewest contributors the round accepts (known once the roster is fixed).
     pub fn threshold(&self) -> usize {
         self.threshold
+    }
+
+    /// The round's graph, once the roster is fixed.
+    pub fn graph(&self) -> Option<&Graph> {
+        self.graph.as_ref()
+    }
+
+    /// Shares that reconstruct a secret: the graph's threshold (the minimum of
+    /// contributors until the roster is fixed).
+    fn share_threshold(&self) -> usize {
+        self.graph.as_ref().map_or(self.threshold, Graph::threshold)
     }
 
     /// How many messages the current stage has collected.
@@ -130,10 +151,23 @@ impl Server {
     }
 
     fn x_of(&self, id: &DeviceId) -> Option<u32> {
-        self.u1
-            .iter()
-            .position(|(d, _)| d == id)
-            .map(|i| i as u32 + 1)
+        self.index.get(id).map(|&i| i as u32 + 1)
+    }
+
+    /// Roster indices of `id`'s neighbours.
+    fn neighbours_of(&self, id: &DeviceId) -> Vec<usize> {
+        match (&self.graph, self.index.get(id)) {
+            (Some(g), Some(&i)) => g.neighbours(i),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether `holder` holds shares of `owner`'s secrets (itself or a neighbour).
+    fn holds(&self, holder: &DeviceId, owner: &DeviceId) -> bool {
+        match (&self.graph, self.index.get(holder), self.index.get(owner)) {
+            (Some(g), Some(&h), Some(&o)) => h == o || g.adjacent(h, o),
+            _ => false,
+        }
     }
 
     /// Checks one client message as [`Server::receive`] would, without recording it: its
@@ -169,14 +203,17 @@ impl Server {
                     return Err(duplicate("shares"));
                 }
                 let recipients: BTreeSet<&DeviceId> = shares.iter().map(|s| &s.to).collect();
-                let valid = shares.len() == self.u1.len() - 1
-                    && recipients.len() == shares.len()
-                    && shares.iter().all(|s| {
-                        &s.from == sender && &s.to != sender && self.x_of(&s.to).is_some()
-                    });
+                let neighbours: BTreeSet<&DeviceId> = self
+                    .neighbours_of(sender)
+                    .into_iter()
+                    .map(|j| &self.u1[j].0)
+                    .collect();
+                let valid = recipients.len() == shares.len()
+                    && recipients == neighbours
+                    && shares.iter().all(|s| &s.from == sender);
                 if !valid {
                     return Err(SecAggError::Malformed(format!(
-                        "shares from {sender}: need one per other roster member"
+                        "shares from {sender}: need one per neighbour in the round's graph"
                     )));
                 }
             }
@@ -202,7 +239,7 @@ impl Server {
                 if self.consistency.contains_key(sender) {
                     return Err(duplicate("consistency"));
                 }
-                if list != &self.u3 {
+                if *list != survivors_digest(self.config.round, &self.u3) {
                     return Err(SecAggError::InconsistentRequest(format!(
                         "{sender} signed another survivor list"
                     )));
@@ -226,10 +263,12 @@ impl Server {
                 if self.unmask.contains_key(sender) {
                     return Err(duplicate("unmask"));
                 }
+                let survivors: Vec<&DeviceId> =
+                    self.u3.iter().filter(|v| self.holds(sender, v)).collect();
                 let dropped: Vec<&DeviceId> = self
                     .shares
                     .keys()
-                    .filter(|v| !self.u3.contains(v))
+                    .filter(|v| self.u3.binary_search(v).is_err() && self.holds(sender, v))
                     .collect();
                 let matches =
                     |got: &[(DeviceId, Share)], want: &mut dyn Iterator<Item = &DeviceId>| {
@@ -240,11 +279,12 @@ impl Server {
                                 .zip(want)
                                 .all(|((id, share), w)| id == w && share.x == x)
                     };
-                if !matches(self_mask, &mut self.u3.iter())
+                if !matches(self_mask, &mut survivors.into_iter())
                     || !matches(mask_key, &mut dropped.into_iter())
                 {
                     return Err(SecAggError::Malformed(format!(
-                        "unmask response from {sender}: shares must cover U3 and U2 \\ U3"
+                        "unmask response from {sender}: shares must cover the members of U3 \\
+                         and of U2 \\ U3 it holds shares of"
                     )));
                 }
             }
@@ -295,7 +335,10 @@ impl Server {
                 self_mask,
                 mask_key,
             } => {
-                let shares = (self_mask.clone(), mask_key.clone());
+                let shares = (
+                    self_mask.iter().cloned().collect(),
+                    mask_key.iter().cloned().collect(),
+                );
                 self.unmask.insert(sender, shares);
             }
         }
@@ -303,14 +346,24 @@ impl Server {
     }
 
     fn require(&self, stage: Stage, have: usize, name: &'static str) -> Result<(), SecAggError> {
+        self.require_at_least(stage, have, self.threshold, name)
+    }
+
+    fn require_at_least(
+        &self,
+        stage: Stage,
+        have: usize,
+        need: usize,
+        name: &'static str,
+    ) -> Result<(), SecAggError> {
         if self.stage != stage {
             return Err(SecAggError::OutOfOrder("stage closed out of order"));
         }
-        if have < self.threshold {
+        if have < need {
             return Err(SecAggError::BelowThreshold {
                 stage: name,
                 have,
-                need: self.threshold,
+                need,
             });
         }
         Ok(())
@@ -321,13 +374,31 @@ impl Server {
         self.threshold = effective_threshold(self.config.threshold, self.adverts.len());
         self.require(Stage::Advertise, self.adverts.len(), "advertise")?;
         let entries: Vec<RosterEntry> = self.adverts.values().cloned().collect();
+        let mut nonces = Vec::with_capacity(entries.len());
         self.u1 = entries
             .iter()
             .map(|e| match &e.advert.body {
-                ClientBody::Advertise(a) => (e.advert.sender.clone(), a.s_pk),
+                ClientBody::Advertise(a) => {
+                    nonces.push(a.ring_nonce);
+                    (e.advert.sender.clone(), a.s_pk)
+                }
                 _ => unreachable!("only adverts are stored in stage 0"),
             })
             .collect();
+        let members: Vec<(&DeviceId, &[u8; 32])> = self
+            .u1
+            .iter()
+            .zip(&nonces)
+            .map(|((d, _), n)| (d, n))
+            .collect();
+        let graph = Graph::build(&self.config, &members)?;
+        self.index = self
+            .u1
+            .iter()
+            .enumerate()
+            .map(|(i, (d, _))| (d.clone(), i))
+            .collect();
+        self.graph = Some(graph);
         self.stage = Stage::ShareKeys;
         Ok(Roster {
             round: self.config.round,
@@ -369,54 +440,81 @@ impl Server {
         })
     }
 
-    /// Ends stage 3: returns the unmask request with the collected signatures.
+    /// Ends stage 3: returns the unmask request with as many collected signatures as a
+    /// client requires (the graph's threshold), so that its size does not grow with U3.
     pub fn close_consistency(&mut self) -> Result<UnmaskRequest, SecAggError> {
-        self.require(Stage::Consistency, self.consistency.len(), "consistency")?;
+        let need = self.share_threshold();
+        self.require_at_least(
+            Stage::Consistency,
+            self.consistency.len(),
+            need,
+            "consistency",
+        )?;
         self.stage = Stage::Unmask;
         Ok(UnmaskRequest {
             round: self.config.round,
             survivors: self.u3.clone(),
-            signatures: self.consistency.values().cloned().collect(),
+            signatures: self.consistency.values().take(need).cloned().collect(),
         })
     }
 
-    /// Ends stage 4: reconstructs the self masks of U3 and the mask keys of U2 \ U3 from
-    /// t responses, removes the masks, and returns the key sum of U3.
+    /// Ends stage 4: reconstructs each self mask of U3 and each mask key of U2 \ U3 from
+    /// the graph's threshold of the responses of its holders, removes the masks, and
+    /// returns the key sum of U3.
     pub fn close_unmask(&mut self) -> Result<KeyAggregate, SecAggError> {
-        self.require(Stage::Unmask, self.unmask.len(), "unmask")?;
-        let responders: Vec<(&DeviceId, &UnmaskShares)> =
-            self.unmask.iter().take(self.threshold).collect();
-        let xs: Vec<u32> = responders
-            .iter()
-            .map(|(id, _)| self.x_of(id).expect("responders are roster members"))
-            .collect();
-        let lambda =
-            shamir::lagrange_at_zero(&xs).map_err(|e| SecAggError::Malformed(e.to_string()))?;
-        let reconstruct = |pick: &dyn Fn(&UnmaskShares) -> &Share| {
-            let shares: Vec<&Share> = responders.iter().map(|(_, r)| pick(r)).collect();
-            shamir::combine_with(&shares, &lambda)
-                .map_err(|e| SecAggError::Malformed(e.to_string()))
+        let t = self.share_threshold();
+        self.require_at_least(Stage::Unmask, self.unmask.len(), t, "unmask")?;
+        // Lagrange coefficients per set of x-coordinates: one set in the complete graph.
+        let mut lagrange: BTreeMap<Vec<u32>, Vec<u64>> = BTreeMap::new();
+        let mut reconstruct = |owner: &DeviceId, pick: &dyn Fn(&UnmaskShares) -> Option<&Share>| {
+            let shares: Vec<&Share> = self
+                .unmask
+                .iter()
+                .filter(|(r, _)| self.holds(r, owner))
+                .filter_map(|(_, shares)| pick(shares))
+                .take(t)
+                .collect();
+            if shares.len() < t {
+                return Err(SecAggError::BelowThreshold {
+                    stage: "unmask",
+                    have: shares.len(),
+                    need: t,
+                });
+            }
+            let xs: Vec<u32> = shares.iter().map(|s| s.x).collect();
+            let lambda = match lagrange.get(&xs) {
+                Some(l) => l,
+                None => {
+                    let l = shamir::lagrange_at_zero(&xs)
+                        .map_err(|e| SecAggError::Malformed(e.to_string()))?;
+                    lagrange.entry(xs).or_insert(l)
+                }
+            };
+            shamir::combine_with(&shares, lambda).map_err(|e| SecAggError::Malformed(e.to_string()))
         };
         let mut sum = self.masked_sum.clone();
-        for k in 0..self.u3.len() {
-            let b = reconstruct(&|r| &r.0[k].1)?;
+        for u in &self.u3 {
+            let b = reconstruct(u, &|r| r.0.get(u))?;
             apply_prg(&mut sum, &b, true);
         }
-        let dropped: Vec<DeviceId> = self
+        let dropped: Vec<&DeviceId> = self
             .shares
             .keys()
-            .filter(|v| !self.u3.contains(v))
-            .cloned()
+            .filter(|v| self.u3.binary_search(v).is_err())
             .collect();
-        for (k, v) in dropped.iter().enumerate() {
-            let s_sk = StaticSecret::from(reconstruct(&|r| &r.1[k].1)?);
-            let advertised = self.u1.iter().find(|(d, _)| d == v).map(|(_, pk)| *pk);
+        for v in dropped {
+            let s_sk = StaticSecret::from(reconstruct(v, &|r| r.1.get(v))?);
+            let advertised = self.index.get(v).map(|&i| self.u1[i].1);
             if Some(PublicKey::from(&s_sk).to_bytes()) != advertised {
                 return Err(SecAggError::Malformed(format!(
                     "the shares of {v}'s mask key do not reconstruct its advertised key"
                 )));
             }
-            for (u, s_pk_u) in self.u1.iter().filter(|(u, _)| self.u3.contains(u)) {
+            for j in self.neighbours_of(v) {
+                let (u, s_pk_u) = &self.u1[j];
+                if self.u3.binary_search(u).is_err() {
+                    continue;
+                }
                 let shared = s_sk.diffie_hellman(&PublicKey::from(*s_pk_u)).to_bytes();
                 // u added the pair mask if u < v, subtracted it otherwise: undo that.
                 apply_prg(&mut sum, &pair_seed(self.config.round, &shared), u < v);

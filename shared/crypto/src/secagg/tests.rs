@@ -77,6 +77,21 @@ fn run(
     drops: &Drops,
     rng: &mut ChaCha20Rng,
 ) -> Result<KeyAggregate, SecAggError> {
+    run_with_graph(fleet, config, inputs, digests, drops, rng, &mut None)
+}
+
+/// [`run`], also handing out the round's graph once the roster is fixed. A client that
+/// refuses the shares stage because too few of its neighbours sent shares leaves the round
+/// (as a device does), and the others go on without it.
+fn run_with_graph(
+    fleet: &Fleet,
+    config: SecAggConfig,
+    inputs: &[Vec<u64>],
+    digests: &[[u8; 32]],
+    drops: &Drops,
+    rng: &mut ChaCha20Rng,
+    graph: &mut Option<Graph>,
+) -> Result<KeyAggregate, SecAggError> {
     let mut server = Server::new(config, fleet.registry.clone())?;
     let mut clients = Vec::new();
     for i in 0..inputs.len() {
@@ -87,6 +102,7 @@ fn run(
         }
     }
     let roster = server.close_advertise()?;
+    *graph = server.graph().cloned();
     let mut alive = Vec::new();
     for (i, mut c) in clients {
         let msg = c.on_roster(&roster, rng)?;
@@ -98,7 +114,10 @@ fn run(
     let deliveries = server.close_shares()?;
     let mut next = Vec::new();
     for (i, mut c) in alive {
-        let msg = c.on_shares(&deliveries[c.id()], &inputs[i], digests[i])?;
+        let msg = match c.on_shares(&deliveries[c.id()], &inputs[i], digests[i]) {
+            Err(SecAggError::BelowThreshold { .. }) => continue,
+            other => other?,
+        };
         if !drops.input.contains(&i) {
             server.receive(msg)?;
             next.push((i, c));
@@ -128,7 +147,77 @@ fn config(round: u64, threshold: usize, vector_len: usize) -> SecAggConfig {
         round,
         threshold,
         vector_len,
+        graph: GraphPolicy::Complete,
     }
+}
+
+fn harary(degree: u32, threshold: u32) -> GraphPolicy {
+    GraphPolicy::Fixed { degree, threshold }
+}
+
+/// Whether a round with `drops` must complete, from the graph and the thresholds alone:
+/// each stage keeps the minimum of contributors, every client keeps enough neighbours to
+/// go on, and every secret the host must reconstruct has the graph's threshold of
+/// responding holders.
+fn must_complete(graph: &Graph, u1: &[usize], drops: &Drops, minimum: usize) -> bool {
+    let t = graph.threshold();
+    // Roster index -> client number, and back.
+    let at: BTreeMap<usize, usize> = u1.iter().copied().enumerate().collect();
+    let members = |set: &BTreeSet<usize>| -> BTreeSet<usize> {
+        at.iter()
+            .filter(|(_, c)| set.contains(c))
+            .map(|(i, _)| *i)
+            .collect()
+    };
+    let all: BTreeSet<usize> = (0..u1.len()).collect();
+    let u2: BTreeSet<usize> = all.difference(&members(&drops.shares)).copied().collect();
+    if u1.len() < minimum || u2.len() < minimum {
+        return false;
+    }
+    let refusing: BTreeSet<usize> = u2
+        .iter()
+        .copied()
+        .filter(|&u| {
+            1 + graph
+                .neighbours(u)
+                .iter()
+                .filter(|v| u2.contains(v))
+                .count()
+                < t
+        })
+        .collect();
+    let u3: BTreeSet<usize> = u2
+        .difference(&members(&drops.input))
+        .copied()
+        .filter(|u| !refusing.contains(u))
+        .collect();
+    let signers: BTreeSet<usize> = u3
+        .difference(&members(&drops.consistency))
+        .copied()
+        .collect();
+    let responders: BTreeSet<usize> = signers
+        .difference(&members(&drops.unmask))
+        .copied()
+        .collect();
+    u3.len() >= minimum
+        && signers.len() >= t
+        && responders.len() >= t
+        && u3.iter().all(|&v| {
+            graph
+                .holders(v)
+                .iter()
+                .filter(|h| responders.contains(h))
+                .count()
+                >= t
+        })
+        && u2.difference(&u3).all(|&v| {
+            graph
+                .neighbours(v)
+                .iter()
+                .filter(|h| responders.contains(h))
+                .count()
+                >= t
+        })
 }
 
 fn random_inputs(n: usize, len: usize, rng: &mut ChaCha20Rng) -> Vec<Vec<u64>> {
@@ -149,36 +238,152 @@ fn sum_of(inputs: &[Vec<u64>], members: impl Iterator<Item = usize>) -> Vec<u64>
 
 #[test]
 fn key_sum_of_the_survivors_with_dropouts_at_every_stage() {
-    let mut rng = ChaCha20Rng::seed_from_u64(1);
-    let fleet = fleet(11, &mut rng);
-    let inputs = random_inputs(11, 64, &mut rng);
-    let digests: Vec<[u8; 32]> = (0..11u8).map(|i| [i; 32]).collect();
-    let drops = Drops {
-        advertise: [0].into(),
-        shares: [1].into(),
-        input: [2, 3].into(), // dropped after sharing: their pair masks are removed
-        consistency: [4].into(),
-        unmask: BTreeSet::new(),
+    // The complete graph, and a Harary graph of degree 6 and threshold 3, in which every
+    // secret still has 3 responding holders whatever the ring order.
+    for policy in [GraphPolicy::Complete, harary(6, 3)] {
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let fleet = fleet(11, &mut rng);
+        let inputs = random_inputs(11, 64, &mut rng);
+        let digests: Vec<[u8; 32]> = (0..11u8).map(|i| [i; 32]).collect();
+        let drops = Drops {
+            advertise: [0].into(),
+            shares: [1].into(),
+            input: [2, 3].into(), // dropped after sharing: their pair masks are removed
+            consistency: [4].into(),
+            unmask: BTreeSet::new(),
+        };
+        // 10 in U1 -> minimum max(3, 6) = 6; U2 has 9, U3 = {4..=10} (7), 6 sign and unmask.
+        let mut graph = None;
+        let out = run_with_graph(
+            &fleet,
+            SecAggConfig {
+                graph: policy,
+                ..config(7, 3, 64)
+            },
+            &inputs,
+            &digests,
+            &drops,
+            &mut rng,
+            &mut graph,
+        )
+        .unwrap();
+        let graph = graph.unwrap();
+        assert_eq!(
+            graph.degree(),
+            match policy {
+                GraphPolicy::Complete => None,
+                _ => Some(6),
+            }
+        );
+        let u3: Vec<usize> = (4..11).collect();
+        assert_eq!(out.key_sum, sum_of(&inputs, u3.iter().copied()));
+        assert_eq!(
+            out.contributors,
+            u3.iter()
+                .map(|&i| fleet.secrets[i].0.clone())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(out.update_digests[&fleet.secrets[5].0], [5; 32]);
+    }
+}
+
+#[test]
+fn over_a_harary_graph_messages_stay_within_the_neighbourhood() {
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let n = 60;
+    let fleet = fleet(n, &mut rng);
+    let cfg = SecAggConfig {
+        graph: harary(6, 4),
+        ..config(3, 2, 8)
     };
-    // 10 in U1 -> threshold max(3, 6) = 6; U2 has 9, U3 = {4..=10} (7), 6 sign and unmask.
-    let out = run(
-        &fleet,
-        config(7, 3, 64),
-        &inputs,
-        &digests,
-        &drops,
-        &mut rng,
-    )
-    .unwrap();
-    let u3: Vec<usize> = (4..11).collect();
-    assert_eq!(out.key_sum, sum_of(&inputs, u3.iter().copied()));
-    assert_eq!(
-        out.contributors,
-        u3.iter()
-            .map(|&i| fleet.secrets[i].0.clone())
-            .collect::<Vec<_>>()
+    let mut server = Server::new(cfg, fleet.registry.clone()).unwrap();
+    let mut clients: Vec<Client> = (0..n)
+        .map(|i| {
+            let (c, advert) = fleet.client(i, cfg, &mut rng);
+            server.receive(advert).unwrap();
+            c
+        })
+        .collect();
+    let roster = server.close_advertise().unwrap();
+    let graph = server.graph().unwrap().clone();
+    assert_eq!((graph.degree(), graph.threshold()), (Some(6), 4));
+    let shares: Vec<SignedMessage> = clients
+        .iter_mut()
+        .map(|c| c.on_roster(&roster, &mut rng).unwrap())
+        .collect();
+    // Every client derived the host's graph, and shares with its 6 neighbours only.
+    for (i, (c, msg)) in clients.iter().zip(&shares).enumerate() {
+        assert_eq!(c.graph(), Some(&graph));
+        let ClientBody::Shares(s) = &msg.body else {
+            panic!("not shares")
+        };
+        let to: Vec<&DeviceId> = s.iter().map(|s| &s.to).collect();
+        let want: Vec<&DeviceId> = graph
+            .neighbours(i)
+            .into_iter()
+            .map(|j| &fleet.secrets[j].0)
+            .collect();
+        assert_eq!(to, want);
+    }
+    // A share addressed outside the graph (re-signed by its sender) is refused by the host.
+    let stranger = (0..n).find(|&j| j != 0 && !graph.adjacent(0, j)).unwrap();
+    let mut routed = shares[0].clone();
+    if let ClientBody::Shares(s) = &mut routed.body {
+        s[0].to = fleet.secrets[stranger].0.clone();
+    }
+    let routed = SignedMessage::sign(
+        &Identity::from_secret(fleet.secrets[0].1),
+        routed.sender.clone(),
+        routed.round,
+        routed.body.clone(),
     );
-    assert_eq!(out.update_digests[&fleet.secrets[5].0], [5; 32]);
+    assert!(matches!(
+        server.receive(routed),
+        Err(SecAggError::Malformed(_))
+    ));
+    for s in shares.clone() {
+        server.receive(s).unwrap();
+    }
+    let deliveries = server.close_shares().unwrap();
+    assert!(deliveries.values().all(|d| d.shares.len() == 6));
+    // A client refuses a share from a non-neighbour that a host slipped in.
+    let ClientBody::Shares(from_0) = &shares[0].body else {
+        panic!("not shares")
+    };
+    let mut slipped = deliveries[&fleet.secrets[stranger].0].clone();
+    let mut foreign = from_0[0].clone();
+    foreign.to = fleet.secrets[stranger].0.clone();
+    slipped.shares[0] = foreign;
+    assert!(matches!(
+        clients[stranger].on_shares(&slipped, &[0; 8], [0; 32]),
+        Err(SecAggError::Malformed(_))
+    ));
+    for c in clients.iter_mut() {
+        let msg = c.on_shares(&deliveries[c.id()], &[1; 8], [0; 32]).unwrap();
+        server.receive(msg).unwrap();
+    }
+    let list = server.close_masked_inputs().unwrap();
+    for c in clients.iter_mut() {
+        server.receive(c.on_survivors(&list).unwrap()).unwrap();
+    }
+    // The unmask request carries the threshold's signatures, not one per survivor, and
+    // each response the shares of the client's own and its neighbours' secrets.
+    let request = server.close_consistency().unwrap();
+    assert_eq!(request.signatures.len(), 4);
+    for c in clients.iter_mut() {
+        let msg = c.on_unmask(&request).unwrap();
+        let ClientBody::Unmask {
+            self_mask,
+            mask_key,
+        } = &msg.body
+        else {
+            panic!("not unmask")
+        };
+        assert_eq!((self_mask.len(), mask_key.len()), (7, 0));
+        server.receive(msg).unwrap();
+    }
+    let out = server.close_unmask().unwrap();
+    assert_eq!(out.key_sum, vec![n as u64; 8]);
 }
 
 #[test]
@@ -441,7 +646,14 @@ fn clients_refuse_a_lying_host() {
 
 /// The pipeline of one round: encrypted updates, secure key aggregation with dropouts, and
 /// decryption of the survivors' weighted mean.
-fn pipeline(n: usize, t: usize, dim: usize, drops: Drops, seed: u64) -> Result<(), TestCaseError> {
+fn pipeline(
+    n: usize,
+    t: usize,
+    policy: GraphPolicy,
+    dim: usize,
+    drops: Drops,
+    seed: u64,
+) -> Result<(), TestCaseError> {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let mut seeder = DeterministicSeeder::<DefaultRandomGenerator>::new(Seed(seed as u128));
     let fleet = fleet(n, &mut rng);
@@ -477,36 +689,40 @@ fn pipeline(n: usize, t: usize, dim: usize, drops: Drops, seed: u64) -> Result<(
         .collect();
     let inputs: Vec<Vec<u64>> = keys.iter().map(|k| k.coefficients().to_vec()).collect();
 
-    let result = run(
+    let mut graph = None;
+    let result = run_with_graph(
         &fleet,
-        config(3, t, POLYNOMIAL_SIZE),
+        SecAggConfig {
+            graph: policy,
+            ..config(3, t, POLYNOMIAL_SIZE)
+        },
         &inputs,
         &digests,
         &drops,
         &mut rng,
+        &mut graph,
     );
 
-    // Expected outcome: refusal as soon as a stage has fewer than the threshold.
-    let u1 = n - drops.advertise.len();
-    let need = effective_threshold(t, u1);
-    let mut left = u1;
-    let mut ok = left >= need;
-    for d in [
-        &drops.shares,
-        &drops.input,
-        &drops.consistency,
-        &drops.unmask,
-    ] {
-        left -= d.len();
-        ok &= left >= need;
-    }
+    // Expected outcome: refusal exactly when some stage or some secret falls below its
+    // threshold.
+    let u1: Vec<usize> = (0..n).filter(|i| !drops.advertise.contains(i)).collect();
+    let minimum = effective_threshold(t, u1.len());
+    let ok = graph
+        .as_ref()
+        .is_some_and(|g| must_complete(g, &u1, &drops, minimum));
     let out = match result {
         Ok(out) => {
-            prop_assert!(ok, "aggregated with fewer than {need} at some stage");
+            prop_assert!(
+                ok,
+                "aggregated although some stage or secret lacked its threshold"
+            );
             out
         }
         Err(SecAggError::BelowThreshold { .. }) => {
-            prop_assert!(!ok, "refused although every stage had {need}");
+            prop_assert!(
+                !ok,
+                "refused although every stage and secret had its threshold"
+            );
             return Ok(());
         }
         Err(e) => return Err(TestCaseError::fail(format!("unexpected error {e}"))),
@@ -564,6 +780,14 @@ fn drops_strategy(n: usize) -> impl Strategy<Value = Drops> {
     })
 }
 
+/// A Harary policy for `n` clients: an even degree below n - 1 and a threshold up to the
+/// degree plus one, from two uniform draws.
+fn sparse_policy(n: usize, a: u32, b: u32) -> GraphPolicy {
+    let max_half = ((n.saturating_sub(2)) / 2).max(1) as u32;
+    let degree = 2 * (1 + a % max_half);
+    harary(degree, 2 + b % degree)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
@@ -573,7 +797,17 @@ proptest! {
         dim in 1usize..(3 * POLYNOMIAL_SIZE),
         seed in any::<u64>(),
     ) {
-        pipeline(n, t, dim, drops, seed)?;
+        pipeline(n, t, GraphPolicy::Complete, dim, drops, seed)?;
+    }
+
+    #[test]
+    fn over_a_harary_graph_the_aggregate_is_exact_or_refused_below_its_tolerance(
+        (n, drops) in (6usize..=48).prop_flat_map(|n| (Just(n), drops_strategy(n))),
+        (a, b) in (any::<u32>(), any::<u32>()),
+        dim in 1usize..(2 * POLYNOMIAL_SIZE),
+        seed in any::<u64>(),
+    ) {
+        pipeline(n, 2, sparse_policy(n, a, b), dim, drops, seed)?;
     }
 
     #[test]
@@ -595,6 +829,37 @@ proptest! {
             drops.unmask.remove(&i);
         }
         prop_assume!(u1 >= effective_threshold(t, u1));
-        pipeline(n, t, 100, drops, seed)?;
+        pipeline(n, t, GraphPolicy::Complete, 100, drops, seed)?;
+    }
+
+    #[test]
+    fn a_harary_round_survives_dropouts_within_every_neighbourhood_tolerance(
+        n in 12usize..=40,
+        seed in any::<u64>(),
+        late in 0usize..4,
+    ) {
+        // Degree 8, threshold 4: every member keeps 5 of its 9 holders through up to 4
+        // dropouts anywhere after the roster; drop 4 members at one stage after sharing.
+        let mut drops = Drops::default();
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let mut chosen = BTreeSet::new();
+        while chosen.len() < 4 {
+            chosen.insert(rng.random_range(0..n));
+        }
+        let stage = match late {
+            0 => &mut drops.input,
+            1 => &mut drops.consistency,
+            2 => &mut drops.unmask,
+            _ => &mut drops.shares,
+        };
+        stage.extend(chosen);
+        pipeline(n, 2, harary(8, 4), 64, drops.clone(), seed)?;
+        // And the same round completes: the oracle agrees, and so must the run.
+        let fleet = fleet(n, &mut rng);
+        let inputs = random_inputs(n, 16, &mut rng);
+        let digests = vec![[7; 32]; n];
+        let cfg = SecAggConfig { graph: harary(8, 4), ..config(2, 2, 16) };
+        let out = run(&fleet, cfg, &inputs, &digests, &drops, &mut rng);
+        prop_assert!(out.is_ok(), "{:?}", out.err());
     }
 }

@@ -45,6 +45,8 @@ pub struct FleetSettings {
     pub min_local_steps: usize,
     /// Minimum contributors.
     pub threshold: usize,
+    /// The secure aggregation's graph (complete, or sparse from a threat model).
+    pub secagg_graph: fedshield_crypto::secagg::GraphPolicy,
     /// Upload and publication chunk size in bytes.
     pub chunk_bytes: usize,
 }
@@ -95,6 +97,13 @@ pub struct RoundMetrics {
     /// Seconds the devices' governors slowed or paused training, summed.
     #[serde(default)]
     pub throttled_seconds: Option<f64>,
+    /// Neighbours per device in the round's secure aggregation (SecAgg+ Harary graph);
+    /// `None` for the complete graph.
+    #[serde(default)]
+    pub secagg_degree: Option<usize>,
+    /// Shares that reconstruct a device's secrets in that graph.
+    #[serde(default)]
+    pub secagg_threshold: Option<usize>,
 }
 
 /// One device's accepted evaluation report.
@@ -499,6 +508,7 @@ impl HostFleet {
             local_steps: s.local_steps,
             min_local_steps: s.min_local_steps,
             threshold: s.threshold,
+            secagg_graph: s.secagg_graph,
             chunk_bytes: s.chunk_bytes,
         };
         self.state.announced = round;
@@ -638,6 +648,8 @@ impl HostFleet {
                     self.state.last_global.iter().map(Vec::len).sum::<usize>() as u64;
                 metrics.contributors = result.contributors.len();
                 metrics.effective_steps = Some(result.effective_steps);
+                metrics.secagg_degree = result.secagg_graph.map(|(k, _)| k);
+                metrics.secagg_threshold = result.secagg_graph.map(|(_, t)| t);
                 metrics.upload_bytes_per_client = result.upload_bytes;
             }
             Err(why) => metrics.failure = Some(why),
