@@ -29,6 +29,12 @@ use tfhe::core_crypto::entities::Polynomial;
 /// bound's assumptions are broken (for example a non-binary key).
 pub const MAX_ROUNDING_DISTANCE: f64 = 0.25;
 
+/// Bits per digit plane of a small key ([`NegacyclicFft::add_mul_digits`]): digits up to 15
+/// keep the a-priori rounding bound (15 x the binary 0.03 = 0.45) below the 1/2 that
+/// would round wrongly; the measured worst case is far lower (the tests print it), and an
+/// output beyond [`MAX_ROUNDING_DISTANCE`] still takes the exact fallback.
+pub const DIGIT_BITS: u32 = 4;
+
 /// FFT tables for polynomials of size N (a power of two, at least 4).
 #[derive(Debug, Clone)]
 pub struct NegacyclicFft {
@@ -193,6 +199,99 @@ impl NegacyclicFft {
             exact_add_mul(out, a, &key.coefficients);
         }
         worst
+    }
+
+    /// Adds `a * key mod (X^N + 1, 2^64)` to `out`, exactly, for a key with small
+    /// non-negative coefficients given as its digit planes in base 2^[`DIGIT_BITS`]
+    /// (`key = sum_p 16^p planes[p]`, spectra from [`Self::digit_spectra`]): `a`'s limbs
+    /// are transformed once, each plane costs one pointwise product and one inverse
+    /// transform per limb. A digit of at most 15 scales the binary bound by 15 (below 1/2);
+    /// every output is checked as in [`Self::add_mul_binary`] and a plane farther than
+    /// [`MAX_ROUNDING_DISTANCE`] from integers is recomputed with Karatsuba. Returns the
+    /// largest distance seen.
+    ///
+    /// # Panics
+    /// If `a` or `out` does not have N coefficients.
+    pub fn add_mul_digits(
+        &self,
+        out: &mut [u64],
+        a: &[u64],
+        planes: &[BinarySpectrum],
+        scratch: &mut Scratch,
+        work: &mut Scratch,
+    ) -> f64 {
+        assert!(a.len() == self.n && out.len() == self.n, "polynomial size");
+        let m = self.n / 2;
+        self.fold(
+            |j| lo_limb(a[j]) as f64,
+            &mut scratch.lo_re,
+            &mut scratch.lo_im,
+        );
+        self.fold(
+            |j| hi_limb(a[j]) as f64,
+            &mut scratch.hi_re,
+            &mut scratch.hi_im,
+        );
+        self.forward(&mut scratch.lo_re, &mut scratch.lo_im);
+        self.forward(&mut scratch.hi_re, &mut scratch.hi_im);
+        let mut worst = 0.0f64;
+        let mut product = vec![0u64; self.n];
+        for (p, plane) in planes.iter().enumerate() {
+            let shift = DIGIT_BITS * p as u32;
+            work.lo_re.copy_from_slice(&scratch.lo_re);
+            work.lo_im.copy_from_slice(&scratch.lo_im);
+            work.hi_re.copy_from_slice(&scratch.hi_re);
+            work.hi_im.copy_from_slice(&scratch.hi_im);
+            pointwise_mul(&mut work.lo_re, &mut work.lo_im, &plane.re, &plane.im);
+            pointwise_mul(&mut work.hi_re, &mut work.hi_im, &plane.re, &plane.im);
+            self.inverse(&mut work.lo_re, &mut work.lo_im);
+            self.inverse(&mut work.hi_re, &mut work.hi_im);
+            let mut plane_worst = 0.0f64;
+            for j in 0..m {
+                let (ur, ui) = (self.untwist_re[j], self.untwist_im[j]);
+                let (lo_re, lo_im) = (work.lo_re[j], work.lo_im[j]);
+                let (hi_re, hi_im) = (work.hi_re[j], work.hi_im[j]);
+                let (lr, li) = (lo_re * ur - lo_im * ui, lo_re * ui + lo_im * ur);
+                let (hr, hi) = (hi_re * ur - hi_im * ui, hi_re * ui + hi_im * ur);
+                let (lr_r, li_r, hr_r, hi_r) = (lr.round(), li.round(), hr.round(), hi.round());
+                plane_worst = plane_worst
+                    .max((lr - lr_r).abs())
+                    .max((li - li_r).abs())
+                    .max((hr - hr_r).abs())
+                    .max((hi - hi_r).abs());
+                product[j] = combine(hr_r, lr_r);
+                product[j + m] = combine(hi_r, li_r);
+            }
+            if plane_worst > MAX_ROUNDING_DISTANCE {
+                product.fill(0);
+                exact_add_mul(&mut product, a, &plane.coefficients);
+            }
+            worst = worst.max(plane_worst);
+            for (o, q) in out.iter_mut().zip(&product) {
+                *o = o.wrapping_add(q.wrapping_shl(shift));
+            }
+        }
+        worst
+    }
+
+    /// The digit planes (base 2^[`DIGIT_BITS`], lowest first) of a key with non-negative
+    /// coefficients below 2^(DIGIT_BITS x `planes`), for [`Self::add_mul_digits`]; `None`
+    /// if a coefficient does not fit.
+    pub fn digit_spectra(&self, key: &[u64], planes: usize) -> Option<Vec<BinarySpectrum>> {
+        let bits = DIGIT_BITS as usize * planes;
+        if planes == 0 || bits >= 64 || key.iter().any(|&k| k >> bits != 0) {
+            return None;
+        }
+        let digit = (1u64 << DIGIT_BITS) - 1;
+        Some(
+            (0..planes)
+                .map(|p| {
+                    let shift = DIGIT_BITS as usize * p;
+                    let digits: Vec<u64> = key.iter().map(|&k| (k >> shift) & digit).collect();
+                    self.binary_spectrum(&digits)
+                })
+                .collect(),
+        )
     }
 
     /// z_j = (p_j + i p_{j+N/2}) w^j.
@@ -398,6 +497,42 @@ mod tests {
         }
         // The fast path was exact on its own: the documented error bound holds.
         assert!(worst < 0.03, "rounding distance {worst}");
+    }
+
+    #[test]
+    fn digit_planes_of_a_small_key_give_the_exact_product() {
+        let n = 2048;
+        let fft = NegacyclicFft::new(n);
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(21);
+        // Key sums of 3, 8 and 1,000 binary keys, and the worst case of each width.
+        for (max, planes) in [(3u64, 1), (15, 1), (16, 2), (1000, 3), (4095, 3)] {
+            for worst_case in [false, true] {
+                let key: Vec<u64> = (0..n)
+                    .map(|_| {
+                        if worst_case {
+                            max
+                        } else {
+                            rng.random_range(0..=max)
+                        }
+                    })
+                    .collect();
+                let a: Vec<u64> = (0..n)
+                    .map(|_| if worst_case { 1 << 31 } else { rng.random() })
+                    .collect();
+                let spectra = fft.digit_spectra(&key, planes).unwrap();
+                let mut got = vec![5u64; n];
+                let (mut s1, mut s2) = (fft.scratch(), fft.scratch());
+                let worst = fft.add_mul_digits(&mut got, &a, &spectra, &mut s1, &mut s2);
+                let mut want = vec![5u64; n];
+                exact_add_mul(&mut want, &a, &key);
+                assert_eq!(got, want, "key max {max}, worst case {worst_case}");
+                assert!(worst < MAX_ROUNDING_DISTANCE, "rounding distance {worst}");
+                eprintln!(
+                    "digits: key max {max}, worst case {worst_case}: largest distance {worst:.4}"
+                );
+            }
+        }
+        assert!(fft.digit_spectra(&[16, 0, 0, 0], 1).is_none());
     }
 
     #[test]

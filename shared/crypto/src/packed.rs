@@ -422,10 +422,24 @@ impl Aggregate {
         let mut mask = vec![0u64; POLYNOMIAL_SIZE];
         let mut product = vec![0u64; POLYNOMIAL_SIZE];
         let mut masks = MaskStream::new(seed);
+        // A sum of binary keys has coefficients at most the number of contributors: its
+        // digit planes multiply through the FFT, exactly (`add_mul_digits`; one plane up to
+        // 15 contributors, two up to 255, three up to 4,095). A key sum with larger
+        // coefficients (none that a round produces) takes Karatsuba.
+        let largest = key_sum.iter().copied().max().unwrap_or(0);
+        let bits = 64 - largest.leading_zeros() as usize;
+        let planes = bits.div_ceil(crate::negacyclic::DIGIT_BITS as usize).max(1);
+        let spectra = fft().digit_spectra(key_sum, planes).filter(|_| planes <= 4);
+        let (mut scratch, mut work) = (fft().scratch(), fft().scratch());
         for (i, bodies) in self.sum.chunks_exact(POLYNOMIAL_SIZE).enumerate() {
             masks.mask(i, &mut mask);
             product.fill(0);
-            exact_add_mul(&mut product, &mask, key_sum);
+            match &spectra {
+                Some(planes) => {
+                    fft().add_mul_digits(&mut product, &mask, planes, &mut scratch, &mut work);
+                }
+                None => exact_add_mul(&mut product, &mask, key_sum),
+            }
             out.extend(
                 bodies
                     .iter()
