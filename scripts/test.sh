@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 cargo test --workspace --locked "$@"
+# The secure-aggregation scaling benchmark, quick: both graphs at 20 and 70 devices (the
+# full one is scripts/bench-secagg.sh).
+cargo run --locked -q -p fedshield-crypto --example secagg_scale -- \
+  --sizes 20,70 --out-dir target/bench-quick
 # The rig protocol builds without std, as rig firmware on a microcontroller uses it.
 cargo build --locked -q -p fedshield-rig --target thumbv7em-none-eabihf
 # The crates without I/O drivers on aarch64, under qemu (the same round on both
