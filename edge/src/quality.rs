@@ -15,6 +15,9 @@
 //!   Clients train every coordinate; what the round's mask drops waits in their
 //!   error-feedback residual. The ablation [`LocalTraining::Masked`] trains only the kept
 //!   coordinates instead.
+//! - `fedavg-enc-...-q8down`: the last encrypted run again, its global update sent down as
+//!   8-bit codes with per-block scales, the quantization error carried into the next round's
+//!   update (`fedshield_codec::quant`, as the host does by default).
 //! - `centralised`: one adapter on the pooled data, as many steps per round as all clients
 //!   together.
 //!
@@ -25,7 +28,10 @@ use crate::llama::Llama;
 use crate::lora::{Lora, LoraConfig};
 use crate::sft::{LocalRun, Sequence, train_local};
 use crate::train::{Batch, TrainConfig, Trainer, evaluate};
-use fedshield_codec::{ErrorFeedback, Global, Layout, PlainSum, PruneConfig, Schedule, Structure};
+use fedshield_codec::{
+    Downlink, DownlinkFormat, ErrorFeedback, Global, Layout, PlainSum, PruneConfig, Schedule,
+    Structure, decode_values,
+};
 use fedshield_crypto::encoding::FixedPoint;
 use fedshield_crypto::packed::{Aggregate, BodyBits, ClientKey, Encryptor, MaskSeed};
 use fedshield_crypto::params::{POLYNOMIAL_SIZE, finest_scale};
@@ -142,6 +148,11 @@ pub struct RunReport {
     pub upload_bytes_per_param_per_round: f64,
     /// Bytes each client uploaded per round.
     pub upload_bytes_per_client_per_round: f64,
+    /// How the global update went down (`f32`, or `q8` with the host's error feedback;
+    /// `None` for runs without a codec).
+    pub downlink: Option<DownlinkFormat>,
+    /// Bytes of the global update each client downloaded per round (before zstd).
+    pub download_bytes_per_client_per_round: f64,
     /// Wall time of the run.
     pub seconds: f64,
     /// Encryption, aggregation and decryption time of the run.
@@ -162,6 +173,8 @@ impl RunReport {
             eval_loss_per_round: losses,
             upload_bytes_per_param_per_round: 0.0,
             upload_bytes_per_client_per_round: 0.0,
+            downlink: None,
+            download_bytes_per_client_per_round: 0.0,
             seconds: start.elapsed().as_secs_f64(),
             crypto_seconds: 0.0,
             clipped: 0,
@@ -294,14 +307,15 @@ impl Setup<'_> {
         RunReport::without_uploads("centralised", losses, start)
     }
 
-    /// FedAvg through the codec, plaintext or encrypted. Clients are weighted by their
-    /// sample counts.
+    /// FedAvg through the codec, plaintext or encrypted, the global update going down as
+    /// `downlink`. Clients are weighted by their sample counts.
     fn fedavg(
         &self,
         cfg: &QualityConfig,
         name: String,
         rho: f64,
         aggregation: Aggregation,
+        downlink: DownlinkFormat,
         mut log: impl FnMut(&str),
     ) -> RunReport {
         let start = Instant::now();
@@ -327,6 +341,8 @@ impl Setup<'_> {
         let samples: Vec<usize> = self.clients.iter().map(Vec::len).collect();
         let total: usize = samples.iter().sum();
         let mut global = Global::starting_from(lora.flatten());
+        let mut owed = Downlink::new(layout.len());
+        let mut downloaded = 0usize;
         let mut feedback = vec![ErrorFeedback::new(layout.len()); self.clients.len()];
         let mut noise = DeterministicSeeder::<DefaultRandomGenerator>::new(Seed(cfg.seed as u128));
         let masked = cfg.local == LocalTraining::Masked && rho < 1.0;
@@ -393,9 +409,23 @@ impl Setup<'_> {
                     sums
                 }
             };
+            // What the host publishes: the exact mean, or its 8-bit form with the error
+            // owed from earlier rounds (as `fleet::host::HostFleet::apply`).
+            let exact = decode_values(&selection, &sums, &encoding, 1.0).expect("selection sums");
+            let applied = match downlink {
+                DownlinkFormat::F32 => {
+                    downloaded += 4 * exact.len();
+                    exact
+                }
+                DownlinkFormat::Q8 => {
+                    let (q, sent) = owed.quantize(&selection, &exact).expect("in layout");
+                    downloaded += postcard::to_stdvec(&q).expect("serializable").len();
+                    sent
+                }
+            };
             global
-                .apply_sums(&selection, &sums, &encoding, 1.0)
-                .expect("sums of the selection, next round");
+                .apply(&selection, &applied)
+                .expect("the selection's values, next round");
             for (f, p) in feedback.iter_mut().zip(prepared) {
                 f.settle(p, true);
             }
@@ -410,6 +440,8 @@ impl Setup<'_> {
         }
         let per_client_round = uploaded as f64 / (cfg.rounds * self.clients.len()) as f64;
         RunReport {
+            downlink: Some(downlink),
+            download_bytes_per_client_per_round: downloaded as f64 / cfg.rounds as f64,
             name,
             rho: Some(rho),
             encrypted: body_bits.is_some(),
@@ -434,13 +466,24 @@ impl Setup<'_> {
         }
         if wanted("fedavg-dense-plain") {
             let name = "fedavg-dense-plain".to_string();
-            runs.push(self.fedavg(cfg, name, 1.0, Aggregation::Plain, &mut log));
+            let f32 = DownlinkFormat::F32;
+            runs.push(self.fedavg(cfg, name, 1.0, Aggregation::Plain, f32, &mut log));
         }
         for run in &cfg.encrypted {
             let name = run.name();
             if wanted(&name) {
                 let aggregation = Aggregation::Encrypted(run.body_bits);
-                runs.push(self.fedavg(cfg, name, run.rho, aggregation, &mut log));
+                let f32 = DownlinkFormat::F32;
+                runs.push(self.fedavg(cfg, name, run.rho, aggregation, f32, &mut log));
+            }
+        }
+        // The last encrypted run again, its global update sent down in 8 bits.
+        if let Some(run) = cfg.encrypted.last() {
+            let name = format!("{}-q8down", run.name());
+            if wanted(&name) {
+                let aggregation = Aggregation::Encrypted(run.body_bits);
+                let q8 = DownlinkFormat::Q8;
+                runs.push(self.fedavg(cfg, name, run.rho, aggregation, q8, &mut log));
             }
         }
         if wanted("centralised") {

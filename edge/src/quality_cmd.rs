@@ -186,16 +186,17 @@ pub fn quality(mut args: QualityArgs) -> anyhow::Result<()> {
     };
     std::fs::write(&svg_path, plot.to_svg())?;
     eprintln!(
-        "\n{:<22} {:>10} {:>12} {:>14} {:>9}",
-        "run", "final loss", "B/param/rnd", "B/client/rnd", "seconds"
+        "\n{:<28} {:>10} {:>12} {:>14} {:>14} {:>9}",
+        "run", "final loss", "B/param/rnd", "B/client/rnd", "down B/client", "seconds"
     );
     for r in &runs {
         eprintln!(
-            "{:<22} {:>10.4} {:>12.3} {:>14.0} {:>9.1}",
+            "{:<28} {:>10.4} {:>12.3} {:>14.0} {:>14.0} {:>9.1}",
             r.name,
             r.eval_loss_per_round.last().copied().unwrap_or(f64::NAN),
             r.upload_bytes_per_param_per_round,
             r.upload_bytes_per_client_per_round,
+            r.download_bytes_per_client_per_round,
             r.seconds
         );
     }

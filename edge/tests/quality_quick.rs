@@ -31,6 +31,7 @@ fn quick_quality_experiment_writes_its_report_and_meets_the_byte_targets() {
             "fedavg-enc-rho25",
             "fedavg-enc-rho10",
             "fedavg-enc-rho50-b8",
+            "fedavg-enc-rho50-b8-q8down",
             "centralised"
         ]
     );
@@ -49,6 +50,33 @@ fn quick_quality_experiment_writes_its_report_and_meets_the_byte_targets() {
             last(name)
         );
     }
+    // The 8-bit downlink: a quarter of the f32 downlink's bytes and below the upload, the
+    // loss within 0.1% of the f32 downlink's.
+    let down = |name: &str| {
+        run(name)["download_bytes_per_client_per_round"]
+            .as_f64()
+            .unwrap()
+    };
+    let (q8, f32) = (
+        down("fedavg-enc-rho50-b8-q8down"),
+        down("fedavg-enc-rho50-b8"),
+    );
+    assert!(q8 * 3.9 < f32, "downlink {q8} vs {f32} bytes");
+    assert!(
+        q8 <= run("fedavg-enc-rho50-b8")["upload_bytes_per_client_per_round"]
+            .as_f64()
+            .unwrap()
+            * 1.02,
+        "downlink {q8} bytes against the upload"
+    );
+    let (lq, lf) = (
+        last("fedavg-enc-rho50-b8-q8down"),
+        last("fedavg-enc-rho50-b8"),
+    );
+    assert!(
+        ((lq - lf) / lf).abs() < 1e-3,
+        "q8 downlink {lq} vs f32 {lf}"
+    );
     let dense = last("fedavg-dense-plain");
     let enc = last("fedavg-enc-rho100");
     assert!(

@@ -723,7 +723,7 @@ fn refused(events: &[Event], topic: &str, kind: &str) -> bool {
 
 use fedshield_edge::fleet::Event;
 use fedshield_protocol::fleet::host::HostEvent;
-use fedshield_protocol::messages::{EdgeMessage, GlobalPart, Phase, RoundState};
+use fedshield_protocol::messages::{EdgeMessage, GlobalPart, GlobalValues, Phase, RoundState};
 use fedshield_protocol::signed::{Evaluation, HostSigned};
 use fedshield_protocol::weights::weight_floor;
 
@@ -806,7 +806,14 @@ fn fleet_survives_a_dead_edge_and_forgeries_and_decrypts_exactly_the_contributor
     };
     rogue.publish_on(&round_topic, postcard::to_stdvec(&unsigned).unwrap());
     let global_topic = format!("fedshield/{}/global/0", fleet.name);
-    let fake = GlobalPart::split(epoch, 2, &["edge-0".into()], &[9.0; 64], 1 << 20).remove(0);
+    let fake = GlobalPart::split(
+        epoch,
+        2,
+        &["edge-0".into()],
+        &GlobalValues::F32(vec![9.0; 64]),
+        1 << 20,
+    )
+    .remove(0);
     let fake = postcard::to_stdvec(&fedshield_wire::compress_if_smaller(
         &postcard::to_stdvec(&fake).unwrap(),
     ))

@@ -5,7 +5,7 @@ mod serve;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fedshield_codec::{PruneConfig, Schedule, Structure};
+use fedshield_codec::{DownlinkFormat, PruneConfig, Schedule, Structure};
 use fedshield_crypto::params::BodyBits;
 use fedshield_crypto::secagg::{Adversary, GraphPolicy, ThreatModel};
 use fedshield_host::broker::{DEFAULT_MAX_PACKET_BYTES, EmbeddedBroker};
@@ -269,6 +269,11 @@ struct ServeArgs {
     /// majority thresholds, and 40 more bits against ring grinding; SECURITY.md).
     #[arg(long)]
     semi_malicious: bool,
+    /// How the global update goes down: `q8` (8 bits per value with a per-block scale; the
+    /// host carries each value's quantization error into the next round, so nothing is
+    /// lost and the published adapter is exactly what the devices hold) or `f32`.
+    #[arg(long, default_value = "q8")]
+    downlink: String,
     /// Smallest roster that gets a sparse graph under `--secagg-graph auto`.
     #[arg(long, default_value_t = fedshield_crypto::secagg::DEFAULT_SPARSE_FROM)]
     sparse_from: u32,
@@ -523,6 +528,11 @@ fn graph_policy(args: &ServeArgs) -> anyhow::Result<GraphPolicy> {
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let secagg_graph = graph_policy(&args)?;
+    let downlink = match args.downlink.as_str() {
+        "q8" => DownlinkFormat::Q8,
+        "f32" => DownlinkFormat::F32,
+        other => anyhow::bail!("--downlink {other}: q8 or f32"),
+    };
     let model = match args.model {
         Some(p) => p,
         None => Assets::locate().smollm2_gguf()?,
@@ -584,6 +594,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             min_local_steps: args.min_local_steps,
             threshold: args.threshold,
             secagg_graph,
+            downlink,
             chunk_bytes: args.chunk_bytes,
         },
         deadlines: Deadlines {

@@ -9,6 +9,7 @@
 //! - [`global`]: the global adapter and its history: each round's mask, and the global
 //!   update decoded and applied (one place for host, devices and experiments).
 //! - [`plot`]: SVG line plots for experiment and run reports.
+//! - [`quant`]: the global update quantized for the wire, with the host's error feedback.
 //!
 //! No I/O, no global state.
 
@@ -16,6 +17,7 @@ pub mod codec;
 pub mod global;
 pub mod layout;
 pub mod plot;
+pub mod quant;
 pub mod select;
 
 pub use codec::{ErrorFeedback, PlainSum, Prepared, apply, decode_values};
@@ -23,6 +25,7 @@ pub use global::Global;
 pub use layout::{
     DEFAULT_LORA_DROPOUT, Layout, PairSpec, PeftConfig, init_adapter, to_safetensors,
 };
+pub use quant::{Downlink, DownlinkFormat, Q8, Q8_BLOCK};
 pub use select::{History, PruneConfig, Schedule, Selection, Structure, select};
 
 /// Errors of the codec.

@@ -371,7 +371,80 @@ pub struct GlobalPart {
     /// Offset of `values` in the whole update.
     pub offset: u64,
     /// The values.
-    pub values: Vec<f32>,
+    pub values: GlobalValues,
+}
+
+/// A global update's values as they travel.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum GlobalValues {
+    /// One `f32` per selected value.
+    F32(Vec<f32>),
+    /// 8-bit codes with per-block scales (`fedshield_codec::quant`).
+    Q8(fedshield_codec::Q8),
+}
+
+impl GlobalValues {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::Q8(q) => q.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as the devices apply them.
+    pub fn decode(&self) -> Result<Vec<f32>, fedshield_codec::CodecError> {
+        match self {
+            Self::F32(v) => Ok(v.clone()),
+            Self::Q8(q) => q.dequantize(),
+        }
+    }
+
+    /// Values `start..end`; a quantized update is cut at its blocks (`start` a multiple of
+    /// `Q8_BLOCK`).
+    fn slice(&self, start: usize, end: usize) -> Self {
+        match self {
+            Self::F32(v) => Self::F32(v[start..end].to_vec()),
+            Self::Q8(q) => Self::Q8(q.slice(start, end)),
+        }
+    }
+
+    /// Values per part of at most `chunk_bytes` bytes (whole blocks when quantized).
+    fn per_part(&self, chunk_bytes: usize) -> usize {
+        match self {
+            Self::F32(_) => (chunk_bytes / 4).max(1),
+            Self::Q8(_) => {
+                let block = fedshield_codec::Q8_BLOCK;
+                (chunk_bytes / (block + 4)).max(1) * block
+            }
+        }
+    }
+
+    /// The parts' values in order, joined; `None` if they are of different kinds.
+    fn concat(parts: impl IntoIterator<Item = Self>) -> Option<Self> {
+        let mut out: Option<Self> = None;
+        for part in parts {
+            out = Some(match (out, part) {
+                (None, p) => p,
+                (Some(Self::F32(mut a)), Self::F32(b)) => {
+                    a.extend(b);
+                    Self::F32(a)
+                }
+                (Some(Self::Q8(mut a)), Self::Q8(b)) => {
+                    a.scales.extend(b.scales);
+                    a.codes.extend(b.codes);
+                    Self::Q8(a)
+                }
+                _ => return None,
+            });
+        }
+        out
+    }
 }
 
 impl GlobalPart {
@@ -380,10 +453,10 @@ impl GlobalPart {
         epoch: u64,
         round: u64,
         contributors: &[DeviceId],
-        values: &[f32],
+        values: &GlobalValues,
         chunk_bytes: usize,
     ) -> Vec<Self> {
-        let per = (chunk_bytes / 4).max(1);
+        let per = values.per_part(chunk_bytes);
         let parts = values.len().div_ceil(per).max(1) as u32;
         (0..parts)
             .map(|i| {
@@ -396,7 +469,7 @@ impl GlobalPart {
                     index: i,
                     parts,
                     offset: start as u64,
-                    values: values[start..end].to_vec(),
+                    values: values.slice(start, end),
                 }
             })
             .collect()
@@ -413,12 +486,12 @@ pub struct GlobalAssembler {
 
 impl GlobalAssembler {
     /// Adds a part; returns the whole update (contributors, values) when complete. Parts of
-    /// rounds at or before `applied` are ignored.
+    /// rounds at or before `applied` are ignored; a set of parts of mixed kinds is dropped.
     pub fn add(
         &mut self,
         part: GlobalPart,
         applied: u64,
-    ) -> Option<(u64, Vec<DeviceId>, Vec<f32>)> {
+    ) -> Option<(u64, Vec<DeviceId>, GlobalValues)> {
         if part.round <= applied || part.index >= part.parts {
             return None;
         }
@@ -437,7 +510,7 @@ impl GlobalAssembler {
             .next()
             .map(|p| p.contributors.clone())
             .unwrap_or_default();
-        let values = parts.into_values().flat_map(|p| p.values).collect();
+        let values = GlobalValues::concat(parts.into_values().map(|p| p.values))?;
         Some((self.round, contributors, values))
     }
 }

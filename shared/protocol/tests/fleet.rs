@@ -56,6 +56,7 @@ fn settings(rounds: u64) -> FleetSettings {
         min_local_steps: 1,
         threshold: 2,
         secagg_graph: fedshield_crypto::secagg::GraphPolicy::DEFAULT,
+        downlink: fedshield_codec::DownlinkFormat::Q8,
         chunk_bytes: 700,
     }
 }
@@ -830,7 +831,7 @@ fn a_training_device_holds_at_most_max_deferred_messages_and_counts_the_rest() {
                 index,
                 parts: u32::MAX,
                 offset: 0,
-                values: vec![0.0],
+                values: fedshield_protocol::messages::GlobalValues::F32(vec![0.0]),
             };
             let out = e.fleet.on_global(part, &mut e.platform);
             assert!(out.send.is_empty() && out.events.is_empty());

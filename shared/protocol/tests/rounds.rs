@@ -795,11 +795,13 @@ fn every_host_message_round_trips_through_postcard() {
             assert_eq!(decode::<RoundState>(&bytes, 1 << 20).unwrap(), state);
         }
     }
+    use fedshield_protocol::messages::GlobalValues;
+    let exact: Vec<f32> = (0..10).map(|i| i as f32).collect();
     let parts = fedshield_protocol::messages::GlobalPart::split(
         1,
         4,
         &[DeviceId("a".into())],
-        &(0..10).map(|i| i as f32).collect::<Vec<_>>(),
+        &GlobalValues::F32(exact.clone()),
         12,
     );
     assert_eq!(parts.len(), 4);
@@ -815,7 +817,37 @@ fn every_host_message_round_trips_through_postcard() {
     }
     let (round, who, values) = asm.add(parts[1].clone(), 3).unwrap();
     assert_eq!((round, who.len()), (4, 1));
-    assert_eq!(values, (0..10).map(|i| i as f32).collect::<Vec<_>>());
+    assert_eq!(values, GlobalValues::F32(exact));
+    // A quantized update travels in whole blocks of codes with their scales, and
+    // reassembles to the same codes; parts of mixed kinds are dropped.
+    let long: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.1).sin() * 1e-2).collect();
+    let q = fedshield_codec::Q8::quantize(&long);
+    let parts = fedshield_protocol::messages::GlobalPart::split(
+        1,
+        5,
+        &[DeviceId("a".into())],
+        &GlobalValues::Q8(q.clone()),
+        300,
+    );
+    assert_eq!(
+        parts.len(),
+        4,
+        "256 codes and a scale per part of 300 bytes"
+    );
+    for p in &parts {
+        assert!(postcard::to_stdvec(p).unwrap().len() < 300 + 64);
+    }
+    let mut asm = fedshield_protocol::messages::GlobalAssembler::default();
+    for p in parts.iter().rev() {
+        if let Some((_, _, values)) = asm.add(p.clone(), 4) {
+            assert_eq!(values, GlobalValues::Q8(q.clone()));
+            assert_eq!(values.decode().unwrap(), q.dequantize().unwrap());
+        }
+    }
+    let mut mixed = parts.clone();
+    mixed[1].values = GlobalValues::F32(vec![0.0; 256]);
+    let mut asm = fedshield_protocol::messages::GlobalAssembler::default();
+    assert!(mixed.into_iter().all(|p| asm.add(p, 4).is_none()));
 }
 
 #[test]
@@ -1219,7 +1251,7 @@ fn a_corpus_of_mutated_real_messages_is_refused_without_panic_and_the_round_comp
         1,
         1,
         std::slice::from_ref(&me),
-        &[0.5; 900],
+        &fedshield_protocol::messages::GlobalValues::F32(vec![0.5; 900]),
         4096,
     )[0];
     let envelope = fedshield_wire::compress_if_smaller(&postcard::to_stdvec(part).unwrap());

@@ -682,6 +682,15 @@ impl EdgeFleet {
         let Some((round, contributors, values)) = self.assembler.add(part, applied) else {
             return out;
         };
+        let values = match values.decode() {
+            Ok(v) => v,
+            Err(e) => {
+                out.line(format!(
+                    "global update of round {round} does not decode: {e}"
+                ));
+                return out;
+            }
+        };
         let Some(config) = self.configs.get(&round).cloned() else {
             if round > applied {
                 out.line(format!(

@@ -15,11 +15,14 @@ use crate::fleet::edge::round_mask;
 use crate::fleet::steps::{DeviceRound, Effort, LeftOut};
 use crate::host::{HostAction, RoundResult};
 use crate::messages::{
-    DownMessage, EdgeMessage, GlobalPart, RoundConfig, Route, Snapshot, Topics, UploadRefusal,
+    DownMessage, EdgeMessage, GlobalPart, GlobalValues, RoundConfig, Route, Snapshot, Topics,
+    UploadRefusal,
 };
 use crate::signed::{Evaluation, HostSigned, HostSigner};
 use fedshield_codec::plot::{LinePlot, Series};
-use fedshield_codec::{Global, Layout, PruneConfig, Selection};
+use fedshield_codec::{
+    Downlink, DownlinkFormat, Global, Layout, PruneConfig, Selection, decode_values,
+};
 use fedshield_crypto::encoding::{DEFAULT_SCALE_LOG2, FixedPoint};
 use fedshield_crypto::identity::{DeviceId, HostCertificate, Registry, RevocationList};
 use fedshield_crypto::params::{BodyBits, finest_scale, narrowest_body};
@@ -47,6 +50,8 @@ pub struct FleetSettings {
     pub threshold: usize,
     /// The secure aggregation's graph (complete, or sparse from a threat model).
     pub secagg_graph: fedshield_crypto::secagg::GraphPolicy,
+    /// How the global update goes down (8-bit with error feedback by default).
+    pub downlink: DownlinkFormat,
     /// Upload and publication chunk size in bytes.
     pub chunk_bytes: usize,
 }
@@ -137,6 +142,46 @@ struct HostState {
     recent: Vec<(u64, Vec<DeviceId>)>,
     /// When this state began (see `RoundConfig::epoch`).
     epoch: u64,
+    /// The quantized downlink's error owed at each coordinate (zero for an `f32` downlink).
+    downlink: Downlink,
+}
+
+/// [`HostState`] as written before the quantized downlink (2026-12-07): read and carried
+/// over with nothing owed.
+#[derive(serde::Deserialize)]
+struct HostStateV1 {
+    round: u64,
+    announced: u64,
+    global: Global,
+    metrics: Vec<RoundMetrics>,
+    layout_digest: [u8; 32],
+    last_global: Vec<Vec<u8>>,
+    recent: Vec<(u64, Vec<DeviceId>)>,
+    epoch: u64,
+}
+
+impl HostState {
+    fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes).or_else(|e| {
+            // Only bytes that are exactly an earlier state: a damaged current one is
+            // reported, not read as an earlier one without its owed error.
+            let old: HostStateV1 = match postcard::take_from_bytes::<HostStateV1>(bytes) {
+                Ok((old, [])) => old,
+                _ => return Err(e),
+            };
+            Ok(Self {
+                downlink: Downlink::new(old.global.len()),
+                round: old.round,
+                announced: old.announced,
+                global: old.global,
+                metrics: old.metrics,
+                layout_digest: old.layout_digest,
+                last_global: old.last_global,
+                recent: old.recent,
+                epoch: old.epoch,
+            })
+        })
+    }
 }
 
 /// Why the host's state was refused.
@@ -361,9 +406,12 @@ impl HostFleet {
     ) -> Result<Self, HostStateRefusal> {
         let state = match saved {
             Some(bytes) => {
-                let s: HostState = postcard::from_bytes(bytes)
+                let s = HostState::decode(bytes)
                     .map_err(|e| HostStateRefusal::Decode(e.to_string()))?;
-                if s.layout_digest != layout.digest() || s.global.len() != layout.len() {
+                if s.layout_digest != layout.digest()
+                    || s.global.len() != layout.len()
+                    || s.downlink.residual().len() != layout.len()
+                {
                     return Err(HostStateRefusal::OtherLayout);
                 }
                 s
@@ -377,6 +425,7 @@ impl HostFleet {
                 last_global: Vec::new(),
                 recent: Vec::new(),
                 epoch: now,
+                downlink: Downlink::new(layout.len()),
             },
         };
         let mut state = state;
@@ -571,20 +620,35 @@ impl HostFleet {
         sealed
     }
 
-    /// Decodes a finished round's sums and applies them to the global adapter; returns
-    /// the global update's values.
+    /// Decodes a finished round's sums, quantizes them for the downlink (with the error
+    /// owed from earlier rounds, `FleetSettings::downlink`) and applies what the devices
+    /// will apply to the global adapter; returns the global update as it travels.
     pub fn apply(
         &mut self,
         config: &RoundConfig,
         selection: &Selection,
         result: &RoundResult,
-    ) -> Result<Vec<f32>, ProtocolError> {
+    ) -> Result<GlobalValues, ProtocolError> {
+        let fail = |e: fedshield_codec::CodecError| {
+            ProtocolError::Config(format!("round {}: {e}", config.round))
+        };
         let encoding = FixedPoint::with_scale(config.clip, config.scale_log2)
             .map_err(|e| ProtocolError::Config(e.to_string()))?;
-        self.state
-            .global
-            .apply_sums(selection, &result.sums, &encoding, result.total_weight)
-            .map_err(|e| ProtocolError::Config(format!("round {}: {e}", config.round)))
+        let exact =
+            decode_values(selection, &result.sums, &encoding, result.total_weight).map_err(fail)?;
+        // Changed together or not at all: the owed error only once the adapter took the
+        // update.
+        let mut downlink = self.state.downlink.clone();
+        let (wire, applied) = match self.settings.downlink {
+            DownlinkFormat::F32 => (GlobalValues::F32(exact.clone()), exact),
+            DownlinkFormat::Q8 => {
+                let (q, sent) = downlink.quantize(selection, &exact).map_err(fail)?;
+                (GlobalValues::Q8(q), sent)
+            }
+        };
+        self.state.global.apply(selection, &applied).map_err(fail)?;
+        self.state.downlink = downlink;
+        Ok(wire)
     }
 
     /// Records the end of round `round`: `outcome` is the result and the global update's
@@ -598,7 +662,7 @@ impl HostFleet {
         round: u64,
         delivered_to: Vec<DeviceId>,
         devices: BTreeMap<DeviceId, DeviceRound>,
-        outcome: Result<(RoundResult, Vec<f32>), String>,
+        outcome: Result<(RoundResult, GlobalValues), String>,
         host_seconds: f64,
         round_seconds: f64,
     ) -> Closed {
@@ -822,5 +886,39 @@ impl HostFleet {
             }],
         }
         .to_svg()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_written_before_the_quantized_downlink_reads_with_nothing_owed() {
+        let global = Global::starting_from(vec![0.25; 40]);
+        // The fields of the earlier layout, in order: postcard writes a struct as its fields.
+        let old = postcard::to_stdvec(&(
+            7u64,
+            8u64,
+            &global,
+            Vec::<RoundMetrics>::new(),
+            [3u8; 32],
+            vec![vec![1u8, 2]],
+            vec![(7u64, vec![DeviceId("edge-0".into())])],
+            1234u64,
+        ))
+        .unwrap();
+        let state = HostState::decode(&old).unwrap();
+        assert_eq!((state.round, state.announced, state.epoch), (7, 8, 1234));
+        assert_eq!(state.global, global);
+        assert_eq!(state.downlink, Downlink::new(40));
+        // The current layout round-trips, and bytes of neither layout are refused.
+        let mut owed = state.clone();
+        owed.downlink = Downlink::new(40);
+        let bytes = postcard::to_stdvec(&owed).unwrap();
+        assert_eq!(HostState::decode(&bytes).unwrap().downlink, owed.downlink);
+        assert!(HostState::decode(&old[..old.len() - 3]).is_err());
+        // A current state cut inside its owed error is refused, not read as an earlier one.
+        assert!(HostState::decode(&bytes[..bytes.len() - 2]).is_err());
     }
 }
