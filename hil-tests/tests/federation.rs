@@ -1112,6 +1112,64 @@ fn a_host_killed_mid_upload_resumes_the_same_round_from_its_journal() {
     }
 }
 
+/// The host compacts its round journal once the folded uploads outweigh a checkpoint of
+/// the running sums (32-bit bodies: after the second fold), is killed right after, and the
+/// restarted host resumes the round from the compacted journal: edge-2 shared its keys and
+/// died before uploading, so the round waits for it until the upload deadline, and closes
+/// with edge-0 and edge-1, their sums exactly what their ciphertexts deliver.
+#[test]
+fn a_host_killed_after_compacting_its_journal_resumes_the_round_from_the_checkpoint() {
+    let fleet = Fleet::new("compact", ["--rank", "2", "--targets", "v_proj"]);
+    let host_audit = fleet.out.join("audit-host");
+    let edge_audit = fleet.out.join("audit-edges");
+    let host_args = [
+        host_tiny(1, 1, 60, 45, 20),
+        audit_args(&host_audit),
+        vec!["--body-bits".into(), "32".into()],
+    ]
+    .concat();
+    let (first, mut first_events) = fleet.host(&host_args);
+    let audit = ["--audit-dir", edge_audit.to_str().unwrap()];
+    let mut edges: Vec<_> = (0..3)
+        .map(|i| fleet.edge(i, &[&EDGE_TINY[..], &["--rounds", "1"], &audit].concat()))
+        .collect();
+    // Every member's shares are in: edge-2 dies while it trains.
+    first_events.until("uploads open to all three", 300, |e| {
+        matches!(
+            e,
+            HostEvent::UploadsOpen {
+                round: 1,
+                members: 3
+            }
+        )
+    });
+    drop(edges.remove(2));
+    let (folded, before, after) = first_events.wait("the journal compacted", 300, |e| match e {
+        HostEvent::JournalCompacted {
+            round: 1,
+            folded,
+            bytes_before,
+            bytes_after,
+        } => Some((*folded, *bytes_before, *bytes_after)),
+        _ => None,
+    });
+    drop(first);
+    assert_eq!(folded, 2);
+    assert!(after < before, "{before} -> {after} bytes");
+    let (mut second, mut second_events) = fleet.host(&host_args);
+    second_events.until("round 1 resumed", 60, |e| {
+        matches!(e, HostEvent::Resumed { round: 1, .. })
+    });
+    second_events.until("the end", 400, is_finished);
+    assert!(second.0.wait().unwrap().success());
+    assert_eq!(contributors(&fleet), [(1, 2)]);
+    check_audited_sums(&host_audit, &edge_audit, 1);
+    for (_, events) in &mut edges {
+        events.until("done after round 1", 120, is_done(1));
+    }
+    eprintln!("journal compacted after {folded} folds: {before} -> {after} bytes");
+}
+
 #[test]
 fn a_broker_restarted_mid_upload_loses_nothing_the_round_needs() {
     let mut fleet = Fleet::new("brokerdown", ["--rank", "2", "--targets", "v_proj"]);

@@ -36,6 +36,15 @@ impl JournalFile {
         Ok(Self(file))
     }
 
+    /// Replaces the journal at `path` with `entries` atomically (a temporary file, synced,
+    /// renamed over it) and opens it for appending: a host killed during the rewrite finds
+    /// either the old journal or the new one, both of which replay to the same round.
+    pub fn rewrite(path: &std::path::Path, entries: &[Entry]) -> anyhow::Result<Self> {
+        let bytes: Vec<u8> = entries.iter().flat_map(Entry::to_record).collect();
+        fedshield_store::write_atomic(path, &bytes, fedshield_store::Access::Private)?;
+        Self::reopen(path, bytes.len() as u64)
+    }
+
     pub fn append(&mut self, entry: &Entry) -> anyhow::Result<()> {
         std::io::Write::write_all(&mut self.0, &entry.to_record()).context("writing the journal")
     }

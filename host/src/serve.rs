@@ -317,6 +317,32 @@ impl Host {
         self.cfg.out.join("round.journal")
     }
 
+    /// Replaces the journalled messages of the folded uploads with `checkpoint`.
+    fn compact_journal(
+        &mut self,
+        round: u64,
+        checkpoint: fedshield_protocol::host::FoldCheckpoint,
+    ) -> anyhow::Result<JournalFile> {
+        let path = self.journal_path();
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let (entries, _) = journal::read(&bytes)?;
+        let folded = checkpoint.folded.len();
+        let compacted = journal::compact(&entries, checkpoint);
+        let file = JournalFile::rewrite(&path, &compacted)?;
+        let after = std::fs::metadata(&path).map_or(0, |m| m.len());
+        tracing::info!(
+            "round journal compacted: {folded} folded uploads checkpointed, {} -> {after} bytes",
+            bytes.len(),
+        );
+        self.event(HostEvent::JournalCompacted {
+            round,
+            folded,
+            bytes_before: bytes.len() as u64,
+            bytes_after: after,
+        });
+        Ok(file)
+    }
+
     /// Rebuilds the interrupted round `round` from its journal, if there is one that replays.
     fn resume(&self, round: u64) -> Option<(Replayed, u64, JournalFile)> {
         let path = self.journal_path();
@@ -507,6 +533,11 @@ impl Host {
         // The mask: the one the round was announced with, from the same history.
         let selection = self.fleet.selection(&config)?;
         let mut host_time = Duration::ZERO;
+        // Folded bytes at the last compaction: the journal is compacted once the folded
+        // uploads it spools outweigh the checkpoint that replaces them, so it stays within
+        // about twice the checkpoint plus the uploads in flight, and rewriting it costs at
+        // most the uploads' own bytes again.
+        let mut compacted_at = machine.folded_bytes();
         while outcome.is_none() {
             let incoming = self.link.recv(Duration::from_millis(200))?;
             let recover = self.check_drops(round, incoming.is_none());
@@ -525,6 +556,13 @@ impl Host {
                                     message: msg,
                                     now,
                                 })?;
+                                let spooled = machine.folded_bytes() - compacted_at;
+                                if spooled > machine.checkpoint_bytes()
+                                    && let Some(checkpoint) = machine.checkpoint()
+                                {
+                                    journal = self.compact_journal(round, checkpoint)?;
+                                    compacted_at = machine.folded_bytes();
+                                }
                                 io += w.elapsed();
                                 a
                             }

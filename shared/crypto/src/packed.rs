@@ -408,6 +408,42 @@ impl Aggregate {
         self.contributions
     }
 
+    /// The running sum's bodies (one per ciphertext coefficient) and the number of updates
+    /// in it: what a host checkpoints ([`Aggregate::from_parts`] puts it back).
+    pub fn parts(&self) -> (&[u32], usize) {
+        (&self.sum, self.contributions)
+    }
+
+    /// An aggregate of updates of `len` values at `body_bits` holding `sum` over
+    /// `contributions` updates; refuses a sum of the wrong size or with bodies wider than
+    /// the width.
+    pub fn from_parts(
+        len: usize,
+        body_bits: BodyBits,
+        sum: Vec<u32>,
+        contributions: usize,
+    ) -> Result<Self, CryptoError> {
+        let expected = ciphertext_count(len) * POLYNOMIAL_SIZE;
+        if sum.len() != expected {
+            return Err(CryptoError::LengthMismatch {
+                what: "aggregate sum",
+                expected,
+                got: sum.len(),
+            });
+        }
+        if sum.iter().any(|&b| body_bits.reduce(b) != b) {
+            return Err(CryptoError::InvalidParameter(format!(
+                "aggregate sum with bodies wider than {body_bits} bits"
+            )));
+        }
+        Ok(Self {
+            len,
+            body_bits,
+            sum,
+            contributions,
+        })
+    }
+
     /// Decrypts the sum with `key_sum`, the coefficient-wise sum (mod 2^64) of the keys of
     /// exactly the clients whose updates were added. Returns `len` plaintext sums.
     pub fn decrypt(&self, seed: MaskSeed, key_sum: &[u64]) -> Result<Vec<u64>, CryptoError> {

@@ -77,6 +77,25 @@ pub enum HostAction {
     Failed(String),
 }
 
+/// The state of a round's folded uploads: their devices, the secure aggregation's running
+/// sum of their masked inputs with the digests they signed, the encrypted running sum and the
+/// bytes folded. O(update + devices), however many uploads it stands for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FoldCheckpoint {
+    /// The folded devices, sorted.
+    pub folded: Vec<DeviceId>,
+    /// Sum of their masked inputs (mod 2^64).
+    pub masked_sum: Vec<u64>,
+    /// The update digest each signed with its masked input.
+    pub digests: BTreeMap<DeviceId, [u8; 32]>,
+    /// The encrypted running sum's bodies.
+    pub sum: Vec<u32>,
+    /// Updates in it.
+    pub contributions: usize,
+    /// Bytes of the folded uploads.
+    pub upload_bytes: u64,
+}
+
 /// A finished round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundResult {
@@ -288,6 +307,68 @@ impl HostRound {
     /// Whether the round is over (finished or failed).
     pub fn is_done(&self) -> bool {
         self.phase == HostPhase::Done
+    }
+
+    /// Bytes of the uploads folded into the running sum so far.
+    pub fn folded_bytes(&self) -> u64 {
+        self.upload_bytes
+    }
+
+    /// About the size of a [`FoldCheckpoint`] of this round, in bytes (the running sum's
+    /// bodies, the masked sum, a digest per folded device).
+    pub fn checkpoint_bytes(&self) -> u64 {
+        let (sum, _) = self.aggregate.parts();
+        (4 * sum.len() + 8 * POLYNOMIAL_SIZE + 64 * self.folded.len()) as u64
+    }
+
+    /// The folded uploads' state, to stand for their spooled messages in the journal
+    /// (`journal::compact`): `None` outside the upload phase or before the first fold.
+    pub fn checkpoint(&self) -> Option<FoldCheckpoint> {
+        if self.phase != HostPhase::Uploading || self.folded.is_empty() {
+            return None;
+        }
+        let (masked_sum, digests) = self.server.masked_inputs();
+        let (sum, contributions) = self.aggregate.parts();
+        Some(FoldCheckpoint {
+            folded: self.folded.iter().cloned().collect(),
+            masked_sum: masked_sum.to_vec(),
+            digests: digests.clone(),
+            sum: sum.to_vec(),
+            contributions,
+            upload_bytes: self.upload_bytes,
+        })
+    }
+
+    /// Puts back a [`FoldCheckpoint`] while replaying a journal: the round must be
+    /// collecting uploads with none folded, and hold no partial upload of a folded device.
+    pub fn restore(&mut self, checkpoint: &FoldCheckpoint) -> Result<(), ProtocolError> {
+        let bad = |why: &str| ProtocolError::Malformed(format!("journal checkpoint: {why}"));
+        if self.phase != HostPhase::Uploading || !self.folded.is_empty() {
+            return Err(bad("not in an upload phase with nothing folded"));
+        }
+        let folded: BTreeSet<DeviceId> = checkpoint.folded.iter().cloned().collect();
+        if folded.len() != checkpoint.folded.len()
+            || !folded.iter().eq(checkpoint.digests.keys())
+            || folded.len() != checkpoint.contributions
+        {
+            return Err(bad("its folded devices, digests and count disagree"));
+        }
+        if let Some(d) = folded.iter().find(|d| self.uploads.contains_key(*d)) {
+            return Err(bad(&format!("{d} is both folded and uploading")));
+        }
+        let aggregate = Aggregate::from_parts(
+            self.config.selected,
+            self.config.body_bits,
+            checkpoint.sum.clone(),
+            checkpoint.contributions,
+        )
+        .map_err(|e| bad(&e.to_string()))?;
+        self.server
+            .restore_masked_inputs(checkpoint.masked_sum.clone(), checkpoint.digests.clone())?;
+        self.aggregate = aggregate;
+        self.folded = folded;
+        self.upload_bytes = checkpoint.upload_bytes;
+        Ok(())
     }
 
     fn state(&self, phase: Phase) -> RoundState {

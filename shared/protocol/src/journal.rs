@@ -5,17 +5,21 @@
 //! encrypted sum. So instead of snapshotting the state (secure-aggregation server, partial
 //! uploads, sum), the driver appends every input that changed the round to a journal, and a
 //! restarted host replays it ([`replay`]). Refused messages change nothing and are not
-//! journalled. The journal of a round holds its accepted uploads, which is also where the
-//! in-flight uploads are spooled: O(contributors x update) on disk, deleted when the round
-//! ends.
+//! journalled. The journal spools the in-flight uploads; once uploads are folded into the
+//! running sum, the driver compacts it ([`compact`]): their messages give way to one
+//! [`Entry::Checkpoint`] of the folded state (`host::FoldCheckpoint`: the encrypted running
+//! sum, the masked inputs' sum and digests), so a round's journal stays
+//! O(update + devices x metadata + in-flight uploads) on disk. It is deleted when the
+//! round ends.
 //!
 //! Record format: a little-endian `u32` length, then the postcard encoding of one
 //! [`Entry`]. A torn last record (the host killed mid-write) is ignored on reading.
 
 use crate::ProtocolError;
-use crate::host::{Deadlines, HostAction, HostRound};
+use crate::host::{Deadlines, FoldCheckpoint, HostAction, HostRound};
 use crate::messages::{EdgeMessage, RoundConfig};
 use fedshield_crypto::identity::{DeviceId, Registry};
+use fedshield_crypto::secagg::ClientBody;
 
 /// One journal record.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -45,6 +49,9 @@ pub enum Entry {
     },
     /// The round's retained messages were re-published ([`HostRound::republish`]).
     Republish,
+    /// The folded uploads' state ([`HostRound::checkpoint`]), standing for their messages
+    /// ([`compact`]).
+    Checkpoint(Box<FoldCheckpoint>),
 }
 
 impl Entry {
@@ -118,6 +125,10 @@ pub fn replay(entries: &[Entry], registry: Registry) -> Result<Replayed, Protoco
             }
             Entry::Tick { now } => round.on_tick(*now),
             Entry::Republish => round.republish(),
+            Entry::Checkpoint(checkpoint) => {
+                round.restore(checkpoint)?;
+                vec![]
+            }
         };
         outcome = actions
             .into_iter()
@@ -129,4 +140,29 @@ pub fn replay(entries: &[Entry], registry: Registry) -> Result<Replayed, Protoco
         outcome,
         messages,
     })
+}
+
+/// A journal's entries with the upload messages of the devices in `checkpoint` (their
+/// masked inputs, manifests and chunks) and any earlier checkpoint replaced by `checkpoint`
+/// at the end: replayed, it rebuilds the round exactly as the whole journal would. Taken
+/// while the round collects uploads ([`HostRound::checkpoint`] is `None` otherwise), so
+/// nothing after it depended on the messages it drops.
+pub fn compact(entries: &[Entry], checkpoint: FoldCheckpoint) -> Vec<Entry> {
+    let folded: std::collections::BTreeSet<&DeviceId> = checkpoint.folded.iter().collect();
+    let upload = |message: &EdgeMessage| match message {
+        EdgeMessage::SecAgg(m) => matches!(m.body, ClientBody::MaskedInput { .. }),
+        EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_) => true,
+        _ => false,
+    };
+    let mut out: Vec<Entry> = entries
+        .iter()
+        .filter(|e| match e {
+            Entry::Message { from, message, .. } => !(folded.contains(from) && upload(message)),
+            Entry::Checkpoint(_) => false,
+            _ => true,
+        })
+        .cloned()
+        .collect();
+    out.push(Entry::Checkpoint(Box::new(checkpoint)));
+    out
 }

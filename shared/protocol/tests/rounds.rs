@@ -86,6 +86,9 @@ struct Fleet {
     /// What the host driver journals: the round's accepted inputs.
     journal: Vec<Entry>,
     registry: Registry,
+    /// Compact the journal after every fold, as the driver does when the folded uploads
+    /// outweigh the checkpoint.
+    compacting: bool,
 }
 
 fn config(round: u64, threshold: usize) -> RoundConfig {
@@ -192,6 +195,7 @@ fn fleet_reporting(
             now: 0,
         }],
         registry,
+        compacting: false,
     };
     f.host_actions(actions);
     f
@@ -346,6 +350,7 @@ impl Fleet {
         let (from, msg) = self.uplink.remove(0);
         let bytes = postcard::to_stdvec(&msg).unwrap();
         let msg: EdgeMessage = decode(&bytes, 1 << 20).unwrap();
+        let folded = self.host.folded_bytes();
         match self.host.on_message(&from, msg.clone(), self.now) {
             Ok(actions) => {
                 self.journal.push(Entry::Message {
@@ -353,6 +358,12 @@ impl Fleet {
                     message: msg,
                     now: self.now,
                 });
+                if self.compacting
+                    && self.host.folded_bytes() > folded
+                    && let Some(checkpoint) = self.host.checkpoint()
+                {
+                    self.journal = journal::compact(&self.journal, checkpoint);
+                }
                 self.host_actions(actions)
             }
             Err(e) => self.refused.push(e.to_string()),
@@ -639,6 +650,73 @@ fn over_a_sparse_graph_dropouts_and_host_restarts_still_decrypt_the_survivors_me
         assert!(f.failed.is_none(), "restart after {cut}: {:?}", f.failed);
         f.check_mean(&survivors);
     }
+}
+
+#[test]
+fn a_journal_compacted_after_every_fold_stays_small_and_resumes_the_round_exactly() {
+    // 12 devices (one dies mid-upload, one after its shares), the journal compacted after
+    // every fold: it never holds a folded upload, and a host killed anywhere resumes from it.
+    let mut faults = vec![Fault::None; 12];
+    faults[5] = Fault::DiesMidUpload;
+    faults[9] = Fault::DiesAfterShares;
+    let survivors: Vec<usize> = (0..12).filter(|i| ![5, 9].contains(i)).collect();
+    let journal_bytes =
+        |f: &Fleet| -> usize { f.journal.iter().map(|e| e.to_record().len()).sum() };
+    let upload = fedshield_protocol::host::expected_update_bytes(SELECTED, BodyBits::FULL) as usize;
+    // Uncompacted, for comparison: the journal spools every upload.
+    let mut plain = fleet(&faults, 2);
+    while !plain.uplink.is_empty() && !plain.host.is_done() {
+        plain.deliver_one();
+    }
+    let mut f = fleet(&faults, 2);
+    f.compacting = true;
+    let mut largest = 0;
+    while !f.uplink.is_empty() && !f.host.is_done() {
+        f.deliver_one();
+        largest = largest.max(journal_bytes(&f));
+    }
+    assert!(
+        journal_bytes(&plain) > 9 * upload,
+        "{} bytes uncompacted",
+        journal_bytes(&plain)
+    );
+    assert!(
+        largest < journal_bytes(&plain) / 2,
+        "compacted journal up to {largest} bytes, {} uncompacted",
+        journal_bytes(&plain)
+    );
+    assert_eq!(
+        f.journal
+            .iter()
+            .filter(|e| matches!(e, Entry::Checkpoint(_)))
+            .count(),
+        1
+    );
+    f.run();
+    f.check_mean(&survivors);
+    let mut resumed_from_checkpoints = 0;
+    for cut in [30, 45, 60, 75] {
+        let mut f = fleet(&faults, 2);
+        f.compacting = true;
+        restart_host_after(&mut f, cut);
+        resumed_from_checkpoints +=
+            f.journal.iter().any(|e| matches!(e, Entry::Checkpoint(_))) as usize;
+        f.run();
+        assert!(f.failed.is_none(), "restart after {cut}: {:?}", f.failed);
+        f.check_mean(&survivors);
+    }
+    assert!(resumed_from_checkpoints >= 2, "{resumed_from_checkpoints}");
+    // A checkpoint that does not fit the round is refused on replay.
+    let mut f = fleet(&faults, 2);
+    f.compacting = true;
+    for _ in 0..60 {
+        f.deliver_one();
+    }
+    let mut entries = f.journal.clone();
+    if let Some(Entry::Checkpoint(c)) = entries.last_mut() {
+        c.sum.pop();
+    }
+    assert!(journal::replay(&entries, f.registry.clone()).is_err());
 }
 
 #[test]

@@ -447,7 +447,7 @@ impl Client {
             let peer = self.peer(&sig.sender)?;
             if sig.round != self.config.round
                 || sig.body != digest
-                || !self.u3.contains(&sig.sender)
+                || self.u3.binary_search(&sig.sender).is_err()
                 || sig.verify(&peer.identity_key).is_err()
             {
                 return Err(SecAggError::InconsistentRequest(format!(
@@ -480,7 +480,7 @@ impl Client {
         let mask_key = self
             .u2
             .iter()
-            .filter(|v| !self.u3.contains(v))
+            .filter(|v| self.u3.binary_search(v).is_err())
             .map(|v| share_of(v, |p| p.s))
             .collect::<Result<Vec<_>, _>>()?;
         self.state = State::Done;

@@ -162,12 +162,16 @@ impl Server {
         }
     }
 
-    /// Whether `holder` holds shares of `owner`'s secrets (itself or a neighbour).
-    fn holds(&self, holder: &DeviceId, owner: &DeviceId) -> bool {
-        match (&self.graph, self.index.get(holder), self.index.get(owner)) {
-            (Some(g), Some(&h), Some(&o)) => h == o || g.adjacent(h, o),
-            _ => false,
+    /// The holders of `owner`'s shares (itself and its neighbours), ascending by id.
+    fn holders_of(&self, owner: &DeviceId) -> Vec<&DeviceId> {
+        match (&self.graph, self.index.get(owner)) {
+            (Some(g), Some(&o)) => g.holders(o).into_iter().map(|j| &self.u1[j].0).collect(),
+            _ => Vec::new(),
         }
+    }
+
+    fn in_u3(&self, id: &DeviceId) -> bool {
+        self.u3.binary_search(id).is_ok()
     }
 
     /// Checks one client message as [`Server::receive`] would, without recording it: its
@@ -233,7 +237,7 @@ impl Server {
                 }
             }
             (Stage::Consistency, ClientBody::Consistency(list)) => {
-                if !self.u3.contains(sender) {
+                if !self.in_u3(sender) {
                     return Err(SecAggError::NotAParticipant(sender.clone()));
                 }
                 if self.consistency.contains_key(sender) {
@@ -263,12 +267,15 @@ impl Server {
                 if self.unmask.contains_key(sender) {
                     return Err(duplicate("unmask"));
                 }
+                // A member holds shares of exactly its holders' secrets (the relation is
+                // symmetric): of those in U3 and of those in U2 \ U3.
+                let held = self.holders_of(sender);
                 let survivors: Vec<&DeviceId> =
-                    self.u3.iter().filter(|v| self.holds(sender, v)).collect();
-                let dropped: Vec<&DeviceId> = self
-                    .shares
-                    .keys()
-                    .filter(|v| self.u3.binary_search(v).is_err() && self.holds(sender, v))
+                    held.iter().copied().filter(|v| self.in_u3(v)).collect();
+                let dropped: Vec<&DeviceId> = held
+                    .iter()
+                    .copied()
+                    .filter(|v| !self.in_u3(v) && self.shares.contains_key(*v))
                     .collect();
                 let matches =
                     |got: &[(DeviceId, Share)], want: &mut dyn Iterator<Item = &DeviceId>| {
@@ -295,6 +302,41 @@ impl Server {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// The masked inputs recorded so far, as their running sum and the update digests
+    /// their senders signed: with the round's earlier messages, all a restarted host needs
+    /// to go on (it checkpoints these instead of keeping every masked input).
+    pub fn masked_inputs(&self) -> (&[u64], &BTreeMap<DeviceId, [u8; 32]>) {
+        (&self.masked_sum, &self.digests)
+    }
+
+    /// Puts back what [`Server::masked_inputs`] returned, into a server that is collecting
+    /// masked inputs and has recorded none (a host replaying its checkpointed journal). The
+    /// senders must be members of U2.
+    pub fn restore_masked_inputs(
+        &mut self,
+        masked_sum: Vec<u64>,
+        digests: BTreeMap<DeviceId, [u8; 32]>,
+    ) -> Result<(), SecAggError> {
+        if self.stage != Stage::MaskedInput || !self.digests.is_empty() {
+            return Err(SecAggError::OutOfOrder(
+                "masked inputs restored outside an empty masked-input stage",
+            ));
+        }
+        if masked_sum.len() != self.config.vector_len {
+            return Err(SecAggError::Malformed(format!(
+                "restored masked sum of {} values, expected {}",
+                masked_sum.len(),
+                self.config.vector_len
+            )));
+        }
+        if let Some(stranger) = digests.keys().find(|d| !self.shares.contains_key(*d)) {
+            return Err(SecAggError::NotAParticipant(stranger.clone()));
+        }
+        self.masked_sum = masked_sum;
+        self.digests = digests;
         Ok(())
     }
 
@@ -468,10 +510,9 @@ impl Server {
         let mut lagrange: BTreeMap<Vec<u32>, Vec<u64>> = BTreeMap::new();
         let mut reconstruct = |owner: &DeviceId, pick: &dyn Fn(&UnmaskShares) -> Option<&Share>| {
             let shares: Vec<&Share> = self
-                .unmask
-                .iter()
-                .filter(|(r, _)| self.holds(r, owner))
-                .filter_map(|(_, shares)| pick(shares))
+                .holders_of(owner)
+                .into_iter()
+                .filter_map(|h| self.unmask.get(h).and_then(pick))
                 .take(t)
                 .collect();
             if shares.len() < t {

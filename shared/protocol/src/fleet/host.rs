@@ -303,6 +303,18 @@ pub enum HostEvent {
         /// Why.
         reason: LeftOut,
     },
+    /// The round's journal compacted: the folded uploads' messages replaced by a
+    /// checkpoint of the running sums.
+    JournalCompacted {
+        /// The round.
+        round: u64,
+        /// Uploads the checkpoint stands for.
+        folded: usize,
+        /// The journal's size before and after, bytes.
+        bytes_before: u64,
+        /// After.
+        bytes_after: u64,
+    },
     /// A device's upload dropped (the device was told).
     UploadDropped {
         /// The round.
