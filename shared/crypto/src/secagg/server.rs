@@ -76,6 +76,8 @@ pub struct Server {
     masked_sum: Vec<u64>,
     digests: BTreeMap<DeviceId, [u8; 32]>,
     u3: Vec<DeviceId>,
+    /// `survivors_digest` of U3, what every consistency message must sign.
+    u3_digest: [u8; 32],
     consistency: BTreeMap<DeviceId, SignedMessage>,
     unmask: BTreeMap<DeviceId, UnmaskShares>,
 }
@@ -100,6 +102,7 @@ impl Server {
             masked_sum: vec![0; config.vector_len],
             digests: BTreeMap::new(),
             u3: Vec::new(),
+            u3_digest: [0; 32],
             consistency: BTreeMap::new(),
             unmask: BTreeMap::new(),
         })
@@ -243,7 +246,7 @@ impl Server {
                 if self.consistency.contains_key(sender) {
                     return Err(duplicate("consistency"));
                 }
-                if *list != survivors_digest(self.config.round, &self.u3) {
+                if *list != self.u3_digest {
                     return Err(SecAggError::InconsistentRequest(format!(
                         "{sender} signed another survivor list"
                     )));
@@ -475,6 +478,7 @@ impl Server {
     pub fn close_masked_inputs(&mut self) -> Result<SurvivorList, SecAggError> {
         self.require(Stage::MaskedInput, self.digests.len(), "masked inputs")?;
         self.u3 = self.digests.keys().cloned().collect();
+        self.u3_digest = survivors_digest(self.config.round, &self.u3);
         self.stage = Stage::Consistency;
         Ok(SurvivorList {
             round: self.config.round,
