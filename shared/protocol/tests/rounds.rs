@@ -898,22 +898,22 @@ fn every_host_message_round_trips_through_postcard() {
     assert_eq!(values, GlobalValues::F32(exact));
     // A quantized update travels in whole blocks of codes with their scales, and
     // reassembles to the same codes; parts of mixed kinds are dropped.
-    let long: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.1).sin() * 1e-2).collect();
+    let long: Vec<f32> = (0..2000).map(|i| (i as f32 * 0.1).sin() * 1e-2).collect();
     let q = fedshield_codec::Q8::quantize(&long);
     let parts = fedshield_protocol::messages::GlobalPart::split(
         1,
         5,
         &[DeviceId("a".into())],
         &GlobalValues::Q8(q.clone()),
-        300,
+        600,
     );
     assert_eq!(
         parts.len(),
         4,
-        "256 codes and a scale per part of 300 bytes"
+        "512 codes and a scale per part of 600 bytes"
     );
     for p in &parts {
-        assert!(postcard::to_stdvec(p).unwrap().len() < 300 + 64);
+        assert!(postcard::to_stdvec(p).unwrap().len() < 600 + 64);
     }
     let mut asm = fedshield_protocol::messages::GlobalAssembler::default();
     for p in parts.iter().rev() {
@@ -923,7 +923,7 @@ fn every_host_message_round_trips_through_postcard() {
         }
     }
     let mut mixed = parts.clone();
-    mixed[1].values = GlobalValues::F32(vec![0.0; 256]);
+    mixed[1].values = GlobalValues::F32(vec![0.0; 512]);
     let mut asm = fedshield_protocol::messages::GlobalAssembler::default();
     assert!(mixed.into_iter().all(|p| asm.add(p, 4).is_none()));
 }
