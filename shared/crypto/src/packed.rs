@@ -465,7 +465,9 @@ impl Aggregate {
         let largest = key_sum.iter().copied().max().unwrap_or(0);
         let bits = 64 - largest.leading_zeros() as usize;
         let planes = bits.div_ceil(crate::negacyclic::DIGIT_BITS as usize).max(1);
-        let spectra = fft().digit_spectra(key_sum, planes).filter(|_| planes <= 4);
+        let spectra = (planes <= 4)
+            .then(|| fft().digit_spectra(key_sum, planes))
+            .flatten();
         let (mut scratch, mut work) = (fft().scratch(), fft().scratch());
         for (i, bodies) in self.sum.chunks_exact(POLYNOMIAL_SIZE).enumerate() {
             masks.mask(i, &mut mask);

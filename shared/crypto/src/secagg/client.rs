@@ -44,9 +44,8 @@ pub struct Client {
     self_mask_seed: [u8; 32],
     ring_nonce: [u8; 32],
     state: State,
-    /// The roster, in its order (sorted by id), and each member's index in it.
+    /// The roster, in its order (sorted by id).
     peers: Vec<Peer>,
-    index: BTreeMap<DeviceId, usize>,
     /// This client's index in the roster.
     me: usize,
     graph: Option<Graph>,
@@ -113,7 +112,6 @@ impl Client {
             ring_nonce,
             state: State::Advertised,
             peers: Vec::new(),
-            index: BTreeMap::new(),
             me: 0,
             graph: None,
             threshold: usize::MAX,
@@ -150,10 +148,9 @@ impl Client {
     }
 
     fn peer_index(&self, id: &DeviceId) -> Result<usize, SecAggError> {
-        self.index
-            .get(id)
-            .copied()
-            .ok_or_else(|| SecAggError::NotAParticipant(id.clone()))
+        self.peers
+            .binary_search_by(|p| p.id.cmp(id))
+            .map_err(|_| SecAggError::NotAParticipant(id.clone()))
     }
 
     fn peer(&self, id: &DeviceId) -> Result<&Peer, SecAggError> {
@@ -162,8 +159,8 @@ impl Client {
 
     /// Whether `id` is one of this client's neighbours in the round's graph.
     fn is_neighbour(&self, id: &DeviceId) -> bool {
-        match (&self.graph, self.index.get(id)) {
-            (Some(g), Some(&j)) => g.adjacent(self.me, j),
+        match (&self.graph, self.peer_index(id)) {
+            (Some(g), Ok(j)) => g.adjacent(self.me, j),
             _ => false,
         }
     }
@@ -277,11 +274,6 @@ impl Client {
                 ciphertext,
             });
         }
-        self.index = peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.id.clone(), i))
-            .collect();
         self.peers = peers;
         self.me = me;
         self.graph = Some(graph);

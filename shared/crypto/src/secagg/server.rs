@@ -67,8 +67,6 @@ pub struct Server {
     adverts: BTreeMap<DeviceId, RosterEntry>,
     /// U1 in roster order (sorted), with each member's s public key.
     u1: Vec<(DeviceId, [u8; 32])>,
-    /// Each member's index in U1.
-    index: BTreeMap<DeviceId, usize>,
     graph: Option<Graph>,
     /// Fewest contributors (a strict majority of the roster, at least the configured).
     threshold: usize,
@@ -95,7 +93,6 @@ impl Server {
             stage: Stage::Advertise,
             adverts: BTreeMap::new(),
             u1: Vec::new(),
-            index: BTreeMap::new(),
             graph: None,
             threshold: effective_threshold(config.threshold, 0),
             shares: BTreeMap::new(),
@@ -154,21 +151,26 @@ impl Server {
     }
 
     fn x_of(&self, id: &DeviceId) -> Option<u32> {
-        self.index.get(id).map(|&i| i as u32 + 1)
+        self.position(id).map(|i| i as u32 + 1)
+    }
+
+    /// `id`'s index in U1 (sorted by id).
+    fn position(&self, id: &DeviceId) -> Option<usize> {
+        self.u1.binary_search_by(|(d, _)| d.cmp(id)).ok()
     }
 
     /// Roster indices of `id`'s neighbours.
     fn neighbours_of(&self, id: &DeviceId) -> Vec<usize> {
-        match (&self.graph, self.index.get(id)) {
-            (Some(g), Some(&i)) => g.neighbours(i),
+        match (&self.graph, self.position(id)) {
+            (Some(g), Some(i)) => g.neighbours(i),
             _ => Vec::new(),
         }
     }
 
     /// The holders of `owner`'s shares (itself and its neighbours), ascending by id.
     fn holders_of(&self, owner: &DeviceId) -> Vec<&DeviceId> {
-        match (&self.graph, self.index.get(owner)) {
-            (Some(g), Some(&o)) => g.holders(o).into_iter().map(|j| &self.u1[j].0).collect(),
+        match (&self.graph, self.position(owner)) {
+            (Some(g), Some(o)) => g.holders(o).into_iter().map(|j| &self.u1[j].0).collect(),
             _ => Vec::new(),
         }
     }
@@ -437,12 +439,6 @@ impl Server {
             .map(|((d, _), n)| (d, n))
             .collect();
         let graph = Graph::build(&self.config, &members)?;
-        self.index = self
-            .u1
-            .iter()
-            .enumerate()
-            .map(|(i, (d, _))| (d.clone(), i))
-            .collect();
         self.graph = Some(graph);
         self.stage = Stage::ShareKeys;
         Ok(Roster {
@@ -549,7 +545,7 @@ impl Server {
             .collect();
         for v in dropped {
             let s_sk = StaticSecret::from(reconstruct(v, &|r| r.1.get(v))?);
-            let advertised = self.index.get(v).map(|&i| self.u1[i].1);
+            let advertised = self.position(v).map(|i| self.u1[i].1);
             if Some(PublicKey::from(&s_sk).to_bytes()) != advertised {
                 return Err(SecAggError::Malformed(format!(
                     "the shares of {v}'s mask key do not reconstruct its advertised key"
