@@ -9,6 +9,10 @@ cargo test --workspace --locked "$@"
 # full one is scripts/bench-secagg.sh).
 cargo run --locked -q -p fedshield-crypto --example secagg_scale -- \
   --sizes 20,70 --out-dir target/bench-quick
+# The fleet-scale benchmark, quick: 20 simulated devices against mosquitto and the real
+# host, two rounds (the full one is scripts/bench-scale.sh).
+cargo run --locked -q -p fedshield-hil-tests --bin fedshield-sim -- bench --devices 20 \
+  --dropouts 0 --rank 1 --out target/bench-quick/scale.json
 # The rig protocol builds without std, as rig firmware on a microcontroller uses it.
 cargo build --locked -q -p fedshield-rig --target thumbv7em-none-eabihf
 # The crates without I/O drivers on aarch64, under qemu (the same round on both

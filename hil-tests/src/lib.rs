@@ -1,8 +1,11 @@
 //! Fixtures for whole-system tests: real external processes (mosquitto, socat) started on
 //! free resources and stopped when the guard drops. Nothing here is a mock.
 
+pub mod audit;
 pub mod net_relay;
 pub mod rig_sim;
+pub mod scale;
+pub mod sim;
 
 use anyhow::{Context, bail};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -75,6 +78,11 @@ impl Mosquitto {
     /// access, `max_packet_size` as given, no persistence.
     pub fn start(max_packet_size: usize) -> anyhow::Result<Self> {
         Self::launch(tempfile::tempdir()?, "", max_packet_size)
+    }
+
+    /// As [`Mosquitto::start`], with `options` (lines of mosquitto.conf) added.
+    pub fn start_with(max_packet_size: usize, options: &str) -> anyhow::Result<Self> {
+        Self::launch(tempfile::tempdir()?, options, max_packet_size)
     }
 
     /// Writes the config (one loopback listener on a free port with `listener_options`,

@@ -17,6 +17,7 @@
 
 use fedshield_crypto::identity::DeviceId;
 use fedshield_hil_tests::Mosquitto;
+use fedshield_hil_tests::audit::check_audited_sums;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -524,84 +525,6 @@ fn contributors(fleet: &Fleet) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Checks every audited round: the host's decrypted sums against what its contributors'
-/// ciphertexts delivered (their plaintexts plus body rounding, as each computed it): equal up
-/// to the encryption noise, at most n 2^17 units; and against the plaintexts themselves within
-/// the noise and rounding budget of the round's body width (SECURITY.md).
-/// Checks every round's decrypted sums against the contributors' audited plaintexts;
-/// returns, per round, the largest error in fixed-point units against what the ciphertext
-/// bodies deliver (the encryption noise) and against the plaintexts (the noise plus the
-/// bodies' rounding), and the body width.
-fn check_audited_sums(
-    host_audit: &std::path::Path,
-    edge_audit: &std::path::Path,
-    rounds: u64,
-) -> Vec<(i64, i64, u32)> {
-    let mut errors = Vec::new();
-    for round in 1..=rounds {
-        let text = std::fs::read_to_string(host_audit.join(format!("round-{round}.json")))
-            .expect("the host audited the round");
-        let host: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let contributors: Vec<String> = host["contributors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_str().unwrap().to_string())
-            .collect();
-        let body_bits = host["body_bits"].as_u64().unwrap() as u32;
-        let sums: Vec<u64> = host["sums"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        let mut plain = vec![0u64; sums.len()];
-        let mut delivered = vec![0u64; sums.len()];
-        let mut weight = 0.0;
-        for d in &contributors {
-            let text = std::fs::read_to_string(edge_audit.join(format!("round-{round}-{d}.json")))
-                .expect("the contributor audited its update");
-            let edge: serde_json::Value = serde_json::from_str(&text).unwrap();
-            weight += edge["weight"].as_f64().unwrap();
-            for (key, acc) in [("plaintexts", &mut plain), ("delivered", &mut delivered)] {
-                let values = edge[key].as_array().unwrap();
-                assert_eq!(values.len(), sums.len());
-                for (p, v) in acc.iter_mut().zip(values) {
-                    *p = p.wrapping_add(v.as_u64().unwrap());
-                }
-            }
-        }
-        let n = contributors.len() as i64;
-        let worst = |want: &[u64]| {
-            sums.iter()
-                .zip(want)
-                .map(|(s, p)| (s.wrapping_sub(*p) as i64).abs())
-                .max()
-                .unwrap()
-        };
-        let noise = n * (1 << 17);
-        let off = worst(&delivered);
-        let noise_off = off;
-        assert!(
-            off <= noise,
-            "round {round}: decrypted sums off what was delivered by {off} units (noise {noise})"
-        );
-        let bound = n * ((1 << 17) + (1i64 << (63 - body_bits))) + n;
-        let off = worst(&plain);
-        assert!(
-            off <= bound,
-            "round {round}: decrypted sums off by {off} units (bound {bound}, {body_bits}-bit bodies)"
-        );
-        assert!(
-            (host["total_weight"].as_f64().unwrap() - weight).abs() < 1e-12,
-            "round {round}: total weight"
-        );
-        assert!(plain.iter().any(|&p| p != 0), "round {round}: empty update");
-        errors.push((noise_off, off, body_bits));
-    }
-    errors
-}
-
 /// Every (topic, payload) the rogue's recorder saw.
 type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
 
@@ -636,6 +559,7 @@ fn link_as(
         birth: None,
         tls: None,
         incoming_budget: 64 << 20,
+        overflow: fedshield_transport::Overflow::Drop,
     })
     .unwrap()
 }

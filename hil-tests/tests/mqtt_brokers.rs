@@ -86,6 +86,7 @@ fn tls_link(
         birth: None,
         tls: Some(tls),
         incoming_budget: 64 << 20,
+        overflow: fedshield_transport::Overflow::Drop,
     })
     .unwrap()
 }
@@ -160,6 +161,7 @@ fn links_speak_tls_to_mosquitto_and_refuse_a_broker_their_ca_did_not_sign() {
             client_auth: None,
         }),
         incoming_budget: 64 << 20,
+        overflow: fedshield_transport::Overflow::Drop,
     })
     .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
@@ -173,6 +175,23 @@ fn plain_link(
     subscriptions: Vec<String>,
     budget: usize,
 ) -> fedshield_transport::Link {
+    held_link(
+        port,
+        id,
+        subscriptions,
+        budget,
+        fedshield_transport::Overflow::Drop,
+    )
+}
+
+/// As [`plain_link`], with the overflow policy given.
+fn held_link(
+    port: u16,
+    id: &str,
+    subscriptions: Vec<String>,
+    budget: usize,
+    overflow: fedshield_transport::Overflow,
+) -> fedshield_transport::Link {
     fedshield_transport::Link::start(fedshield_transport::LinkConfig {
         host: "127.0.0.1".into(),
         port,
@@ -184,6 +203,7 @@ fn plain_link(
         birth: None,
         tls: None,
         incoming_budget: budget,
+        overflow,
     })
     .unwrap()
 }
@@ -243,6 +263,74 @@ fn a_flood_on_an_unread_link_holds_at_most_its_budget_and_the_link_recovers() {
     assert_eq!(next_message(&link).1, b"after");
     link.resubscribe().unwrap();
     assert_eq!(next_message(&link).1, b"retained marker");
+    publisher.publish(topic, Vec::new(), true).unwrap();
+}
+
+/// A link that holds what its driver has not taken ([`Overflow::Hold`], the host's) loses
+/// nothing to a flood: while its budget could not take another packet it reads nothing
+/// more (TCP pushes back on the broker, which queues the rest; the broker's in-flight
+/// window, 4 here, does not bound it); every message arrives, in order, as the driver gets
+/// to it, and what the driver publishes meanwhile leaves without blocking it.
+///
+/// [`Overflow::Hold`]: fedshield_transport::Overflow::Hold
+#[test]
+fn a_held_link_loses_nothing_to_a_flood_its_driver_is_slow_to_take() {
+    let broker = Mosquitto::start_with(1 << 20, "max_inflight_messages 4\n").expect("mosquitto");
+    let topic = "fedshield/held/t";
+    let budget = 1 << 20;
+    let publisher = plain_link(broker.addr().port(), "flooder", vec![], 1 << 20);
+    publisher.publish(topic, b"marker".to_vec(), true).unwrap();
+    let link = held_link(
+        broker.addr().port(),
+        "held",
+        vec![topic.into()],
+        budget,
+        fedshield_transport::Overflow::Hold,
+    );
+    assert_eq!(next_message(&link).1, b"marker");
+    let observer = plain_link(
+        broker.addr().port(),
+        "observer",
+        vec!["fedshield/held/out".into()],
+        64 << 20,
+    );
+    assert!(matches!(
+        observer.recv(Duration::from_secs(10)).unwrap(),
+        Some(fedshield_transport::Incoming::Connected)
+    ));
+    std::thread::sleep(Duration::from_millis(300)); // its subscription in place
+    let flood = 40u8;
+    for i in 0..flood {
+        publisher.publish(topic, vec![i; 200 << 10], false).unwrap();
+    }
+    // The driver is busy; it publishes more than the event loop's request queue holds.
+    for i in 0..600u32 {
+        link.publish("fedshield/held/out", i.to_be_bytes().to_vec(), false)
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(link.dropped(), 0);
+    assert!(link.held_bytes() <= budget, "{} held", link.held_bytes());
+    for i in 0..flood {
+        let (_, payload) = next_message(&link);
+        assert_eq!((payload[0], payload.len()), (i, 200 << 10), "message {i}");
+    }
+    assert_eq!(link.dropped(), 0);
+    assert_eq!(link.held_bytes(), 0);
+    // What waited in the link leaves as its driver goes on calling `recv`.
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while got.len() < 600 && std::time::Instant::now() < deadline {
+        assert!(link.recv(Duration::from_millis(1)).unwrap().is_none());
+        if let Some(fedshield_transport::Incoming::Message { payload, .. }) =
+            observer.recv(Duration::from_millis(50)).unwrap()
+        {
+            got.push(payload);
+        }
+    }
+    let want: Vec<Vec<u8>> = (0..600u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    assert_eq!(got, want);
+    assert_eq!(link.pending_publishes(), 0);
     publisher.publish(topic, Vec::new(), true).unwrap();
 }
 

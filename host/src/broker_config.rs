@@ -165,9 +165,15 @@ impl BrokerConfig {
         let _ = writeln!(s, "max_packet_size {}", self.max_packet_bytes);
         let _ = writeln!(
             s,
-            "# a whole round's share deliveries may wait for a device that reconnects"
+            "# the host reads no faster than it folds: a whole round's uploads (a few \
+             messages per device) wait for it here, and a round's share deliveries for a \
+             device that reconnects"
         );
-        let _ = writeln!(s, "max_queued_messages 10000");
+        let _ = writeln!(
+            s,
+            "max_queued_messages {}",
+            max_queued_messages(self.devices.len())
+        );
         if let Some(l) = self.listen {
             let _ = writeln!(s, "\nlistener {} {}", l.port(), l.ip());
         }
@@ -284,6 +290,14 @@ pub fn write(
     })
 }
 
+/// mosquitto's `max_queued_messages` for a fleet of `devices`: the messages waiting for
+/// the host in a round (each device's join, shares, masked input, consistency, unmasking,
+/// evaluation report and upload chunks: 16 per device covers uploads of up to 9 chunks) and
+/// never fewer than 10,000.
+pub fn max_queued_messages(devices: usize) -> usize {
+    devices.saturating_mul(16).max(10_000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,10 +367,14 @@ mod tests {
             "listener 8883 0.0.0.0",
             "certfile /etc/fedshield/broker/server.pem",
             "require_certificate false",
+            "max_queued_messages 10000",
         ] {
             assert!(conf.lines().any(|l| l == line), "{line:?} in\n{conf}");
         }
         drop(dir);
+        // A large fleet's round of uploads waits for the host at the broker.
+        assert_eq!(max_queued_messages(3), 10_000);
+        assert_eq!(max_queued_messages(5_000), 80_000);
     }
 
     #[test]

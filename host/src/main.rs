@@ -287,6 +287,10 @@ struct ServeArgs {
     /// Seconds for each of the share exchange, consistency and unmasking phases.
     #[arg(long, default_value_t = 60)]
     phase_seconds: u64,
+    /// Seconds the host waits, after the last round, for the contributors' evaluation
+    /// reports of the final adapter before it exits.
+    #[arg(long, default_value_t = 600)]
+    report_seconds: u64,
     /// Upload chunk size, bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     chunk_bytes: usize,
@@ -604,7 +608,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             finish_ms: phase,
         },
         out: args.out,
-        report_wait: Duration::from_secs(600),
+        report_wait: Duration::from_secs(args.report_seconds),
         audit_dir: args.audit_dir,
         events: args.events,
     })?;

@@ -9,7 +9,7 @@ use fedshield_protocol::journal::Entry;
 /// The round journal on disk (see `fedshield_protocol::journal`). Each record is one
 /// `write` to the kernel, so a killed host loses at most the record being written (a torn
 /// tail, ignored on reading); phase changes are also fsynced.
-pub struct JournalFile(std::fs::File);
+pub struct JournalFile(std::fs::File, u64);
 
 impl JournalFile {
     pub fn create(path: &std::path::Path, start: &Entry) -> anyhow::Result<Self> {
@@ -23,8 +23,9 @@ impl JournalFile {
         )
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-        std::io::Write::write_all(&mut file, &start.to_record())?;
-        Ok(Self(file))
+        let record = start.to_record();
+        std::io::Write::write_all(&mut file, &record)?;
+        Ok(Self(file, record.len() as u64))
     }
 
     /// Opens a journal for appending after its first `valid` bytes (a torn tail is cut).
@@ -33,7 +34,7 @@ impl JournalFile {
         file.set_len(valid)?;
         let mut file = file;
         std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))?;
-        Ok(Self(file))
+        Ok(Self(file, valid))
     }
 
     /// Replaces the journal at `path` with `entries` atomically (a temporary file, synced,
@@ -46,7 +47,15 @@ impl JournalFile {
     }
 
     pub fn append(&mut self, entry: &Entry) -> anyhow::Result<()> {
-        std::io::Write::write_all(&mut self.0, &entry.to_record()).context("writing the journal")
+        let record = entry.to_record();
+        std::io::Write::write_all(&mut self.0, &record).context("writing the journal")?;
+        self.1 += record.len() as u64;
+        Ok(())
+    }
+
+    /// The journal's size, bytes.
+    pub fn len(&self) -> u64 {
+        self.1
     }
 
     pub fn sync(&self) -> anyhow::Result<()> {

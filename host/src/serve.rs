@@ -20,6 +20,7 @@ use fedshield_protocol::journal::{self, Entry, Replayed};
 use fedshield_protocol::messages::{EdgeMessage, Topics};
 use fedshield_protocol::signed::HostSigner;
 use fedshield_store::JsonLines;
+use fedshield_telemetry::process::{self, Stages};
 use fedshield_transport::{BrokerArgs, Incoming, Link};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -134,12 +135,20 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
             state_path.display()
         );
     }
-    let link = Link::start(cfg.broker.link_config(
+    let mut link_config = cfg.broker.link_config(
         format!("fedshield-host-{}", cfg.fleet),
         vec![topics.all_up()],
         None,
         None,
-    )?)?;
+    )?;
+    // Uploads from a whole fleet at once wait at the broker until the host takes them,
+    // instead of overflowing its budget (and costing a re-publish of the round); so a
+    // small budget does (the host's memory holds 8 packets of them, not 64).
+    link_config.overflow = fedshield_transport::Overflow::Hold;
+    if cfg.broker.incoming_budget.is_none() {
+        link_config.incoming_budget = cfg.broker.max_packet_bytes.saturating_mul(8);
+    }
+    let link = Link::start(link_config)?;
     let events = cfg.events.as_deref().map(JsonLines::open).transpose()?;
     let mut host = Host {
         cfg,
@@ -500,7 +509,11 @@ impl Host {
     /// Runs one round to its end: the interrupted one when its journal replays, else the
     /// next one.
     fn run_round(&mut self) -> anyhow::Result<()> {
-        let resumed = self.fleet.interrupted().and_then(|r| self.resume(r));
+        let process_start = process::process_cpu();
+        let mut cost = Stages::default();
+        let resumed = cost.time("resume", || {
+            self.fleet.interrupted().and_then(|r| self.resume(r))
+        });
         let (mut machine, mut journal, started_ms, mut outcome) = match resumed {
             Some((replayed, started, mut journal)) => {
                 tracing::info!(
@@ -533,37 +546,54 @@ impl Host {
         // The mask: the one the round was announced with, from the same history.
         let selection = self.fleet.selection(&config)?;
         let mut host_time = Duration::ZERO;
-        // Folded bytes at the last compaction: the journal is compacted once the folded
-        // uploads it spools outweigh the checkpoint that replaces them, so it stays within
-        // about twice the checkpoint plus the uploads in flight, and rewriting it costs at
-        // most the uploads' own bytes again.
+        // Folded bytes at the last compaction (see the compaction below: the journal stays
+        // within about twice the checkpoint, the secure-aggregation records and the uploads
+        // in flight).
         let mut compacted_at = machine.folded_bytes();
+        let mut journal_peak = journal.len();
         while outcome.is_none() {
             let incoming = self.link.recv(Duration::from_millis(200))?;
             let recover = self.check_drops(round, incoming.is_none());
             let t = Instant::now();
+            let cpu = process::thread_cpu();
             // Journal writes are disk I/O, not crypto: kept out of the host's crypto time.
             let mut io = Duration::ZERO;
+            let mut io_cpu = Duration::ZERO;
+            // The stage this iteration's CPU is charged to (`HostEvent::RoundCost`).
+            let mut stage = "secagg";
             let mut actions = match incoming {
                 Some(Incoming::Message { topic, payload }) => match self.route(&topic, &payload) {
                     Some((device, msg)) => {
+                        if matches!(msg, EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_)) {
+                            stage = "fold";
+                        }
                         let now = now_ms();
                         match machine.on_message(&device, msg.clone(), now) {
                             Ok(a) => {
                                 let w = Instant::now();
+                                let w_cpu = process::thread_cpu();
                                 journal.append(&Entry::Message {
                                     from: device,
                                     message: msg,
                                     now,
                                 })?;
+                                journal_peak = journal_peak.max(journal.len());
+                                // Compacted once the folded uploads spooled since the
+                                // last compaction outweigh both the checkpoint and the
+                                // rest of the journal (the devices' secure-aggregation
+                                // records, the uploads in flight): a compaction rewrites
+                                // at most twice what was spooled since the last, so its
+                                // cost stays linear in the uploads at any fleet size.
                                 let spooled = machine.folded_bytes() - compacted_at;
-                                if spooled > machine.checkpoint_bytes()
+                                let rest = journal.len().saturating_sub(spooled);
+                                if spooled > machine.checkpoint_bytes().max(rest)
                                     && let Some(checkpoint) = machine.checkpoint()
                                 {
                                     journal = self.compact_journal(round, checkpoint)?;
                                     compacted_at = machine.folded_bytes();
                                 }
                                 io += w.elapsed();
+                                io_cpu += process::thread_cpu().saturating_sub(w_cpu);
                                 a
                             }
                             Err(e) => {
@@ -572,7 +602,10 @@ impl Host {
                             }
                         }
                     }
-                    None => vec![],
+                    None => {
+                        stage = "reports";
+                        vec![]
+                    }
                 },
                 Some(Incoming::Disconnected(e)) => {
                     tracing::warn!("broker connection lost ({e}); reconnecting");
@@ -602,14 +635,27 @@ impl Host {
             let now = now_ms();
             if machine.due(now) {
                 let w = Instant::now();
+                let w_cpu = process::thread_cpu();
                 journal.append(&Entry::Tick { now })?;
                 journal.sync()?;
+                journal_peak = journal_peak.max(journal.len());
                 io += w.elapsed();
+                io_cpu += process::thread_cpu().saturating_sub(w_cpu);
                 actions.extend(machine.on_tick(now));
+            }
+            if actions
+                .iter()
+                .any(|a| matches!(a, HostAction::Finished(_) | HostAction::Failed(_)))
+            {
+                stage = "finish";
             }
             host_time += t.elapsed().saturating_sub(io);
             outcome = self.execute(round, actions)?;
+            let spent = process::thread_cpu().saturating_sub(cpu);
+            cost.charge(stage, spent.saturating_sub(io_cpu));
+            cost.charge("journal", io_cpu);
         }
+        let apply_cpu = process::thread_cpu();
         let outcome = match outcome.expect("the loop ends with an outcome") {
             Ok(result) => {
                 let t = Instant::now();
@@ -637,6 +683,7 @@ impl Host {
             round_seconds,
         );
         self.publish(closed.publish)?;
+        cost.charge("apply", process::thread_cpu().saturating_sub(apply_cpu));
         match summary {
             Ok(result) => {
                 let wire = closed.metrics.download_bytes_per_client;
@@ -661,10 +708,20 @@ impl Host {
             }
             Err(why) => tracing::warn!("round {round} failed: {why}"),
         }
-        self.write_outputs()?;
+        cost.time("outputs", || self.write_outputs())?;
         // The round is in state.bin now: its journal is done with.
         drop(journal);
         std::fs::remove_file(self.journal_path())?;
+        let peak_rss_mib = process::peak_rss().unwrap_or(0) as f64 / f64::from(1 << 20);
+        self.event(HostEvent::RoundCost {
+            round,
+            cpu_s: cost.0,
+            process_cpu_s: process::process_cpu()
+                .saturating_sub(process_start)
+                .as_secs_f64(),
+            peak_rss_mib,
+            journal_peak_bytes: journal_peak,
+        });
         Ok(())
     }
 

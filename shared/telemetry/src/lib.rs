@@ -13,6 +13,7 @@
 //! offline sensor reads as `None`.
 
 pub mod governor;
+pub mod process;
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};

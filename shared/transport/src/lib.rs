@@ -17,8 +17,8 @@
 //! slowly while the cut lasts, and reconnects as soon as it is told the network is back.
 
 use rumqttc::{
-    Client, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
+    Client, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, Publish,
+    QoS, TlsConfiguration, Transport,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -67,6 +67,25 @@ pub struct LinkConfig {
     /// Most bytes of incoming messages held for the driver (at least one packet of
     /// `INCOMING_FACTOR * max_packet_bytes`); what does not fit is dropped and counted.
     pub incoming_budget: usize,
+    /// What happens to messages the driver has not taken yet.
+    pub overflow: Overflow,
+}
+
+/// What a link does when messages come faster than its driver takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Acknowledge each message on arrival and drop (and count) what does not fit in the
+    /// incoming budget: the driver recovers from the retained messages (devices, whose
+    /// downlink a flood must not stall).
+    #[default]
+    Drop,
+    /// Read nothing more from the broker while the budget could not take the largest
+    /// packet: TCP pushes back and the broker keeps the rest queued for this client (up to
+    /// its `max_queued_messages`), so a busy driver slows its deliveries down instead of
+    /// losing them (the host: a thousand devices uploading at once would otherwise
+    /// overflow its budget and cost a re-publish of the round, which has every device send
+    /// its phase again). Publishes never block the driver meanwhile ([`Link::publish`]).
+    Hold,
 }
 
 /// TLS settings: the broker's certificate must chain to `ca_file`; `client_auth` adds a
@@ -147,8 +166,9 @@ pub struct BrokerArgs {
     /// TLS client private key (PEM).
     #[arg(long)]
     pub client_key: Option<std::path::PathBuf>,
-    /// Most bytes of incoming messages held while the driver is busy (default: 64 packets);
-    /// a message beyond it is dropped, counted and reported.
+    /// Most bytes of incoming messages held while the driver is busy (default: 64 packets,
+    /// the host's 8); beyond it a device drops a message (counted and reported), the host
+    /// reads nothing more until it has room (the broker holds the rest).
     #[arg(long)]
     pub incoming_budget: Option<usize>,
 }
@@ -182,6 +202,7 @@ impl BrokerArgs {
                 self.max_packet_bytes
                     .saturating_mul(INCOMING_BUDGET_PACKETS),
             ),
+            overflow: Overflow::Drop,
         })
     }
 }
@@ -248,6 +269,8 @@ struct Budget {
     limit: usize,
     held: AtomicUsize,
     dropped: AtomicU64,
+    /// Signalled whenever the driver takes a message (room for the next).
+    room: tokio::sync::Notify,
 }
 
 impl Budget {
@@ -268,6 +291,12 @@ impl Budget {
 
     fn release(&self, cost: usize) {
         self.held.fetch_sub(cost, Ordering::AcqRel);
+        self.room.notify_one();
+    }
+
+    /// Whether a message of `cost` bytes would fit now.
+    fn fits(&self, cost: usize) -> bool {
+        self.held.load(Ordering::Acquire).saturating_add(cost) <= self.limit
     }
 }
 
@@ -275,6 +304,9 @@ impl Budget {
 pub struct Link {
     client: Client,
     incoming: Receiver<Incoming>,
+    overflow: Overflow,
+    /// Publishes the event loop could not take yet ([`Overflow::Hold`]), in order.
+    pending: std::sync::Mutex<std::collections::VecDeque<Publish>>,
     budget: Arc<Budget>,
     subscriptions: Vec<String>,
     /// Whether the network beneath is known to be cut (the driver's word).
@@ -346,6 +378,7 @@ impl Link {
         let (cut, cut_rx) = tokio::sync::watch::channel(false);
         let subscriber = client.clone();
         let subscriptions = config.subscriptions.clone();
+        let overflow = config.overflow;
         let held = budget.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -365,6 +398,8 @@ impl Link {
         Ok(Self {
             client,
             incoming: rx,
+            overflow,
+            pending: Default::default(),
             budget,
             subscriptions,
             cut: NetworkWord(Arc::new(cut)),
@@ -390,10 +425,54 @@ impl Link {
     }
 
     /// Publishes with QoS 1 (queued; the event loop sends it when connected).
+    /// A held link ([`Overflow::Hold`]) never blocks here: what the event loop cannot
+    /// take now waits in the link, in order, and leaves on the next `publish` or `recv`
+    /// (its event loop may be waiting for the driver to take a message).
     pub fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), LinkError> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, retain, payload)
-            .map_err(LinkError::from)
+        if self.overflow == Overflow::Drop {
+            return self
+                .client
+                .publish(topic, QoS::AtLeastOnce, retain, payload)
+                .map_err(LinkError::from);
+        }
+        let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
+        publish.retain = retain;
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push_back(publish);
+        self.flush();
+        Ok(())
+    }
+
+    /// Hands the event loop the publishes waiting in a held link, in order, as far as it
+    /// takes them.
+    fn flush(&self) {
+        if self.overflow == Overflow::Drop {
+            return;
+        }
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some(p) = pending.pop_front() {
+            let (topic, retain, payload) = (p.topic, p.retain, p.payload);
+            if let Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(back))) = self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+            {
+                pending.push_front(back);
+                return;
+            }
+        }
+    }
+
+    /// Publishes waiting in a held link for its event loop.
+    pub fn pending_publishes(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// Subscribes to `filter` now (QoS 1); retained messages on it arrive next. Not renewed
@@ -412,6 +491,7 @@ impl Link {
 
     /// The next incoming event, waiting at most `timeout` (`None` on timeout).
     pub fn recv(&self, timeout: Duration) -> Result<Option<Incoming>, LinkError> {
+        self.flush();
         match self.incoming.recv_timeout(timeout) {
             Ok(i) => {
                 if let Incoming::Message { topic, payload } = &i {
@@ -462,7 +542,20 @@ async fn drive(
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut known_cut = false;
+    let largest = config.max_packet_bytes.saturating_mul(INCOMING_FACTOR);
     loop {
+        // A held link reads nothing more while the largest packet would not fit: TCP
+        // pushes back on the broker, which keeps the rest queued (the broker's in-flight
+        // window alone does not bound what arrives: mosquitto 2.0.11 sent 14 messages
+        // unacknowledged under `max_inflight_messages 4`). The driver takes a message
+        // within a keep-alive as long as it runs.
+        if config.overflow == Overflow::Hold && !budget.fits(largest) {
+            tokio::select! {
+                () = budget.room.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            continue;
+        }
         let connected = eventloop.network.is_some();
         let target = !known_cut;
         let event = tokio::select! {
@@ -723,6 +816,7 @@ mod tests {
             birth: None,
             tls: None,
             incoming_budget: 4095,
+            overflow: Overflow::Drop,
         };
         assert!(matches!(Link::start(config), Err(LinkError::Config(_))));
     }

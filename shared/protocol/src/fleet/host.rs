@@ -303,6 +303,29 @@ pub enum HostEvent {
         /// Why.
         reason: LeftOut,
     },
+    /// What a round cost the host, written as it closes: CPU seconds of the round's
+    /// thread by stage (`secagg`: joins, the secure aggregation's messages and deadlines,
+    /// the share deliveries signed and published; `fold`: upload manifests and chunks
+    /// checked and folded into the encrypted sum; `finish`: the message or deadline that
+    /// ends the round, which reconstructs the key sum and decrypts; `reports`: devices'
+    /// evaluation reports; `journal`: journal writes, syncs and compactions; `resume`:
+    /// replaying a journal after a restart; `apply`: decoding and applying the global
+    /// update, quantizing, splitting, signing and publishing it; `outputs`: the adapter,
+    /// metrics and state files), the whole process's CPU seconds over the round (the MQTT
+    /// link's thread included), the process's peak resident set so far, and the round
+    /// journal's largest size.
+    RoundCost {
+        /// The round.
+        round: u64,
+        /// CPU seconds of the round's thread, by stage.
+        cpu_s: BTreeMap<String, f64>,
+        /// CPU seconds of the whole process over the round.
+        process_cpu_s: f64,
+        /// Peak resident set of the process so far, MiB.
+        peak_rss_mib: f64,
+        /// The round journal's largest size, bytes.
+        journal_peak_bytes: u64,
+    },
     /// The round's journal compacted: the folded uploads' messages replaced by a
     /// checkpoint of the running sums.
     JournalCompacted {

@@ -1,0 +1,216 @@
+//! Fleets of simulated devices (`fedshield-sim devices`: the real edge protocol and
+//! cryptography on synthetic updates) against a real mosquitto and the real
+//! `fedshield-host serve`:
+//!
+//! - devices dropping out at every stage of a round (before joining, after joining, after
+//!   their shares, after their upload) leave an aggregate that is exactly the sum of the
+//!   updates that were folded, and come back for the next round;
+//! - a host killed mid-round at 100 devices, after compacting its journal, resumes the
+//!   round from the checkpoint, every device counted, the aggregate exact, the journal far
+//!   smaller than the uploads it stands for.
+
+use fedshield_crypto::identity::DeviceId;
+use fedshield_hil_tests::audit::check_audited_sums;
+use fedshield_hil_tests::scale::{Adapter, HostSettings, SimFleet};
+use fedshield_hil_tests::sim::{Dropouts, Stage};
+use fedshield_protocol::fleet::host::HostEvent;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The folder of the workspace's binaries (target/<profile>).
+fn bins() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    for bin in ["fedshield-host", "fedshield-sim"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} not built (run cargo test --workspace)",
+            dir.join(bin).display()
+        );
+    }
+    dir
+}
+
+/// A small adapter: rank 1 on SmolLM2's q_proj, 34,560 values.
+fn small() -> Adapter {
+    Adapter {
+        rank: 1,
+        targets: "q_proj".into(),
+        model: None,
+    }
+}
+
+fn settings(
+    rounds: u64,
+    join: u64,
+    upload: u64,
+    phase: u64,
+    audit: &std::path::Path,
+) -> HostSettings {
+    HostSettings {
+        rounds,
+        rho: "0.5".into(),
+        join_seconds: join,
+        upload_seconds: upload,
+        phase_seconds: phase,
+        extra: vec!["--audit-dir".into(), audit.display().to_string()],
+    }
+}
+
+#[test]
+fn devices_dropping_out_at_every_stage_leave_an_exact_aggregate_and_come_back() {
+    const N: usize = 16;
+    let ids: Vec<DeviceId> = (0..N).map(|i| DeviceId(format!("edge-{i}"))).collect();
+    // The first seed that drops one to four devices out of round 1, at every stage: the
+    // round must still reach its threshold, and each stage must be exercised.
+    let dropouts = (0..10_000)
+        .map(|seed| Dropouts {
+            rate: 0.2,
+            stages: Stage::ALL.to_vec(),
+            seed,
+        })
+        .find(|d| {
+            let planned: Vec<Stage> = ids.iter().filter_map(|id| d.plan(id, 1)).collect();
+            planned.len() <= 4 && Stage::ALL.iter().all(|s| planned.contains(s))
+        })
+        .expect("a seed that drops out at every stage");
+    let mut fleet = SimFleet::enrol(&bins(), N, small()).unwrap();
+    let audit_host = fleet.out().join("audit-host");
+    let audit_edges = fleet.out().join("audit-edges");
+    let mut devices = fleet
+        .devices(
+            2,
+            2,
+            &dropouts,
+            Some(&audit_edges),
+            Duration::from_secs(400),
+        )
+        .unwrap();
+    let mut host = fleet.host(&settings(2, 10, 30, 10, &audit_host)).unwrap();
+    let status = host.wait(Duration::from_secs(400)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "host: {status:?}; see {}",
+        fleet.out().display()
+    );
+    for d in &mut devices {
+        let status = d.wait(Duration::from_secs(60)).unwrap();
+        assert!(status.is_some_and(|s| s.success()), "simulator: {status:?}");
+    }
+    let record = fedshield_hil_tests::scale::record(&fleet, &dropouts, 2, (0, 0)).unwrap();
+    let round1 = &record.rounds[0];
+    for stage in Stage::ALL {
+        assert!(
+            round1
+                .devices
+                .dropped
+                .get(stage.name())
+                .copied()
+                .unwrap_or(0)
+                >= 1,
+            "round 1: nobody dropped at {stage:?}: {:?}",
+            round1.devices.dropped
+        );
+    }
+    for round in &record.rounds {
+        // Devices that withheld their upload are not counted; those that left after
+        // uploading are (their masked input arrived, so their self-mask is unmasked).
+        let withheld = round.devices.dropped.get("upload").copied().unwrap_or(0);
+        assert_eq!(
+            round.contributors,
+            round.devices.encrypted - withheld,
+            "round {}: {:?}",
+            round.round,
+            round.devices
+        );
+        assert!(
+            round.devices.refused.is_empty(),
+            "{:?}",
+            round.devices.refused
+        );
+        assert!(round.host_cpu_s["finish"] > 0.0 && round.host_cpu_s["fold"] > 0.0);
+    }
+    // Every device that dropped out of round 1 came back: each encrypted in round 2 unless
+    // it dropped out of round 2 before its upload.
+    let round2 = &record.rounds[1];
+    let before_encrypting = ids
+        .iter()
+        .filter(|id| dropouts.plan(id, 2).is_some_and(|s| s < Stage::Upload))
+        .count();
+    assert_eq!(round2.devices.encrypted, N - before_encrypting);
+    check_audited_sums(&audit_host, &audit_edges, 2);
+}
+
+#[test]
+fn a_host_killed_mid_round_at_100_devices_resumes_it_from_its_compacted_journal() {
+    const N: usize = 100;
+    // Rank 4: 138,240 values, uploads of 138 KB that outweigh each device's secure-
+    // aggregation records (its masked key vector alone is 16 KB).
+    let adapter = Adapter { rank: 4, ..small() };
+    let mut fleet = SimFleet::enrol(&bins(), N, adapter).unwrap();
+    let audit_host = fleet.out().join("audit-host");
+    let audit_edges = fleet.out().join("audit-edges");
+    let mut devices = fleet
+        .devices(
+            2,
+            2,
+            &Dropouts::none(),
+            Some(&audit_edges),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let host_settings = settings(2, 60, 120, 60, &audit_host);
+    let mut host = fleet.host(&host_settings).unwrap();
+    // Killed once the journal has been compacted (a checkpoint of folded uploads in it),
+    // while uploads still come in.
+    fleet
+        .wait_event("journal compacted", Duration::from_secs(300), |e| {
+            matches!(e, HostEvent::JournalCompacted { round: 1, .. })
+        })
+        .unwrap();
+    host.0.kill().unwrap();
+    host.0.wait().unwrap();
+    assert!(
+        !fleet
+            .host_events()
+            .iter()
+            .any(|e| matches!(e, HostEvent::Closed { round: 1, .. })),
+        "round 1 closed before the host was killed: nothing to resume"
+    );
+    let mut host = fleet.host(&host_settings).unwrap();
+    let status = host.wait(Duration::from_secs(500)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "host: {status:?}; see {}",
+        fleet.out().display()
+    );
+    for d in &mut devices {
+        let status = d.wait(Duration::from_secs(60)).unwrap();
+        assert!(status.is_some_and(|s| s.success()), "simulator: {status:?}");
+    }
+    let events = fleet.host_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, HostEvent::Resumed { round: 1, .. })),
+        "the restarted host did not resume round 1"
+    );
+    let record = fedshield_hil_tests::scale::record(&fleet, &Dropouts::none(), 2, (0, 0)).unwrap();
+    for round in &record.rounds {
+        assert_eq!(round.contributors, N, "round {}", round.round);
+        let uploads = round.devices.up_bytes["upload"];
+        eprintln!(
+            "round {}: journal peak {} bytes, uploads {uploads} bytes",
+            round.round, round.journal_peak_bytes
+        );
+        // The journal holds a checkpoint, the devices' secure-aggregation records and the
+        // uploads in flight, not every upload.
+        assert!(
+            round.journal_peak_bytes * 2 < uploads,
+            "round {}: journal peaked at {} bytes for {uploads} bytes of uploads",
+            round.round,
+            round.journal_peak_bytes
+        );
+    }
+    check_audited_sums(&audit_host, &audit_edges, 2);
+}
