@@ -11,8 +11,8 @@
 #   scripts/bench-scale.sh --devices 50 --dropouts 0 --rank 16 \
 #       --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --rho 0.5 \
 #       --out target/bench/scale-smollm2.json        # the SmolLM2 demo's update size
-# Needs mosquitto (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/setup.sh # mosquitto, the model's shapes
 cargo build --locked -q -p fedshield-host -p fedshield-hil-tests --bins
 exec target/debug/fedshield-sim bench --stages upload "$@"

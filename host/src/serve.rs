@@ -563,6 +563,13 @@ impl Host {
             let mut stage = "secagg";
             let mut actions = match incoming {
                 Some(Incoming::Message { topic, payload }) => match self.route(&topic, &payload) {
+                    // An upload already in the sum, sent again: nothing to do or journal.
+                    Some((device, EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_)))
+                        if machine.has_folded(&device) =>
+                    {
+                        stage = "fold";
+                        vec![]
+                    }
                     Some((device, msg)) => {
                         if matches!(msg, EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_)) {
                             stage = "fold";

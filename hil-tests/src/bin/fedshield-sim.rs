@@ -160,6 +160,15 @@ struct ScenarioArgs {
     adapter: AdapterArgs,
     #[command(flatten)]
     dropouts: DropoutArgs,
+    /// The host's upload window, seconds (default: fitted to the fleet's size for updates
+    /// of the default size; larger updates take longer to encrypt on two shared cores).
+    #[arg(long)]
+    upload_seconds: Option<u64>,
+    /// The host's join, share, consistency and unmasking windows, seconds (default: fitted
+    /// to the fleet's size; with larger updates each simulated device also takes longer to
+    /// set a round up, and its process serves its devices one after another).
+    #[arg(long)]
+    phase_seconds: Option<u64>,
     /// Keep each run's folder (fleet, host and simulator logs, records) and print its path.
     #[arg(long)]
     keep: bool,
@@ -172,6 +181,13 @@ impl ScenarioArgs {
     fn scenario(&self, devices: usize, dropout: f64) -> anyhow::Result<Scenario> {
         let mut host = HostSettings::for_devices(devices, self.rounds);
         host.rho = self.rho.clone();
+        if let Some(s) = self.upload_seconds {
+            host.upload_seconds = s;
+        }
+        if let Some(s) = self.phase_seconds {
+            host.phase_seconds = s;
+            host.join_seconds = s;
+        }
         host.extra = self.host_args.clone();
         Ok(Scenario {
             devices,

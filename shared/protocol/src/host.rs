@@ -309,6 +309,14 @@ impl HostRound {
         self.phase == HostPhase::Done
     }
 
+    /// Whether `device`'s upload is in the running sum: its manifest and chunks, sent
+    /// again (a device re-sending its phase after a re-publish or a host restart), change
+    /// nothing, and the driver neither hands them over nor journals them (held, they would
+    /// wait in memory until the round ends).
+    pub fn has_folded(&self, device: &DeviceId) -> bool {
+        self.folded.contains(device)
+    }
+
     /// Bytes of the uploads folded into the running sum so far.
     pub fn folded_bytes(&self) -> u64 {
         self.upload_bytes
