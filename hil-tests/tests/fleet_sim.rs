@@ -11,7 +11,7 @@
 
 use fedshield_crypto::identity::DeviceId;
 use fedshield_hil_tests::audit::check_audited_sums;
-use fedshield_hil_tests::scale::{Adapter, HostSettings, SimFleet};
+use fedshield_hil_tests::scale::{Adapter, HostSettings, Process, SimFleet};
 use fedshield_hil_tests::sim::{Dropouts, Stage};
 use fedshield_protocol::fleet::host::HostEvent;
 use std::path::PathBuf;
@@ -57,6 +57,21 @@ fn settings(
     }
 }
 
+/// Waits for the host to finish within `timeout`, then for the simulators (a minute more);
+/// each must succeed.
+fn finish(fleet: &SimFleet, host: &mut Process, devices: &mut [Process], timeout: Duration) {
+    let status = host.wait(timeout).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "host: {status:?}; see {}",
+        fleet.out().display()
+    );
+    for d in devices {
+        let status = d.wait(Duration::from_secs(60)).unwrap();
+        assert!(status.is_some_and(|s| s.success()), "simulator: {status:?}");
+    }
+}
+
 #[test]
 fn devices_dropping_out_at_every_stage_leave_an_exact_aggregate_and_come_back() {
     const N: usize = 16;
@@ -92,16 +107,7 @@ fn devices_dropping_out_at_every_stage_leave_an_exact_aggregate_and_come_back() 
         )
         .unwrap();
     let mut host = fleet.host(&settings(2, 10, 30, 10, &audit_host)).unwrap();
-    let status = host.wait(Duration::from_secs(400)).unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "host: {status:?}; see {}",
-        fleet.out().display()
-    );
-    for d in &mut devices {
-        let status = d.wait(Duration::from_secs(60)).unwrap();
-        assert!(status.is_some_and(|s| s.success()), "simulator: {status:?}");
-    }
+    finish(&fleet, &mut host, &mut devices, Duration::from_secs(400));
     let record = fedshield_hil_tests::scale::record(&fleet, &dropouts, 2, (0, 0)).unwrap();
     let round1 = &record.rounds[0];
     for stage in Stage::ALL {
@@ -183,16 +189,7 @@ fn a_host_killed_mid_round_at_100_devices_resumes_it_from_its_compacted_journal(
         "round 1 closed before the host was killed: nothing to resume"
     );
     let mut host = fleet.host(&host_settings).unwrap();
-    let status = host.wait(Duration::from_secs(500)).unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "host: {status:?}; see {}",
-        fleet.out().display()
-    );
-    for d in &mut devices {
-        let status = d.wait(Duration::from_secs(60)).unwrap();
-        assert!(status.is_some_and(|s| s.success()), "simulator: {status:?}");
-    }
+    finish(&fleet, &mut host, &mut devices, Duration::from_secs(500));
     let events = fleet.host_events();
     assert!(
         events
