@@ -17,6 +17,7 @@
 use crate::fleet::steps::{
     Assignment, DeviceRound, LeftOut, RoundPlan, StepRule, TRAIN_SHARE, effective_steps,
 };
+use crate::fold::Uploads;
 use crate::messages::{
     Chunk, EdgeMessage, Manifest, Phase, RoundConfig, RoundState, UploadRefusal,
 };
@@ -24,13 +25,10 @@ use crate::signed::{MAX_REPORTED_LOSS, ReportRefusal, check_value, join_report_b
 use crate::weights::{check_claim, fedavg_weights};
 use crate::{ProtocolError, Refusal};
 use fedshield_crypto::identity::{DeviceId, Registry};
-use fedshield_crypto::packed::{Aggregate, BodyBits, EncryptedUpdate, MaskSeed};
+use fedshield_crypto::packed::{Aggregate, MaskSeed};
 use fedshield_crypto::params::POLYNOMIAL_SIZE;
 use fedshield_crypto::params::max_clients;
-use fedshield_crypto::secagg::{
-    ClientBody, SecAggConfig, Server, ShareDelivery, SignedMessage, update_digest,
-};
-use sha2::{Digest, Sha256};
+use fedshield_crypto::secagg::{ClientBody, SecAggConfig, Server, ShareDelivery, SignedMessage};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// How long each phase may take, in ms of the driver's clock.
@@ -141,23 +139,6 @@ impl HostPhase {
     }
 }
 
-#[derive(Debug, Default)]
-struct Upload {
-    manifest: Option<Manifest>,
-    chunks: BTreeMap<u32, Vec<u8>>,
-    masked_input: Option<SignedMessage>,
-}
-
-impl Upload {
-    fn complete(&self) -> Option<Vec<u8>> {
-        let m = self.manifest.as_ref()?;
-        if self.chunks.len() != m.chunk_hashes.len() {
-            return None;
-        }
-        Some(self.chunks.values().flatten().copied().collect())
-    }
-}
-
 /// One round on the host.
 #[derive(Debug)]
 pub struct HostRound {
@@ -172,7 +153,9 @@ pub struct HostRound {
     rule: StepRule,
     /// Each joined device's status and part in the round.
     devices: BTreeMap<DeviceId, DeviceRound>,
-    uploads: BTreeMap<DeviceId, Upload>,
+    uploads: Uploads,
+    /// Checked masked inputs held until their uploads are folded.
+    masked: BTreeMap<DeviceId, SignedMessage>,
     aggregate: Aggregate,
     folded: BTreeSet<DeviceId>,
     /// Members whose signed upload was inconsistent: dropped, told, not waited for.
@@ -223,6 +206,8 @@ impl HostRound {
         )?;
         let deadline = now + deadlines.join_ms;
         let mut round = Self {
+            uploads: Uploads::new(&config),
+            masked: BTreeMap::new(),
             aggregate: Aggregate::new(config.selected, config.body_bits),
             config,
             deadlines,
@@ -234,7 +219,6 @@ impl HostRound {
             weights: BTreeMap::new(),
             rule,
             devices: BTreeMap::new(),
-            uploads: BTreeMap::new(),
             folded: BTreeSet::new(),
             refused: BTreeMap::new(),
             upload_bytes: 0,
@@ -361,7 +345,10 @@ impl HostRound {
         {
             return Err(bad("its folded devices, digests and count disagree"));
         }
-        if let Some(d) = folded.iter().find(|d| self.uploads.contains_key(*d)) {
+        if let Some(d) = folded
+            .iter()
+            .find(|d| self.uploads.contains(d) || self.masked.contains_key(*d))
+        {
             return Err(bad(&format!("{d} is both folded and uploading")));
         }
         let aggregate = Aggregate::from_parts(
@@ -493,17 +480,13 @@ impl HostRound {
             EdgeMessage::SecAgg(msg) => match msg.body {
                 ClientBody::MaskedInput { .. } => {
                     self.expect(HostPhase::Uploading, "masked input")?;
-                    let held = self
-                        .uploads
-                        .get(from)
-                        .is_some_and(|u| u.masked_input.is_some());
-                    if held || self.folded.contains(from) {
+                    if self.masked.contains_key(from) || self.folded.contains(from) {
                         return Err(Refusal::DuplicateMaskedInput(from.clone()).into());
                     }
                     // Checked before it is held: a forged or replayed masked input never
                     // takes the slot of the device's real one.
                     self.server.check(&msg)?;
-                    self.uploads.entry(from.clone()).or_default().masked_input = Some(msg);
+                    self.masked.insert(from.clone(), msg);
                     actions = self.try_fold(from)?;
                 }
                 _ => self.server.receive(msg)?,
@@ -543,77 +526,17 @@ impl HostRound {
     }
 
     fn on_manifest(&mut self, from: &DeviceId, m: Manifest) -> Result<(), ProtocolError> {
-        // Round and signature first, in any phase: a replayed or forged manifest is refused
-        // as what it is (a security event in the host's log), not as merely late or early.
-        if m.round != self.config.round {
-            return Err(Refusal::WrongRound {
-                what: "manifest",
-                got: m.round,
-            }
-            .into());
-        }
-        let key = self.registry.enrolment(from)?.public_key;
-        if !fedshield_crypto::identity::verify(&key, &m.signed_bytes(from), &m.signature) {
-            return Err(Refusal::ManifestSignature(from.clone()).into());
-        }
+        self.uploads.check_manifest(&self.registry, from, &m)?;
         self.expect(HostPhase::Uploading, "manifest")?;
         if !self.weights.contains_key(from) {
             return Err(Refusal::NotInRoster(from.clone()).into());
         }
-        // The only valid size: the postcard encoding of an update of `selected` values.
-        let expected = expected_update_bytes(self.config.selected, self.config.body_bits);
-        let chunks = expected.div_ceil(self.config.chunk_bytes as u64);
-        if m.total_bytes != expected || m.chunk_hashes.len() as u64 != chunks {
-            return Err(Refusal::ManifestSize {
-                device: from.clone(),
-                bytes: m.total_bytes,
-                chunks: m.chunk_hashes.len(),
-                expected,
-                expected_chunks: chunks,
-            }
-            .into());
-        }
-        let upload = self.uploads.entry(from.clone()).or_default();
-        match &upload.manifest {
-            Some(old) if *old == m => Ok(()), // a QoS 1 duplicate
-            Some(_) => Err(Refusal::SecondManifest(from.clone()).into()),
-            None => {
-                upload.manifest = Some(m);
-                Ok(())
-            }
-        }
+        self.uploads.on_manifest(from, m)
     }
 
     fn on_chunk(&mut self, from: &DeviceId, c: Chunk) -> Result<(), ProtocolError> {
         self.expect(HostPhase::Uploading, "chunk")?;
-        if c.round != self.config.round {
-            return Err(Refusal::WrongRound {
-                what: "chunk",
-                got: c.round,
-            }
-            .into());
-        }
-        let chunk_bytes = self.config.chunk_bytes;
-        let upload = self
-            .uploads
-            .get_mut(from)
-            .filter(|u| u.manifest.is_some())
-            .ok_or_else(|| Refusal::ChunkBeforeManifest(from.clone()))?;
-        let m = upload.manifest.as_ref().expect("filtered");
-        let hash = m
-            .chunk_hashes
-            .get(c.index as usize)
-            .ok_or(Refusal::ChunkIndex(c.index))?;
-        let want_len = chunk_bytes.min(m.total_bytes as usize - c.index as usize * chunk_bytes);
-        if c.bytes.len() != want_len || <[u8; 32]>::from(Sha256::digest(&c.bytes)) != *hash {
-            return Err(Refusal::ChunkMismatch {
-                device: from.clone(),
-                index: c.index,
-            }
-            .into());
-        }
-        upload.chunks.insert(c.index, c.bytes);
-        Ok(())
+        self.uploads.on_chunk(from, c)
     }
 
     /// Folds `from`'s upload when it is complete and its (checked) masked input is here.
@@ -622,39 +545,19 @@ impl HostRound {
     /// longer waited for: the message that completed it is accepted (and journalled), so
     /// a replayed journal drops it again.
     fn try_fold(&mut self, from: &DeviceId) -> Result<Vec<HostAction>, ProtocolError> {
-        let Some(upload) = self.uploads.get(from) else {
+        let Some(masked) = self.masked.get(from) else {
             return Ok(vec![]);
         };
-        let (Some(bytes), Some(masked)) = (upload.complete(), upload.masked_input.as_ref()) else {
+        let ClientBody::MaskedInput { update_digest, .. } = &masked.body else {
+            unreachable!("only masked inputs are held");
+        };
+        let Some(taken) = self.uploads.take(from, *update_digest) else {
             return Ok(vec![]);
         };
-        let digest = upload.manifest.as_ref().expect("complete").digest;
-        let body_digest = match &masked.body {
-            ClientBody::MaskedInput { update_digest, .. } => *update_digest,
-            _ => unreachable!("only masked inputs are stored"),
-        };
-        let update = if update_digest(&bytes) != digest || digest != body_digest {
-            Err(UploadRefusal::DigestMismatch)
-        } else {
-            postcard::from_bytes::<EncryptedUpdate>(&bytes)
-                .map_err(|e| UploadRefusal::Malformed(format!("does not decode: {e}")))
-                .and_then(|u| {
-                    if u.len != self.config.selected {
-                        Err(UploadRefusal::Malformed(format!("{} values", u.len)))
-                    } else if u.body_bits != self.config.body_bits {
-                        Err(UploadRefusal::Malformed(format!(
-                            "{}-bit bodies",
-                            u.body_bits
-                        )))
-                    } else {
-                        Ok(u)
-                    }
-                })
-        };
-        let update = match update {
+        let (update, bytes) = match taken {
             Ok(u) => u,
             Err(reason) => {
-                self.uploads.remove(from);
+                self.masked.remove(from);
                 self.refused.insert(from.clone(), reason.clone());
                 return Ok(vec![HostAction::RefuseUpload {
                     device: from.clone(),
@@ -663,20 +566,15 @@ impl HostRound {
                 }]);
             }
         };
-        let masked = self
-            .uploads
-            .get_mut(from)
-            .and_then(|u| u.masked_input.take())
-            .expect("held above");
+        let masked = self.masked.remove(from).expect("held above");
         // Checked when it arrived, and nothing of its sender's recorded since: this cannot
         // fail, but a long-running host refuses rather than panics if it ever did.
         self.server.receive(masked)?;
         self.aggregate
             .add(&update)
             .expect("length checked against the round");
-        self.uploads.remove(from);
         self.folded.insert(from.clone());
-        self.upload_bytes += bytes.len() as u64;
+        self.upload_bytes += bytes;
         Ok(vec![])
     }
 
@@ -780,6 +678,7 @@ impl HostRound {
             }
             HostPhase::Uploading => {
                 self.uploads.clear();
+                self.masked.clear();
                 let survivors = self.server.close_masked_inputs().map_err(err)?;
                 self.phase = HostPhase::Consistency;
                 self.deadline = now + self.deadlines.finish_ms;
@@ -838,8 +737,4 @@ impl HostRound {
     }
 }
 
-/// Bytes of the postcard encoding of an encrypted update of `selected` values with bodies of
-/// width `body_bits`.
-pub fn expected_update_bytes(selected: usize, body_bits: BodyBits) -> u64 {
-    EncryptedUpdate::wire_len(selected, body_bits) as u64
-}
+pub use crate::fold::expected_update_bytes;

@@ -16,6 +16,7 @@
 
 pub mod edge;
 pub mod fleet;
+pub mod fold;
 pub mod host;
 pub mod journal;
 pub mod keyfile;
