@@ -439,9 +439,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(serving) = &mut serving {
         serving.refresh(&fleet, &mut output);
     }
-    let publish = |messages: Vec<EdgeMessage>| -> anyhow::Result<()> {
+    // Manifests and chunks of a round sharded over fold workers go to the shard's topic.
+    let publish = |fleet: &EdgeFleet, messages: Vec<EdgeMessage>| -> anyhow::Result<()> {
         for msg in messages {
-            link.publish(&topics.up(&me), postcard::to_stdvec(&msg)?, false)?;
+            let topic = fleet.uplink_topic(&topics, &msg);
+            link.publish(&topic, postcard::to_stdvec(&msg)?, false)?;
         }
         Ok(())
     };
@@ -595,7 +597,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             serving.refresh(&fleet, &mut output);
         }
         report_status(rig.as_ref(), &mut status, &out.events);
-        publish(output.carry_out(&fleet, out)?)?;
+        publish(&fleet, output.carry_out(&fleet, out)?)?;
         // Training starts after publishing what preceded it (the round's shares).
         if training.is_none() && fleet.has_training() {
             let (job, out) = fleet.take_training();
@@ -604,7 +606,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             training = job;
             report_status(rig.as_ref(), &mut status, &out.events);
-            publish(output.carry_out(&fleet, out)?)?;
+            publish(&fleet, output.carry_out(&fleet, out)?)?;
         }
         if args.rounds > 0 && done_round >= args.rounds {
             // Let the last messages leave before disconnecting.

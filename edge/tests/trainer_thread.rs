@@ -40,6 +40,7 @@ fn round(round: u64, local_steps: usize) -> RoundConfig {
         threshold: 1,
         secagg_graph: fedshield_crypto::secagg::GraphPolicy::DEFAULT,
         chunk_bytes: 1024,
+        fold_shards: 0,
     }
 }
 

@@ -7,6 +7,7 @@ use crate::Mosquitto;
 use crate::sim::{Dropouts, RoundStats, SimStats, Stage};
 use anyhow::{Context, bail};
 use fedshield_protocol::fleet::host::HostEvent;
+use fedshield_protocol::shard::WorkerEvent;
 use fedshield_transport::{BrokerArgs, Incoming, Link};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -115,6 +116,7 @@ pub struct SimFleet {
     /// Largest MQTT packet.
     pub max_packet_bytes: usize,
     hosts_started: usize,
+    workers_started: usize,
 }
 
 /// A child process killed when dropped.
@@ -184,6 +186,7 @@ impl SimFleet {
             name,
             max_packet_bytes,
             hosts_started: 0,
+            workers_started: 0,
         })
     }
 
@@ -232,6 +235,45 @@ impl SimFleet {
             .spawn()
             .context("starting fedshield-host serve")?;
         Ok(Process(child))
+    }
+
+    /// Starts `fedshield-host fold-worker --shard {shard}` with the host's credentials (its
+    /// log in `out/worker-{k}.log`, its events in `out/events-worker-{k}.jsonl`, `k`
+    /// counting worker starts).
+    pub fn fold_worker(&mut self, shard: u32) -> anyhow::Result<Process> {
+        let k = self.workers_started;
+        self.workers_started += 1;
+        let log = std::fs::File::create(self.out().join(format!("worker-{k}.log")))?;
+        let child = Command::new(self.bins.join("fedshield-host"))
+            .args(["fold-worker", "--fleet", &self.name, "--broker"])
+            .arg(self.broker.addr().to_string())
+            .args(["--shard", &shard.to_string()])
+            .args(["--max-packet-bytes", &self.max_packet_bytes.to_string()])
+            .arg("--fleet-dir")
+            .arg(self.fleet_dir())
+            .arg("--events")
+            .arg(self.out().join(format!("events-worker-{k}.jsonl")))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting fedshield-host fold-worker")?;
+        Ok(Process(child))
+    }
+
+    /// Every event of every fold worker start so far, by start (a torn last line is
+    /// skipped).
+    pub fn worker_events(&self) -> Vec<Vec<WorkerEvent>> {
+        (0..self.workers_started)
+            .map(|k| {
+                let path = self.out().join(format!("events-worker-{k}.jsonl"));
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<WorkerEvent>(l).ok())
+                    .collect()
+            })
+            .collect()
     }
 
     /// Starts the simulated devices in `processes` processes (contiguous ranges of device
@@ -433,6 +475,11 @@ pub struct RoundRecord {
     pub devices: RoundStats,
     /// Device CPU seconds per device (the simulators' driver threads).
     pub device_cpu_s_per_device: f64,
+    /// Fold workers' process CPU seconds in the round (each worker's CPU between its
+    /// closes), every worker added; 0 when the host folds.
+    pub workers_cpu_s: f64,
+    /// The busiest fold worker's CPU seconds in the round.
+    pub worker_cpu_max_s: f64,
     /// Secure-aggregation payload bytes per device, both ways (joins, shares, masked
     /// inputs, consistency, unmasking; the share deliveries down).
     pub secagg_bytes_per_device: f64,
@@ -458,6 +505,9 @@ pub struct RunRecord {
     pub layout_values: usize,
     /// Simulator processes.
     pub processes: usize,
+    /// Fold workers (0: the host folds every upload).
+    #[serde(default)]
+    pub workers: u32,
     /// The last round's host CPU seconds by stage.
     pub host_cpu_s: BTreeMap<String, f64>,
     /// The host's peak resident set, MiB.
@@ -534,6 +584,23 @@ pub fn record(
             }
         }
         r.host_cpu_total_s = r.host_cpu_s.values().sum();
+        for events in fleet.worker_events() {
+            // Process CPU since the worker's start at each close: the round's share is
+            // the difference from the previous close.
+            let mut before = 0.0;
+            for e in events {
+                if let WorkerEvent::Closed {
+                    round: k, cpu_s, ..
+                } = e
+                {
+                    if k == round {
+                        r.workers_cpu_s += cpu_s - before;
+                        r.worker_cpu_max_s = r.worker_cpu_max_s.max(cpu_s - before);
+                    }
+                    before = cpu_s;
+                }
+            }
+        }
         for s in &sims {
             if let Some(stats) = s.rounds.get(&round) {
                 r.devices.merge(stats);
@@ -558,6 +625,7 @@ pub fn record(
         update_values: last.update_values,
         layout_values,
         processes,
+        workers: 0,
         host_cpu_s: last.host_cpu_s.clone(),
         host_peak_rss_mib: rounds
             .iter()
@@ -590,6 +658,8 @@ pub struct Scenario {
     pub adapter: Adapter,
     /// The host.
     pub host: HostSettings,
+    /// Fold workers the host shards the uploads over (0: it folds them itself).
+    pub workers: u32,
     /// Keep the run's folder (fleet, logs, records) instead of deleting it.
     pub keep: bool,
 }
@@ -607,7 +677,16 @@ pub fn run(bins: &Path, scenario: &Scenario) -> anyhow::Result<RunRecord> {
         None,
         limit + Duration::from_secs(60),
     )?;
-    let mut host = fleet.host(&scenario.host)?;
+    let workers = (0..scenario.workers)
+        .map(|s| fleet.fold_worker(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut settings = scenario.host.clone();
+    if scenario.workers > 0 {
+        settings
+            .extra
+            .extend(["--fold-shards".into(), scenario.workers.to_string()]);
+    }
+    let mut host = fleet.host(&settings)?;
     let failure = match host.wait(limit + Duration::from_secs(60))? {
         Some(status) if status.success() => None,
         Some(status) => Some(format!("the host exited with {status}")),
@@ -617,7 +696,7 @@ pub fn run(bins: &Path, scenario: &Scenario) -> anyhow::Result<RunRecord> {
         )),
     };
     if let Some(why) = failure {
-        drop((host, devices));
+        drop((host, devices, workers));
         let dir = if scenario.keep {
             fleet.keep()
         } else {
@@ -629,9 +708,13 @@ pub fn run(bins: &Path, scenario: &Scenario) -> anyhow::Result<RunRecord> {
         d.wait(Duration::from_secs(60))?;
     }
     drop(devices);
+    drop(workers);
     // Every client is gone: the counters settle within the broker's reporting interval.
     let broker = meter.sample(Duration::from_millis(2500))?;
-    let record = record(&fleet, &scenario.dropouts, scenario.processes, broker);
+    let record = record(&fleet, &scenario.dropouts, scenario.processes, broker).map(|mut r| {
+        r.workers = scenario.workers;
+        r
+    });
     if scenario.keep {
         eprintln!("run folder kept: {}", fleet.keep().display());
     }

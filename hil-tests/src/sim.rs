@@ -321,6 +321,7 @@ fn down_kind(message: &Downlink) -> &'static str {
         Downlink::Round(_) => "round",
         Downlink::Down(DownMessage::Shares(_)) => "shares",
         Downlink::Down(DownMessage::UploadRefused { .. }) => "refusal",
+        Downlink::Down(DownMessage::Resend { .. }) => "resend",
         Downlink::Global(_) => "global",
         Downlink::Snapshot(_) => "snapshot",
     }
@@ -530,8 +531,8 @@ impl SimDevice {
                 .up_bytes
                 .entry(up_kind(&message).to_string())
                 .or_default() += bytes.len() as u64;
-            self.link
-                .publish(&shared.topics.up(&self.me), bytes, false)?;
+            let topic = self.fleet.uplink_topic(shared.topics, &message);
+            self.link.publish(&topic, bytes, false)?;
         }
         Ok(())
     }

@@ -7,13 +7,17 @@
 //!   updates that were folded, and come back for the next round;
 //! - a host killed mid-round at 100 devices, after compacting its journal, resumes the
 //!   round from the checkpoint, every device counted, the aggregate exact, the journal under
-//!   a quarter of the uploads it stands for.
+//!   a quarter of the uploads it stands for;
+//! - rounds sharded over 1, 2 and 4 fold workers (`fedshield-host fold-worker`) decrypt
+//!   exactly the devices' sum, and a worker killed and restarted mid-round loses nothing
+//!   (its shard's devices send their uploads again).
 
 use fedshield_crypto::identity::DeviceId;
 use fedshield_hil_tests::audit::check_audited_sums;
 use fedshield_hil_tests::scale::{Adapter, HostSettings, Process, SimFleet};
 use fedshield_hil_tests::sim::{Dropouts, Stage};
 use fedshield_protocol::fleet::host::HostEvent;
+use fedshield_protocol::shard::{WorkerEvent, shard_of};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -216,4 +220,147 @@ fn a_host_killed_mid_round_at_100_devices_resumes_it_from_its_compacted_journal(
         );
     }
     check_audited_sums(&audit_host, &audit_edges, 2);
+}
+
+/// A fleet of `n` simulated devices whose host shards the uploads over `k` fold workers,
+/// with the host's and devices' audits; `rounds` rounds.
+struct Sharded {
+    fleet: SimFleet,
+    audit_host: PathBuf,
+    audit_edges: PathBuf,
+    devices: Vec<Process>,
+    workers: Vec<Process>,
+    host: Process,
+}
+
+fn sharded(n: usize, k: u32, rounds: u64) -> Sharded {
+    let mut fleet = SimFleet::enrol(&bins(), n, small()).unwrap();
+    let audit_host = fleet.out().join("audit-host");
+    let audit_edges = fleet.out().join("audit-edges");
+    let devices = fleet
+        .devices(
+            2,
+            rounds,
+            &Dropouts::none(),
+            Some(&audit_edges),
+            Duration::from_secs(400),
+        )
+        .unwrap();
+    let workers = (0..k).map(|s| fleet.fold_worker(s).unwrap()).collect();
+    let mut host_settings = settings(rounds, 30, 60, 20, &audit_host);
+    host_settings
+        .extra
+        .extend(["--fold-shards".to_string(), k.to_string()]);
+    let host = fleet.host(&host_settings).unwrap();
+    Sharded {
+        fleet,
+        audit_host,
+        audit_edges,
+        devices,
+        workers,
+        host,
+    }
+}
+
+#[test]
+fn rounds_sharded_over_1_2_and_4_fold_workers_decrypt_exactly_the_devices_sum() {
+    const N: usize = 12;
+    for k in [1, 2, 4] {
+        let mut s = sharded(N, k, 1);
+        finish(
+            &s.fleet,
+            &mut s.host,
+            &mut s.devices,
+            Duration::from_secs(300),
+        );
+        let record =
+            fedshield_hil_tests::scale::record(&s.fleet, &Dropouts::none(), 2, (0, 0)).unwrap();
+        let round = &record.rounds[0];
+        assert_eq!(round.contributors, N, "{k} workers");
+        // The host folded nothing itself: the workers did, every upload once.
+        assert!(round.workers_cpu_s > 0.0, "{k} workers: {round:?}");
+        let folded: usize = s
+            .fleet
+            .worker_events()
+            .iter()
+            .flatten()
+            .filter_map(|e| match e {
+                WorkerEvent::Closed {
+                    round: 1, folded, ..
+                } => Some(*folded),
+                _ => None,
+            })
+            .sum();
+        assert_eq!(folded, N, "{k} workers");
+        assert!(
+            !s.fleet
+                .host_events()
+                .iter()
+                .any(|e| matches!(e, HostEvent::UploadsResent { .. })),
+            "{k} workers: nobody was asked to send an upload again"
+        );
+        assert!(
+            round.devices.refused.is_empty(),
+            "{:?}",
+            round.devices.refused
+        );
+        check_audited_sums(&s.audit_host, &s.audit_edges, 1);
+        drop(s.workers);
+    }
+}
+
+#[test]
+fn a_fold_worker_killed_before_the_uploads_and_restarted_loses_nothing() {
+    const N: usize = 16;
+    let mut s = sharded(N, 2, 2);
+    // Shard 0's worker dies once it has the round; the uploads sent to it meanwhile are
+    // lost at the broker (its session is gone).
+    let opened = |fleet: &SimFleet| {
+        fleet.worker_events().first().is_some_and(|e| {
+            e.iter()
+                .any(|e| matches!(e, WorkerEvent::Opened { round: 1 }))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !opened(&s.fleet) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker 0 never opened round 1"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.workers[0].0.kill().unwrap();
+    s.workers[0].0.wait().unwrap();
+    s.fleet
+        .wait_event("uploads open", Duration::from_secs(120), |e| {
+            matches!(e, HostEvent::UploadsOpen { round: 1, .. })
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    s.workers[0] = s.fleet.fold_worker(0).unwrap();
+    finish(
+        &s.fleet,
+        &mut s.host,
+        &mut s.devices,
+        Duration::from_secs(300),
+    );
+    let resent: usize = s
+        .fleet
+        .host_events()
+        .iter()
+        .filter_map(|e| match e {
+            HostEvent::UploadsResent { round: 1, devices } => Some(*devices),
+            _ => None,
+        })
+        .sum();
+    let shard0 = (0..N)
+        .filter(|i| shard_of(&DeviceId(format!("edge-{i}")), 2) == 0)
+        .count();
+    assert_eq!(resent, shard0, "shard 0's devices were asked to send again");
+    let record =
+        fedshield_hil_tests::scale::record(&s.fleet, &Dropouts::none(), 2, (0, 0)).unwrap();
+    for round in &record.rounds {
+        assert_eq!(round.contributors, N, "round {}", round.round);
+    }
+    check_audited_sums(&s.audit_host, &s.audit_edges, 2);
 }

@@ -195,9 +195,11 @@ impl BrokerConfig {
 }
 
 /// The ACL patterns of every device of fleet `f` (`%u`: the username, its device id).
-pub fn device_patterns(f: &str) -> [(&'static str, String); 6] {
+pub fn device_patterns(f: &str) -> [(&'static str, String); 7] {
     [
         ("write", format!("fedshield/{f}/up/%u")),
+        // Its uploads to a fold shard (any shard: the worker refuses another shard's).
+        ("write", format!("fedshield/{f}/upload/+/%u")),
         ("write", format!("fedshield/{f}/status/%u")),
         ("read", format!("fedshield/{f}/down/%u")),
         ("read", format!("fedshield/{f}/round")),
@@ -337,6 +339,7 @@ mod tests {
                 "topic readwrite fedshield/plant-a/#",
                 "",
                 "pattern write fedshield/plant-a/up/%u",
+                "pattern write fedshield/plant-a/upload/+/%u",
                 "pattern write fedshield/plant-a/status/%u",
                 "pattern read fedshield/plant-a/down/%u",
                 "pattern read fedshield/plant-a/round",

@@ -1,5 +1,6 @@
 //! `fedshield-host`: the host aggregator's single binary.
 
+mod fold_worker;
 mod records;
 mod serve;
 
@@ -87,6 +88,26 @@ enum Command {
     /// with - or _), flags winning.
     #[command(args_override_self = true)]
     Serve(Box<ServeArgs>),
+    /// Fold the uploads of one shard of a round sharded over fold workers (`serve
+    /// --fold-shards K`; run one worker per shard 0..K-1, with the host's broker
+    /// credentials). It keeps nothing on disk: restart it (systemd) when it dies, and the
+    /// host has the shard's devices send their uploads again.
+    FoldWorker {
+        /// Fleet name (one MQTT topic level).
+        #[arg(long, default_value = "demo")]
+        fleet: String,
+        /// Fleet directory (its registry checks the devices' manifests).
+        #[arg(long, default_value = "fleet")]
+        fleet_dir: PathBuf,
+        #[command(flatten)]
+        link: fedshield_transport::BrokerArgs,
+        /// The shard this worker folds (0 to --fold-shards - 1 of the host).
+        #[arg(long)]
+        shard: u32,
+        /// Append what the worker did to FILE, one JSON object per line.
+        #[arg(long)]
+        events: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -294,6 +315,11 @@ struct ServeArgs {
     /// Upload chunk size, bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     chunk_bytes: usize,
+    /// Shard the uploads over K fold workers (`fedshield-host fold-worker --shard S` for S
+    /// in 0..K, with the host's broker credentials): each folds its devices' uploads into a
+    /// partial sum, the host adds the partial sums. 0: the host folds every upload itself.
+    #[arg(long, default_value_t = 0)]
+    fold_shards: u32,
     /// Seed of the initial adapter and the masks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -370,6 +396,26 @@ fn main() -> anyhow::Result<()> {
         Command::Authority(command) => run_authority(command),
         Command::BrokerConfig(args) => run_broker_config(args),
         Command::Serve(args) => run_serve(*args),
+        Command::FoldWorker {
+            fleet,
+            fleet_dir,
+            link,
+            shard,
+            events,
+        } => {
+            anyhow::ensure!(
+                shard < fedshield_protocol::shard::MAX_SHARDS,
+                "--shard {shard}: at most {} shards",
+                fedshield_protocol::shard::MAX_SHARDS
+            );
+            fold_worker::run(fold_worker::WorkerConfig {
+                fleet,
+                fleet_dir: FleetDir(fleet_dir),
+                broker: link,
+                shard,
+                events,
+            })
+        }
     }
 }
 
@@ -600,6 +646,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             secagg_graph,
             downlink,
             chunk_bytes: args.chunk_bytes,
+            fold_shards: args.fold_shards,
         },
         deadlines: Deadlines {
             join_ms: args.join_seconds * 1000,

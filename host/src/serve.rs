@@ -17,7 +17,8 @@ use fedshield_protocol::host::{
     Deadlines, HostAction, HostRound, RoundResult, expected_update_bytes,
 };
 use fedshield_protocol::journal::{self, Entry, Replayed};
-use fedshield_protocol::messages::{EdgeMessage, Topics};
+use fedshield_protocol::messages::{EdgeMessage, Route, Topics};
+use fedshield_protocol::shard::ShardUplink;
 use fedshield_protocol::signed::HostSigner;
 use fedshield_store::JsonLines;
 use fedshield_telemetry::process::{self, Stages};
@@ -74,6 +75,7 @@ type Running = (
 
 struct Host {
     cfg: ServeConfig,
+    topics: Topics,
     link: Link,
     fleet: HostFleet,
     /// The registry as of the current round (checks the devices' evaluation reports).
@@ -137,7 +139,8 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     }
     let mut link_config = cfg.broker.link_config(
         format!("fedshield-host-{}", cfg.fleet),
-        vec![topics.all_up()],
+        // Every device's uplink, and the fold workers' reports (of a sharded round).
+        vec![topics.all_up(), topics.all_fold_reports()],
         None,
         None,
     )?;
@@ -151,6 +154,7 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let link = Link::start(link_config)?;
     let events = cfg.events.as_deref().map(JsonLines::open).transpose()?;
     let mut host = Host {
+        topics,
         cfg,
         link,
         fleet,
@@ -231,6 +235,7 @@ impl Host {
             deliveries,
             refused,
             left_out,
+            resent,
             outcome,
         } = self.fleet.seal(actions);
         for (device, reason) in left_out {
@@ -247,6 +252,15 @@ impl Host {
             self.event(HostEvent::UploadsOpen {
                 round,
                 members: deliveries,
+            });
+        }
+        if resent > 0 {
+            tracing::info!(
+                "round {round}: a fold worker (re)started; {resent} devices asked to send their uploads again"
+            );
+            self.event(HostEvent::UploadsResent {
+                round,
+                devices: resent,
             });
         }
         for (device, round, reason) in refused {
@@ -562,6 +576,37 @@ impl Host {
             // The stage this iteration's CPU is charged to (`HostEvent::RoundCost`).
             let mut stage = "secagg";
             let mut actions = match incoming {
+                // A fold worker's report (a round sharded over fold workers).
+                Some(Incoming::Message { topic, payload })
+                    if matches!(self.topics.route(&topic), Some(Route::FoldReport(_))) =>
+                {
+                    stage = "fold";
+                    let now = now_ms();
+                    let accepted = fedshield_protocol::decode::<ShardUplink>(
+                        &payload,
+                        self.cfg.broker.max_packet_bytes,
+                    )
+                    .and_then(|uplink| {
+                        let actions = machine.on_shard(uplink.clone(), now)?;
+                        Ok((uplink, actions))
+                    });
+                    match accepted {
+                        Ok((uplink, a)) => {
+                            let w = Instant::now();
+                            let w_cpu = process::thread_cpu();
+                            journal.append(&Entry::Shard { uplink, now })?;
+                            journal_peak = journal_peak.max(journal.len());
+                            io += w.elapsed();
+                            io_cpu += process::thread_cpu().saturating_sub(w_cpu);
+                            a
+                        }
+                        Err(e) => {
+                            tracing::warn!("round {round}: {topic}: refused: {e}");
+                            self.event(HostEvent::refused(None, &e));
+                            vec![]
+                        }
+                    }
+                }
                 Some(Incoming::Message { topic, payload }) => match self.route(&topic, &payload) {
                     // An upload already in the sum, sent again: nothing to do or journal.
                     Some((device, EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_)))

@@ -169,6 +169,10 @@ struct ScenarioArgs {
     /// set a round up, and its process serves its devices one after another).
     #[arg(long)]
     phase_seconds: Option<u64>,
+    /// Shard the uploads over K fold workers (`fedshield-host fold-worker`, one process
+    /// per shard; the host's `--fold-shards K`); 0: the host folds them.
+    #[arg(long, default_value_t = 0)]
+    fold_workers: u32,
     /// Keep each run's folder (fleet, host and simulator logs, records) and print its path.
     #[arg(long)]
     keep: bool,
@@ -195,6 +199,7 @@ impl ScenarioArgs {
             dropouts: self.dropouts.dropouts(dropout)?,
             adapter: self.adapter.adapter(),
             host,
+            workers: self.fold_workers,
             keep: self.keep,
         })
     }
@@ -228,7 +233,7 @@ fn summary(r: &RunRecord) -> String {
         "{:>5} devices, {:>3.0}% dropouts: {} contributors, round {:.1} s, host CPU {:.3} s \
          ({:.3} ms per device; secagg {:.3} s, fold {:.3} s, finish {:.3} s, apply {:.3} s, \
          journal {:.3} s), host peak RSS {:.1} MiB, journal peak {:.1} MiB, device CPU {:.1} ms \
-         per device, secagg {:.1} KiB per device; broker over the run {:.1} MiB in, {:.1} MiB out",
+         per device, secagg {:.1} KiB per device; broker over the run {:.1} MiB in, {:.1} MiB out{}",
         r.devices,
         r.dropout * 100.0,
         last.contributors,
@@ -246,6 +251,14 @@ fn summary(r: &RunRecord) -> String {
         last.secagg_bytes_per_device / 1024.0,
         r.broker_received as f64 / f64::from(1 << 20),
         r.broker_sent as f64 / f64::from(1 << 20),
+        if r.workers > 0 {
+            format!(
+                "; {} fold workers: {:.3} s CPU in all, {:.3} s the busiest",
+                r.workers, last.workers_cpu_s, last.worker_cpu_max_s
+            )
+        } else {
+            String::new()
+        },
     )
 }
 

@@ -403,6 +403,24 @@ impl Aggregate {
         Ok(())
     }
 
+    /// Adds another aggregate of the same shape (a partial sum folded elsewhere): sums of
+    /// bodies modulo 2^bits are associative, so partial sums of disjoint contributor sets
+    /// add up to the sum over their union.
+    pub fn add_aggregate(&mut self, other: &Aggregate) -> Result<(), CryptoError> {
+        if other.body_bits != self.body_bits || other.len != self.len {
+            return Err(CryptoError::InvalidParameter(format!(
+                "partial sum of {} values at {} bits, this sum {} at {}",
+                other.len, other.body_bits, self.len, self.body_bits
+            )));
+        }
+        let bits = self.body_bits;
+        for (s, b) in self.sum.iter_mut().zip(&other.sum) {
+            *s = bits.reduce(s.wrapping_add(*b));
+        }
+        self.contributions += other.contributions;
+        Ok(())
+    }
+
     /// Number of updates added.
     pub fn contributions(&self) -> usize {
         self.contributions

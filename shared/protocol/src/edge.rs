@@ -384,6 +384,20 @@ impl EdgeSession {
                 let actions = self.abandon();
                 Ok(self.record(actions))
             }
+            DownMessage::Resend { round } => {
+                let ours = matches!(&self.state, State::Member(m) if m.config.round == round && m.uploaded);
+                if !ours {
+                    return Ok(vec![]); // another round's request, or nothing uploaded yet
+                }
+                // The upload's parts as first sent (a fold worker lost them); the masked
+                // input stays with the host.
+                Ok(self
+                    .sent
+                    .iter()
+                    .filter(|(_, m)| matches!(m, EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_)))
+                    .map(|(_, m)| EdgeAction::Send(m.clone()))
+                    .collect())
+            }
         }
     }
 

@@ -21,6 +21,10 @@ use crate::fold::Uploads;
 use crate::messages::{
     Chunk, EdgeMessage, Manifest, Phase, RoundConfig, RoundState, UploadRefusal,
 };
+use crate::shard::{
+    MAX_SHARDS, Partial, PartialPart, ShardCommand, ShardReport, ShardUplink, partial_parts,
+    shard_of,
+};
 use crate::signed::{MAX_REPORTED_LOSS, ReportRefusal, check_value, join_report_bytes};
 use crate::weights::{check_claim, fedavg_weights};
 use crate::{ProtocolError, Refusal};
@@ -73,6 +77,17 @@ pub enum HostAction {
     Finished(RoundResult),
     /// The round failed; start the next.
     Failed(String),
+    /// Publish on `fedshield/{f}/fold/{s}/cmd` (not retained): a command to the fold
+    /// worker of shard `s` (a round sharded over fold workers, [`crate::shard`]).
+    Shard(u32, ShardCommand),
+    /// Ask a device (on `fedshield/{f}/down/{d}`, not retained) to send its upload again:
+    /// the fold worker that had it restarted.
+    Resend {
+        /// The device.
+        device: DeviceId,
+        /// The round.
+        round: u64,
+    },
 }
 
 /// The state of a round's folded uploads: their devices, the secure aggregation's running
@@ -121,6 +136,8 @@ enum HostPhase {
     Joining,
     Sharing,
     Uploading,
+    /// A sharded round: the fold workers' partial sums are being collected.
+    Collecting,
     Consistency,
     Unmasking,
     Done,
@@ -132,11 +149,25 @@ impl HostPhase {
             Self::Joining => "Joining",
             Self::Sharing => "Sharing",
             Self::Uploading => "Uploading",
+            Self::Collecting => "Collecting",
             Self::Consistency => "Consistency",
             Self::Unmasking => "Unmasking",
             Self::Done => "Done",
         }
     }
+}
+
+/// The fold workers of a sharded round, as the host knows them.
+#[derive(Debug)]
+struct Shards {
+    /// Each shard's worker process, as last heard from.
+    instance: Vec<Option<u64>>,
+    /// The devices each shard's current worker reported folded.
+    progress: Vec<BTreeSet<DeviceId>>,
+    /// The parts of the partial sums received after the close, until complete.
+    parts: Vec<BTreeMap<u32, PartialPart>>,
+    /// The partial sums received whole after the close.
+    partials: Vec<Option<Partial>>,
 }
 
 /// One round on the host.
@@ -167,6 +198,8 @@ pub struct HostRound {
     deliveries: Vec<(DeviceId, ShareDelivery)>,
     incarnation: u32,
     effective_steps: f64,
+    /// The fold workers, in a round sharded over them (`config.fold_shards > 0`).
+    shards: Option<Shards>,
 }
 
 impl HostRound {
@@ -182,6 +215,21 @@ impl HostRound {
                 "selected values and chunk size must be positive".into(),
             ));
         }
+        if config.fold_shards > MAX_SHARDS {
+            return Err(ProtocolError::Config(format!(
+                "{} fold shards, at most {MAX_SHARDS}",
+                config.fold_shards
+            )));
+        }
+        let shards = (config.fold_shards > 0).then(|| {
+            let k = config.fold_shards as usize;
+            Shards {
+                instance: vec![None; k],
+                progress: vec![BTreeSet::new(); k],
+                parts: vec![BTreeMap::new(); k],
+                partials: vec![None; k],
+            }
+        });
         let cap = max_clients(config.body_bits, config.scale_log2);
         if config.threshold > cap {
             return Err(ProtocolError::Config(format!(
@@ -228,6 +276,7 @@ impl HostRound {
             deliveries: Vec::new(),
             incarnation: 0,
             effective_steps: 0.0,
+            shards,
         };
         let announce = round.broadcast(Phase::Announce {
             deadline_ms: deadline,
@@ -256,6 +305,9 @@ impl HostRound {
                     reason: reason.clone(),
                 }),
         );
+        for s in 0..self.config.fold_shards {
+            actions.extend(self.shard_commands(s));
+        }
         actions
     }
 
@@ -316,7 +368,7 @@ impl HostRound {
     /// The folded uploads' state, to stand for their spooled messages in the journal
     /// (`journal::compact`): `None` outside the upload phase or before the first fold.
     pub fn checkpoint(&self) -> Option<FoldCheckpoint> {
-        if self.phase != HostPhase::Uploading || self.folded.is_empty() {
+        if self.phase != HostPhase::Uploading || self.folded.is_empty() || self.shards.is_some() {
             return None;
         }
         let (masked_sum, digests) = self.server.masked_inputs();
@@ -486,11 +538,28 @@ impl HostRound {
                     // Checked before it is held: a forged or replayed masked input never
                     // takes the slot of the device's real one.
                     self.server.check(&msg)?;
-                    self.masked.insert(from.clone(), msg);
-                    actions = self.try_fold(from)?;
+                    if self.shards.is_some() {
+                        // The device's fold worker folds its upload now it is admitted.
+                        let shard = shard_of(from, self.config.fold_shards);
+                        actions.push(HostAction::Shard(
+                            shard,
+                            ShardCommand::Admit {
+                                round: self.config.round,
+                                device: from.clone(),
+                                digest: masked_digest(&msg),
+                            },
+                        ));
+                        self.masked.insert(from.clone(), msg);
+                    } else {
+                        self.masked.insert(from.clone(), msg);
+                        actions = self.try_fold(from)?;
+                    }
                 }
                 _ => self.server.receive(msg)?,
             },
+            EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_) if self.shards.is_some() => {
+                return Err(Refusal::ShardedUpload(from.clone()).into());
+            }
             EdgeMessage::Manifest(m) => {
                 self.on_manifest(from, m)?;
                 actions = self.try_fold(from)?;
@@ -505,6 +574,260 @@ impl HostRound {
         }
         actions.extend(self.advance(now, false));
         Ok(actions)
+    }
+
+    /// Handles a fold worker's report (a round sharded over fold workers). An error means
+    /// it was refused and nothing changed.
+    ///
+    /// A report under an instance not heard from before (a worker that started, or
+    /// restarted and lost its partial sum) opens the round on it again with the admissions
+    /// of its shard; during the upload phase the devices it was folding for are asked to
+    /// send their uploads again, and nothing it reported folded before counts any more.
+    pub fn on_shard(
+        &mut self,
+        uplink: ShardUplink,
+        now: u64,
+    ) -> Result<Vec<HostAction>, ProtocolError> {
+        let round = self.config.round;
+        let phase = self.phase;
+        let Some(shards) = self.shards.as_mut() else {
+            return Err(ProtocolError::Config(format!(
+                "round {round} is not sharded over fold workers"
+            )));
+        };
+        let s = uplink.shard;
+        let i = s as usize;
+        if i >= shards.instance.len() {
+            return Err(ProtocolError::Config(format!(
+                "shard {s} of a round of {} shards",
+                shards.instance.len()
+            )));
+        }
+        let wrong_round = |what, got| -> ProtocolError { Refusal::WrongRound { what, got }.into() };
+        let wrong_phase = |what| -> ProtocolError {
+            Refusal::WrongPhase {
+                what,
+                phase: phase.name(),
+                round,
+            }
+            .into()
+        };
+        // Check the report before anything changes.
+        match &uplink.report {
+            ShardReport::Hello { .. } => {}
+            ShardReport::Folded { round: r, device }
+            | ShardReport::Refused {
+                round: r, device, ..
+            } => {
+                if *r != round {
+                    return Err(wrong_round("shard report", *r));
+                }
+                if phase != HostPhase::Uploading {
+                    return Err(wrong_phase("shard report"));
+                }
+                if shard_of(device, self.config.fold_shards) != s
+                    || !self.masked.contains_key(device)
+                {
+                    return Err(Refusal::NotInRoster(device.clone()).into());
+                }
+            }
+            ShardReport::Partial(p) => {
+                if p.round != round {
+                    return Err(wrong_round("partial sum", p.round));
+                }
+                if phase != HostPhase::Collecting {
+                    return Err(wrong_phase("partial sum"));
+                }
+                let (count, _) = partial_parts(&self.config);
+                if p.count != count || p.index >= count {
+                    return Err(ProtocolError::Malformed(format!(
+                        "partial sum of shard {s}: part {} of {}, the round's take {count}",
+                        p.index, p.count
+                    )));
+                }
+            }
+        }
+        let new_worker = shards.instance[i] != Some(uplink.instance);
+        // The partial sum this part completes, checked whole before anything changes.
+        let mut completed = None;
+        if let ShardReport::Partial(p) = &uplink.report
+            && shards.partials[i].is_none()
+        {
+            let mut parts = if new_worker {
+                BTreeMap::new()
+            } else {
+                shards.parts[i].clone()
+            };
+            parts.insert(p.index, (**p).clone());
+            if parts.len() == p.count as usize {
+                let parts: Vec<PartialPart> = parts.into_values().collect();
+                let partial = Partial::from_parts(&self.config, &parts)?;
+                self.check_partial(s, &partial)?;
+                completed = Some(partial);
+            }
+        }
+        let shards = self.shards.as_mut().expect("checked");
+        let mut actions = Vec::new();
+        if new_worker {
+            shards.instance[i] = Some(uplink.instance);
+            if phase != HostPhase::Collecting || shards.partials[i].is_none() {
+                let lost = std::mem::take(&mut shards.progress[i]);
+                for d in &lost {
+                    self.folded.remove(d);
+                }
+                shards.parts[i].clear();
+            }
+            actions.extend(self.shard_commands(s));
+            if phase == HostPhase::Uploading {
+                // Its uploads in flight and folded are gone: their devices send them again.
+                actions.extend(
+                    self.shard_members(s)
+                        .filter(|d| !self.refused.contains_key(*d))
+                        .map(|d| HostAction::Resend {
+                            device: d.clone(),
+                            round,
+                        }),
+                );
+            }
+        }
+        let shards = self.shards.as_mut().expect("checked");
+        match uplink.report {
+            ShardReport::Hello { round: holds } => {
+                if !new_worker && holds != Some(round) {
+                    actions.extend(self.shard_commands(s));
+                }
+            }
+            ShardReport::Folded { device, .. } => {
+                shards.progress[i].insert(device.clone());
+                self.folded.insert(device);
+            }
+            ShardReport::Refused { device, reason, .. } => {
+                self.masked.remove(&device);
+                self.refused.insert(device.clone(), reason.clone());
+                actions.push(HostAction::RefuseUpload {
+                    device,
+                    round,
+                    reason,
+                });
+            }
+            ShardReport::Partial(p) => match completed {
+                Some(partial) => {
+                    shards.parts[i].clear();
+                    shards.partials[i] = Some(partial);
+                }
+                // Sent again after it was whole: nothing to do.
+                None if shards.partials[i].is_some() => {}
+                None => {
+                    shards.parts[i].insert(p.index, *p);
+                }
+            },
+        }
+        actions.extend(self.advance(now, false));
+        Ok(actions)
+    }
+
+    /// The roster's members in shard `s`.
+    fn shard_members(&self, s: u32) -> impl Iterator<Item = &DeviceId> {
+        let k = self.config.fold_shards;
+        self.weights.keys().filter(move |d| shard_of(d, k) == s)
+    }
+
+    /// What the worker of shard `s` needs to hear for the round's current phase: the
+    /// round and its admissions while uploads are collected, the close after.
+    fn shard_commands(&self, s: u32) -> Vec<HostAction> {
+        let round = self.config.round;
+        match self.phase {
+            HostPhase::Sharing | HostPhase::Uploading => {
+                let mut actions = vec![HostAction::Shard(
+                    s,
+                    ShardCommand::Open {
+                        config: self.config.clone(),
+                        members: self.shard_members(s).cloned().collect(),
+                    },
+                )];
+                let k = self.config.fold_shards;
+                actions.extend(self.masked.iter().filter(|(d, _)| shard_of(d, k) == s).map(
+                    |(d, m)| {
+                        HostAction::Shard(
+                            s,
+                            ShardCommand::Admit {
+                                round,
+                                device: d.clone(),
+                                digest: masked_digest(m),
+                            },
+                        )
+                    },
+                ));
+                actions
+            }
+            HostPhase::Collecting => vec![HostAction::Shard(s, ShardCommand::Close { round })],
+            _ => vec![],
+        }
+    }
+
+    /// A partial sum of shard `s` must hold only admitted devices of the shard, each once,
+    /// with the digests their masked inputs signed, and be a sum of the round's shape.
+    fn check_partial(&self, s: u32, p: &Partial) -> Result<(), ProtocolError> {
+        let bad =
+            |why: String| ProtocolError::Malformed(format!("partial sum of shard {s}: {why}"));
+        if !p.folded.windows(2).all(|w| w[0].0 < w[1].0) {
+            return Err(bad("its devices are not sorted and distinct".into()));
+        }
+        for (d, digest) in &p.folded {
+            if shard_of(d, self.config.fold_shards) != s {
+                return Err(bad(format!("{d} is not of the shard")));
+            }
+            if self.masked.get(d).map(masked_digest) != Some(*digest) {
+                return Err(bad(format!("{d} is not admitted with that digest")));
+            }
+        }
+        Aggregate::from_parts(
+            self.config.selected,
+            self.config.body_bits,
+            p.sum.clone(),
+            p.folded.len(),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Adds the partial sums received into the round's sum, and records exactly their
+    /// devices' masked inputs in the secure aggregation: the contributors.
+    fn combine_partials(&mut self) -> Result<(), ProtocolError> {
+        let shards = self.shards.as_mut().expect("a sharded round");
+        let partials: Vec<Partial> = shards
+            .partials
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        let mut aggregate = Aggregate::new(self.config.selected, self.config.body_bits);
+        let mut folded = BTreeSet::new();
+        let mut upload_bytes = 0;
+        for p in partials {
+            let contributions = p.folded.len();
+            let part = Aggregate::from_parts(
+                self.config.selected,
+                self.config.body_bits,
+                p.sum,
+                contributions,
+            )
+            .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+            aggregate
+                .add_aggregate(&part)
+                .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+            folded.extend(p.folded.into_iter().map(|(d, _)| d));
+            upload_bytes += p.upload_bytes;
+        }
+        for d in &folded {
+            let masked = self.masked.remove(d).ok_or_else(|| {
+                ProtocolError::Malformed(format!("partial sums: {d} is not admitted"))
+            })?;
+            self.server.receive(masked)?;
+        }
+        self.aggregate = aggregate;
+        self.folded = folded;
+        self.upload_bytes = upload_bytes;
+        Ok(())
     }
 
     /// Advances on the clock: closes a phase whose deadline passed.
@@ -548,10 +871,7 @@ impl HostRound {
         let Some(masked) = self.masked.get(from) else {
             return Ok(vec![]);
         };
-        let ClientBody::MaskedInput { update_digest, .. } = &masked.body else {
-            unreachable!("only masked inputs are held");
-        };
-        let Some(taken) = self.uploads.take(from, *update_digest) else {
+        let Some(taken) = self.uploads.take(from, masked_digest(masked)) else {
             return Ok(vec![]);
         };
         let (update, bytes) = match taken {
@@ -589,6 +909,12 @@ impl HostRound {
                     self.folded.len() + self.refused.len() == self.server.expected()
                         && self.server.expected() > 0
                 }
+                HostPhase::Collecting => self.shards.as_ref().is_some_and(|s| {
+                    s.progress
+                        .iter()
+                        .zip(&s.partials)
+                        .all(|(p, partial)| p.is_empty() || partial.is_some())
+                }),
                 // Devices left out have answered too.
                 HostPhase::Joining => {
                     self.server.collected() + self.left_out() == self.server.expected()
@@ -659,11 +985,15 @@ impl HostRound {
                     self.weights.iter().map(|(d, w)| (d.clone(), *w)).collect();
                 let plan = self.plan(&weights);
                 self.effective_steps = plan.effective_steps;
-                Ok(vec![self.broadcast(Phase::Roster {
+                let mut actions = vec![self.broadcast(Phase::Roster {
                     roster,
                     weights,
                     plan: Box::new(plan),
-                })])
+                })];
+                for s in 0..self.config.fold_shards {
+                    actions.extend(self.shard_commands(s));
+                }
+                Ok(actions)
             }
             HostPhase::Sharing => {
                 let deliveries = self.server.close_shares().map_err(err)?;
@@ -675,6 +1005,21 @@ impl HostRound {
                     .iter()
                     .map(|(d, s)| HostAction::Deliver(d.clone(), s.clone()))
                     .collect())
+            }
+            HostPhase::Uploading if self.shards.is_some() => {
+                self.phase = HostPhase::Collecting;
+                self.deadline = now + self.deadlines.finish_ms;
+                Ok((0..self.config.fold_shards)
+                    .flat_map(|s| self.shard_commands(s))
+                    .collect())
+            }
+            HostPhase::Collecting => {
+                self.combine_partials().map_err(|e| e.to_string())?;
+                self.masked.clear();
+                let survivors = self.server.close_masked_inputs().map_err(err)?;
+                self.phase = HostPhase::Consistency;
+                self.deadline = now + self.deadlines.finish_ms;
+                Ok(vec![self.broadcast(Phase::Survivors(survivors))])
             }
             HostPhase::Uploading => {
                 self.uploads.clear();
@@ -734,6 +1079,14 @@ impl HostRound {
             }
             HostPhase::Done => Ok(vec![]),
         }
+    }
+}
+
+/// The digest a (held, checked) masked input signs.
+fn masked_digest(masked: &SignedMessage) -> [u8; 32] {
+    match &masked.body {
+        ClientBody::MaskedInput { update_digest, .. } => *update_digest,
+        _ => unreachable!("only masked inputs are held"),
     }
 }
 

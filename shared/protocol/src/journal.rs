@@ -18,6 +18,7 @@
 use crate::ProtocolError;
 use crate::host::{Deadlines, FoldCheckpoint, HostAction, HostRound};
 use crate::messages::{EdgeMessage, RoundConfig};
+use crate::shard::ShardUplink;
 use fedshield_crypto::identity::{DeviceId, Registry};
 use fedshield_crypto::secagg::ClientBody;
 
@@ -44,6 +45,13 @@ pub enum Entry {
     },
     /// A clock tick past the phase deadline.
     Tick {
+        /// The driver's clock (ms).
+        now: u64,
+    },
+    /// A fold worker's report the round accepted ([`HostRound::on_shard`]).
+    Shard {
+        /// The report.
+        uplink: ShardUplink,
         /// The driver's clock (ms).
         now: u64,
     },
@@ -122,6 +130,10 @@ pub fn replay(entries: &[Entry], registry: Registry) -> Result<Replayed, Protoco
             Entry::Message { from, message, now } => {
                 messages += 1;
                 round.on_message(from, message.clone(), *now)?
+            }
+            Entry::Shard { uplink, now } => {
+                messages += 1;
+                round.on_shard(uplink.clone(), *now)?
             }
             Entry::Tick { now } => round.on_tick(*now),
             Entry::Republish => round.republish(),

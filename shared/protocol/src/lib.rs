@@ -21,6 +21,7 @@ pub mod host;
 pub mod journal;
 pub mod keyfile;
 pub mod messages;
+pub mod shard;
 pub mod signed;
 pub mod weights;
 
@@ -210,6 +211,9 @@ pub enum Refusal {
     /// An evaluation report of a round that has not finished.
     #[error("evaluation report of round {0}, which has not finished")]
     UnfinishedRound(u64),
+    /// A manifest or chunk on the host's uplink in a round sharded over fold workers.
+    #[error("{0} sent its upload to the host in a round sharded over fold workers")]
+    ShardedUpload(fedshield_crypto::identity::DeviceId),
     /// A round announced for another adapter layout.
     #[error("round {0} is for another adapter layout")]
     OtherLayout(u64),
@@ -235,6 +239,7 @@ impl Refusal {
             Self::ReportInRound => "report-in-round",
             Self::UnfinishedRound(_) => "unfinished-round",
             Self::OtherLayout(_) => "other-layout",
+            Self::ShardedUpload(_) => "sharded-upload",
         }
     }
 }

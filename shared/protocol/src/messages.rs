@@ -7,6 +7,8 @@
 //! | `fedshield/{f}/round` | host -> edges | yes | [`RoundState`]: the current round and its phase |
 //! | `fedshield/{f}/down/{d}` | host -> one edge | yes | [`DownMessage`]: the `secagg::ShareDelivery` of the current round (the retained copy is deleted when the round ends), or a notice that the host dropped the device's upload (not retained) |
 //! | `fedshield/{f}/up/{d}` | edge -> host | no | [`EdgeMessage`] (one topic per device keeps its messages in order) |
+//! | `fedshield/{f}/upload/{s}/{d}` | edge -> fold worker `s` | no | [`EdgeMessage`]: the manifest and chunks, in a round sharded over fold workers ([`crate::shard`]) |
+//! | `fedshield/{f}/fold/{s}/cmd`, `.../report` | host <-> fold worker `s` | no | [`crate::shard::ShardCommand`], [`crate::shard::ShardUplink`] (host credentials only) |
 //! | `fedshield/{f}/global/{i}` | host -> edges | yes | [`GlobalPart`] `i` of the last completed round's update, in a `fedshield_wire::Compressed` (zstd) envelope |
 //! | `fedshield/{f}/status/{d}` | edge -> all | yes | `online` / `offline` (the last will) |
 //! | `fedshield/{f}/snapshot/{i}` | host -> edges | yes | [`SnapshotPart`] `i` of the fleet's state after the last completed round (a [`Snapshot`]: global adapter, selection history, recent contributors), for devices that missed a global update; devices subscribe only while they need it |
@@ -45,6 +47,12 @@ pub enum Route {
     Status(DeviceId),
     /// `fedshield/{f}/snapshot/{i}`.
     Snapshot(u32),
+    /// `fedshield/{f}/upload/{s}/{d}`: device `d`'s manifest and chunks for fold shard `s`.
+    Upload(u32, DeviceId),
+    /// `fedshield/{f}/fold/{s}/cmd`: the host's commands to the worker of shard `s`.
+    FoldCommand(u32),
+    /// `fedshield/{f}/fold/{s}/report`: the reports of the worker of shard `s`.
+    FoldReport(u32),
 }
 
 impl Topics {
@@ -101,6 +109,43 @@ impl Topics {
         format!("fedshield/{}/up/+", self.fleet)
     }
 
+    /// `fedshield/{f}/upload/{s}/{d}`.
+    pub fn upload(&self, shard: u32, d: &DeviceId) -> String {
+        format!("fedshield/{}/upload/{shard}/{}", self.fleet, d.0)
+    }
+
+    /// The subscription of the worker of shard `s`: its devices' uploads.
+    pub fn shard_uploads(&self, shard: u32) -> String {
+        format!("fedshield/{}/upload/{shard}/+", self.fleet)
+    }
+
+    /// `fedshield/{f}/fold/{s}/cmd`.
+    pub fn fold_command(&self, shard: u32) -> String {
+        format!("fedshield/{}/fold/{shard}/cmd", self.fleet)
+    }
+
+    /// `fedshield/{f}/fold/{s}/report`.
+    pub fn fold_report(&self, shard: u32) -> String {
+        format!("fedshield/{}/fold/{shard}/report", self.fleet)
+    }
+
+    /// The host's subscription to every worker's reports.
+    pub fn all_fold_reports(&self) -> String {
+        format!("fedshield/{}/fold/+/report", self.fleet)
+    }
+
+    /// Where device `d` publishes `message` in a round of `fold_shards` shards: its
+    /// manifest and chunks to its shard's upload topic when the round is sharded, all else
+    /// (and everything in an unsharded round) on its uplink.
+    pub fn uplink(&self, d: &DeviceId, message: &EdgeMessage, fold_shards: u32) -> String {
+        match message {
+            EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_) if fold_shards > 0 => {
+                self.upload(crate::shard::shard_of(d, fold_shards), d)
+            }
+            _ => self.up(d),
+        }
+    }
+
     /// The topic's meaning, or `None` for topics outside this fleet's tree.
     pub fn route(&self, topic: &str) -> Option<Route> {
         let rest = topic
@@ -115,6 +160,15 @@ impl Topics {
             Some(("down", d)) => device(d).map(Route::Down),
             Some(("up", d)) => device(d).map(Route::Up),
             Some(("status", d)) => device(d).map(Route::Status),
+            Some(("upload", rest)) => {
+                let (s, d) = rest.split_once('/')?;
+                Some(Route::Upload(s.parse().ok()?, device(d)?))
+            }
+            Some(("fold", rest)) => match rest.split_once('/')? {
+                (s, "cmd") => s.parse().ok().map(Route::FoldCommand),
+                (s, "report") => s.parse().ok().map(Route::FoldReport),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -172,6 +226,9 @@ pub struct RoundConfig {
     pub secagg_graph: GraphPolicy,
     /// Largest upload chunk, in bytes of encrypted update.
     pub chunk_bytes: usize,
+    /// Fold workers the uploads are sharded over (`shard::shard_of`); 0: the host folds
+    /// them itself, and manifests and chunks go on the device's uplink.
+    pub fold_shards: u32,
 }
 
 /// The round's phase, as broadcast (retained) on `fedshield/{f}/round`.
@@ -263,6 +320,12 @@ pub enum DownMessage {
         round: u64,
         /// Why.
         reason: UploadRefusal,
+    },
+    /// Send the upload of `round` (manifest and chunks) again: the fold worker that had it
+    /// restarted and lost it (not retained).
+    Resend {
+        /// The round.
+        round: u64,
     },
 }
 

@@ -458,7 +458,11 @@ pub fn open_downlink(
                 Downlink::Global(crate::decode(&raw, limit)?)
             }
             Route::Snapshot(_) => Downlink::Snapshot(crate::decode(&inner, limit)?),
-            Route::Up(_) | Route::Status(_) => unreachable!("filtered above"),
+            Route::Up(_)
+            | Route::Status(_)
+            | Route::Upload(..)
+            | Route::FoldCommand(_)
+            | Route::FoldReport(_) => unreachable!("filtered above"),
         })
     };
     Some(open())

@@ -58,6 +58,7 @@ fn settings(rounds: u64) -> FleetSettings {
         secagg_graph: fedshield_crypto::secagg::GraphPolicy::DEFAULT,
         downlink: fedshield_codec::DownlinkFormat::Q8,
         chunk_bytes: 700,
+        fold_shards: 0,
     }
 }
 

@@ -12,8 +12,9 @@ use fedshield_protocol::fleet::steps::{DeviceStatus, LeftOut, Task};
 use fedshield_protocol::host::{Deadlines, HostAction, HostRound, RoundResult};
 use fedshield_protocol::journal::{self, Entry};
 use fedshield_protocol::messages::{
-    DownMessage, EdgeMessage, Phase, RoundConfig, RoundState, Topics, UploadRefusal,
+    DownMessage, EdgeMessage, Phase, RoundConfig, RoundState, Route, Topics, UploadRefusal,
 };
+use fedshield_protocol::shard::{FoldWorker, ShardUplink, shard_of};
 use fedshield_protocol::signed::{ReportRefusal, join_report_bytes};
 use fedshield_protocol::weights::{WeightRefusal, weight_floor};
 use fedshield_protocol::{ProtocolError, decode};
@@ -89,6 +90,13 @@ struct Fleet {
     /// Compact the journal after every fold, as the driver does when the folded uploads
     /// outweigh the checkpoint.
     compacting: bool,
+    /// The fold workers of a sharded round (`None`: down), and the last instance drawn.
+    workers: Vec<Option<FoldWorker>>,
+    instances: u64,
+    /// Commands and uploads the workers refused.
+    worker_refused: Vec<String>,
+    /// Devices the host asked to send their upload again.
+    resent: usize,
 }
 
 fn config(round: u64, threshold: usize) -> RoundConfig {
@@ -110,6 +118,7 @@ fn config(round: u64, threshold: usize) -> RoundConfig {
         threshold,
         secagg_graph: GraphPolicy::Complete,
         chunk_bytes: 5000,
+        fold_shards: 0,
     }
 }
 
@@ -196,6 +205,10 @@ fn fleet_reporting(
         }],
         registry,
         compacting: false,
+        workers: Vec::new(),
+        instances: 0,
+        worker_refused: Vec::new(),
+        resent: 0,
     };
     f.host_actions(actions);
     f
@@ -235,8 +248,65 @@ impl Fleet {
                 }
                 HostAction::Finished(r) => self.result = Some(r),
                 HostAction::Failed(why) => self.failed = Some(why),
+                HostAction::Shard(s, command) => {
+                    // Through the wire format, to the worker if it is up (else lost).
+                    let bytes = postcard::to_stdvec(&command).unwrap();
+                    let command = decode(&bytes, 1 << 20).unwrap();
+                    let out = self.workers[s as usize]
+                        .as_mut()
+                        .map(|w| w.on_command(command));
+                    if let Some(out) = out {
+                        self.worker_output(out);
+                    }
+                }
+                HostAction::Resend { device, round } => {
+                    self.resent += 1;
+                    let i = self.index(&device);
+                    let out = self.edges[i]
+                        .session
+                        .on_down(DownMessage::Resend { round })
+                        .unwrap();
+                    self.edge_actions(i, out);
+                }
             }
         }
+    }
+
+    /// Hands a worker's reports to the host, as the host driver does: through the wire
+    /// format, journalled when accepted.
+    fn worker_output(&mut self, out: Result<Vec<ShardUplink>, ProtocolError>) {
+        match out {
+            Ok(reports) => {
+                for uplink in reports {
+                    let bytes = postcard::to_stdvec(&uplink).unwrap();
+                    let uplink: ShardUplink = decode(&bytes, 1 << 24).unwrap();
+                    match self.host.on_shard(uplink.clone(), self.now) {
+                        Ok(actions) => {
+                            self.journal.push(Entry::Shard {
+                                uplink,
+                                now: self.now,
+                            });
+                            self.host_actions(actions);
+                        }
+                        Err(e) => self.refused.push(e.to_string()),
+                    }
+                }
+            }
+            Err(e) => self.worker_refused.push(e.to_string()),
+        }
+    }
+
+    /// Starts (or restarts, losing what it held) the worker of shard `s`: a new process
+    /// that says hello.
+    fn start_worker(&mut self, s: u32) {
+        self.instances += 1;
+        let worker = FoldWorker::new(s, 1000 + self.instances, self.registry.clone());
+        let hello = worker.hello();
+        if self.workers.len() <= s as usize {
+            self.workers.resize_with(s as usize + 1, || None);
+        }
+        self.workers[s as usize] = Some(worker);
+        self.worker_output(Ok(vec![hello]));
     }
 
     fn index(&self, d: &DeviceId) -> usize {
@@ -350,6 +420,22 @@ impl Fleet {
         let (from, msg) = self.uplink.remove(0);
         let bytes = postcard::to_stdvec(&msg).unwrap();
         let msg: EdgeMessage = decode(&bytes, 1 << 20).unwrap();
+        let shards = self.host.config().fold_shards;
+        if shards > 0 && matches!(msg, EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_)) {
+            // On the shard's upload topic: its worker has it, if it is up.
+            let topic = self.topics.uplink(&from, &msg, shards);
+            let Some(Route::Upload(s, d)) = self.topics.route(&topic) else {
+                panic!("{topic} is not an upload topic");
+            };
+            assert_eq!((s, &d), (shard_of(&from, shards), &from));
+            let out = self.workers[s as usize]
+                .as_mut()
+                .map(|w| w.on_upload(&from, msg));
+            if let Some(out) = out {
+                self.worker_output(out);
+            }
+            return;
+        }
         let folded = self.host.folded_bytes();
         match self.host.on_message(&from, msg.clone(), self.now) {
             Ok(actions) => {
@@ -840,6 +926,14 @@ fn edges_refuse_rounds_for_another_layout_and_the_topic_tree_routes() {
         Some(Route::Up(DeviceId("x".into())))
     );
     assert_eq!(t.route("fedshield/lab/up/x/y"), None);
+    let x = DeviceId("x".into());
+    assert_eq!(t.route(&t.upload(3, &x)), Some(Route::Upload(3, x.clone())));
+    assert_eq!(t.route(&t.fold_command(2)), Some(Route::FoldCommand(2)));
+    assert_eq!(t.route(&t.fold_report(2)), Some(Route::FoldReport(2)));
+    assert_eq!(t.route("fedshield/lab/upload/x/x"), None);
+    assert_eq!(t.route("fedshield/lab/fold/1/other"), None);
+    assert_eq!(t.shard_uploads(3), "fedshield/lab/upload/3/+");
+    assert_eq!(t.all_fold_reports(), "fedshield/lab/fold/+/report");
     assert_eq!(t.route("fedshield/other/round"), None);
     assert!(Topics::new("a/b").is_err() && Topics::new("#").is_err() && Topics::new("").is_err());
 }
@@ -1631,4 +1725,268 @@ fn the_step_plan_leaves_out_critical_and_slow_devices_and_fits_the_others_to_the
         "{:?}",
         f.edge_refused
     );
+}
+
+/// A round of `faults.len()` devices sharded over `k` fold workers, all up.
+fn sharded(faults: &[Fault], k: u32) -> Fleet {
+    let mut f = fleet_with(
+        faults,
+        RoundConfig {
+            fold_shards: k,
+            ..config(1, 2)
+        },
+    );
+    for s in 0..k {
+        f.start_worker(s);
+    }
+    f
+}
+
+fn ids_in_shard(n: usize, k: u32, s: u32) -> Vec<usize> {
+    (0..n)
+        .filter(|&i| shard_of(&DeviceId(format!("edge-{i}")), k) == s)
+        .collect()
+}
+
+#[test]
+fn rounds_sharded_over_1_2_and_4_fold_workers_decrypt_exactly_the_sums_of_the_host_alone() {
+    let all: Vec<usize> = (0..8).collect();
+    let mut alone = fleet(&[Fault::None; 8], 2);
+    alone.run();
+    alone.check_mean(&all);
+    let want = alone.result.clone().unwrap();
+    for k in [1, 2, 4] {
+        let mut f = sharded(&[Fault::None; 8], k);
+        f.run();
+        assert!(f.failed.is_none(), "{k} workers: {:?}", f.failed);
+        f.check_mean(&all);
+        let got = f.result.as_ref().unwrap();
+        assert_eq!(got.sums, want.sums, "{k} workers");
+        assert_eq!(got.upload_bytes, want.upload_bytes);
+        assert!(f.edges.iter().all(|e| e.settled == Some(true)));
+        assert_eq!(f.now, 0, "every phase closed without a deadline");
+        assert!(f.refused.is_empty(), "{:?}", f.refused);
+        assert!(f.worker_refused.is_empty(), "{:?}", f.worker_refused);
+        assert_eq!(f.resent, 0, "nobody was asked to send an upload again");
+        // The host saw no upload: its journal holds no manifest or chunk.
+        assert!(!f.journal.iter().any(|e| matches!(
+            e,
+            Entry::Message {
+                message: EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_),
+                ..
+            }
+        )));
+        // And it resumes from that journal to the same end.
+        let replayed = journal::replay(&f.journal, f.registry.clone()).unwrap();
+        let Some(HostAction::Finished(r)) = replayed.outcome else {
+            panic!("the replayed round did not finish")
+        };
+        assert_eq!(&r, got);
+    }
+}
+
+/// Delivers uplink messages until `n` uploads are folded by the workers.
+fn until_folded(f: &mut Fleet, n: usize) {
+    while f
+        .workers
+        .iter()
+        .flatten()
+        .map(FoldWorker::folded)
+        .sum::<usize>()
+        < n
+    {
+        assert!(!f.uplink.is_empty(), "ran out of messages");
+        f.deliver_one();
+    }
+}
+
+#[test]
+fn a_fold_worker_restarted_mid_upload_has_its_devices_resend_and_the_sum_stays_exact() {
+    let k = 2;
+    let mut f = sharded(&[Fault::None; 8], k);
+    until_folded(&mut f, 3);
+    // Shard 0's worker dies with what it folded, and the uploads on its topic meanwhile
+    // are lost; a new process starts.
+    let victim = (0..k)
+        .find(|&s| f.workers[s as usize].as_ref().unwrap().folded() > 0)
+        .unwrap();
+    f.workers[victim as usize] = None;
+    for _ in 0..4 {
+        f.deliver_one();
+    }
+    f.start_worker(victim);
+    assert_eq!(
+        f.resent,
+        ids_in_shard(8, k, victim).len(),
+        "the restarted worker's devices were asked again"
+    );
+    f.run();
+    assert!(f.failed.is_none(), "{:?}", f.failed);
+    f.check_mean(&(0..8).collect::<Vec<_>>());
+    assert!(f.edges.iter().all(|e| e.settled == Some(true)));
+    assert_eq!(f.now, 0, "nobody waited for a deadline");
+}
+
+#[test]
+fn a_fold_worker_down_at_the_close_leaves_its_devices_out_and_the_others_decrypt() {
+    let k = 2;
+    let mut f = sharded(&[Fault::None; 8], k);
+    until_folded(&mut f, 6);
+    let victim = 1;
+    f.workers[victim as usize] = None;
+    f.run();
+    assert!(f.failed.is_none(), "{:?}", f.failed);
+    let kept = ids_in_shard(8, k, 0);
+    assert!(kept.len() >= 2 && kept.len() < 8, "{kept:?}");
+    f.check_mean(&kept);
+    for i in ids_in_shard(8, k, victim) {
+        assert_eq!(f.edges[i].settled, Some(false), "edge-{i}");
+    }
+    assert!(
+        f.now > 0,
+        "the close waited for the lost worker's partial sum"
+    );
+}
+
+#[test]
+fn a_host_restarted_in_any_phase_of_a_sharded_round_resumes_with_its_workers() {
+    let total = {
+        let mut f = sharded(&[Fault::None; 6], 2);
+        let mut n = 0;
+        while !f.uplink.is_empty() {
+            f.deliver_one();
+            n += 1;
+        }
+        assert!(f.host.is_done());
+        n
+    };
+    for cut in (0..total).step_by(3) {
+        let mut f = sharded(&[Fault::None; 6], 2);
+        restart_host_after(&mut f, cut);
+        f.run();
+        assert!(f.failed.is_none(), "restart after {cut}: {:?}", f.failed);
+        f.check_mean(&(0..6).collect::<Vec<_>>());
+        assert!(f.edges.iter().all(|e| e.settled == Some(true)), "cut {cut}");
+    }
+}
+
+#[test]
+fn in_a_sharded_round_a_lying_upload_is_refused_by_its_worker_and_misrouted_parts_by_all() {
+    let mut f = sharded(
+        &[Fault::None, Fault::LyingManifest, Fault::None, Fault::None],
+        2,
+    );
+    f.run();
+    f.check_mean(&[0, 2, 3]);
+    assert_eq!(
+        f.notices,
+        [(DeviceId("edge-1".into()), UploadRefusal::DigestMismatch)]
+    );
+    assert_eq!(f.edges[1].settled, Some(false));
+
+    // An upload on the host's uplink, or on another shard's topic, is refused.
+    let mut f = sharded(&[Fault::None; 4], 2);
+    while !matches!(f.uplink.first(), Some((_, EdgeMessage::Manifest(_)))) {
+        f.deliver_one();
+    }
+    let (from, manifest) = f.uplink[0].clone();
+    let err = f.host.on_message(&from, manifest.clone(), 0).unwrap_err();
+    assert_eq!(err.kind(), "sharded-upload");
+    let other = 1 - shard_of(&from, 2) as usize;
+    let err = f.workers[other]
+        .as_mut()
+        .unwrap()
+        .on_upload(&from, manifest)
+        .unwrap_err();
+    assert_eq!(err.kind(), "not-in-roster");
+    f.run();
+    f.check_mean(&[0, 1, 2, 3]);
+}
+
+fn part0(u: &mut ShardUplink) -> &mut fedshield_protocol::shard::PartialPart {
+    match &mut u.report {
+        fedshield_protocol::shard::ShardReport::Partial(p) => p,
+        _ => panic!("a part of a partial sum"),
+    }
+}
+
+#[test]
+fn partial_sums_that_name_devices_the_host_did_not_admit_or_are_misshapen_are_refused() {
+    use fedshield_protocol::shard::{ShardCommand, ShardReport};
+    let mut f = sharded(&[Fault::None; 6], 2);
+    let folded = |f: &Fleet| {
+        f.workers
+            .iter()
+            .flatten()
+            .map(FoldWorker::folded)
+            .sum::<usize>()
+    };
+    // Five of six folded (the sixth would close the phase at once); then the deadline
+    // closes it, the workers kept from answering.
+    while folded(&f) < 5 {
+        f.deliver_one();
+    }
+    let mut workers = std::mem::take(&mut f.workers);
+    f.now = 20_000;
+    let actions = f.host.on_tick(f.now);
+    assert!(
+        actions
+            .iter()
+            .all(|a| matches!(a, HostAction::Shard(_, ShardCommand::Close { .. })))
+    );
+    let mut answers: Vec<Vec<ShardUplink>> = (0..2)
+        .map(|s| {
+            workers[s]
+                .as_mut()
+                .unwrap()
+                .on_command(ShardCommand::Close { round: 1 })
+                .unwrap()
+        })
+        .collect();
+    assert!(answers[0].len() > 1, "a partial sum travels in parts");
+    // Shard 0's parts but the first arrive; then bad first parts, each refused whole.
+    let first = answers[0].remove(0);
+    for part in answers[0].drain(..) {
+        f.worker_output(Ok(vec![part]));
+    }
+    let other_devices = part0(&mut answers[1][0].clone()).folded.clone();
+    let mut foreign = first.clone();
+    part0(&mut foreign).folded = other_devices;
+    let mut digest = first.clone();
+    part0(&mut digest).folded[0].1[0] ^= 1;
+    let mut short = first.clone();
+    part0(&mut short).bodies.pop();
+    let mut misplaced = first.clone();
+    part0(&mut misplaced).count += 1;
+    for bad in [foreign, digest, short, misplaced] {
+        assert_eq!(f.host.on_shard(bad, f.now).unwrap_err().kind(), "malformed");
+    }
+    let mut kept: Vec<usize> = answers
+        .iter()
+        .flat_map(|a| a.first().into_iter().chain(std::iter::once(&first)))
+        .flat_map(|u| match &u.report {
+            ShardReport::Partial(p) => p.folded.clone(),
+            _ => unreachable!(),
+        })
+        .map(|(d, _)| f.index(&d))
+        .collect();
+    kept.sort();
+    kept.dedup();
+    assert_eq!(kept.len(), 5);
+    f.workers = workers;
+    f.worker_output(Ok(vec![first]));
+    for part in answers.remove(1) {
+        f.worker_output(Ok(vec![part]));
+    }
+    assert!(f.refused.is_empty(), "{:?}", f.refused);
+    f.run();
+    f.check_mean(&kept);
+    // After the round, a part is out of phase.
+    let mut late = f.workers[0]
+        .as_mut()
+        .unwrap()
+        .on_command(ShardCommand::Close { round: 1 })
+        .unwrap();
+    let err = f.host.on_shard(late.remove(0), f.now).unwrap_err();
+    assert_eq!(err.kind(), "wrong-phase");
 }

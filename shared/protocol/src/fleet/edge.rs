@@ -12,7 +12,7 @@ use crate::edge::{EdgeAction, EdgeIdentity, EdgeSession};
 use crate::fleet::steps::{DeviceStatus, Effort, Task, normalisation};
 use crate::messages::{
     DownMessage, EdgeMessage, GlobalAssembler, GlobalPart, Phase, RoundConfig, RoundState,
-    Snapshot, SnapshotAssembler, SnapshotPart,
+    Snapshot, SnapshotAssembler, SnapshotPart, Topics,
 };
 use crate::signed::{Downlink, Evaluation, MAX_REPORTED_LOSS, check_value};
 use fedshield_codec::{ErrorFeedback, Global, Layout, Prepared, Selection};
@@ -1134,6 +1134,21 @@ impl EdgeFleet {
             Downlink::Global(part) => self.on_global(part, platform),
             Downlink::Snapshot(part) => self.on_snapshot(part, platform),
         }
+    }
+
+    /// Where the driver publishes `message`: a manifest or chunk of a round sharded over
+    /// fold workers goes to its shard's upload topic, everything else on the device's uplink
+    /// ([`Topics::uplink`]).
+    pub fn uplink_topic(&self, topics: &Topics, message: &EdgeMessage) -> String {
+        let round = match message {
+            EdgeMessage::Manifest(m) => Some(m.round),
+            EdgeMessage::Chunk(c) => Some(c.round),
+            _ => None,
+        };
+        let shards = round
+            .and_then(|r| self.configs.get(&r))
+            .map_or(0, |c| c.fold_shards);
+        topics.uplink(self.id(), message, shards)
     }
 
     /// Whether a round is being trained (between [`EdgeFleet::take_training`] and

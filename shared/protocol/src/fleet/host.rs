@@ -54,6 +54,8 @@ pub struct FleetSettings {
     pub downlink: DownlinkFormat,
     /// Upload and publication chunk size in bytes.
     pub chunk_bytes: usize,
+    /// Fold workers the uploads are sharded over (0: the host folds them).
+    pub fold_shards: u32,
 }
 
 /// Per-round metrics, as written to metrics.json.
@@ -217,6 +219,8 @@ pub struct Sealed {
     pub refused: Vec<(DeviceId, u64, UploadRefusal)>,
     /// Devices left out of the round (they learn it from the roster's plan).
     pub left_out: Vec<(DeviceId, LeftOut)>,
+    /// Devices asked to send their upload again (a fold worker restarted).
+    pub resent: usize,
     /// The round's outcome, when it ended.
     pub outcome: Option<Result<RoundResult, String>>,
 }
@@ -292,6 +296,14 @@ pub enum HostEvent {
         round: u64,
         /// Members delivered to.
         members: usize,
+    },
+    /// A fold worker started or restarted during the upload phase: the devices of its
+    /// shard were asked to send their uploads again (a sharded round).
+    UploadsResent {
+        /// The round.
+        round: u64,
+        /// Devices asked.
+        devices: usize,
     },
     /// A device that joined left out of the round by the step rule (it learns why from
     /// the roster's plan).
@@ -594,6 +606,7 @@ impl HostFleet {
             threshold: s.threshold,
             secagg_graph: s.secagg_graph,
             chunk_bytes: s.chunk_bytes,
+            fold_shards: s.fold_shards,
         };
         self.state.announced = round;
         Ok((config, selection))
@@ -646,6 +659,23 @@ impl HostFleet {
                         retain: false,
                     });
                     sealed.refused.push((device, round, reason));
+                }
+                HostAction::Shard(shard, command) => sealed.publish.push(Publish {
+                    topic: self.topics.fold_command(shard),
+                    payload: postcard::to_stdvec(&command).expect("commands encode"),
+                    retain: false,
+                }),
+                HostAction::Resend { device, round } => {
+                    let topic = self.topics.down(&device);
+                    let payload = self
+                        .signer
+                        .seal_message(&topic, &DownMessage::Resend { round });
+                    sealed.resent += 1;
+                    sealed.publish.push(Publish {
+                        topic,
+                        payload,
+                        retain: false,
+                    });
                 }
                 HostAction::LeftOut { device, reason } => sealed.left_out.push((device, reason)),
                 HostAction::Finished(r) => sealed.outcome = Some(Ok(r)),
