@@ -11,6 +11,10 @@
 #   scripts/bench-scale.sh --devices 50 --dropouts 0 --rank 16 \
 #       --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --rho 0.5 \
 #       --out target/bench/scale-smollm2.json        # the SmolLM2 demo's update size
+#   scripts/bench-scale.sh --devices 100,1000 --dropouts 0 --worker-counts 0,1,2,4 \
+#       --out target/bench/shards.json               # aggregation over fold workers: prints
+#                                                    # the host side's critical path against
+#                                                    # one worker's and the host's alone
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh # mosquitto, the model's shapes

@@ -12,7 +12,9 @@
 # dedicated user `fedshield`, restart on failure, state in /var/lib/fedshield), its
 # settings /etc/fedshield/{edge,host}.toml and environment /etc/fedshield/{edge,host}.env
 # (conffiles, 0640 root:fedshield after install: the environment holds the MQTT
-# password). libtorch and ONNX Runtime are not packaged: the platform's go under
+# password). The host package also holds the fold workers' template unit
+# fedshield-fold-worker@.service and their settings /etc/fedshield/fold-worker.toml.
+# libtorch and ONNX Runtime are not packaged: the platform's go under
 # /usr/lib/fedshield (FEDSHIELD_DEPS_DIR in the .env file; on Jetson, JetPack's PyTorch).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -48,6 +50,13 @@ for who in edge host; do
   install -D -m 0644 "packaging/fedshield-$who.service" "$root/lib/systemd/system/fedshield-$who.service"
   install -D -m 0640 "packaging/$who.toml" "$root/etc/fedshield/$who.toml"
   install -D -m 0640 "packaging/$who.env" "$root/etc/fedshield/$who.env"
+  etc="/etc/fedshield/$who.toml /etc/fedshield/$who.env"
+  if [ "$who" = host ]; then
+    install -D -m 0644 "packaging/fedshield-fold-worker@.service" \
+      "$root/lib/systemd/system/fedshield-fold-worker@.service"
+    install -D -m 0640 packaging/fold-worker.toml "$root/etc/fedshield/fold-worker.toml"
+    etc="$etc /etc/fedshield/fold-worker.toml"
+  fi
   install -D -m 0644 README.md "$root/usr/share/doc/fedshield-$who/README.md"
   install -d -m 0755 "$root/DEBIAN"
   case "$who" in
@@ -67,7 +76,7 @@ Description: FedShield $what
  Privacy-preserving federated fine-tuning of LLMs on fleets of edge GPUs.
  libtorch and ONNX Runtime are the platform's, under /usr/lib/fedshield.
 CONTROL
-  printf '/etc/fedshield/%s.toml\n/etc/fedshield/%s.env\n' "$who" "$who" > "$root/DEBIAN/conffiles"
+  printf '%s\n' $etc > "$root/DEBIAN/conffiles"
   cat > "$root/DEBIAN/postinst" <<POSTINST
 #!/bin/sh
 set -e
@@ -75,8 +84,8 @@ if [ "\$1" = configure ]; then
   getent group fedshield >/dev/null || addgroup --system fedshield
   getent passwd fedshield >/dev/null || adduser --system --ingroup fedshield \\
     --home /var/lib/fedshield --no-create-home --shell /usr/sbin/nologin fedshield
-  chown root:fedshield /etc/fedshield/$who.toml /etc/fedshield/$who.env
-  chmod 0640 /etc/fedshield/$who.toml /etc/fedshield/$who.env
+  chown root:fedshield $etc
+  chmod 0640 $etc
   if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
 fi
 POSTINST

@@ -480,6 +480,9 @@ pub struct RoundRecord {
     pub workers_cpu_s: f64,
     /// The busiest fold worker's CPU seconds in the round.
     pub worker_cpu_max_s: f64,
+    /// The host side's critical path in CPU seconds, one core per process: the host's
+    /// round thread plus the busiest fold worker (the host alone when it folds).
+    pub host_side_cpu_s: f64,
     /// Secure-aggregation payload bytes per device, both ways (joins, shares, masked
     /// inputs, consistency, unmasking; the share deliveries down).
     pub secagg_bytes_per_device: f64,
@@ -584,6 +587,7 @@ pub fn record(
             }
         }
         r.host_cpu_total_s = r.host_cpu_s.values().sum();
+        r.host_side_cpu_s = r.host_cpu_total_s;
         for events in fleet.worker_events() {
             // Process CPU since the worker's start at each close: the round's share is
             // the difference from the previous close.
@@ -601,6 +605,7 @@ pub fn record(
                 }
             }
         }
+        r.host_side_cpu_s += r.worker_cpu_max_s;
         for s in &sims {
             if let Some(stats) = s.rounds.get(&round) {
                 r.devices.merge(stats);

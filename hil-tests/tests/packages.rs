@@ -75,12 +75,23 @@ fn packages_hold_the_binary_unit_and_settings_with_their_modes_and_the_units_ver
             "-rw-r--r-- root/root"
         );
         // Settings and environment (the MQTT password): not world-readable; postinst
-        // gives them to the group fedshield.
-        for etc in [
+        // gives them to the group fedshield. The host's package also holds the fold
+        // workers' template unit and settings.
+        let mut etc = vec![
             format!("/etc/fedshield/{who}.toml"),
             format!("/etc/fedshield/{who}.env"),
-        ] {
-            assert_eq!(mode_of(&etc), "-rw-r----- root/root");
+        ];
+        let mut units = vec![format!("fedshield-{who}.service")];
+        if *who == "host" {
+            etc.push("/etc/fedshield/fold-worker.toml".into());
+            assert_eq!(
+                mode_of("/lib/systemd/system/fedshield-fold-worker@.service"),
+                "-rw-r--r-- root/root"
+            );
+            units.push("fedshield-fold-worker@3.service".into());
+        }
+        for etc in &etc {
+            assert_eq!(mode_of(etc), "-rw-r----- root/root");
         }
         let field = |name: &str| run(Command::new("dpkg-deb").args(["-f", deb, name]));
         assert_eq!(field("Package").trim(), format!("fedshield-{who}"));
@@ -91,24 +102,27 @@ fn packages_hold_the_binary_unit_and_settings_with_their_modes_and_the_units_ver
             .arg(control.path()));
         assert_eq!(
             std::fs::read_to_string(control.path().join("conffiles")).unwrap(),
-            format!("/etc/fedshield/{who}.toml\n/etc/fedshield/{who}.env\n")
+            etc.iter().map(|e| format!("{e}\n")).collect::<String>()
         );
         let postinst = std::fs::read_to_string(control.path().join("postinst")).unwrap();
         assert!(postinst.contains("adduser --system"), "{postinst}");
-        // The unit, inside the unpacked package: no error, no warning.
+        // The units (a template's as one instance), inside the unpacked package: no
+        // error, no warning.
         run(Command::new("dpkg-deb").args(["-x", deb]).arg(root.path()));
-        let verify = Command::new("systemd-analyze")
-            .args(["verify", "--man=no"])
-            .arg(format!("--root={}", root.path().display()))
-            .arg(format!("/lib/systemd/system/fedshield-{who}.service"))
-            .output()
-            .expect("systemd-analyze (scripts/setup.sh installs systemd)");
-        let said = String::from_utf8_lossy(&verify.stderr);
-        assert!(verify.status.success(), "{said}");
-        assert!(
-            !said.contains(&format!("fedshield-{who}")),
-            "systemd-analyze warns: {said}"
-        );
+        for unit in &units {
+            let verify = Command::new("systemd-analyze")
+                .args(["verify", "--man=no"])
+                .arg(format!("--root={}", root.path().display()))
+                .arg(unit)
+                .output()
+                .expect("systemd-analyze (scripts/setup.sh installs systemd)");
+            let said = String::from_utf8_lossy(&verify.stderr);
+            assert!(verify.status.success(), "{unit}: {said}");
+            assert!(
+                !said.contains("fedshield-"),
+                "systemd-analyze warns: {said}"
+            );
+        }
     }
     // A unit whose binary is missing does not verify (the check can fail).
     std::fs::remove_file(root.path().join("usr/bin/fedshield-edge")).unwrap();
@@ -163,6 +177,18 @@ fn the_packaged_settings_files_parse() {
         .unwrap();
     let said = String::from_utf8_lossy(&host.stderr);
     assert_eq!(host.status.code(), Some(1), "{said}");
+    assert!(said.contains("authority.pub"), "{said}");
+    // A fold worker: the same.
+    let worker = Command::new(bin_dir().join("fedshield-host"))
+        .args(["fold-worker", "--config"])
+        .arg(repo().join("packaging/fold-worker.toml"))
+        .args(["--shard", "0", "--fleet-dir"])
+        .arg(dir.path().join("fleet"))
+        .env("FEDSHIELD_MQTT_PASSWORD", "x")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&worker.stderr);
+    assert_eq!(worker.status.code(), Some(1), "{said}");
     assert!(said.contains("authority.pub"), "{said}");
     // A key that is no flag: refused by the parser (exit 2), naming it.
     let bad = dir.path().join("bad.toml");

@@ -91,8 +91,13 @@ enum Command {
     /// Fold the uploads of one shard of a round sharded over fold workers (`serve
     /// --fold-shards K`; run one worker per shard 0..K-1, with the host's broker
     /// credentials). It keeps nothing on disk: restart it (systemd) when it dies, and the
-    /// host has the shard's devices send their uploads again.
+    /// host has the shard's devices send their uploads again. Settings from flags and an
+    /// optional TOML file (--config; packaged: /etc/fedshield/fold-worker.toml).
+    #[command(args_override_self = true)]
     FoldWorker {
+        /// TOML file of settings (keys are the flags' long names); flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Fleet name (one MQTT topic level).
         #[arg(long, default_value = "demo")]
         fleet: String,
@@ -343,14 +348,16 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,rumqttd=off".into()),
         )
         .init();
-    let argv =
-        match fedshield_store::settings::expand_config(std::env::args_os().collect(), &["serve"]) {
-            Ok(argv) => argv,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::exit(2);
-            }
-        };
+    let argv = match fedshield_store::settings::expand_config(
+        std::env::args_os().collect(),
+        &["serve", "fold-worker"],
+    ) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
     match Cli::parse_from(argv).command {
         Command::Broker {
             listen,
@@ -397,6 +404,7 @@ fn main() -> anyhow::Result<()> {
         Command::BrokerConfig(args) => run_broker_config(args),
         Command::Serve(args) => run_serve(*args),
         Command::FoldWorker {
+            config: _,
             fleet,
             fleet_dir,
             link,

@@ -135,6 +135,10 @@ enum Cmd {
         /// Dropout rates.
         #[arg(long, value_delimiter = ',', default_value = "0,0.1")]
         dropouts: Vec<f64>,
+        /// Fold worker counts to run each fleet size with (overrides --fold-workers; 0:
+        /// the host folds).
+        #[arg(long, value_delimiter = ',')]
+        worker_counts: Vec<u32>,
         #[command(flatten)]
         scenario: ScenarioArgs,
         /// Where the record goes (JSON, with `runs`); plots beside it.
@@ -262,6 +266,31 @@ fn summary(r: &RunRecord) -> String {
     )
 }
 
+/// The host side's critical path (CPU seconds, one core per process) of each sharded run
+/// against the run of the same fleet with one fold worker, and with the host folding.
+fn gains(runs: &[RunRecord]) {
+    let side = |r: &RunRecord| r.last().map_or(0.0, |l| l.host_side_cpu_s);
+    for r in runs {
+        let same = |w: u32| {
+            runs.iter()
+                .find(|o| o.devices == r.devices && o.dropout == r.dropout && o.workers == w)
+                .map(side)
+        };
+        let ratio = |base: Option<f64>| {
+            base.filter(|b| *b > 0.0)
+                .map_or("-".to_string(), |b| format!("{:.2}x", side(r) / b))
+        };
+        println!(
+            "{:>5} devices, {} fold workers: host side {:.3} s CPU on its critical path, {} of one worker's, {} of the host alone",
+            r.devices,
+            r.workers,
+            side(r),
+            ratio(same(1)),
+            ratio(same(0)),
+        );
+    }
+}
+
 /// A figure of a run, for the plots.
 type Figure = fn(&RunRecord) -> Option<f64>;
 
@@ -366,21 +395,37 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             devices,
             dropouts,
+            worker_counts,
             scenario,
             out,
         } => {
             let mut runs: Vec<RunRecord> = Vec::new();
+            let worker_counts = if worker_counts.is_empty() {
+                vec![scenario.fold_workers]
+            } else {
+                worker_counts
+            };
             for &n in &devices {
                 for &rate in &dropouts {
-                    let record = run(&bins()?, &scenario.scenario(n, rate)?)
-                        .with_context(|| format!("{n} devices, dropout {rate}"))?;
-                    println!("{}", summary(&record));
-                    runs.push(record);
-                    // Written after every run: a long bench keeps what it measured.
-                    write_json(&out, &serde_json::json!({ "runs": runs }))?;
+                    for &workers in &worker_counts {
+                        let mut s = scenario.scenario(n, rate)?;
+                        s.workers = workers;
+                        let record = run(&bins()?, &s).with_context(|| {
+                            format!("{n} devices, dropout {rate}, {workers} fold workers")
+                        })?;
+                        println!("{}", summary(&record));
+                        runs.push(record);
+                        // Written after every run: a long bench keeps what it measured.
+                        write_json(&out, &serde_json::json!({ "runs": runs }))?;
+                    }
                 }
             }
-            plots(&runs, &out)?;
+            // The plots are of cost against fleet size, one series per dropout rate.
+            if worker_counts.len() == 1 {
+                plots(&runs, &out)?;
+            } else {
+                gains(&runs);
+            }
             println!("record: {}", out.display());
         }
     }

@@ -389,12 +389,16 @@ impl EdgeSession {
                 if !ours {
                     return Ok(vec![]); // another round's request, or nothing uploaded yet
                 }
-                // The upload's parts as first sent (a fold worker lost them); the masked
-                // input stays with the host.
+                // The upload as first sent, masked input included (a fold worker lost the
+                // upload and its masked input's share of the host's sums).
                 Ok(self
                     .sent
                     .iter()
-                    .filter(|(_, m)| matches!(m, EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_)))
+                    .filter(|(_, m)| match m {
+                        EdgeMessage::Manifest(_) | EdgeMessage::Chunk(_) => true,
+                        EdgeMessage::SecAgg(m) => m.body.kind() == "masked-input",
+                        _ => false,
+                    })
                     .map(|(_, m)| EdgeAction::Send(m.clone()))
                     .collect())
             }

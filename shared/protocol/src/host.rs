@@ -162,8 +162,12 @@ impl HostPhase {
 struct Shards {
     /// Each shard's worker process, as last heard from.
     instance: Vec<Option<u64>>,
-    /// The devices each shard's current worker reported folded.
-    progress: Vec<BTreeSet<DeviceId>>,
+    /// The devices each shard's current worker reported folded, with the digests their
+    /// masked inputs signed.
+    progress: Vec<BTreeMap<DeviceId, [u8; 32]>>,
+    /// The sum of those devices' masked inputs (mod 2^64), per shard: a masked input is
+    /// held only until its upload is folded.
+    masked_sums: Vec<Vec<u64>>,
     /// The parts of the partial sums received after the close, until complete.
     parts: Vec<BTreeMap<u32, PartialPart>>,
     /// The partial sums received whole after the close.
@@ -225,7 +229,8 @@ impl HostRound {
             let k = config.fold_shards as usize;
             Shards {
                 instance: vec![None; k],
-                progress: vec![BTreeSet::new(); k],
+                progress: vec![BTreeMap::new(); k],
+                masked_sums: vec![vec![0; POLYNOMIAL_SIZE]; k],
                 parts: vec![BTreeMap::new(); k],
                 partials: vec![None; k],
             }
@@ -671,10 +676,13 @@ impl HostRound {
         if new_worker {
             shards.instance[i] = Some(uplink.instance);
             if phase != HostPhase::Collecting || shards.partials[i].is_none() {
+                // What it folded is lost, masked inputs included: its devices send both
+                // again.
                 let lost = std::mem::take(&mut shards.progress[i]);
-                for d in &lost {
+                for d in lost.keys() {
                     self.folded.remove(d);
                 }
+                shards.masked_sums[i].fill(0);
                 shards.parts[i].clear();
             }
             actions.extend(self.shard_commands(s));
@@ -698,7 +706,19 @@ impl HostRound {
                 }
             }
             ShardReport::Folded { device, .. } => {
-                shards.progress[i].insert(device.clone());
+                // The masked input joins the shard's sum; the host holds it no longer.
+                let masked = self.masked.remove(&device).expect("checked above");
+                let ClientBody::MaskedInput {
+                    masked: y,
+                    update_digest,
+                } = &masked.body
+                else {
+                    unreachable!("only masked inputs are held");
+                };
+                for (s, m) in shards.masked_sums[i].iter_mut().zip(y) {
+                    *s = s.wrapping_add(*m);
+                }
+                shards.progress[i].insert(device.clone(), *update_digest);
                 self.folded.insert(device);
             }
             ShardReport::Refused { device, reason, .. } => {
@@ -765,21 +785,22 @@ impl HostRound {
         }
     }
 
-    /// A partial sum of shard `s` must hold only admitted devices of the shard, each once,
-    /// with the digests their masked inputs signed, and be a sum of the round's shape.
+    /// A partial sum of shard `s` must hold exactly the devices its worker reported folded,
+    /// each with the digest its masked input signed, and be a sum of the round's shape.
     fn check_partial(&self, s: u32, p: &Partial) -> Result<(), ProtocolError> {
         let bad =
             |why: String| ProtocolError::Malformed(format!("partial sum of shard {s}: {why}"));
-        if !p.folded.windows(2).all(|w| w[0].0 < w[1].0) {
-            return Err(bad("its devices are not sorted and distinct".into()));
-        }
-        for (d, digest) in &p.folded {
-            if shard_of(d, self.config.fold_shards) != s {
-                return Err(bad(format!("{d} is not of the shard")));
-            }
-            if self.masked.get(d).map(masked_digest) != Some(*digest) {
-                return Err(bad(format!("{d} is not admitted with that digest")));
-            }
+        let progress = &self.shards.as_ref().expect("a sharded round").progress[s as usize];
+        if !p.folded.iter().map(|(d, h)| (d, h)).eq(progress.iter()) {
+            let why = p
+                .folded
+                .iter()
+                .find(|(d, h)| progress.get(d) != Some(h))
+                .map_or(
+                    "a device reported folded is missing".to_string(),
+                    |(d, _)| format!("{d} was not reported folded with that digest"),
+                );
+            return Err(bad(why));
         }
         Aggregate::from_parts(
             self.config.selected,
@@ -791,25 +812,28 @@ impl HostRound {
         Ok(())
     }
 
-    /// Adds the partial sums received into the round's sum, and records exactly their
-    /// devices' masked inputs in the secure aggregation: the contributors.
+    /// Adds the partial sums received into the round's sum, and records their devices'
+    /// masked inputs (each shard's as one sum) in the secure aggregation: the contributors.
     fn combine_partials(&mut self) -> Result<(), ProtocolError> {
         let shards = self.shards.as_mut().expect("a sharded round");
-        let partials: Vec<Partial> = shards
-            .partials
-            .iter_mut()
-            .filter_map(Option::take)
-            .collect();
         let mut aggregate = Aggregate::new(self.config.selected, self.config.body_bits);
         let mut folded = BTreeSet::new();
         let mut upload_bytes = 0;
-        for p in partials {
-            let contributions = p.folded.len();
+        for i in 0..shards.partials.len() {
+            let Some(p) = shards.partials[i].take() else {
+                continue;
+            };
+            // The partial's devices are exactly the shard's reported folds (checked on
+            // arrival).
+            self.server.add_masked_inputs(
+                &shards.masked_sums[i],
+                std::mem::take(&mut shards.progress[i]),
+            )?;
             let part = Aggregate::from_parts(
                 self.config.selected,
                 self.config.body_bits,
                 p.sum,
-                contributions,
+                p.folded.len(),
             )
             .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
             aggregate
@@ -817,12 +841,6 @@ impl HostRound {
                 .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
             folded.extend(p.folded.into_iter().map(|(d, _)| d));
             upload_bytes += p.upload_bytes;
-        }
-        for d in &folded {
-            let masked = self.masked.remove(d).ok_or_else(|| {
-                ProtocolError::Malformed(format!("partial sums: {d} is not admitted"))
-            })?;
-            self.server.receive(masked)?;
         }
         self.aggregate = aggregate;
         self.folded = folded;

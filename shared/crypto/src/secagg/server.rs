@@ -330,9 +330,26 @@ impl Server {
                 "masked inputs restored outside an empty masked-input stage",
             ));
         }
+        self.add_masked_inputs(&masked_sum, digests)
+    }
+
+    /// Records the masked inputs of `digests`' senders through their sum `masked_sum`
+    /// (summed elsewhere: a fold worker's shard, or a checkpoint), with the update digests
+    /// they signed. The senders must be members of U2 that have not been recorded; their
+    /// messages were checked on arrival by the caller ([`Server::check`]).
+    pub fn add_masked_inputs(
+        &mut self,
+        masked_sum: &[u64],
+        digests: BTreeMap<DeviceId, [u8; 32]>,
+    ) -> Result<(), SecAggError> {
+        if self.stage != Stage::MaskedInput {
+            return Err(SecAggError::OutOfOrder(
+                "masked inputs added outside the masked-input stage",
+            ));
+        }
         if masked_sum.len() != self.config.vector_len {
             return Err(SecAggError::Malformed(format!(
-                "restored masked sum of {} values, expected {}",
+                "masked sum of {} values, expected {}",
                 masked_sum.len(),
                 self.config.vector_len
             )));
@@ -340,8 +357,16 @@ impl Server {
         if let Some(stranger) = digests.keys().find(|d| !self.shares.contains_key(*d)) {
             return Err(SecAggError::NotAParticipant(stranger.clone()));
         }
-        self.masked_sum = masked_sum;
-        self.digests = digests;
+        if let Some(twice) = digests.keys().find(|d| self.digests.contains_key(*d)) {
+            return Err(SecAggError::Duplicate {
+                sender: twice.clone(),
+                kind: "masked-input",
+            });
+        }
+        for (s, m) in self.masked_sum.iter_mut().zip(masked_sum) {
+            *s = s.wrapping_add(*m);
+        }
+        self.digests.extend(digests);
         Ok(())
     }
 

@@ -863,3 +863,86 @@ proptest! {
         prop_assert!(out.is_ok(), "{:?}", out.err());
     }
 }
+
+#[test]
+fn masked_inputs_summed_elsewhere_give_the_same_key_sum_and_bad_sums_are_refused() {
+    // Six clients; their masked inputs are summed in two groups outside the server (as
+    // fold workers' shards do) and recorded as two sums; one client's input never comes.
+    let mut rng = ChaCha20Rng::seed_from_u64(9);
+    let fleet = fleet(6, &mut rng);
+    let inputs = random_inputs(6, 32, &mut rng);
+    let cfg = config(3, 3, 32);
+    let mut server = Server::new(cfg, fleet.registry.clone()).unwrap();
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let (client, advert) = fleet.client(i, cfg, &mut rng);
+        server.receive(advert).unwrap();
+        clients.push(client);
+    }
+    let roster = server.close_advertise().unwrap();
+    for c in &mut clients {
+        let msg = c.on_roster(&roster, &mut rng).unwrap();
+        server.receive(msg).unwrap();
+    }
+    let deliveries = server.close_shares().unwrap();
+    let mut groups = [
+        (vec![0u64; 32], BTreeMap::new()),
+        (vec![0u64; 32], BTreeMap::new()),
+    ];
+    for (i, c) in clients.iter_mut().enumerate().take(5) {
+        let msg = c
+            .on_shares(&deliveries[c.id()], &inputs[i], [i as u8; 32])
+            .unwrap();
+        server.check(&msg).unwrap();
+        let ClientBody::MaskedInput { masked, .. } = &msg.body else {
+            panic!("a masked input")
+        };
+        let (sum, digests) = &mut groups[i % 2];
+        for (s, m) in sum.iter_mut().zip(masked) {
+            *s = s.wrapping_add(*m);
+        }
+        digests.insert(fleet.secrets[i].0.clone(), [i as u8; 32]);
+    }
+    // Refused, changing nothing: a sum of the wrong length, a stranger.
+    assert!(matches!(
+        server.add_masked_inputs(&groups[0].0[..31], groups[0].1.clone()),
+        Err(SecAggError::Malformed(_))
+    ));
+    let mut stranger = groups[0].1.clone();
+    stranger.insert(DeviceId("nobody".into()), [0; 32]);
+    assert!(matches!(
+        server.add_masked_inputs(&groups[0].0, stranger),
+        Err(SecAggError::NotAParticipant(_))
+    ));
+    server
+        .add_masked_inputs(&groups[0].0, groups[0].1.clone())
+        .unwrap();
+    // The same devices twice: refused.
+    assert!(matches!(
+        server.add_masked_inputs(&groups[0].0, groups[0].1.clone()),
+        Err(SecAggError::Duplicate { .. })
+    ));
+    server
+        .add_masked_inputs(&groups[1].0, groups[1].1.clone())
+        .unwrap();
+    let survivors = server.close_masked_inputs().unwrap();
+    // After the stage, nothing more is added.
+    assert!(matches!(
+        server.add_masked_inputs(&groups[1].0, BTreeMap::new()),
+        Err(SecAggError::OutOfOrder(_))
+    ));
+    let mut alive = Vec::new();
+    for c in clients.iter_mut().take(5) {
+        let msg = c.on_survivors(&survivors).unwrap();
+        server.receive(msg).unwrap();
+        alive.push(c);
+    }
+    let request = server.close_consistency().unwrap();
+    for c in alive {
+        let msg = c.on_unmask(&request).unwrap();
+        server.receive(msg).unwrap();
+    }
+    let out = server.close_unmask().unwrap();
+    assert_eq!(out.key_sum, sum_of(&inputs, 0..5));
+    assert_eq!(out.update_digests[&fleet.secrets[4].0], [4; 32]);
+}
