@@ -653,16 +653,18 @@ impl HostRound {
             }
         }
         let new_worker = shards.instance[i] != Some(uplink.instance);
+        if new_worker && matches!(uplink.report, ShardReport::Partial(_)) {
+            // A worker that was not the one folding cannot hold the shard's partial sum.
+            return Err(ProtocolError::Malformed(format!(
+                "partial sum of shard {s} from a worker not heard from before"
+            )));
+        }
         // The partial sum this part completes, checked whole before anything changes.
         let mut completed = None;
         if let ShardReport::Partial(p) = &uplink.report
             && shards.partials[i].is_none()
         {
-            let mut parts = if new_worker {
-                BTreeMap::new()
-            } else {
-                shards.parts[i].clone()
-            };
+            let mut parts = shards.parts[i].clone();
             parts.insert(p.index, (**p).clone());
             if parts.len() == p.count as usize {
                 let parts: Vec<PartialPart> = parts.into_values().collect();

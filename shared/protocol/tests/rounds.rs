@@ -1958,7 +1958,9 @@ fn partial_sums_that_name_devices_the_host_did_not_admit_or_are_misshapen_are_re
     part0(&mut short).bodies.pop();
     let mut misplaced = first.clone();
     part0(&mut misplaced).count += 1;
-    for bad in [foreign, digest, short, misplaced] {
+    let mut stranger = first.clone();
+    stranger.instance ^= 1;
+    for bad in [foreign, digest, short, misplaced, stranger] {
         assert_eq!(f.host.on_shard(bad, f.now).unwrap_err().kind(), "malformed");
     }
     let mut kept: Vec<usize> = answers
