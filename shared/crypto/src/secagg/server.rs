@@ -70,6 +70,8 @@ pub struct Server {
     graph: Option<Graph>,
     /// Fewest contributors (a strict majority of the roster, at least the configured).
     threshold: usize,
+    /// Each member's encrypted shares until they are delivered; after that, empty lists
+    /// (the keys are U2).
     shares: BTreeMap<DeviceId, Vec<EncryptedShare>>,
     masked_sum: Vec<u64>,
     digests: BTreeMap<DeviceId, [u8; 32]>,
@@ -486,9 +488,13 @@ impl Server {
                 (v.clone(), delivery)
             })
             .collect();
-        for share in self.shares.values().flatten() {
-            if let Some(d) = out.get_mut(&share.to) {
-                d.shares.push(share.clone());
+        // The relayed shares move into the deliveries: the server keeps only who shared
+        // (U2), not a second copy of every share for the rest of the round.
+        for shares in self.shares.values_mut() {
+            for share in std::mem::take(shares) {
+                if let Some(d) = out.get_mut(&share.to) {
+                    d.shares.push(share);
+                }
             }
         }
         self.stage = Stage::MaskedInput;
