@@ -10,7 +10,7 @@ use fedshield_protocol::messages::{EdgeMessage, Route, Topics};
 use fedshield_protocol::shard::{FoldWorker, ShardCommand, ShardUplink, WorkerEvent};
 use fedshield_store::JsonLines;
 use fedshield_telemetry::process;
-use fedshield_transport::{BrokerArgs, Incoming, Link};
+use fedshield_transport::{BrokerArgs, Incoming};
 use rand::Rng;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,21 +35,15 @@ pub fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
     let (registry, _) = cfg.fleet_dir.registry()?;
     let instance: u64 = rand::rng().random();
     let mut worker = FoldWorker::new(cfg.shard, instance, registry);
-    let mut link_config = cfg.broker.link_config(
+    // Like the host's: what arrives faster than it folds waits at the broker.
+    let link = crate::serve::held_link(
+        &cfg.broker,
         format!("fedshield-fold-{}-{}", cfg.fleet, cfg.shard),
         vec![
             topics.shard_uploads(cfg.shard),
             topics.fold_command(cfg.shard),
         ],
-        None,
-        None,
     )?;
-    // Like the host: what arrives faster than it folds waits at the broker.
-    link_config.overflow = fedshield_transport::Overflow::Hold;
-    if cfg.broker.incoming_budget.is_none() {
-        link_config.incoming_budget = cfg.broker.max_packet_bytes.saturating_mul(8);
-    }
-    let link = Link::start(link_config)?;
     let mut events = cfg.events.as_deref().map(JsonLines::open).transpose()?;
     let mut event = |e: WorkerEvent| {
         if let Some(file) = &mut events

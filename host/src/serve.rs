@@ -137,21 +137,12 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
             state_path.display()
         );
     }
-    let mut link_config = cfg.broker.link_config(
+    let link = held_link(
+        &cfg.broker,
         format!("fedshield-host-{}", cfg.fleet),
         // Every device's uplink, and the fold workers' reports (of a sharded round).
         vec![topics.all_up(), topics.all_fold_reports()],
-        None,
-        None,
     )?;
-    // Uploads from a whole fleet at once wait at the broker until the host takes them,
-    // instead of overflowing its budget (and costing a re-publish of the round); so a
-    // small budget does (the host's memory holds 8 packets of them, not 64).
-    link_config.overflow = fedshield_transport::Overflow::Hold;
-    if cfg.broker.incoming_budget.is_none() {
-        link_config.incoming_budget = cfg.broker.max_packet_bytes.saturating_mul(8);
-    }
-    let link = Link::start(link_config)?;
     let events = cfg.events.as_deref().map(JsonLines::open).transpose()?;
     let mut host = Host {
         topics,
@@ -176,6 +167,22 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     });
     host.link.disconnect();
     Ok(paths)
+}
+
+/// The host's (and a fold worker's) broker link: uploads from a whole fleet at once wait
+/// at the broker until the process takes them, instead of overflowing its budget (and
+/// costing a re-publish of the round); so a small budget does (8 packets, not 64).
+pub(crate) fn held_link(
+    broker: &BrokerArgs,
+    client_id: String,
+    subscriptions: Vec<String>,
+) -> anyhow::Result<Link> {
+    let mut link_config = broker.link_config(client_id, subscriptions, None, None)?;
+    link_config.overflow = fedshield_transport::Overflow::Hold;
+    if broker.incoming_budget.is_none() {
+        link_config.incoming_budget = broker.max_packet_bytes.saturating_mul(8);
+    }
+    Ok(Link::start(link_config)?)
 }
 
 impl Host {

@@ -623,6 +623,17 @@ fn below_threshold_the_round_fails_and_edges_keep_their_residual() {
     assert_eq!(f.edges[0].settled, Some(false));
 }
 
+/// The uplink messages a round takes to finish when nothing is lost.
+fn messages_to_finish(mut f: Fleet) -> usize {
+    let mut n = 0;
+    while !f.uplink.is_empty() {
+        f.deliver_one();
+        n += 1;
+    }
+    assert!(f.host.is_done());
+    n
+}
+
 /// Kills the host after `delivered` uplink messages: the messages still in flight are lost,
 /// and a new host rebuilds the round from the journal (through its record encoding, with a
 /// torn last record) and re-publishes it.
@@ -672,16 +683,7 @@ fn a_host_restarted_mid_upload_resumes_the_round_from_its_journal() {
 #[test]
 fn a_host_restarted_in_any_phase_resumes_and_the_round_completes() {
     // Restart after every possible number of delivered messages, then once more later on.
-    let total = {
-        let mut f = fleet(&[Fault::None; 3], 2);
-        let mut n = 0;
-        while !f.uplink.is_empty() {
-            f.deliver_one();
-            n += 1;
-        }
-        assert!(f.host.is_done());
-        n
-    };
+    let total = messages_to_finish(fleet(&[Fault::None; 3], 2));
     for cut in (0..total).step_by(3) {
         let mut f = fleet(&[Fault::None; 3], 2);
         restart_host_after(&mut f, cut);
@@ -1850,16 +1852,7 @@ fn a_fold_worker_down_at_the_close_leaves_its_devices_out_and_the_others_decrypt
 
 #[test]
 fn a_host_restarted_in_any_phase_of_a_sharded_round_resumes_with_its_workers() {
-    let total = {
-        let mut f = sharded(&[Fault::None; 6], 2);
-        let mut n = 0;
-        while !f.uplink.is_empty() {
-            f.deliver_one();
-            n += 1;
-        }
-        assert!(f.host.is_done());
-        n
-    };
+    let total = messages_to_finish(sharded(&[Fault::None; 6], 2));
     for cut in (0..total).step_by(3) {
         let mut f = sharded(&[Fault::None; 6], 2);
         restart_host_after(&mut f, cut);
