@@ -345,11 +345,6 @@ impl FoldWorker {
         }
     }
 
-    /// Its shard.
-    pub fn shard(&self) -> u32 {
-        self.shard
-    }
-
     /// Replaces the registry (the fleet's enrolments changed).
     pub fn set_registry(&mut self, registry: Registry) {
         self.registry = registry;
