@@ -14,7 +14,7 @@ mod bench_util;
 
 use bench_util::{arg, last_json_line, peak_rss_mib};
 use fedshield_edge::llama::{KvCache, Llama, NoAdapter};
-use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder};
+use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder, Precision};
 use fedshield_models::Assets;
 use fedshield_models::gguf::Gguf;
 use serde_json::{Value, json};
@@ -24,6 +24,8 @@ use std::time::Instant;
 
 const PROMPT: usize = 64;
 const NEW: usize = 128;
+const ORT_EXACT: &str = "ours (ORT, exact)";
+const ORT_INT8: &str = "ours (ORT, int8)";
 
 fn main() {
     let threads = arg("--threads").and_then(|t| t.parse().ok()).unwrap_or(1);
@@ -72,6 +74,10 @@ fn side_ort(threads: usize) -> Result<Value, String> {
         fedshield_edge::inference::environment(&Assets::locate()).map_err(|e| e.to_string())?;
     let dir = PathBuf::from(arg("--onnx").ok_or("--onnx")?);
     let mut decoder = OnnxDecoder::open(env, &dir, threads).map_err(|e| e.to_string())?;
+    let engine = match decoder.meta().options.precision {
+        Precision::Exact => ORT_EXACT,
+        Precision::Int8 => ORT_INT8,
+    };
     let mut run = |new: usize| -> Result<Run, String> {
         let started = Instant::now();
         let mut cache = decoder.empty_cache().map_err(|e| e.to_string())?;
@@ -94,7 +100,7 @@ fn side_ort(threads: usize) -> Result<Value, String> {
         Ok((prefill, first, started.elapsed().as_secs_f64(), out))
     };
     run(8)?; // warm-up
-    Ok(report("ours (ONNX Runtime)", threads, run(NEW)?))
+    Ok(report(engine, threads, run(NEW)?))
 }
 
 fn side_torch(threads: usize) -> Result<Value, String> {
@@ -166,19 +172,26 @@ fn orchestrate() -> Result<(), String> {
     let ids_path = out_dir.join("infer-prompt.json");
     write_prompt(&ids_path)?;
     let gguf = Assets::locate().smollm2_gguf().map_err(|e| e.to_string())?;
-    // The export, as a device would have it (no LoRA inputs: the base model).
-    let onnx = out_dir.join("onnx-smollm2");
+    // The exports, as a device would have them (no LoRA inputs: the base model), in both
+    // precisions.
+    let exports = [
+        (Precision::Int8, out_dir.join("onnx-smollm2-int8")),
+        (Precision::Exact, out_dir.join("onnx-smollm2")),
+    ];
     {
         let env =
             fedshield_edge::inference::environment(&Assets::locate()).map_err(|e| e.to_string())?;
         let g = Gguf::open(&gguf).map_err(|e| e.to_string())?;
         let model = Llama::from_gguf(&g, tch::Device::Cpu).map_err(|e| e.to_string())?;
-        let options = DecodeOptions {
-            max_positions: PROMPT + NEW,
-            lora: Vec::new(),
-        };
-        OnnxDecoder::export(env, &model, &options, ("SmolLM2".into(), 0), &onnx)
-            .map_err(|e| e.to_string())?;
+        for (precision, dir) in &exports {
+            let options = DecodeOptions {
+                max_positions: PROMPT + NEW,
+                lora: Vec::new(),
+                precision: *precision,
+            };
+            OnnxDecoder::export(env, &model, &options, None, ("SmolLM2".into(), 0), dir)
+                .map_err(|e| e.to_string())?;
+        }
     }
     let python = root.join(".deps/venv/bin/python");
     let script = manifest.join("bench/llama_cpp_infer.py");
@@ -187,11 +200,15 @@ fn orchestrate() -> Result<(), String> {
     for threads in [1usize, 2] {
         let t = threads.to_string();
         let ids = ids_path.to_string_lossy().into_owned();
-        for side in ["ort", "torch"] {
-            eprintln!("[bench] {side}, {threads} thread(s) ...");
+        let sides = exports
+            .iter()
+            .map(|(_, dir)| ("ort", dir.as_path()))
+            .chain([("torch", out_dir.as_path())]);
+        for (side, dir) in sides {
+            eprintln!("[bench] {side} {}, {threads} thread(s) ...", dir.display());
             let out = Command::new(&me)
                 .args(["--side", side, "--threads", &t, "--ids", &ids])
-                .args(["--onnx", &onnx.to_string_lossy()])
+                .args(["--onnx", &dir.to_string_lossy()])
                 .env("OMP_NUM_THREADS", &t)
                 .output()
                 .map_err(|e| e.to_string())?;
@@ -253,8 +270,23 @@ fn orchestrate() -> Result<(), String> {
             .find(|r| r["engine"] == e && r["threads"] == 1)
             .map(|r| r["tokens"].clone())
     };
-    let agree = tokens("ours (ONNX Runtime)") == tokens("ours (libtorch)");
-    println!("ours on ONNX Runtime and on libtorch decode the same 128 tokens: {agree}");
+    let agree = tokens(ORT_EXACT) == tokens("ours (libtorch)");
+    println!("ours on ONNX Runtime (exact) and on libtorch decode the same 128 tokens: {agree}");
+    // The int8 paths (ours and llama.cpp's) round differently from the exact one: how many
+    // of their first greedy tokens are the exact path's.
+    let common = |a: &str, b: &str| -> usize {
+        match (tokens(a), tokens(b)) {
+            (Some(Value::Array(x)), Some(Value::Array(y))) => {
+                x.iter().zip(&y).take_while(|(p, q)| p == q).count()
+            }
+            _ => 0,
+        }
+    };
+    let int8_common = common(ORT_INT8, ORT_EXACT);
+    let llama_common = common("llama.cpp", ORT_EXACT);
+    println!(
+        "tokens before the first difference from the exact path: ours int8 {int8_common}, llama.cpp {llama_common} (of {NEW})"
+    );
     let path = out_dir.join("infer.json");
     let doc = json!({
         "model": gguf.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -263,6 +295,8 @@ fn orchestrate() -> Result<(), String> {
         "runs": runs,
         "ratios": ratios,
         "ours_ort_and_torch_agree": agree,
+        "int8_tokens_as_exact": int8_common,
+        "llama_cpp_tokens_as_exact": llama_common,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
         .map_err(|e| e.to_string())?;

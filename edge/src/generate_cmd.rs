@@ -4,6 +4,7 @@
 use crate::ModelArgs;
 use fedshield_edge::llama::Sampling;
 use fedshield_edge::lora::Lora;
+use fedshield_edge::onnx_graph::Precision;
 use fedshield_models::tokenizer::Message;
 use std::path::PathBuf;
 
@@ -40,6 +41,10 @@ pub struct GenerateArgs {
     /// Print the timings (first token, decode tokens/s) to stderr.
     #[arg(long)]
     timings: bool,
+    /// With `--runtime ort` and no --onnx: how the graph built in memory computes (see
+    /// `export-onnx --precision`).
+    #[arg(long, value_enum, default_value = "int8")]
+    precision: Precision,
 }
 
 #[derive(clap::Args)]
@@ -49,6 +54,10 @@ pub struct ExportOnnxArgs {
     /// Output directory: model.onnx and model.json.
     #[arg(long)]
     out: PathBuf,
+    /// A PEFT adapter directory to merge into the exported weights (its projections become
+    /// f32 `W + s B A`, exact). The export then takes no LoRA inputs.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The projections that take LoRA inputs (the fleet's adapter targets), comma-separated;
     /// empty for none.
     #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
@@ -56,6 +65,11 @@ pub struct ExportOnnxArgs {
     /// The longest sequence (prompt and new tokens) the export decodes.
     #[arg(long, default_value_t = 2048)]
     max_positions: usize,
+    /// How the quantized products compute: int8 (activations quantized per block of 32,
+    /// integer dot products: llama.cpp's arithmetic and speed) or exact (f32 activations:
+    /// the libtorch model's logits to about 1e-4).
+    #[arg(long, value_enum, default_value = "int8")]
+    precision: Precision,
 }
 
 /// `export-onnx`: the decoding graph of the GGUF to a directory.
@@ -63,6 +77,11 @@ pub fn export_onnx(args: ExportOnnxArgs) -> anyhow::Result<()> {
     use fedshield_edge::llama::Module;
     use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder};
     let (path, _g, _tok, model) = args.model.load()?;
+    let merge = args
+        .adapter
+        .as_ref()
+        .map(|dir| Lora::load_peft(dir, &model))
+        .transpose()?;
     let lora = args
         .lora_targets
         .iter()
@@ -72,9 +91,11 @@ pub fn export_onnx(args: ExportOnnxArgs) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("--lora-targets: unknown projection {t:?}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let lora = if merge.is_some() { Vec::new() } else { lora };
     let options = DecodeOptions {
         max_positions: args.max_positions,
         lora,
+        precision: args.precision,
     };
     let env = fedshield_edge::inference::environment(&fedshield_models::Assets::locate())?;
     let source = (
@@ -84,7 +105,7 @@ pub fn export_onnx(args: ExportOnnxArgs) -> anyhow::Result<()> {
         std::fs::metadata(&path)?.len(),
     );
     let started = std::time::Instant::now();
-    let file = OnnxDecoder::export(env, &model, &options, source, &args.out)?;
+    let file = OnnxDecoder::export(env, &model, &options, merge.as_ref(), source, &args.out)?;
     eprintln!(
         "exported {} ({:.1} MiB) in {:.1} s",
         file.display(),
@@ -189,7 +210,9 @@ fn generate_ort(
                 lora: lora
                     .map(|l| l.config.target_modules.clone())
                     .unwrap_or_default(),
+                precision: args.precision,
             },
+            None,
             threads,
         )?,
         (None, None) => anyhow::bail!("no export (--onnx) and no model to build a graph from"),

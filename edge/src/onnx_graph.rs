@@ -29,6 +29,11 @@ struct Builder {
     lora: Vec<Module>,
     /// The block sums already computed, by input (Q4_1's offsets).
     block_sums: std::collections::HashMap<String, String>,
+    /// How the quantized products compute.
+    precision: Precision,
+    /// A merged adapter's `s B A` per adapted projection `[out, in]` (f32), added to the
+    /// dequantized weight.
+    merged: std::collections::BTreeMap<(usize, Module), tch::Tensor>,
 }
 
 impl Builder {
@@ -101,95 +106,186 @@ impl Builder {
         self.std("Mul", &[&n, &w])
     }
 
-    /// `x @ w^T` for a `[out, in]` weight: 4-bit weights as MatMulNBits (exact, f32
-    /// activations), others (an 8-bit head included) dequantized to f32. (8-bit
-    /// MatMulNBits is exact too but dequantizes the whole weight on every call unless its
-    /// activations go int8, `accuracy_level = 4`, which ONNX Runtime 1.32 computes too
-    /// coarsely for a head: `tests/nbits_ort.rs`.)
-    fn linear(&mut self, x: &str, w: &Weight) -> ort::Result<String> {
-        let (rows, cols) = w.shape();
-        match w {
-            Weight::Quant { ty, packed, .. } if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) => {
-                let bytes = Vec::<u8>::try_from(packed.flatten(0, -1))
-                    .map_err(|e| ort::Error::new(e.to_string()))?;
-                let nb = NBits::from_gguf(*ty, &bytes, rows as usize, cols as usize)
-                    .map_err(|e| ort::Error::new(e.to_string()))?;
-                let blocks = cols / BLOCK as i64;
-                let b = self.constant(&[rows, blocks, nb.blob() as i64], &nb.codes)?;
-                let scales = self.floats(&[rows, blocks], &nb.scales)?;
-                let mut inputs = vec![x.to_string(), b, scales];
-                if nb.zero_point == 0 {
-                    let per_row = (blocks as usize).div_ceil(2);
-                    inputs.push(self.constant(
-                        &[rows * per_row as i64],
-                        &vec![0u8; rows as usize * per_row],
-                    )?);
-                }
-                let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-                let attributes = vec![
-                    Attribute::new("K", cols)?,
-                    Attribute::new("N", rows)?,
-                    Attribute::new("bits", i64::from(nb.bits))?,
-                    Attribute::new("block_size", BLOCK as i64)?,
-                ];
-                let y = self.op("MatMulNBits", "com.microsoft", &refs, attributes)?;
-                let Some(mins) = &nb.mins else {
-                    return Ok(y);
-                };
-                // + (block sums of x) @ mins^T; the sums computed once per input (q, k and
-                // v share theirs, gate and up theirs).
-                let sums = match self.block_sums.get(x) {
-                    Some(sums) => sums.clone(),
-                    None => {
-                        let shape = self.ints(&[0, 0, blocks, BLOCK as i64])?;
-                        let grouped = self.std("Reshape", &[x, &shape])?;
-                        let axes = self.ints(&[-1])?;
-                        let sums = self.op(
-                            "ReduceSum",
-                            ONNX_DOMAIN,
-                            &[&grouped, &axes],
-                            vec![Attribute::new("keepdims", 0i64)?],
-                        )?;
-                        self.block_sums.insert(x.to_string(), sums.clone());
-                        sums
-                    }
-                };
-                let mut mins_t = vec![0f32; mins.len()];
-                for r in 0..rows as usize {
-                    for b in 0..blocks as usize {
-                        mins_t[b * rows as usize + r] = mins[r * blocks as usize + b];
-                    }
-                }
-                let m = self.floats(&[blocks, rows], &mins_t)?;
-                let offsets = self.std("MatMul", &[&sums, &m])?;
-                self.std("Add", &[&y, &offsets])
-            }
-            _ => {
-                let wt = tensor_f32(&w.dequantize(Kind::Float).tr().contiguous());
-                let wt = self.floats(&[cols, rows], &wt)?;
-                self.std("MatMul", &[x, &wt])
-            }
+    /// `w` in MatMulNBits layout when the export computes its products that way: Q4_0 and
+    /// Q4_1 always, Q8_0 (an 8-bit head) only with int8 activations. (8-bit MatMulNBits
+    /// with f32 activations dequantizes the whole weight on every call: 222 ms against
+    /// 3.9 ms per head call here, so the exact path keeps such a weight in f32.)
+    fn nbits(&self, w: &Weight) -> ort::Result<Option<NBits>> {
+        let Weight::Quant { ty, packed, .. } = w else {
+            return Ok(None);
+        };
+        let wanted = match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => true,
+            GgmlType::Q8_0 => self.precision == Precision::Int8,
+            _ => false,
+        };
+        if !wanted {
+            return Ok(None);
         }
+        let (rows, cols) = w.shape();
+        let bytes = Vec::<u8>::try_from(packed.flatten(0, -1))
+            .map_err(|e| ort::Error::new(e.to_string()))?;
+        NBits::from_gguf(*ty, &bytes, rows as usize, cols as usize)
+            .map(Some)
+            .map_err(|e| ort::Error::new(e.to_string()))
     }
 
-    /// Projection `module` of layer `layer`: `x @ w^T`, plus `(x @ A^T) @ (s B^T)` from the
-    /// graph inputs "lora_a.{layer}.{module}" `[in, r]` and "lora_b.{layer}.{module}"
-    /// `[r, out]` when the module takes LoRA inputs (zeros give the base model).
-    fn projection(
+    /// `x @ [w_1; w_2; ...]^T` for `[out_i, in]` weights: their products side by side along
+    /// the last axis. Weights of one 4-bit type (or 8-bit, see [`Builder::nbits`]) are
+    /// stacked into one MatMulNBits (a fused q/k/v or gate/up projection: one kernel and one
+    /// Q4_1 offset product instead of three or two); others are dequantized to f32.
+    fn linear(&mut self, x: &str, ws: &[&Weight]) -> ort::Result<String> {
+        let packed = ws
+            .iter()
+            .map(|w| self.nbits(w))
+            .collect::<ort::Result<Vec<_>>>()?;
+        if let Some(mut parts) = packed.into_iter().collect::<Option<Vec<NBits>>>() {
+            let stacked = if parts.len() == 1 {
+                parts.pop()
+            } else {
+                NBits::stack(&parts).ok()
+            };
+            if let Some(nb) = stacked {
+                return self.matmul_nbits(x, &nb);
+            }
+        }
+        if let [w] = ws {
+            let (rows, cols) = w.shape();
+            let wt = tensor_f32(&w.dequantize(Kind::Float).tr().contiguous());
+            let wt = self.floats(&[cols, rows], &wt)?;
+            return self.std("MatMul", &[x, &wt]);
+        }
+        let parts = ws
+            .iter()
+            .map(|w| self.linear(x, &[*w]))
+            .collect::<ort::Result<Vec<_>>>()?;
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        self.op(
+            "Concat",
+            ONNX_DOMAIN,
+            &refs,
+            vec![Attribute::new("axis", -1i64)?],
+        )
+    }
+
+    /// `x @ w^T` for `w` in MatMulNBits layout, with int8 activations when the export's
+    /// precision says so; Q4_1's offsets added as the input's block sums times the offsets.
+    fn matmul_nbits(&mut self, x: &str, nb: &NBits) -> ort::Result<String> {
+        let (rows, cols) = (nb.n as i64, nb.k as i64);
+        let blocks = cols / BLOCK as i64;
+        let b = self.constant(&[rows, blocks, nb.blob() as i64], &nb.codes)?;
+        let scales = self.floats(&[rows, blocks], &nb.scales)?;
+        let mut inputs = vec![x.to_string(), b, scales];
+        if nb.zero_point == 0 {
+            let per_row = (blocks as usize).div_ceil(2);
+            inputs.push(self.constant(
+                &[rows * per_row as i64],
+                &vec![0u8; rows as usize * per_row],
+            )?);
+        }
+        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let mut attributes = vec![
+            Attribute::new("K", cols)?,
+            Attribute::new("N", rows)?,
+            Attribute::new("bits", i64::from(nb.bits))?,
+            Attribute::new("block_size", BLOCK as i64)?,
+        ];
+        if self.precision == Precision::Int8 {
+            attributes.push(Attribute::new("accuracy_level", 4i64)?);
+        }
+        let y = self.op("MatMulNBits", "com.microsoft", &refs, attributes)?;
+        let Some(mins) = &nb.mins else {
+            return Ok(y);
+        };
+        // + (block sums of x) @ mins^T; the sums computed once per input (the fused q/k/v
+        // and the fused gate/up each take one).
+        let sums = match self.block_sums.get(x) {
+            Some(sums) => sums.clone(),
+            None => {
+                let shape = self.ints(&[0, 0, blocks, BLOCK as i64])?;
+                let grouped = self.std("Reshape", &[x, &shape])?;
+                let axes = self.ints(&[-1])?;
+                let sums = self.op(
+                    "ReduceSum",
+                    ONNX_DOMAIN,
+                    &[&grouped, &axes],
+                    vec![Attribute::new("keepdims", 0i64)?],
+                )?;
+                self.block_sums.insert(x.to_string(), sums.clone());
+                sums
+            }
+        };
+        let mut mins_t = vec![0f32; mins.len()];
+        for r in 0..rows as usize {
+            for b in 0..blocks as usize {
+                mins_t[b * rows as usize + r] = mins[r * blocks as usize + b];
+            }
+        }
+        let m = self.floats(&[blocks, rows], &mins_t)?;
+        let offsets = self.std("MatMul", &[&sums, &m])?;
+        self.std("Add", &[&y, &offsets])
+    }
+
+    /// Projections `group` of layer `layer` over the same input `x`, side by side along the
+    /// last axis (see [`Builder::linear`]), each plus `(x @ A^T) @ (s B^T)` from the graph
+    /// inputs "lora_a.{layer}.{module}" `[in, r]` and "lora_b.{layer}.{module}" `[r, out]`
+    /// when the module takes LoRA inputs (zeros give the base model), padded to its place.
+    fn projections(
         &mut self,
         layer: usize,
-        module: Module,
+        group: &[(Module, &Weight)],
         x: &str,
-        w: &Weight,
     ) -> ort::Result<String> {
-        let y = self.linear(x, w)?;
-        if !self.lora.contains(&module) {
-            return Ok(y);
+        // A merged adapter's projections: W + s B A in f32, exactly.
+        let merged: Vec<Option<Weight>> = group
+            .iter()
+            .map(|(module, w)| {
+                self.merged
+                    .get(&(layer, *module))
+                    .map(|delta| Weight::Dense(w.dequantize(Kind::Float) + delta))
+            })
+            .collect();
+        let weights: Vec<&Weight> = group
+            .iter()
+            .zip(&merged)
+            .map(|((_, w), m)| m.as_ref().unwrap_or(w))
+            .collect();
+        let mut y = self.linear(x, &weights)?;
+        let width: i64 = weights.iter().map(|w| w.shape().0).sum();
+        let mut offset = 0;
+        for (module, w) in group {
+            let rows = w.shape().0;
+            if self.lora.contains(module) {
+                let (a, b) = lora_names(layer, *module);
+                let down = self.std("MatMul", &[x, &a])?;
+                let mut delta = self.std("MatMul", &[&down, &b])?;
+                if rows != width {
+                    let pads = self.ints(&[0, 0, offset, 0, 0, width - offset - rows])?;
+                    delta = self.std("Pad", &[&delta, &pads])?;
+                }
+                y = self.std("Add", &[&y, &delta])?;
+            }
+            offset += rows;
         }
-        let (a, b) = lora_names(layer, module);
-        let down = self.std("MatMul", &[x, &a])?;
-        let delta = self.std("MatMul", &[&down, &b])?;
-        self.std("Add", &[&y, &delta])
+        Ok(y)
+    }
+
+    /// `x` cut along its last axis into pieces of `sizes`.
+    fn split(&mut self, x: &str, sizes: &[i64]) -> ort::Result<Vec<String>> {
+        let split = self.ints(sizes)?;
+        self.next += 1;
+        let outs: Vec<String> = (0..sizes.len())
+            .map(|i| format!("v{}_split{i}", self.next))
+            .collect();
+        self.graph.add_node(Node::new(
+            "Split",
+            ONNX_DOMAIN,
+            format!("n{}", self.next),
+            [x, split.as_str()],
+            &outs,
+            vec![Attribute::new("axis", -1i64)?],
+        )?)?;
+        Ok(outs)
     }
 
     /// `[1, t, heads * hd]` -> `[1, heads, t, hd]`.
@@ -323,15 +419,22 @@ impl Builder {
             c.head_dim() as i64,
         );
         let n = self.rms_norm(x, &b.attn_norm, c.rms_norm_eps)?;
-        let q = self.projection(layer, Module::Q, &n, &b.q_proj)?;
-        let k = self.projection(layer, Module::K, &n, &b.k_proj)?;
-        let v = self.projection(layer, Module::V, &n, &b.v_proj)?;
+        let qkv = self.projections(
+            layer,
+            &[
+                (Module::Q, &b.q_proj),
+                (Module::K, &b.k_proj),
+                (Module::V, &b.v_proj),
+            ],
+            &n,
+        )?;
         let attn = match attention {
-            Attention::Standard { rope, mask } => {
-                self.attention_standard(&q, &k, &v, *rope, mask, (h, kv, hd), None)?
-            }
-            Attention::Cached { rope, mask } => {
-                self.attention_standard(&q, &k, &v, *rope, mask, (h, kv, hd), Some(layer))?
+            Attention::Standard { rope, mask } | Attention::Cached { rope, mask } => {
+                let cache = matches!(attention, Attention::Cached { .. }).then_some(layer);
+                let [q, k, v] =
+                    <[String; 3]>::try_from(self.split(&qkv, &[h * hd, kv * hd, kv * hd])?)
+                        .map_err(|_| ort::Error::new("split"))?;
+                self.attention_standard(&q, &k, &v, *rope, mask, (h, kv, hd), cache)?
             }
             Attention::Fused {
                 cos,
@@ -339,8 +442,9 @@ impl Builder {
                 seqlens,
                 total,
             } => {
-                // ONNX Runtime's GroupQueryAttention: rotate-half RoPE at the positions
-                // after the past, the cache appended, grouped heads, causal softmax.
+                // ONNX Runtime's GroupQueryAttention over the packed q/k/v: rotate-half
+                // RoPE at the positions after the past, the cache appended, grouped heads,
+                // causal softmax.
                 self.next += 1;
                 let out = format!("v{}_gqa", self.next);
                 let (past_k, past_v) = (format!("past_k{layer}"), format!("past_v{layer}"));
@@ -351,9 +455,9 @@ impl Builder {
                     "com.microsoft",
                     format!("n{}", self.next),
                     [
-                        q.as_str(),
-                        k.as_str(),
-                        v.as_str(),
+                        qkv.as_str(),
+                        "",
+                        "",
                         &past_k,
                         &past_v,
                         seqlens,
@@ -373,15 +477,21 @@ impl Builder {
                 out
             }
         };
-        let o = self.projection(layer, Module::O, &attn, &b.o_proj)?;
+        let o = self.projections(layer, &[(Module::O, &b.o_proj)], &attn)?;
         let x = self.std("Add", &[x, &o])?;
         let n = self.rms_norm(&x, &b.ffn_norm, c.rms_norm_eps)?;
-        let gate = self.projection(layer, Module::Gate, &n, &b.gate_proj)?;
+        let inter = b.gate_proj.shape().0;
+        let gate_up = self.projections(
+            layer,
+            &[(Module::Gate, &b.gate_proj), (Module::Up, &b.up_proj)],
+            &n,
+        )?;
+        let [gate, up] = <[String; 2]>::try_from(self.split(&gate_up, &[inter, inter])?)
+            .map_err(|_| ort::Error::new("split"))?;
         let sig = self.std("Sigmoid", &[&gate])?;
         let gate = self.std("Mul", &[&gate, &sig])?;
-        let up = self.projection(layer, Module::Up, &n, &b.up_proj)?;
         let prod = self.std("Mul", &[&gate, &up])?;
-        let down = self.projection(layer, Module::Down, &prod, &b.down_proj)?;
+        let down = self.projections(layer, &[(Module::Down, &b.down_proj)], &prod)?;
         self.std("Add", &[&x, &down])
     }
 }
@@ -444,6 +554,8 @@ pub fn prefill_session(
         next: 0,
         lora: Vec::new(),
         block_sums: Default::default(),
+        precision: Precision::Exact,
+        merged: Default::default(),
     };
     g.graph
         .set_inputs([outlet("ids", TensorElementType::Int64, &[1, t])])?;
@@ -532,8 +644,8 @@ impl Builder {
     fn finish(mut self, model: &Llama, x: &str) -> ort::Result<Model> {
         let n = self.rms_norm(x, &model.norm, model.config.rms_norm_eps)?;
         let head = model.lm_head.as_ref().unwrap_or(&model.embed);
-        // An 8-bit head stays f32 (see `linear_with`).
-        let logits = self.linear(&n, head)?;
+        // An 8-bit head stays 8-bit with int8 activations, else f32 (`Builder::nbits`).
+        let logits = self.linear(&n, &[head])?;
         self.graph.add_node(Node::new(
             "Identity",
             ONNX_DOMAIN,
@@ -566,6 +678,35 @@ pub struct DecodeOptions {
     pub max_positions: usize,
     /// The projections that take LoRA inputs (empty: the base model only).
     pub lora: Vec<Module>,
+    /// How the quantized products compute (exports before this field: exact).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// How an export's quantized products compute. The weights are the GGUF's exactly either
+/// way; what differs is the activations.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// f32 activations: the libtorch model's logits to about 1e-4 and its greedy tokens
+    /// (the parity path). An 8-bit head is dequantized to f32.
+    #[default]
+    Exact,
+    /// Activations quantized to int8 per block of 32 (MatMulNBits `accuracy_level = 4`,
+    /// integer dot products) and an 8-bit head kept 8-bit: the arithmetic llama.cpp uses
+    /// for these weights, and its speed. Logits move by about 1 in 30 on SmolLM2, so greedy
+    /// tokens can part from the exact path's after a while.
+    Int8,
 }
 
 /// The graph that runs `t` new tokens against a KV cache (the whole prompt at once, then
@@ -577,7 +718,22 @@ pub struct DecodeOptions {
 /// projection "lora_a.{i}.{module}" `[in, r]` and "lora_b.{i}.{module}" `[r, out]` (A^T
 /// and B^T scaled by alpha / r; any r); outputs "logits" `[1, 1, vocab]` (the last new
 /// token's) and "present_k{i}", "present_v{i}" `[1, kv_heads, past + t, head_dim]`.
-pub fn decode_model(model: &Llama, options: &DecodeOptions) -> ort::Result<Model> {
+///
+/// With `merge`, that adapter is merged into the weights it adapts (those projections
+/// become f32 `W + s B A`, exact); it must adapt no projection that takes LoRA inputs.
+pub fn decode_model(
+    model: &Llama,
+    options: &DecodeOptions,
+    merge: Option<&crate::lora::Lora>,
+) -> ort::Result<Model> {
+    if let Some(lora) = merge
+        && let Some((layer, module)) = lora.pairs.keys().find(|(_, m)| options.lora.contains(m))
+    {
+        return Err(ort::Error::new(format!(
+            "the merged adapter adapts layer {layer}'s {}, which also takes LoRA inputs: a swapped adapter would add to the merged one",
+            module.peft_name()
+        )));
+    }
     let c = &model.config;
     let vocab = c.vocab_size as i64;
     let (kv, hd) = (c.num_key_value_heads as i64, c.head_dim() as i64);
@@ -587,6 +743,8 @@ pub fn decode_model(model: &Llama, options: &DecodeOptions) -> ort::Result<Model
         next: 0,
         lora: options.lora.clone(),
         block_sums: Default::default(),
+        precision: options.precision,
+        merged: merged_deltas(merge),
     };
     let cache = |name: String, symbol: &str| {
         dyn_outlet(
@@ -668,6 +826,41 @@ pub fn decode_model(model: &Llama, options: &DecodeOptions) -> ort::Result<Model
     g.finish(model, &last)
 }
 
+/// Each adapted projection's `s B A` `[out, in]` (f32) of `merge`.
+fn merged_deltas(
+    merge: Option<&crate::lora::Lora>,
+) -> std::collections::BTreeMap<(usize, Module), tch::Tensor> {
+    let Some(lora) = merge else {
+        return Default::default();
+    };
+    let s = lora.scaling();
+    lora.pairs
+        .iter()
+        .map(|(key, pair)| {
+            let delta = tch::no_grad(|| {
+                (pair
+                    .b
+                    .to_kind(Kind::Float)
+                    .matmul(&pair.a.to_kind(Kind::Float))
+                    * s)
+                    .to_device(tch::Device::Cpu)
+            });
+            (*key, delta)
+        })
+        .collect()
+}
+
+/// What a merged adapter baked into an export (`model.json`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MergedAdapter {
+    /// Its target projections.
+    pub targets: Vec<Module>,
+    /// Its rank.
+    pub r: i64,
+    /// Its alpha.
+    pub alpha: f64,
+}
+
 /// One adapted projection's LoRA inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LoraInput {
@@ -735,6 +928,9 @@ pub struct ExportMeta {
     pub lora: Vec<LoraInput>,
     /// The GGUF file it was exported from (its name) and that file's size in bytes.
     pub source: (String, u64),
+    /// The adapter merged into its weights, if any.
+    #[serde(default)]
+    pub merged: Option<MergedAdapter>,
 }
 
 /// Names the serialized model's producer and graph (ONNX requires a graph name; ONNX
@@ -791,7 +987,12 @@ fn onnx_error(context: &str) -> impl Fn(ort::Error) -> crate::EdgeError + '_ {
 }
 
 impl OnnxDecoder {
-    fn meta_of(model: &Llama, options: &DecodeOptions, source: (String, u64)) -> ExportMeta {
+    fn meta_of(
+        model: &Llama,
+        options: &DecodeOptions,
+        source: (String, u64),
+        merge: Option<&crate::lora::Lora>,
+    ) -> ExportMeta {
         let c = &model.config;
         ExportMeta {
             format: EXPORT_FORMAT,
@@ -802,6 +1003,11 @@ impl OnnxDecoder {
             vocab: c.vocab_size,
             lora: lora_inputs(model, &options.lora),
             source,
+            merged: merge.map(|l| MergedAdapter {
+                targets: l.config.target_modules.clone(),
+                r: l.config.r,
+                alpha: l.config.alpha,
+            }),
         }
     }
 
@@ -815,27 +1021,34 @@ impl OnnxDecoder {
         Ok(d)
     }
 
-    /// The decoder of `model`, its graph built in memory.
+    /// The decoder of `model`, its graph built in memory (`merge`: see [`decode_model`]).
     pub fn new(
         env: &ort::environment::Environment,
         model: &Llama,
         options: &DecodeOptions,
+        merge: Option<&crate::lora::Lora>,
         threads: usize,
     ) -> Result<Self, crate::EdgeError> {
-        let graph = decode_model(model, options).map_err(onnx_error("building the graph"))?;
+        let graph =
+            decode_model(model, options, merge).map_err(onnx_error("building the graph"))?;
         let session = graph
             .into_session(&session_builder(env, threads).map_err(onnx_error("session"))?)
             .map_err(onnx_error("session"))?;
-        Self::with_session(session, Self::meta_of(model, options, (String::new(), 0)))
+        Self::with_session(
+            session,
+            Self::meta_of(model, options, (String::new(), 0), merge),
+        )
     }
 
     /// Writes `model`'s decoding graph to `dir/model.onnx` (ONNX Runtime serializes the
     /// graph as built, before any optimization) and its description to `dir/model.json`
-    /// (atomically); `source` names the GGUF file. Returns the model file's path.
+    /// (atomically); `source` names the GGUF file, `merge` an adapter merged into the
+    /// weights (see [`decode_model`]). Returns the model file's path.
     pub fn export(
         env: &ort::environment::Environment,
         model: &Llama,
         options: &DecodeOptions,
+        merge: Option<&crate::lora::Lora>,
         source: (String, u64),
         dir: &std::path::Path,
     ) -> Result<std::path::PathBuf, crate::EdgeError> {
@@ -843,7 +1056,8 @@ impl OnnxDecoder {
             .map_err(|e| crate::EdgeError::Onnx(format!("{}: {e}", dir.display())))?;
         let path = dir.join("model.onnx");
         let partial = dir.join("model.onnx.partial");
-        let graph = decode_model(model, options).map_err(onnx_error("building the graph"))?;
+        let graph =
+            decode_model(model, options, merge).map_err(onnx_error("building the graph"))?;
         let builder = (|| -> ort::Result<_> {
             Ok(Session::builder(env)?
                 .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)?
@@ -859,7 +1073,7 @@ impl OnnxDecoder {
             .map_err(|e| crate::EdgeError::Onnx(format!("{}: {e}", partial.display())))?;
         std::fs::rename(&partial, &path)
             .map_err(|e| crate::EdgeError::Onnx(format!("{}: {e}", path.display())))?;
-        let meta = Self::meta_of(model, options, source);
+        let meta = Self::meta_of(model, options, source, merge);
         let json = serde_json::to_vec_pretty(&meta).expect("the description encodes");
         fedshield_store::write_atomic(
             &dir.join("model.json"),

@@ -92,8 +92,9 @@ fn smollm2_decodes_the_same_greedy_tokens_with_a_kv_cache() {
     let options = fedshield_edge::onnx_graph::DecodeOptions {
         max_positions: 64,
         lora: Vec::new(),
+        precision: fedshield_edge::onnx_graph::Precision::Exact,
     };
-    let mut decoder = OnnxDecoder::new(env, &model, &options, 2).unwrap();
+    let mut decoder = OnnxDecoder::new(env, &model, &options, None, 2).unwrap();
     let got = decoder
         .generate(&prompt, new_tokens, u32::MAX, &Sampling::greedy())
         .unwrap();

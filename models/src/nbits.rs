@@ -119,6 +119,41 @@ impl NBits {
         })
     }
 
+    /// The weights `parts` stacked along the output features (`[sum n, k]`), so that one
+    /// MatMulNBits computes all of their products (a fused q/k/v or gate/up projection):
+    /// they must share `k`, the bits and the zero point, and all or none have offsets.
+    pub fn stack(parts: &[NBits]) -> Result<Self, GgufError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| GgufError::Corrupt("no weights to stack".into()))?;
+        let mut out = NBits {
+            n: 0,
+            k: first.k,
+            bits: first.bits,
+            codes: Vec::new(),
+            scales: Vec::new(),
+            zero_point: first.zero_point,
+            mins: first.mins.as_ref().map(|_| Vec::new()),
+        };
+        for p in parts {
+            if (p.k, p.bits, p.zero_point, p.mins.is_some())
+                != (out.k, out.bits, out.zero_point, out.mins.is_some())
+            {
+                return Err(GgufError::Corrupt(format!(
+                    "cannot stack a {}-bit [{}, {}] weight (zero point {}) on a {}-bit [.., {}] one (zero point {})",
+                    p.bits, p.n, p.k, p.zero_point, out.bits, out.k, out.zero_point
+                )));
+            }
+            out.n += p.n;
+            out.codes.extend_from_slice(&p.codes);
+            out.scales.extend_from_slice(&p.scales);
+            if let (Some(all), Some(m)) = (out.mins.as_mut(), p.mins.as_ref()) {
+                all.extend_from_slice(m);
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes of codes per block.
     pub fn blob(&self) -> usize {
         BLOCK * usize::from(self.bits) / 8
@@ -209,6 +244,49 @@ mod tests {
             p.codes[8], 0xef,
             "elements 16 and 17: codes 15 (low) and 14 (high)"
         );
+    }
+
+    #[test]
+    fn stacked_weights_are_their_rows_one_after_the_other() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+            let parts: Vec<NBits> = [(3, 5), (1, 6), (2, 7)]
+                .iter()
+                .map(|&(n, seed)| {
+                    NBits::from_gguf(ty, &random_blocks(ty, n, 64, seed), n, 64).unwrap()
+                })
+                .collect();
+            let stacked = NBits::stack(&parts).unwrap();
+            assert_eq!((stacked.n, stacked.k), (6, 64));
+            let want: Vec<f32> = parts.iter().flat_map(NBits::dequantize).collect();
+            assert_eq!(stacked.dequantize(), want, "{}", ty.name());
+        }
+        let q40 = NBits::from_gguf(
+            GgmlType::Q4_0,
+            &random_blocks(GgmlType::Q4_0, 1, 64, 1),
+            1,
+            64,
+        )
+        .unwrap();
+        let q41 = NBits::from_gguf(
+            GgmlType::Q4_1,
+            &random_blocks(GgmlType::Q4_1, 1, 64, 1),
+            1,
+            64,
+        )
+        .unwrap();
+        let wide = NBits::from_gguf(
+            GgmlType::Q4_0,
+            &random_blocks(GgmlType::Q4_0, 1, 96, 1),
+            1,
+            96,
+        )
+        .unwrap();
+        assert!(
+            NBits::stack(&[q40.clone(), q41]).is_err(),
+            "zero points differ"
+        );
+        assert!(NBits::stack(&[q40, wide]).is_err(), "input features differ");
+        assert!(NBits::stack(&[]).is_err());
     }
 
     #[test]
