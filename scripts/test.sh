@@ -13,6 +13,10 @@ cargo run --locked -q -p fedshield-crypto --example secagg_scale -- \
 # host, two rounds (the full one is scripts/bench-scale.sh).
 cargo run --locked -q -p fedshield-hil-tests --bin fedshield-sim -- bench --devices 20 \
   --dropouts 0 --rank 1 --out target/bench-quick/scale.json
+# The inference benchmark, quick: ours on ONNX Runtime (int8 and exact exports) and on
+# libtorch, one thread, 32 new tokens; fails if the exact export and libtorch decode
+# different tokens (the full one, against llama.cpp, is scripts/bench-infer.sh).
+cargo run --locked -q -p fedshield-edge --example infer_bench -- --quick
 # The rig protocol builds without std, as rig firmware on a microcontroller uses it.
 cargo build --locked -q -p fedshield-rig --target thumbv7em-none-eabihf
 # The crates without I/O drivers on aarch64, under qemu (the same round on both

@@ -5,6 +5,9 @@
 //! greedy decoding (end-of-sequence ignored), one and two threads, after a short warm-up.
 //!
 //!     scripts/bench-infer.sh        (installs llama-cpp-python, then runs this)
+//!     cargo run -p fedshield-edge --example infer_bench -- --quick
+//!                                   (CI: ours only, one thread, 32 new tokens, the ratios
+//!                                   to our libtorch path, target/bench-quick/infer.json)
 //!
 //! Writes `target/bench/infer.json`: `runs` (each with `engine`, `threads`,
 //! `decode_tokens_per_s`, `prefill_ms`, `first_token_ms`, `peak_rss_mib`) and the ratios to
@@ -38,6 +41,11 @@ fn main() {
         eprintln!("infer_bench: {e}");
         std::process::exit(1);
     }
+}
+
+/// New tokens per measured run (`--new`, else [`NEW`]).
+fn new_tokens() -> usize {
+    arg("--new").and_then(|n| n.parse().ok()).unwrap_or(NEW)
 }
 
 fn ids() -> Result<Vec<u32>, String> {
@@ -100,7 +108,7 @@ fn side_ort(threads: usize) -> Result<Value, String> {
         Ok((prefill, first, started.elapsed().as_secs_f64(), out))
     };
     run(8)?; // warm-up
-    Ok(report(engine, threads, run(NEW)?))
+    Ok(report(engine, threads, run(new_tokens())?))
 }
 
 fn side_torch(threads: usize) -> Result<Value, String> {
@@ -133,7 +141,7 @@ fn side_torch(threads: usize) -> Result<Value, String> {
         })
     };
     run(8); // warm-up
-    Ok(report("ours (libtorch)", threads, run(NEW)))
+    Ok(report("ours (libtorch)", threads, run(new_tokens())))
 }
 
 /// The benchmark's prompt: the first 64 tokens of a chat prompt, written to `path`.
@@ -165,9 +173,17 @@ fn write_prompt(path: &Path) -> Result<Vec<u32>, String> {
 }
 
 fn orchestrate() -> Result<(), String> {
+    // --quick (CI): ours only, one thread, 32 new tokens, the ratios to our libtorch path;
+    // fails if ours exact and ours on libtorch decode different tokens.
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (new, thread_counts, baseline, out) = if quick {
+        (32, vec![1usize], "ours (libtorch)", "target/bench-quick")
+    } else {
+        (NEW, vec![1usize, 2], "llama.cpp", "target/bench")
+    };
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let root = manifest.parent().unwrap_or(&manifest).to_path_buf();
-    let out_dir = root.join("target/bench");
+    let out_dir = root.join(out);
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
     let ids_path = out_dir.join("infer-prompt.json");
     write_prompt(&ids_path)?;
@@ -185,7 +201,7 @@ fn orchestrate() -> Result<(), String> {
         let model = Llama::from_gguf(&g, tch::Device::Cpu).map_err(|e| e.to_string())?;
         for (precision, dir) in &exports {
             let options = DecodeOptions {
-                max_positions: PROMPT + NEW,
+                max_positions: PROMPT + new,
                 lora: Vec::new(),
                 precision: *precision,
             };
@@ -197,7 +213,7 @@ fn orchestrate() -> Result<(), String> {
     let script = manifest.join("bench/llama_cpp_infer.py");
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut runs = Vec::new();
-    for threads in [1usize, 2] {
+    for threads in thread_counts {
         let t = threads.to_string();
         let ids = ids_path.to_string_lossy().into_owned();
         let sides = exports
@@ -208,11 +224,15 @@ fn orchestrate() -> Result<(), String> {
             eprintln!("[bench] {side} {}, {threads} thread(s) ...", dir.display());
             let out = Command::new(&me)
                 .args(["--side", side, "--threads", &t, "--ids", &ids])
+                .args(["--new", &new.to_string()])
                 .args(["--onnx", &dir.to_string_lossy()])
                 .env("OMP_NUM_THREADS", &t)
                 .output()
                 .map_err(|e| e.to_string())?;
             runs.push(last_json_line(&out, side)?);
+        }
+        if quick {
+            continue;
         }
         eprintln!("[bench] llama.cpp, {threads} thread(s) ...");
         let out = Command::new(&python)
@@ -225,7 +245,7 @@ fn orchestrate() -> Result<(), String> {
                 "--threads",
                 &t,
             ])
-            .args(["--new", &NEW.to_string()])
+            .args(["--new", &new.to_string()])
             .env("OMP_NUM_THREADS", &t)
             .output()
             .map_err(|e| format!("{python:?}: {e} (run scripts/bench-infer.sh)"))?;
@@ -234,15 +254,15 @@ fn orchestrate() -> Result<(), String> {
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let mut ratios = Vec::new();
     println!(
-        "{:<22} {:>7} {:>12} {:>11} {:>14} {:>13}   vs llama.cpp: decode, prefill",
+        "{:<22} {:>7} {:>12} {:>11} {:>14} {:>13}   vs {baseline}: decode, prefill",
         "engine", "threads", "decode tok/s", "prefill ms", "first token ms", "peak RSS MiB"
     );
     for run in &runs {
         let threads = run["threads"].as_u64().unwrap_or(0);
         let base = runs
             .iter()
-            .find(|r| r["engine"] == "llama.cpp" && r["threads"].as_u64() == Some(threads))
-            .ok_or("no llama.cpp run")?;
+            .find(|r| r["engine"] == baseline && r["threads"].as_u64() == Some(threads))
+            .ok_or("no baseline run")?;
         let decode = f(run, "decode_tokens_per_s") / f(base, "decode_tokens_per_s");
         let prefill = f(run, "prefill_ms") / f(base, "prefill_ms");
         println!(
@@ -259,8 +279,9 @@ fn orchestrate() -> Result<(), String> {
         ratios.push(json!({
             "engine": run["engine"],
             "threads": threads,
-            "decode_vs_llama_cpp": decode,
-            "prefill_ms_vs_llama_cpp": prefill,
+            "baseline": baseline,
+            "decode_vs_baseline": decode,
+            "prefill_ms_vs_baseline": prefill,
         }));
     }
     // Do the engines agree on the tokens? (Greedy on the same weights: ours must match
@@ -271,7 +292,7 @@ fn orchestrate() -> Result<(), String> {
             .map(|r| r["tokens"].clone())
     };
     let agree = tokens(ORT_EXACT) == tokens("ours (libtorch)");
-    println!("ours on ONNX Runtime (exact) and on libtorch decode the same 128 tokens: {agree}");
+    println!("ours on ONNX Runtime (exact) and on libtorch decode the same {new} tokens: {agree}");
     // The int8 paths (ours and llama.cpp's) round differently from the exact one: how many
     // of their first greedy tokens are the exact path's.
     let common = |a: &str, b: &str| -> usize {
@@ -284,14 +305,20 @@ fn orchestrate() -> Result<(), String> {
     };
     let int8_common = common(ORT_INT8, ORT_EXACT);
     let llama_common = common("llama.cpp", ORT_EXACT);
-    println!(
-        "tokens before the first difference from the exact path: ours int8 {int8_common}, llama.cpp {llama_common} (of {NEW})"
-    );
+    if quick {
+        println!(
+            "tokens before the first difference from the exact path: ours int8 {int8_common} (of {new})"
+        );
+    } else {
+        println!(
+            "tokens before the first difference from the exact path: ours int8 {int8_common}, llama.cpp {llama_common} (of {new})"
+        );
+    }
     let path = out_dir.join("infer.json");
     let doc = json!({
         "model": gguf.file_name().map(|n| n.to_string_lossy().into_owned()),
         "prompt_tokens": PROMPT,
-        "new_tokens": NEW,
+        "new_tokens": new,
         "runs": runs,
         "ratios": ratios,
         "ours_ort_and_torch_agree": agree,
@@ -301,5 +328,10 @@ fn orchestrate() -> Result<(), String> {
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
         .map_err(|e| e.to_string())?;
     println!("wrote {}", path.display());
+    if quick && !agree {
+        return Err(
+            "ours exact (ONNX Runtime) and ours on libtorch decoded different tokens".into(),
+        );
+    }
     Ok(())
 }
