@@ -204,6 +204,7 @@ fn orchestrate() -> Result<(), String> {
                 max_positions: PROMPT + new,
                 lora: Vec::new(),
                 precision: *precision,
+                ops: fedshield_edge::onnx_graph::Ops::Ort,
             };
             OnnxDecoder::export(env, &model, &options, None, ("SmolLM2".into(), 0), dir)
                 .map_err(|e| e.to_string())?;

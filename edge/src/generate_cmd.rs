@@ -4,7 +4,7 @@
 use crate::ModelArgs;
 use fedshield_edge::llama::Sampling;
 use fedshield_edge::lora::Lora;
-use fedshield_edge::onnx_graph::Precision;
+use fedshield_edge::onnx_graph::{Ops, Precision};
 use fedshield_models::tokenizer::Message;
 use std::path::PathBuf;
 
@@ -70,6 +70,11 @@ pub struct ExportOnnxArgs {
     /// the libtorch model's logits to about 1e-4).
     #[arg(long, value_enum, default_value = "int8")]
     precision: Precision,
+    /// Which operators the graph uses: ort (ONNX Runtime's contrib ops `MatMulNBits` and
+    /// `GroupQueryAttention`: the CPU and CUDA execution providers) or standard (standard
+    /// ONNX ops only, for TensorRT: 4-bit weights as int4 DequantizeLinear + MatMul).
+    #[arg(long, value_enum, default_value = "ort")]
+    ops: Ops,
 }
 
 /// `export-onnx`: the decoding graph of the GGUF to a directory.
@@ -96,6 +101,7 @@ pub fn export_onnx(args: ExportOnnxArgs) -> anyhow::Result<()> {
         max_positions: args.max_positions,
         lora,
         precision: args.precision,
+        ops: args.ops,
     };
     let env = fedshield_edge::inference::environment(&fedshield_models::Assets::locate())?;
     let source = (
@@ -211,6 +217,7 @@ fn generate_ort(
                     .map(|l| l.config.target_modules.clone())
                     .unwrap_or_default(),
                 precision: args.precision,
+                ops: Ops::Ort,
             },
             None,
             threads,

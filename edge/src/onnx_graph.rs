@@ -11,7 +11,7 @@
 use crate::llama::weight::Weight;
 use crate::llama::{Block, Llama, Module};
 use fedshield_models::gguf::GgmlType;
-use fedshield_models::nbits::{BLOCK, NBits};
+use fedshield_models::nbits::{BLOB, BLOCK, NBits};
 use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
 use ort::operator::Attribute;
 use ort::session::Session;
@@ -34,6 +34,8 @@ struct Builder {
     /// A merged adapter's `s B A` per adapted projection `[out, in]` (f32), added to the
     /// dequantized weight.
     merged: std::collections::BTreeMap<(usize, Module), tch::Tensor>,
+    /// Standard ONNX ops only ([`Ops::Standard`]).
+    standard: bool,
 }
 
 impl Builder {
@@ -145,8 +147,10 @@ impl Builder {
             } else {
                 NBits::stack(&parts).ok()
             };
-            if let Some(nb) = stacked {
-                return self.matmul_nbits(x, &nb);
+            match stacked {
+                Some(nb) if !self.standard => return self.matmul_nbits(x, &nb),
+                Some(nb) if nb.bits == 4 => return self.dq_matmul(x, &nb),
+                _ => {}
             }
         }
         if let [w] = ws {
@@ -194,15 +198,119 @@ impl Builder {
             attributes.push(Attribute::new("accuracy_level", 4i64)?);
         }
         let y = self.op("MatMulNBits", "com.microsoft", &refs, attributes)?;
-        let Some(mins) = &nb.mins else {
-            return Ok(y);
+        match &nb.mins {
+            Some(mins) => self.add_block_offsets(x, &y, nb.n, nb.k, mins),
+            None => Ok(y),
+        }
+    }
+
+    /// `x @ w^T` in standard ops for a 4-bit `w`: its codes as signed int4 (`code - 8`),
+    /// transposed to `[k, n]` and block-quantized along k (`DequantizeLinear`, opset 21,
+    /// `block_size = 32`, no zero point: the form TensorRT takes for 4-bit weights, and
+    /// that ONNX Runtime fuses into MatMulNBits on the CPU), then a `MatMul`; the blocks'
+    /// offsets `(8 - zero point) * scale + min` (0 for Q4_0) added as block sums times
+    /// offsets. Exactly the GGUF values.
+    fn dq_matmul(&mut self, x: &str, nb: &NBits) -> ort::Result<String> {
+        let (n, k) = (nb.n, nb.k);
+        let blocks = k / BLOCK;
+        // Element (row r, column c) of w: nibble c % 2 of byte c / 2 of its block's blob.
+        let code = |r: usize, c: usize| {
+            let byte = nb.codes[(r * blocks + c / BLOCK) * BLOB + (c % BLOCK) / 2];
+            if c.is_multiple_of(2) {
+                byte & 0x0f
+            } else {
+                byte >> 4
+            }
         };
-        // + (block sums of x) @ mins^T; the sums computed once per input (the fused q/k/v
-        // and the fused gate/up each take one).
+        // w^T row-major, two int4 per byte, the first in the low nibble.
+        let mut packed = vec![0u8; (n * k).div_ceil(2)];
+        for c in 0..k {
+            for r in 0..n {
+                let i = c * n + r;
+                let signed = code(r, c).wrapping_sub(8) & 0x0f;
+                packed[i / 2] |= signed << (4 * (i % 2));
+            }
+        }
+        let codes =
+            self.packed_constant(TensorElementType::Int4, &[k as i64, n as i64], &packed)?;
+        let mut scales_t = vec![0f32; n * blocks];
+        let mut offsets = vec![0f32; n * blocks];
+        let mut any_offset = false;
+        for r in 0..n {
+            for b in 0..blocks {
+                let scale = nb.scales[r * blocks + b];
+                scales_t[b * n + r] = scale;
+                let min = nb.mins.as_ref().map_or(0.0, |m| m[r * blocks + b]);
+                let offset = (8.0 - f32::from(nb.zero_point)) * scale + min;
+                offsets[r * blocks + b] = offset;
+                any_offset |= offset != 0.0;
+            }
+        }
+        let scales = self.floats(&[blocks as i64, n as i64], &scales_t)?;
+        let w = self.op(
+            "DequantizeLinear",
+            ONNX_DOMAIN,
+            &[&codes, &scales],
+            vec![
+                Attribute::new("axis", 0i64)?,
+                Attribute::new("block_size", BLOCK as i64)?,
+            ],
+        )?;
+        let y = self.std("MatMul", &[x, &w])?;
+        if any_offset {
+            self.add_block_offsets(x, &y, n, k, &offsets)
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// A constant of a packed element type (4-bit) from its bytes.
+    fn packed_constant(
+        &mut self,
+        ty: TensorElementType,
+        shape: &[i64],
+        bytes: &[u8],
+    ) -> ort::Result<String> {
+        self.next += 1;
+        let name = format!("c{}", self.next);
+        let mut t =
+            ort::value::DynTensor::new(&ort::memory::Allocator::default(), ty, shape.to_vec())?;
+        if t.size() != Some(bytes.len()) {
+            return Err(ort::Error::new(format!(
+                "{ty:?} {shape:?}: {} bytes given, {:?} wanted",
+                bytes.len(),
+                t.size()
+            )));
+        }
+        // SAFETY: `t` was just allocated on the CPU by the default allocator with exactly
+        // `bytes.len()` bytes (checked above), and nothing else refers to it yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                t.data_ptr_mut().cast::<u8>(),
+                bytes.len(),
+            );
+        }
+        self.graph.add_initializer(&name, t, false)?;
+        Ok(name)
+    }
+
+    /// `y + (block sums of x) @ offsets^T` for per-block offsets `[n, k / 32]` (Q4_1's
+    /// mins): the sums computed once per input (the fused q/k/v and the fused gate/up each
+    /// take one).
+    fn add_block_offsets(
+        &mut self,
+        x: &str,
+        y: &str,
+        n: usize,
+        k: usize,
+        offsets: &[f32],
+    ) -> ort::Result<String> {
+        let blocks = k / BLOCK;
         let sums = match self.block_sums.get(x) {
             Some(sums) => sums.clone(),
             None => {
-                let shape = self.ints(&[0, 0, blocks, BLOCK as i64])?;
+                let shape = self.ints(&[0, 0, blocks as i64, BLOCK as i64])?;
                 let grouped = self.std("Reshape", &[x, &shape])?;
                 let axes = self.ints(&[-1])?;
                 let sums = self.op(
@@ -215,15 +323,15 @@ impl Builder {
                 sums
             }
         };
-        let mut mins_t = vec![0f32; mins.len()];
-        for r in 0..rows as usize {
-            for b in 0..blocks as usize {
-                mins_t[b * rows as usize + r] = mins[r * blocks as usize + b];
+        let mut transposed = vec![0f32; offsets.len()];
+        for r in 0..n {
+            for b in 0..blocks {
+                transposed[b * n + r] = offsets[r * blocks + b];
             }
         }
-        let m = self.floats(&[blocks, rows], &mins_t)?;
-        let offsets = self.std("MatMul", &[&sums, &m])?;
-        self.std("Add", &[&y, &offsets])
+        let m = self.floats(&[blocks as i64, n as i64], &transposed)?;
+        let terms = self.std("MatMul", &[&sums, &m])?;
+        self.std("Add", &[y, &terms])
     }
 
     /// Projections `group` of layer `layer` over the same input `x`, side by side along the
@@ -556,6 +664,7 @@ pub fn prefill_session(
         block_sums: Default::default(),
         precision: Precision::Exact,
         merged: Default::default(),
+        standard: false,
     };
     g.graph
         .set_inputs([outlet("ids", TensorElementType::Int64, &[1, t])])?;
@@ -681,6 +790,33 @@ pub struct DecodeOptions {
     /// How the quantized products compute (exports before this field: exact).
     #[serde(default)]
     pub precision: Precision,
+    /// Which operators the graph may use (exports before this field: ONNX Runtime's).
+    #[serde(default)]
+    pub ops: Ops,
+}
+
+/// The operators an export may use.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ops {
+    /// ONNX Runtime's contrib ops where they are faster: `MatMulNBits`,
+    /// `GroupQueryAttention` (CPU and CUDA execution providers).
+    #[default]
+    Ort,
+    /// Standard ONNX ops only (opset 21), for TensorRT, which knows none of ONNX Runtime's
+    /// contrib ops: 4-bit weights as int4 `DequantizeLinear` + `MatMul`, attention over the
+    /// KV cache in standard ops.
+    Standard,
 }
 
 /// How an export's quantized products compute. The weights are the GGUF's exactly either
@@ -745,6 +881,7 @@ pub fn decode_model(
         block_sums: Default::default(),
         precision: options.precision,
         merged: merged_deltas(merge),
+        standard: options.ops == Ops::Standard,
     };
     let cache = |name: String, symbol: &str| {
         dyn_outlet(
@@ -784,7 +921,7 @@ pub fn decode_model(
     }
     g.graph.set_inputs(inputs)?;
     g.graph.set_outputs(outputs)?;
-    let fused = c.head_dim().is_multiple_of(16);
+    let fused = c.head_dim().is_multiple_of(16) && options.ops == Ops::Ort;
     let (mut x, cos, sin) = g.embed_and_rope(model, options.max_positions as i64, fused)?;
     let (positions, mask) = if fused {
         (String::new(), String::new())
@@ -968,9 +1105,12 @@ pub struct OnnxDecoder {
 
 /// A session builder with `threads` intra-op threads (0: ONNX Runtime's default), whose
 /// workers spin while a run is in flight when there are several.
+/// int4 `DequantizeLinear` + `MatMul` pairs (the standard-ops graph) are fused by ONNX
+/// Runtime into `MatMulNBits` computing as `precision` says (its default would be int8).
 fn session_builder(
     env: &ort::environment::Environment,
     threads: usize,
+    precision: Precision,
 ) -> ort::Result<ort::session::builder::SessionBuilder> {
     let mut builder = Session::builder(env)?;
     if threads > 0 {
@@ -979,7 +1119,13 @@ fn session_builder(
     // Several threads spin between the graph's many small kernels (measured here with two
     // threads: 49 against 45 tokens/s, prefill 93 against 124 ms); one thread never waits.
     let spin = if threads > 1 { "1" } else { "0" };
-    Ok(builder.with_config_entry("session.intra_op.allow_spinning", spin)?)
+    let accuracy = match precision {
+        Precision::Exact => "0",
+        Precision::Int8 => "4",
+    };
+    Ok(builder
+        .with_config_entry("session.intra_op.allow_spinning", spin)?
+        .with_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy)?)
 }
 
 fn onnx_error(context: &str) -> impl Fn(ort::Error) -> crate::EdgeError + '_ {
@@ -1032,7 +1178,9 @@ impl OnnxDecoder {
         let graph =
             decode_model(model, options, merge).map_err(onnx_error("building the graph"))?;
         let session = graph
-            .into_session(&session_builder(env, threads).map_err(onnx_error("session"))?)
+            .into_session(
+                &session_builder(env, threads, options.precision).map_err(onnx_error("session"))?,
+            )
             .map_err(onnx_error("session"))?;
         Self::with_session(
             session,
@@ -1109,7 +1257,7 @@ impl OnnxDecoder {
         }
         let path = dir.join("model.onnx");
         let context = path.display().to_string();
-        let session = session_builder(env, threads)
+        let session = session_builder(env, threads, meta.options.precision)
             .and_then(|mut b| b.commit_from_file(&path))
             .map_err(onnx_error(&context))?;
         let want = 3 + 2 * meta.layers + 2 * meta.lora.len();

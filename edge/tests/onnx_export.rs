@@ -7,7 +7,7 @@
 use fedshield_edge::inference::environment;
 use fedshield_edge::llama::{Llama, Module, Sampling};
 use fedshield_edge::lora::{Lora, LoraConfig};
-use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder, Precision};
+use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder, Ops, Precision};
 use fedshield_models::Assets;
 use fedshield_models::gguf::Gguf;
 use std::path::{Path, PathBuf};
@@ -75,6 +75,27 @@ fn onnx_checker(path: &Path) -> Result<(), String> {
     }
 }
 
+/// The operator domains of the graph in `path` and how many nodes each has ("" is
+/// standard ONNX).
+fn onnx_domains(path: &Path) -> Result<String, String> {
+    let python = Assets::locate().root().join("venv/bin/python");
+    let out = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import sys, collections, onnx\n\
+             g = onnx.load(sys.argv[1]).graph\n\
+             print(dict(sorted(collections.Counter(n.domain for n in g.node).items())))",
+        ])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("{}: {e}", python.display()))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 #[test]
 fn an_export_passes_the_onnx_checker_runs_like_the_graph_in_memory_and_refuses_bad_input() {
     let env = environment(&Assets::locate()).unwrap();
@@ -84,6 +105,7 @@ fn an_export_passes_the_onnx_checker_runs_like_the_graph_in_memory_and_refuses_b
         max_positions: 16,
         lora: vec![Module::Q, Module::V],
         precision: Precision::Exact,
+        ops: Ops::Ort,
     };
     let file = OnnxDecoder::export(
         env,
@@ -208,6 +230,7 @@ fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_promp
         max_positions: 160,
         lora: vec![Module::Q, Module::V],
         precision: Precision::Exact,
+        ops: Ops::Ort,
     };
     OnnxDecoder::export(
         env,
@@ -344,6 +367,7 @@ fn smollm2_int8_export_stays_near_libtorch_over_64_tokens() {
         max_positions: 64,
         lora: vec![Module::Q, Module::V],
         precision: Precision::Int8,
+        ops: Ops::Ort,
     };
     let mut decoder = OnnxDecoder::new(env, &model, &options, None, 2).unwrap();
     let lora = adapter(&model, &[Module::Q, Module::V], 11);
@@ -366,4 +390,60 @@ fn smollm2_int8_export_stays_near_libtorch_over_64_tokens() {
     );
     assert!(worst <= 8.0, "largest logit difference {worst}");
     assert!(agree >= 22, "same argmax at only {agree} of 25 positions");
+}
+
+/// The standard-ops export (for TensorRT: int4 `DequantizeLinear` + `MatMul`, attention in
+/// standard ops) of SmolLM2 with q/v LoRA inputs: no ONNX Runtime contrib op in the file,
+/// it passes the checker, and on ONNX Runtime's CPU provider its logits with an adapter are
+/// libtorch's within 1e-3 over a 64-token sequence.
+#[test]
+fn smollm2_standard_ops_export_has_no_contrib_ops_and_matches_libtorch() {
+    let env = environment(&Assets::locate()).unwrap();
+    let path = Assets::locate().smollm2_gguf().unwrap();
+    let g = Gguf::open(&path).unwrap();
+    let model = Llama::from_gguf(&g, tch::Device::Cpu).unwrap();
+    let tok = fedshield_models::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = DecodeOptions {
+        max_positions: 64,
+        lora: vec![Module::Q, Module::V],
+        precision: Precision::Exact,
+        ops: Ops::Standard,
+    };
+    let file = OnnxDecoder::export(
+        env,
+        &model,
+        &options,
+        None,
+        ("smollm2".into(), 0),
+        dir.path(),
+    )
+    .unwrap();
+    let domains = onnx_domains(&file).unwrap();
+    assert!(
+        domains.starts_with("{'': ") && !domains.contains(','),
+        "operator domains {domains}"
+    );
+    onnx_checker(&file).unwrap();
+    let mut decoder = OnnxDecoder::open(env, dir.path(), 2).unwrap();
+    assert_eq!(decoder.meta().options.ops, Ops::Standard);
+    let lora = adapter(&model, &[Module::Q, Module::V], 11);
+    decoder.set_adapter(&lora).unwrap();
+    let mut ids = tok
+        .encode(&tok.chat_prompt(
+            &[fedshield_models::tokenizer::Message {
+                role: "user".into(),
+                content: "Which permits does a new building in Zaragoza need?".into(),
+            }],
+            true,
+        ))
+        .unwrap();
+    ids.extend(model.generate(&lora, &ids, 64 - ids.len(), u32::MAX, &Sampling::greedy()));
+    ids.truncate(64);
+    let want = torch_logits(&model, &lora, &ids);
+    let (worst, agree) = through_the_cache(&mut decoder, &ids, &want, model.config.vocab_size);
+    eprintln!(
+        "SmolLM2 standard ops with an adapter: largest logit difference {worst:.2e}, same argmax at {agree} of 25 positions; operator domains {domains}"
+    );
+    assert!(worst <= 1e-3, "largest logit difference {worst}");
 }
