@@ -205,6 +205,7 @@ fn orchestrate() -> Result<(), String> {
                 lora: Vec::new(),
                 precision: *precision,
                 ops: fedshield_edge::onnx_graph::Ops::Ort,
+                float: fedshield_edge::onnx_graph::Float::F32,
             };
             OnnxDecoder::export(env, &model, &options, None, ("SmolLM2".into(), 0), dir)
                 .map_err(|e| e.to_string())?;

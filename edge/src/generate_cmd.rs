@@ -4,7 +4,7 @@
 use crate::ModelArgs;
 use fedshield_edge::llama::Sampling;
 use fedshield_edge::lora::Lora;
-use fedshield_edge::onnx_graph::{Ops, Precision};
+use fedshield_edge::onnx_graph::{Float, Ops, Precision, Provider};
 use fedshield_models::tokenizer::Message;
 use std::path::PathBuf;
 
@@ -45,6 +45,11 @@ pub struct GenerateArgs {
     /// `export-onnx --precision`).
     #[arg(long, value_enum, default_value = "int8")]
     precision: Precision,
+    /// With --onnx: ONNX Runtime's execution provider: cpu, cuda (an f16 export) or
+    /// tensorrt (a standard-ops export); an ONNX Runtime built without it is an error,
+    /// never a silent run on the CPU.
+    #[arg(long, value_enum, default_value = "cpu")]
+    provider: Provider,
 }
 
 #[derive(clap::Args)]
@@ -75,6 +80,11 @@ pub struct ExportOnnxArgs {
     /// ONNX ops only, for TensorRT: 4-bit weights as int4 DequantizeLinear + MatMul).
     #[arg(long, value_enum, default_value = "ort")]
     ops: Ops,
+    /// The float type the graph computes in: f32 (the CPU) or f16 (ONNX Runtime's CUDA
+    /// provider, whose GroupQueryAttention has no f32 kernel; TensorRT builds f16 engines
+    /// from either).
+    #[arg(long, value_enum, default_value = "f32")]
+    float: Float,
 }
 
 /// `export-onnx`: the decoding graph of the GGUF to a directory.
@@ -102,6 +112,7 @@ pub fn export_onnx(args: ExportOnnxArgs) -> anyhow::Result<()> {
         lora,
         precision: args.precision,
         ops: args.ops,
+        float: args.float,
     };
     let env = fedshield_edge::inference::environment(&fedshield_models::Assets::locate())?;
     let source = (
@@ -207,7 +218,7 @@ fn generate_ort(
     let env = fedshield_edge::inference::environment(&fedshield_models::Assets::locate())?;
     let threads = args.model.threads.max(1) as usize;
     let mut decoder = match (&args.onnx, model) {
-        (Some(dir), _) => OnnxDecoder::open(env, dir, threads)?,
+        (Some(dir), _) => OnnxDecoder::open_on(env, dir, threads, args.provider)?,
         (None, Some(model)) => OnnxDecoder::new(
             env,
             model,
@@ -218,6 +229,7 @@ fn generate_ort(
                     .unwrap_or_default(),
                 precision: args.precision,
                 ops: Ops::Ort,
+                float: Float::F32,
             },
             None,
             threads,

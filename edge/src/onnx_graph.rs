@@ -36,6 +36,8 @@ struct Builder {
     merged: std::collections::BTreeMap<(usize, Module), tch::Tensor>,
     /// Standard ONNX ops only ([`Ops::Standard`]).
     standard: bool,
+    /// f16 activations, weights' scales and KV cache ([`Float::F16`]).
+    half: bool,
 }
 
 impl Builder {
@@ -78,8 +80,23 @@ impl Builder {
         Ok(name)
     }
 
+    /// The graph's float element type.
+    fn float_type(&self) -> TensorElementType {
+        if self.half {
+            TensorElementType::Float16
+        } else {
+            TensorElementType::Float32
+        }
+    }
+
+    /// A float constant: f32, or f16 in a half-precision graph.
     fn floats(&mut self, shape: &[i64], data: &[f32]) -> ort::Result<String> {
-        self.constant(shape, data)
+        if self.half {
+            let halves: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+            self.constant(shape, &halves)
+        } else {
+            self.constant(shape, data)
+        }
     }
 
     fn ints(&mut self, data: &[i64]) -> ort::Result<String> {
@@ -665,6 +682,7 @@ pub fn prefill_session(
         precision: Precision::Exact,
         merged: Default::default(),
         standard: false,
+        half: false,
     };
     g.graph
         .set_inputs([outlet("ids", TensorElementType::Int64, &[1, t])])?;
@@ -754,7 +772,16 @@ impl Builder {
         let n = self.rms_norm(x, &model.norm, model.config.rms_norm_eps)?;
         let head = model.lm_head.as_ref().unwrap_or(&model.embed);
         // An 8-bit head stays 8-bit with int8 activations, else f32 (`Builder::nbits`).
-        let logits = self.linear(&n, &[head])?;
+        let mut logits = self.linear(&n, &[head])?;
+        if self.half {
+            // The logits leave as f32 whatever the graph computes in.
+            logits = self.op(
+                "Cast",
+                ONNX_DOMAIN,
+                &[&logits],
+                vec![Attribute::new("to", 1i64)?],
+            )?;
+        }
         self.graph.add_node(Node::new(
             "Identity",
             ONNX_DOMAIN,
@@ -763,10 +790,14 @@ impl Builder {
             ["logits"],
             [],
         )?)?;
-        let mut m = Model::new([
-            Opset::new(ONNX_DOMAIN, 21)?,
-            Opset::new("com.microsoft", 1)?,
-        ])?;
+        let mut m = if self.standard {
+            Model::new([Opset::new(ONNX_DOMAIN, 21)?])?
+        } else {
+            Model::new([
+                Opset::new(ONNX_DOMAIN, 21)?,
+                Opset::new("com.microsoft", 1)?,
+            ])?
+        };
         m.set_graph(self.graph)?;
         Ok(m)
     }
@@ -793,6 +824,44 @@ pub struct DecodeOptions {
     /// Which operators the graph may use (exports before this field: ONNX Runtime's).
     #[serde(default)]
     pub ops: Ops,
+    /// The float type the graph computes in (exports before this field: f32).
+    #[serde(default)]
+    pub float: Float,
+}
+
+/// The float type of an export's activations, KV cache, LoRA inputs and weight scales (the
+/// logits leave as f32 either way).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Float {
+    /// f32: the CPU.
+    #[default]
+    F32,
+    /// f16: ONNX Runtime's CUDA execution provider, whose `GroupQueryAttention` has no f32
+    /// kernel (Jetson). The CPU runs it too, casting where it has no f16 kernel.
+    F16,
+}
+
+/// Where a decoder runs (ONNX Runtime's execution provider).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Provider {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// NVIDIA's CUDA provider (an ONNX Runtime built with it: `onnxruntime-gpu`).
+    Cuda,
+    /// NVIDIA's TensorRT provider, CUDA for what TensorRT does not take (f16 engines).
+    Tensorrt,
 }
 
 /// The operators an export may use.
@@ -882,14 +951,11 @@ pub fn decode_model(
         precision: options.precision,
         merged: merged_deltas(merge),
         standard: options.ops == Ops::Standard,
+        half: options.float == Float::F16,
     };
+    let float = g.float_type();
     let cache = |name: String, symbol: &str| {
-        dyn_outlet(
-            name,
-            TensorElementType::Float32,
-            &[1, kv, -1, hd],
-            ["", "", symbol, ""],
-        )
+        dyn_outlet(name, float, &[1, kv, -1, hd], ["", "", symbol, ""])
     };
     let mut inputs = vec![
         dyn_outlet("ids".into(), TensorElementType::Int64, &[1, -1], ["", "t"]),
@@ -906,15 +972,10 @@ pub fn decode_model(
     for spec in lora_inputs(model, &options.lora) {
         let rank = format!("r_{}_{}", spec.layer, spec.module.peft_name());
         let (a, b) = lora_names(spec.layer, spec.module);
-        inputs.push(dyn_outlet(
-            a,
-            TensorElementType::Float32,
-            &[spec.inputs as i64, -1],
-            ["", &rank],
-        ));
+        inputs.push(dyn_outlet(a, float, &[spec.inputs as i64, -1], ["", &rank]));
         inputs.push(dyn_outlet(
             b,
-            TensorElementType::Float32,
+            float,
             &[-1, spec.outputs as i64],
             [&rank, ""],
         ));
@@ -1107,12 +1168,33 @@ pub struct OnnxDecoder {
 /// workers spin while a run is in flight when there are several.
 /// int4 `DequantizeLinear` + `MatMul` pairs (the standard-ops graph) are fused by ONNX
 /// Runtime into `MatMulNBits` computing as `precision` says (its default would be int8).
+/// On `provider` CUDA or TensorRT every node must run there: registering the provider
+/// fails loudly instead of falling back to the CPU (`error_on_failure`), and so does a
+/// node it cannot take (`session.disable_cpu_ep_fallback`).
 fn session_builder(
     env: &ort::environment::Environment,
     threads: usize,
     precision: Precision,
+    provider: Provider,
 ) -> ort::Result<ort::session::builder::SessionBuilder> {
     let mut builder = Session::builder(env)?;
+    let accelerated = match provider {
+        Provider::Cpu => Vec::new(),
+        Provider::Cuda => vec![ort::ep::CUDA::default().build().error_on_failure()],
+        Provider::Tensorrt => vec![
+            ort::ep::TensorRT::default()
+                .with_fp16(true)
+                .build()
+                .error_on_failure(),
+            ort::ep::CUDA::default().build().error_on_failure(),
+        ],
+    };
+    if !accelerated.is_empty() {
+        builder = builder
+            .with_execution_providers(accelerated)
+            .map_err(ort::Error::<()>::from)?
+            .with_config_entry("session.disable_cpu_ep_fallback", "1")?;
+    }
     if threads > 0 {
         builder = builder.with_intra_threads(threads)?;
     }
@@ -1179,7 +1261,8 @@ impl OnnxDecoder {
             decode_model(model, options, merge).map_err(onnx_error("building the graph"))?;
         let session = graph
             .into_session(
-                &session_builder(env, threads, options.precision).map_err(onnx_error("session"))?,
+                &session_builder(env, threads, options.precision, Provider::Cpu)
+                    .map_err(onnx_error("session"))?,
             )
             .map_err(onnx_error("session"))?;
         Self::with_session(
@@ -1232,12 +1315,24 @@ impl OnnxDecoder {
         Ok(path)
     }
 
-    /// The decoder of an export directory (`model.onnx` and `model.json`); a missing,
-    /// truncated or foreign file is refused with its path.
+    /// The decoder of an export directory (`model.onnx` and `model.json`) on the CPU; a
+    /// missing, truncated or foreign file is refused with its path.
     pub fn open(
         env: &ort::environment::Environment,
         dir: &std::path::Path,
         threads: usize,
+    ) -> Result<Self, crate::EdgeError> {
+        Self::open_on(env, dir, threads, Provider::Cpu)
+    }
+
+    /// As [`OnnxDecoder::open`], on `provider`: CUDA takes an f16 export (its
+    /// `GroupQueryAttention` has no f32 kernel), TensorRT a standard-ops one; a provider
+    /// this ONNX Runtime build lacks is an error, never a silent run on the CPU.
+    pub fn open_on(
+        env: &ort::environment::Environment,
+        dir: &std::path::Path,
+        threads: usize,
+        provider: Provider,
     ) -> Result<Self, crate::EdgeError> {
         let meta_path = dir.join("model.json");
         let text = std::fs::read(&meta_path)
@@ -1257,7 +1352,19 @@ impl OnnxDecoder {
         }
         let path = dir.join("model.onnx");
         let context = path.display().to_string();
-        let session = session_builder(env, threads, meta.options.precision)
+        let wrong = match provider {
+            Provider::Cuda if meta.options.ops == Ops::Ort && meta.options.float == Float::F32 => {
+                Some("the CUDA provider takes an f16 export (export-onnx --float f16)")
+            }
+            Provider::Tensorrt if meta.options.ops != Ops::Standard => Some(
+                "the TensorRT provider takes a standard-ops export (export-onnx --ops standard)",
+            ),
+            _ => None,
+        };
+        if let Some(why) = wrong {
+            return Err(crate::EdgeError::Onnx(format!("{context}: {why}")));
+        }
+        let session = session_builder(env, threads, meta.options.precision, provider)
             .and_then(|mut b| b.commit_from_file(&path))
             .map_err(onnx_error(&context))?;
         let want = 3 + 2 * meta.layers + 2 * meta.lora.len();
@@ -1325,10 +1432,9 @@ impl OnnxDecoder {
             }
             let at = tensor_f32(&pair.a.tr().contiguous());
             let bt = tensor_f32(&(pair.b.tr() * scaling).contiguous());
-            let onnx = onnx_error("adapter");
-            let a = Tensor::from_array(([spec.inputs as i64, r], at)).map_err(&onnx)?;
-            let b = Tensor::from_array(([r, spec.outputs as i64], bt)).map_err(&onnx)?;
-            adapter.push((a.into_dyn(), b.into_dyn()));
+            let a = self.floats(vec![spec.inputs as i64, r], at)?;
+            let b = self.floats(vec![r, spec.outputs as i64], bt)?;
+            adapter.push((a, b));
         }
         self.adapter = adapter;
         Ok(())
@@ -1338,12 +1444,27 @@ impl OnnxDecoder {
         &self,
         spec: &LoraInput,
     ) -> Result<(ort::value::DynValue, ort::value::DynValue), crate::EdgeError> {
-        let onnx = onnx_error("adapter");
-        let a = Tensor::from_array(([spec.inputs as i64, 1], vec![0f32; spec.inputs]))
-            .map_err(&onnx)?;
-        let b = Tensor::from_array(([1, spec.outputs as i64], vec![0f32; spec.outputs]))
-            .map_err(&onnx)?;
-        Ok((a.into_dyn(), b.into_dyn()))
+        let a = self.floats(vec![spec.inputs as i64, 1], vec![0f32; spec.inputs])?;
+        let b = self.floats(vec![1, spec.outputs as i64], vec![0f32; spec.outputs])?;
+        Ok((a, b))
+    }
+
+    /// An input tensor of the graph's float type (f16 values rounded from `data`).
+    fn floats(
+        &self,
+        shape: Vec<i64>,
+        data: Vec<f32>,
+    ) -> Result<ort::value::DynValue, crate::EdgeError> {
+        let onnx = onnx_error("input");
+        Ok(match self.meta.options.float {
+            Float::F32 => Tensor::from_array((shape, data)).map_err(onnx)?.into_dyn(),
+            Float::F16 => {
+                let halves: Vec<half::f16> = data.into_iter().map(half::f16::from_f32).collect();
+                Tensor::from_array((shape, halves))
+                    .map_err(onnx)?
+                    .into_dyn()
+            }
+        })
     }
 
     /// Up to `max_new` tokens after `prompt`, stopping at `eos`: greedy at temperature 0,
@@ -1421,9 +1542,8 @@ impl OnnxDecoder {
     pub fn empty_cache(&self) -> Result<KvCache, crate::EdgeError> {
         let (kv, hd) = (self.meta.kv_heads as i64, self.meta.head_dim as i64);
         let past = (0..2 * self.meta.layers)
-            .map(|_| Tensor::from_array(([1i64, kv, 0, hd], Vec::<f32>::new())).map(Into::into))
-            .collect::<ort::Result<_>>()
-            .map_err(onnx_error("cache"))?;
+            .map(|_| self.floats(vec![1, kv, 0, hd], Vec::new()))
+            .collect::<Result<_, _>>()?;
         Ok(KvCache { past, len: 0 })
     }
 

@@ -7,7 +7,7 @@
 use fedshield_edge::inference::environment;
 use fedshield_edge::llama::{Llama, Module, Sampling};
 use fedshield_edge::lora::{Lora, LoraConfig};
-use fedshield_edge::onnx_graph::{DecodeOptions, OnnxDecoder, Ops, Precision};
+use fedshield_edge::onnx_graph::{DecodeOptions, Float, OnnxDecoder, Ops, Precision};
 use fedshield_models::Assets;
 use fedshield_models::gguf::Gguf;
 use std::path::{Path, PathBuf};
@@ -106,6 +106,7 @@ fn an_export_passes_the_onnx_checker_runs_like_the_graph_in_memory_and_refuses_b
         lora: vec![Module::Q, Module::V],
         precision: Precision::Exact,
         ops: Ops::Ort,
+        float: Float::F32,
     };
     let file = OnnxDecoder::export(
         env,
@@ -231,6 +232,7 @@ fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_promp
         lora: vec![Module::Q, Module::V],
         precision: Precision::Exact,
         ops: Ops::Ort,
+        float: Float::F32,
     };
     OnnxDecoder::export(
         env,
@@ -368,6 +370,7 @@ fn smollm2_int8_export_stays_near_libtorch_over_64_tokens() {
         lora: vec![Module::Q, Module::V],
         precision: Precision::Int8,
         ops: Ops::Ort,
+        float: Float::F32,
     };
     let mut decoder = OnnxDecoder::new(env, &model, &options, None, 2).unwrap();
     let lora = adapter(&model, &[Module::Q, Module::V], 11);
@@ -409,6 +412,7 @@ fn smollm2_standard_ops_export_has_no_contrib_ops_and_matches_libtorch() {
         lora: vec![Module::Q, Module::V],
         precision: Precision::Exact,
         ops: Ops::Standard,
+        float: Float::F32,
     };
     let file = OnnxDecoder::export(
         env,
@@ -446,4 +450,95 @@ fn smollm2_standard_ops_export_has_no_contrib_ops_and_matches_libtorch() {
         "SmolLM2 standard ops with an adapter: largest logit difference {worst:.2e}, same argmax at {agree} of 25 positions; operator domains {domains}"
     );
     assert!(worst <= 1e-3, "largest logit difference {worst}");
+}
+
+/// The f16 export (for ONNX Runtime's CUDA provider) of SmolLM2 with q/v LoRA inputs runs
+/// on the CPU too (ONNX Runtime casts around the kernels it has only in f32) and stays near
+/// libtorch's logits with an adapter. Asking for the CUDA provider fails loudly where this
+/// ONNX Runtime has none (never a silent run on the CPU), and runs where it has one; an f32
+/// export is refused for CUDA before any session is built.
+#[test]
+fn smollm2_f16_export_stays_near_libtorch_and_cuda_never_falls_back_to_the_cpu() {
+    use fedshield_edge::onnx_graph::Provider;
+    use ort::ep::ExecutionProvider;
+    let env = environment(&Assets::locate()).unwrap();
+    let path = Assets::locate().smollm2_gguf().unwrap();
+    let g = Gguf::open(&path).unwrap();
+    let model = Llama::from_gguf(&g, tch::Device::Cpu).unwrap();
+    let tok = fedshield_models::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = DecodeOptions {
+        max_positions: 64,
+        lora: vec![Module::Q, Module::V],
+        precision: Precision::Exact,
+        ops: Ops::Ort,
+        float: Float::F16,
+    };
+    let file = OnnxDecoder::export(
+        env,
+        &model,
+        &options,
+        None,
+        ("smollm2".into(), 0),
+        dir.path(),
+    )
+    .unwrap();
+    onnx_checker(&file).unwrap();
+    let lora = adapter(&model, &[Module::Q, Module::V], 11);
+    let mut ids = tok
+        .encode(&tok.chat_prompt(
+            &[fedshield_models::tokenizer::Message {
+                role: "user".into(),
+                content: "Which permits does a new building in Zaragoza need?".into(),
+            }],
+            true,
+        ))
+        .unwrap();
+    ids.extend(model.generate(&lora, &ids, 64 - ids.len(), u32::MAX, &Sampling::greedy()));
+    ids.truncate(64);
+    let want = torch_logits(&model, &lora, &ids);
+    let vocab = model.config.vocab_size;
+    let mut cpu = OnnxDecoder::open(env, dir.path(), 2).unwrap();
+    cpu.set_adapter(&lora).unwrap();
+    let (worst, agree) = through_the_cache(&mut cpu, &ids, &want, vocab);
+    eprintln!(
+        "SmolLM2 f16 on the CPU with an adapter: largest logit difference {worst:.3}, same argmax at {agree} of 25 positions"
+    );
+    assert!(worst <= 1.0, "largest logit difference {worst}");
+    assert!(agree >= 23, "same argmax at only {agree} of 25 positions");
+    let cuda = ort::ep::CUDA::is_available().unwrap_or(false);
+    match OnnxDecoder::open_on(env, dir.path(), 1, Provider::Cuda) {
+        Err(e) => {
+            assert!(!cuda, "this ONNX Runtime has CUDA, yet: {e}");
+            assert!(e.to_string().contains("CUDA"), "{e}");
+        }
+        Ok(mut gpu) => {
+            assert!(cuda, "no CUDA provider here, yet a CUDA session opened");
+            gpu.set_adapter(&lora).unwrap();
+            let (worst, _) = through_the_cache(&mut gpu, &ids, &want, vocab);
+            eprintln!("SmolLM2 f16 on CUDA: largest logit difference {worst:.3}");
+            assert!(worst <= 1.0, "largest logit difference on CUDA {worst}");
+        }
+    }
+    // An f32 export is refused for CUDA, whatever this machine has.
+    let f32_dir = tempfile::tempdir().unwrap();
+    let tiny_options = DecodeOptions {
+        float: Float::F32,
+        lora: Vec::new(),
+        ..options
+    };
+    OnnxDecoder::export(
+        env,
+        &tiny(),
+        &tiny_options,
+        None,
+        ("tiny".into(), 0),
+        f32_dir.path(),
+    )
+    .unwrap();
+    let e = OnnxDecoder::open_on(env, f32_dir.path(), 1, Provider::Cuda)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("f16 export"), "{e}");
 }

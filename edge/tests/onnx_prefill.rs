@@ -94,6 +94,7 @@ fn smollm2_decodes_the_same_greedy_tokens_with_a_kv_cache() {
         lora: Vec::new(),
         precision: fedshield_edge::onnx_graph::Precision::Exact,
         ops: fedshield_edge::onnx_graph::Ops::Ort,
+        float: fedshield_edge::onnx_graph::Float::F32,
     };
     let mut decoder = OnnxDecoder::new(env, &model, &options, None, 2).unwrap();
     let got = decoder
