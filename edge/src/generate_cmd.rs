@@ -136,10 +136,9 @@ pub fn export_onnx(args: ExportOnnxArgs) -> anyhow::Result<()> {
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     // An export without an adapter needs only the tokenizer from the GGUF: libtorch and
     // the model's weights are not loaded.
-    if args.onnx.is_some()
-        && args.adapter.is_none()
-        && matches!(args.runtime.as_str(), "auto" | "ort" | "onnx")
-    {
+    // An export needs only the tokenizer from the GGUF: libtorch's model is not loaded (an
+    // adapter is read with the export's shapes).
+    if args.onnx.is_some() && matches!(args.runtime.as_str(), "auto" | "ort" | "onnx") {
         let tok = args.model.tokenizer()?;
         return generate_ort(&args, &tok, None, None);
     }
@@ -235,6 +234,24 @@ fn generate_ort(
             threads,
         )?,
         (None, None) => anyhow::bail!("no export (--onnx) and no model to build a graph from"),
+    };
+    // Without a model the adapter is read with the export's LoRA input shapes.
+    let read;
+    let lora = match (lora, &args.adapter) {
+        (Some(lora), _) => Some(lora),
+        (None, Some(dir)) => {
+            let meta = decoder.meta();
+            let shapes: std::collections::HashMap<_, _> = meta
+                .lora
+                .iter()
+                .map(|s| ((s.layer, s.module), (s.outputs as i64, s.inputs as i64)))
+                .collect();
+            read = Lora::load_peft_with(dir, tch::Device::Cpu, meta.layers, |layer, module| {
+                shapes.get(&(layer, module)).copied()
+            })?;
+            Some(&read)
+        }
+        (None, None) => None,
     };
     let ready = started.elapsed().as_secs_f64();
     if let Some(lora) = lora {

@@ -87,13 +87,34 @@ impl Lora {
     /// Fresh adapters for `model` with PEFT's initialisation, drawn from libtorch's
     /// generator seeded with `seed`.
     pub fn new(model: &Llama, config: LoraConfig, seed: i64) -> Self {
+        let shapes: Vec<Vec<(Module, (i64, i64))>> = model
+            .blocks
+            .iter()
+            .map(|block| {
+                config
+                    .target_modules
+                    .iter()
+                    .map(|&m| (m, block.weight(m).shape()))
+                    .collect()
+            })
+            .collect();
+        Self::with_shapes(&shapes, model.device, config, seed)
+    }
+
+    /// Fresh adapters as [`Lora::new`] for the layers `shapes` describes (per layer, each
+    /// target's weight `[out, in]`), on `device`, without a model.
+    fn with_shapes(
+        shapes: &[Vec<(Module, (i64, i64))>],
+        device: Device,
+        config: LoraConfig,
+        seed: i64,
+    ) -> Self {
         tch::manual_seed(seed);
-        let vs = nn::VarStore::new(model.device);
+        let vs = nn::VarStore::new(device);
         let mut pairs = BTreeMap::new();
         let root = vs.root();
-        for (layer, block) in model.blocks.iter().enumerate() {
-            for &module in &config.target_modules {
-                let (out, inp) = block.weight(module).shape();
+        for (layer, targets) in shapes.iter().enumerate() {
+            for &(module, (out, inp)) in targets {
                 let path = &root / format!("layer{layer}") / module.peft_name();
                 let bound = 1.0 / (inp as f64).sqrt();
                 let init = nn::Init::Uniform {
@@ -101,8 +122,7 @@ impl Lora {
                     up: bound,
                 };
                 let a = if config.freeze_a {
-                    Tensor::empty([config.r, inp], (Kind::Float, model.device))
-                        .uniform_(-bound, bound)
+                    Tensor::empty([config.r, inp], (Kind::Float, device)).uniform_(-bound, bound)
                 } else {
                     path.var("lora_A", &[config.r, inp], init)
                 };
@@ -327,6 +347,21 @@ impl Lora {
     /// Loads a PEFT adapter directory for `model`. Every expected tensor must be present with
     /// its shape; extra tensors are an error (the adapter belongs to another model).
     pub fn load_peft(dir: &Path, model: &Llama) -> Result<Self, EdgeError> {
+        let layers: Vec<_> = model.blocks.iter().collect();
+        Self::load_peft_with(dir, model.device, layers.len(), |layer, module| {
+            layers.get(layer).map(|b| b.weight(module).shape())
+        })
+    }
+
+    /// As [`Lora::load_peft`], the projections' shapes `[out, in]` given by `shape` for
+    /// `layers` layers (for instance an ONNX export's LoRA inputs) instead of a loaded
+    /// model; a target `shape` does not know is an error.
+    pub fn load_peft_with(
+        dir: &Path,
+        device: Device,
+        layers: usize,
+        shape: impl Fn(usize, Module) -> Option<(i64, i64)>,
+    ) -> Result<Self, EdgeError> {
         let bad = |why: String| EdgeError::Adapter {
             dir: dir.to_path_buf(),
             why,
@@ -356,7 +391,23 @@ impl Lora {
             target_modules: targets,
             freeze_a: json["fedshield_freeze_a"].as_bool().unwrap_or(false),
         };
-        let lora = Self::new(model, config, 0);
+        let shapes = (0..layers)
+            .map(|layer| {
+                config
+                    .target_modules
+                    .iter()
+                    .map(|&m| {
+                        shape(layer, m).map(|s| (m, s)).ok_or_else(|| {
+                            bad(format!(
+                                "adapts layer {layer}'s {}, which takes no adapter here (an ONNX export takes them only on the projections it was exported with)",
+                                m.peft_name()
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let lora = Self::with_shapes(&shapes, device, config, 0);
         let mut stored: BTreeMap<String, Tensor> =
             Tensor::read_safetensors(dir.join("adapter_model.safetensors"))?
                 .into_iter()

@@ -304,7 +304,8 @@ fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_promp
 }
 
 /// The commands: `export-onnx`, then `generate --onnx DIR` (the tokenizer only, no
-/// libtorch model) streams the same answer as `generate --runtime torch`.
+/// libtorch model) streams the same answer as `generate --runtime torch`, with or without
+/// an adapter (swapped in, or merged by `export-onnx --adapter`).
 #[test]
 fn export_onnx_then_generate_on_it_answers_as_libtorch_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -343,6 +344,53 @@ fn export_onnx_then_generate_on_it_answers_as_libtorch_does() {
     let torch = run(&[&["generate", "--runtime", "torch"][..], &question].concat());
     assert!(ort.contains("Paris"), "{ort}");
     assert_eq!(ort.trim(), torch.trim());
+    // With an adapter: swapped into the export's inputs (read with the export's shapes, no
+    // libtorch model), or merged into a second export's weights: libtorch's answer both ways.
+    let smol = Llama::from_gguf(
+        &Gguf::open(&Assets::locate().smollm2_gguf().unwrap()).unwrap(),
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    let adapter_dir = dir.path().join("adapter");
+    adapter(&smol, &[Module::Q, Module::V], 21)
+        .save_peft(&adapter_dir, "SmolLM2")
+        .unwrap();
+    let with = ["--adapter", adapter_dir.to_str().unwrap()];
+    let torch = run(&[&["generate", "--runtime", "torch"][..], &with, &question].concat());
+    let swapped = run(&[&["generate", "--onnx", export][..], &with, &question].concat());
+    assert_eq!(swapped.trim(), torch.trim());
+    let merged = dir.path().join("merged");
+    let merged = merged.to_str().unwrap();
+    run(&[
+        &["export-onnx", "--out", merged, "--max-positions", "64"][..],
+        &["--precision", "exact"],
+        &with,
+    ]
+    .concat());
+    let from_merged = run(&[&["generate", "--onnx", merged][..], &question].concat());
+    assert_eq!(from_merged.trim(), torch.trim());
+    // An adapter on a projection the export takes no input for is refused, naming it.
+    let k_dir = dir.path().join("adapter-k");
+    adapter(&smol, &[Module::K], 22)
+        .save_peft(&k_dir, "SmolLM2")
+        .unwrap();
+    let out = std::process::Command::new(edge)
+        .args([
+            "generate",
+            "--onnx",
+            export,
+            "--adapter",
+            k_dir.to_str().unwrap(),
+        ])
+        .args(question)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("k_proj"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A prompt that does not fit the export's positions is refused.
     let out = std::process::Command::new(edge)
         .args(["generate", "--onnx", export, "--max-new", "60"])
