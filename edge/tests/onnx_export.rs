@@ -188,6 +188,69 @@ fn an_export_passes_the_onnx_checker_runs_like_the_graph_in_memory_and_refuses_b
     assert!(missing.err().unwrap().to_string().contains("model.json"));
 }
 
+/// SmolLM2-135M Q4_1 and its tokenizer.
+struct Smol {
+    model: Llama,
+    tok: fedshield_models::tokenizer::Tokenizer,
+}
+
+impl Smol {
+    fn load() -> Self {
+        let g = Gguf::open(&Assets::locate().smollm2_gguf().unwrap()).unwrap();
+        Self {
+            model: Llama::from_gguf(&g, tch::Device::Cpu).unwrap(),
+            tok: fedshield_models::tokenizer::Tokenizer::from_gguf(&g).unwrap(),
+        }
+    }
+
+    /// The token ids of a chat prompt asking `text`.
+    fn chat(&self, text: &str) -> Vec<u32> {
+        self.tok
+            .encode(&self.tok.chat_prompt(
+                &[fedshield_models::tokenizer::Message {
+                    role: "user".into(),
+                    content: text.into(),
+                }],
+                true,
+            ))
+            .unwrap()
+    }
+
+    /// Exports the model with q/v LoRA inputs, 64 positions, exact, as `ops` and `float`
+    /// say, into `dir`; returns the options.
+    fn export(
+        &self,
+        env: &ort::environment::Environment,
+        ops: Ops,
+        float: Float,
+        dir: &Path,
+    ) -> DecodeOptions {
+        let options = DecodeOptions {
+            max_positions: 64,
+            lora: vec![Module::Q, Module::V],
+            precision: Precision::Exact,
+            ops,
+            float,
+        };
+        OnnxDecoder::export(env, &self.model, &options, None, ("smollm2".into(), 0), dir).unwrap();
+        options
+    }
+
+    /// 64 tokens: a chat prompt and the model's greedy continuation with `lora`, and
+    /// libtorch's logits `[64, vocab]` after each.
+    fn sequence(&self, lora: &Lora) -> (Vec<u32>, Vec<f32>) {
+        let mut ids = self.chat("Which permits does a new building in Zaragoza need?");
+        let more = self
+            .model
+            .generate(lora, &ids, 64 - ids.len(), u32::MAX, &Sampling::greedy());
+        ids.extend(more);
+        ids.truncate(64);
+        assert_eq!(ids.len(), 64);
+        let want = torch_logits(&self.model, lora, &ids);
+        (ids, want)
+    }
+}
+
 /// `ids` through `decoder`: the first 40 at once, then one per run through the cache.
 /// Returns the largest difference of its logits from `want` (`[ids, vocab]`, the logits
 /// after every position) over the positions it sees, and at how many of them its argmax
@@ -222,10 +285,8 @@ fn through_the_cache(
 #[test]
 fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_prompts() {
     let env = environment(&Assets::locate()).unwrap();
-    let path = Assets::locate().smollm2_gguf().unwrap();
-    let g = Gguf::open(&path).unwrap();
-    let model = Llama::from_gguf(&g, tch::Device::Cpu).unwrap();
-    let tok = fedshield_models::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let smol = Smol::load();
+    let model = &smol.model;
     let dir = tempfile::tempdir().unwrap();
     let options = DecodeOptions {
         max_positions: 160,
@@ -236,7 +297,7 @@ fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_promp
     };
     OnnxDecoder::export(
         env,
-        &model,
+        model,
         &options,
         None,
         ("smollm2".into(), 0),
@@ -244,24 +305,10 @@ fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_promp
     )
     .unwrap();
     let mut decoder = OnnxDecoder::open(env, dir.path(), 2).unwrap();
-    let lora = adapter(&model, &[Module::Q, Module::V], 11);
+    let lora = adapter(model, &[Module::Q, Module::V], 11);
     decoder.set_adapter(&lora).unwrap();
-    let chat = |text: &str| {
-        tok.encode(&tok.chat_prompt(
-            &[fedshield_models::tokenizer::Message {
-                role: "user".into(),
-                content: text.into(),
-            }],
-            true,
-        ))
-        .unwrap()
-    };
     // 64 tokens: a prompt and its continuation.
-    let mut ids = chat("Which permits does a new building in Zaragoza need?");
-    ids.extend(model.generate(&lora, &ids, 64 - ids.len(), u32::MAX, &Sampling::greedy()));
-    ids.truncate(64);
-    assert_eq!(ids.len(), 64);
-    let want = torch_logits(&model, &lora, &ids);
+    let (ids, want) = smol.sequence(&lora);
     let vocab = model.config.vocab_size;
     let (worst, _) = through_the_cache(&mut decoder, &ids, &want, vocab);
     assert!(worst <= 1e-3, "largest logit difference {worst}");
@@ -270,7 +317,7 @@ fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_promp
         lora: Vec::new(),
         ..options.clone()
     };
-    let mut merged = OnnxDecoder::new(env, &model, &merged_options, Some(&lora), 2).unwrap();
+    let mut merged = OnnxDecoder::new(env, model, &merged_options, Some(&lora), 2).unwrap();
     assert!(merged.meta().lora.is_empty());
     assert_eq!(merged.meta().merged.as_ref().unwrap().r, lora.config.r);
     let (merged_worst, _) = through_the_cache(&mut merged, &ids, &want, vocab);
@@ -279,7 +326,7 @@ fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_promp
         "merged: largest logit difference {merged_worst}"
     );
     // Merging an adapter into projections that also take LoRA inputs is refused.
-    let e = OnnxDecoder::new(env, &model, &options, Some(&lora), 1)
+    let e = OnnxDecoder::new(env, model, &options, Some(&lora), 1)
         .err()
         .unwrap()
         .to_string();
@@ -291,7 +338,7 @@ fn smollm2_with_an_adapter_matches_libtorch_over_64_tokens_and_five_greedy_promp
         "Who signs off a renovation project?",
         "List three safety rules on a construction site.",
     ] {
-        let ids = chat(prompt);
+        let ids = smol.chat(prompt);
         let want = model.generate(&lora, &ids, 64, u32::MAX, &Sampling::greedy());
         let got = decoder
             .generate(&ids, 64, u32::MAX, &Sampling::greedy())
@@ -409,10 +456,8 @@ fn export_onnx_then_generate_on_it_answers_as_libtorch_does() {
 #[test]
 fn smollm2_int8_export_stays_near_libtorch_over_64_tokens() {
     let env = environment(&Assets::locate()).unwrap();
-    let path = Assets::locate().smollm2_gguf().unwrap();
-    let g = Gguf::open(&path).unwrap();
-    let model = Llama::from_gguf(&g, tch::Device::Cpu).unwrap();
-    let tok = fedshield_models::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let smol = Smol::load();
+    let model = &smol.model;
     let options = DecodeOptions {
         max_positions: 64,
         lora: vec![Module::Q, Module::V],
@@ -420,21 +465,10 @@ fn smollm2_int8_export_stays_near_libtorch_over_64_tokens() {
         ops: Ops::Ort,
         float: Float::F32,
     };
-    let mut decoder = OnnxDecoder::new(env, &model, &options, None, 2).unwrap();
-    let lora = adapter(&model, &[Module::Q, Module::V], 11);
+    let mut decoder = OnnxDecoder::new(env, model, &options, None, 2).unwrap();
+    let lora = adapter(model, &[Module::Q, Module::V], 11);
     decoder.set_adapter(&lora).unwrap();
-    let mut ids = tok
-        .encode(&tok.chat_prompt(
-            &[fedshield_models::tokenizer::Message {
-                role: "user".into(),
-                content: "Which permits does a new building in Zaragoza need?".into(),
-            }],
-            true,
-        ))
-        .unwrap();
-    ids.extend(model.generate(&lora, &ids, 64 - ids.len(), u32::MAX, &Sampling::greedy()));
-    ids.truncate(64);
-    let want = torch_logits(&model, &lora, &ids);
+    let (ids, want) = smol.sequence(&lora);
     let (worst, agree) = through_the_cache(&mut decoder, &ids, &want, model.config.vocab_size);
     eprintln!(
         "SmolLM2 int8 with an adapter: largest logit difference {worst:.3}, same argmax at {agree} of 25 positions"
@@ -450,27 +484,11 @@ fn smollm2_int8_export_stays_near_libtorch_over_64_tokens() {
 #[test]
 fn smollm2_standard_ops_export_has_no_contrib_ops_and_matches_libtorch() {
     let env = environment(&Assets::locate()).unwrap();
-    let path = Assets::locate().smollm2_gguf().unwrap();
-    let g = Gguf::open(&path).unwrap();
-    let model = Llama::from_gguf(&g, tch::Device::Cpu).unwrap();
-    let tok = fedshield_models::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let smol = Smol::load();
+    let model = &smol.model;
     let dir = tempfile::tempdir().unwrap();
-    let options = DecodeOptions {
-        max_positions: 64,
-        lora: vec![Module::Q, Module::V],
-        precision: Precision::Exact,
-        ops: Ops::Standard,
-        float: Float::F32,
-    };
-    let file = OnnxDecoder::export(
-        env,
-        &model,
-        &options,
-        None,
-        ("smollm2".into(), 0),
-        dir.path(),
-    )
-    .unwrap();
+    smol.export(env, Ops::Standard, Float::F32, dir.path());
+    let file = dir.path().join("model.onnx");
     let domains = onnx_domains(&file).unwrap();
     assert!(
         domains.starts_with("{'': ") && !domains.contains(','),
@@ -479,20 +497,9 @@ fn smollm2_standard_ops_export_has_no_contrib_ops_and_matches_libtorch() {
     onnx_checker(&file).unwrap();
     let mut decoder = OnnxDecoder::open(env, dir.path(), 2).unwrap();
     assert_eq!(decoder.meta().options.ops, Ops::Standard);
-    let lora = adapter(&model, &[Module::Q, Module::V], 11);
+    let lora = adapter(model, &[Module::Q, Module::V], 11);
     decoder.set_adapter(&lora).unwrap();
-    let mut ids = tok
-        .encode(&tok.chat_prompt(
-            &[fedshield_models::tokenizer::Message {
-                role: "user".into(),
-                content: "Which permits does a new building in Zaragoza need?".into(),
-            }],
-            true,
-        ))
-        .unwrap();
-    ids.extend(model.generate(&lora, &ids, 64 - ids.len(), u32::MAX, &Sampling::greedy()));
-    ids.truncate(64);
-    let want = torch_logits(&model, &lora, &ids);
+    let (ids, want) = smol.sequence(&lora);
     let (worst, agree) = through_the_cache(&mut decoder, &ids, &want, model.config.vocab_size);
     eprintln!(
         "SmolLM2 standard ops with an adapter: largest logit difference {worst:.2e}, same argmax at {agree} of 25 positions; operator domains {domains}"
@@ -510,41 +517,14 @@ fn smollm2_f16_export_stays_near_libtorch_and_cuda_never_falls_back_to_the_cpu()
     use fedshield_edge::onnx_graph::Provider;
     use ort::ep::ExecutionProvider;
     let env = environment(&Assets::locate()).unwrap();
-    let path = Assets::locate().smollm2_gguf().unwrap();
-    let g = Gguf::open(&path).unwrap();
-    let model = Llama::from_gguf(&g, tch::Device::Cpu).unwrap();
-    let tok = fedshield_models::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let smol = Smol::load();
+    let model = &smol.model;
     let dir = tempfile::tempdir().unwrap();
-    let options = DecodeOptions {
-        max_positions: 64,
-        lora: vec![Module::Q, Module::V],
-        precision: Precision::Exact,
-        ops: Ops::Ort,
-        float: Float::F16,
-    };
-    let file = OnnxDecoder::export(
-        env,
-        &model,
-        &options,
-        None,
-        ("smollm2".into(), 0),
-        dir.path(),
-    )
-    .unwrap();
+    let options = smol.export(env, Ops::Ort, Float::F16, dir.path());
+    let file = dir.path().join("model.onnx");
     onnx_checker(&file).unwrap();
-    let lora = adapter(&model, &[Module::Q, Module::V], 11);
-    let mut ids = tok
-        .encode(&tok.chat_prompt(
-            &[fedshield_models::tokenizer::Message {
-                role: "user".into(),
-                content: "Which permits does a new building in Zaragoza need?".into(),
-            }],
-            true,
-        ))
-        .unwrap();
-    ids.extend(model.generate(&lora, &ids, 64 - ids.len(), u32::MAX, &Sampling::greedy()));
-    ids.truncate(64);
-    let want = torch_logits(&model, &lora, &ids);
+    let lora = adapter(model, &[Module::Q, Module::V], 11);
+    let (ids, want) = smol.sequence(&lora);
     let vocab = model.config.vocab_size;
     let mut cpu = OnnxDecoder::open(env, dir.path(), 2).unwrap();
     cpu.set_adapter(&lora).unwrap();
