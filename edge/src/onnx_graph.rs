@@ -716,14 +716,48 @@ impl Builder {
     ) -> ort::Result<(String, String, String)> {
         let c = &model.config;
         let (hidden, vocab) = (c.hidden_size as i64, c.vocab_size as i64);
-        let embed = tensor_f32(&model.embed.dequantize(Kind::Float));
-        let embed = self.floats(&[vocab, hidden], &embed)?;
-        let x = self.op(
-            "Gather",
-            ONNX_DOMAIN,
-            &[&embed, "ids"],
-            vec![Attribute::new("axis", 0i64)?],
-        )?;
+        let x = match &model.embed {
+            // A Q8_0 table stays 8-bit (a quarter of the f32 table's bytes), exactly:
+            // `GatherBlockQuantized` over the codes q + 128 with zero point 128.
+            Weight::Quant {
+                ty: GgmlType::Q8_0,
+                packed,
+                ..
+            } if !self.standard => {
+                let bytes = Vec::<u8>::try_from(packed.flatten(0, -1))
+                    .map_err(|e| ort::Error::new(e.to_string()))?;
+                let nb = NBits::from_gguf(GgmlType::Q8_0, &bytes, vocab as usize, hidden as usize)
+                    .map_err(|e| ort::Error::new(e.to_string()))?;
+                let blocks = hidden / BLOCK as i64;
+                let data = self.constant(&[vocab, hidden], &nb.codes)?;
+                let scales = self.floats(&[vocab, blocks], &nb.scales)?;
+                let zero_points = self.constant(
+                    &[vocab, blocks],
+                    &vec![nb.zero_point; (vocab * blocks) as usize],
+                )?;
+                self.op(
+                    "GatherBlockQuantized",
+                    "com.microsoft",
+                    &[&data, "ids", &scales, &zero_points],
+                    vec![
+                        Attribute::new("gather_axis", 0i64)?,
+                        Attribute::new("quantize_axis", 1i64)?,
+                        Attribute::new("block_size", BLOCK as i64)?,
+                        Attribute::new("bits", 8i64)?,
+                    ],
+                )?
+            }
+            _ => {
+                let embed = tensor_f32(&model.embed.dequantize(Kind::Float));
+                let embed = self.floats(&[vocab, hidden], &embed)?;
+                self.op(
+                    "Gather",
+                    ONNX_DOMAIN,
+                    &[&embed, "ids"],
+                    vec![Attribute::new("axis", 0i64)?],
+                )?
+            }
+        };
         let (cos, sin) = model.rope_tables(positions, Kind::Float);
         let hd = c.head_dim() as i64;
         let width = if half { hd / 2 } else { hd };
