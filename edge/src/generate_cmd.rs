@@ -134,8 +134,6 @@ pub fn export_onnx(args: ExportOnnxArgs) -> anyhow::Result<()> {
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    // An export without an adapter needs only the tokenizer from the GGUF: libtorch and
-    // the model's weights are not loaded.
     // An export needs only the tokenizer from the GGUF: libtorch's model is not loaded (an
     // adapter is read with the export's shapes).
     if args.onnx.is_some() && matches!(args.runtime.as_str(), "auto" | "ort" | "onnx") {
@@ -218,6 +216,10 @@ fn generate_ort(
     let threads = args.model.threads.max(1) as usize;
     let mut decoder = match (&args.onnx, model) {
         (Some(dir), _) => OnnxDecoder::open_on(env, dir, threads, args.provider)?,
+        (None, Some(_)) if args.provider != Provider::Cpu => anyhow::bail!(
+            "--provider {:?} runs an export (--onnx DIR); the graph built in memory runs on the CPU",
+            args.provider
+        ),
         (None, Some(model)) => OnnxDecoder::new(
             env,
             model,
